@@ -1,0 +1,70 @@
+"""Array-module selection: NumPy by default, CuPy when inputs are CuPy arrays.
+
+Numerical code obtains its array module with :func:`xp_of` and never calls
+``numpy.`` on array data directly. Random numbers are always drawn on the host
+with ``numpy.random.default_rng`` and moved with :func:`asarray_like`, so CPU and
+GPU runs see identical inputs (design §6).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+try:  # pragma: no cover - exercised only where CuPy is installed
+    import cupy as _cupy
+except Exception:  # ImportError, or CUDA libraries missing
+    _cupy = None
+
+
+def get_xp(name: str):
+    """Return the array module called ``name`` ("numpy" or "cupy")."""
+    if name == "numpy":
+        return np
+    if name == "cupy":
+        if _cupy is None:
+            from .errors import HyperParameterError
+
+            raise HyperParameterError("backend 'cupy' requested but cupy cannot be imported")
+        return _cupy
+    from .errors import HyperParameterError
+
+    raise HyperParameterError(f"backend must be 'numpy' or 'cupy', got {name!r}")
+
+
+def is_cupy_array(a) -> bool:
+    return _cupy is not None and isinstance(a, _cupy.ndarray)
+
+
+def xp_of(*arrays):
+    """The array module of the inputs: CuPy if any input is a CuPy array."""
+    for a in arrays:
+        if isinstance(a, (list, tuple)):
+            if any(is_cupy_array(b) for b in a):
+                return _cupy
+        elif is_cupy_array(a):
+            return _cupy
+    return np
+
+
+def to_numpy(a):
+    """Copy an array (NumPy or CuPy) to a host NumPy array."""
+    if is_cupy_array(a):
+        return a.get()
+    return np.asarray(a)
+
+
+def asarray_like(a, like, dtype=None):
+    """Move ``a`` onto the backend of ``like``."""
+    return xp_of(like).asarray(a, dtype=dtype)
+
+
+def default_float(a):
+    """The float dtype computations on ``a`` run in: its own if floating, else float64."""
+    dt = np.dtype(a.dtype)
+    return dt if dt.kind == "f" else np.dtype(np.float64)
+
+
+def rng_of(seed) -> np.random.Generator:
+    """A host NumPy ``Generator`` from a seed, a ``SeedSequence`` or a ``Generator``."""
+    if isinstance(seed, np.random.Generator):
+        return seed
+    return np.random.default_rng(seed)

@@ -1,0 +1,234 @@
+"""Dense curvature ground truth, always computed in float64.
+
+Signature ``f(net, params, x, y, loss, ...)``. Matrices are ``(n, n)`` in refcurv's
+row-major θ order (:mod:`refcurv.vec`), or, with ``blocks=True``, the list of the
+per-layer diagonal blocks. With ``N`` samples, per-sample losses ``ψ_i`` and their
+(unscaled) gradients ``u_i``, output Jacobians ``J_i = ∂f_i/∂θ`` and output Hessians
+``H_i = ∂²ℓ/∂f²`` (thesis Ch.1 §1.2.2, SENG (2)-(4)):
+
+===========================  ===================================================
+``hessian``                  ``(1/N) Σ ∇²ψ_i`` (exact second-order backprop)
+``ggn``                      ``(1/N) Σ J_iᵀ H_i J_i``                     (1.4)
+``hessian_residual``         ``(1/N) Σ Σ_c [∂ℓ/∂f_i]_c ∇²f_{i,c}`` (so ``hessian = ggn + residual``)
+``fisher(kind="exact")``     ``(1/N) Σ J_iᵀ E_{y~p(·|f_i)}[∇_f ℓ ∇_f ℓᵀ] J_i``   (1.7)
+``fisher(kind="mc")``        ``(1/(N S)) Σ_i Σ_s u_i(ŷ_is) u_i(ŷ_is)ᵀ``, ``ŷ_is ~ p(·|f_i)``
+``empirical_fisher``         ``(1/N) Σ u_i u_iᵀ = U Uᵀ`` with ``U = N^{-1/2}[u_1 … u_N]``
+===========================  ===================================================
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .backend import rng_of, xp_of
+from .errors import ArgumentTypeError, HyperParameterError
+from .nn.losses import _check_n_samples
+
+F64 = np.float64
+
+
+def _setup(net, params, x, y, loss, need_y=True):
+    if loss is not None and not all(hasattr(loss, a) for a in ("grad", "hvp", "check_targets")):
+        raise ArgumentTypeError(f"loss must be a refcurv loss (MSE, CrossEntropy, BCE), got {loss!r}")
+    params = [W.astype(F64) for W in net.check_params(params)]
+    x = net.check_input(x, xp=xp_of(x, params)).astype(F64)
+    tr = net._forward(params, x)
+    if need_y:
+        if loss is None:
+            raise ArgumentTypeError("loss is required")
+        y = loss.check_targets(y, tr.out)
+    return params, x, y, tr
+
+
+def _blocks(M, net):
+    out, start = [], 0
+    for o, d in net.param_shapes:
+        out.append(M[start : start + o * d, start : start + o * d])
+        start += o * d
+    return out
+
+
+def _ret(M, net, blocks):
+    return _blocks(M, net) if blocks else M
+
+
+def per_sample_grads(net, params, x, y, loss):
+    """``(N, n)``: row ``i`` is ``u_i = ∇ψ_i`` (unscaled, SENG (3))."""
+    params, x, y, tr = _setup(net, params, x, y, loss)
+    return net._flat(net._param_grads(tr, net._pull(params, tr, loss.grad(tr.out, y))))
+
+
+def grad(net, params, x, y, loss):
+    """``(n,)`` mini-batch gradient ``(1/N) Σ u_i``."""
+    return per_sample_grads(net, params, x, y, loss).mean(axis=0)
+
+
+def jacobian(net, params, x, y=None, loss=None):
+    """``(N, C, n)`` per-sample output Jacobians ``J_i``."""
+    params, x, _, _ = _setup(net, params, x, y, loss, need_y=False)
+    return net.jacobian(params, x)
+
+
+def _per_sample_hessians(net, params, x, y, loss, output_hessian=True):
+    params, x, y, tr = _setup(net, params, x, y, loss)
+    xp = xp_of(x)
+    n = net.n_params
+    from .vec import unflatten
+
+    V = unflatten(xp.eye(n, dtype=F64), net)  # n basis tangents, batched
+    R = net._flat(net.hvp_per_sample(params, x, y, loss, V, output_hessian=output_hessian))
+    return xp.moveaxis(R, 0, 1)  # (N, n, n): [i, :, k] = ∇²ψ_i e_k
+
+
+def hessian(net, params, x, y, loss, blocks=False, per_sample=False):
+    """Exact Hessian ``(1/N) Σ ∇²ψ_i`` by the R-operator on the backward pass (one batched
+    pass with ``n`` basis tangents). ``per_sample=True`` returns ``(N, n, n)``."""
+    H = _per_sample_hessians(net, params, x, y, loss)
+    if per_sample:
+        return H
+    return _ret(H.mean(axis=0), net, blocks)
+
+
+def hessian_residual(net, params, x, y, loss, blocks=False):
+    """Second term of thesis (1.4): ``(1/N) Σ_i Σ_c [∂ℓ/∂f_i]_c ∂²f_{i,c}/∂θ²``: the R-op with
+    the output Hessian switched off, so ``hessian = ggn + hessian_residual``."""
+    R = _per_sample_hessians(net, params, x, y, loss, output_hessian=False)
+    return _ret(R.mean(axis=0), net, blocks)
+
+
+def _sandwich(J, M):
+    """``(1/N) Σ_i J_iᵀ M_i J_i`` for ``J (N, C, n)``, ``M (N, C, C)``."""
+    xp = xp_of(J)
+    return xp.einsum("ncp,ncd,ndq->pq", J, M, J, optimize=True) / J.shape[0]
+
+
+def ggn(net, params, x, y, loss, blocks=False):
+    """Generalized Gauss-Newton ``(1/N) Σ J_iᵀ H_i J_i`` (thesis §1.2.2)."""
+    params, x, y, tr = _setup(net, params, x, y, loss)
+    return _ret(_sandwich(net.jacobian(params, x), loss.hessian(tr.out)), net, blocks)
+
+
+def _sampled_label_grads(net, params, tr, loss, n_samples, seed):
+    """Per-sample gradients for labels drawn from the model: ``(S, N, n)``."""
+    _check_n_samples(n_samples)
+    ys = loss.sample(tr.out, n_samples=n_samples, seed=rng_of(seed))
+    D = loss.grad(tr.out[None], ys)  # (S, N, C)
+    return net._flat(net._param_grads(tr, net._pull(params, tr, D)))
+
+
+def fisher(net, params, x, y=None, loss=None, kind="exact", n_samples=1, seed=None, blocks=False):
+    """Fisher of the model's predictive distribution (thesis (1.7)); labels ``y`` are not used.
+
+    ``kind="exact"``: ``(1/N) Σ J_iᵀ F_i J_i`` with ``F_i = E_y[∇_f ℓ ∇_f ℓᵀ]`` from
+    :meth:`fisher_output` (an expectation over labels, independent of the Hessian code).
+    ``kind="mc"``: ``n_samples`` labels per input drawn with ``numpy.random.default_rng(seed)``.
+    """
+    if kind not in ("exact", "mc"):
+        raise HyperParameterError(f"kind must be 'exact' or 'mc', got {kind!r}")
+    params, x, _, tr = _setup(net, params, x, y, loss, need_y=False)
+    if loss is None:
+        raise ArgumentTypeError("loss is required")
+    if kind == "exact":
+        return _ret(_sandwich(net.jacobian(params, x), loss.fisher_output(tr.out)), net, blocks)
+    xp = xp_of(x)
+    U = _sampled_label_grads(net, params, tr, loss, n_samples, seed)
+    S, N = U.shape[:2]
+    return _ret(xp.einsum("snp,snq->pq", U, U) / (S * N), net, blocks)
+
+
+def empirical_fisher(net, params, x, y, loss, blocks=False):
+    """Empirical Fisher ``(1/N) Σ u_i u_iᵀ`` (SENG (2), EFIM; thesis §1.2.2)."""
+    U = per_sample_grads(net, params, x, y, loss)
+    return _ret(U.T @ U / U.shape[0], net, blocks)
+
+
+def preactivation_hessians(net, params, x, y, loss):
+    """Per-sample ``∂²ψ_i/∂h_l²`` per trainable layer: list of ``(N, out·T, out·T)``."""
+    params, x, y, _ = _setup(net, params, x, y, loss)
+    return net.preactivation_hessians(params, x, y, loss)
+
+
+KFAC_KINDS = ("ggn", "mc", "empirical")
+KFAC_CONV = ("expand", "reduce")
+
+
+def _backprop_cotangents(net, params, tr, y, loss, kind, n_samples, seed):
+    """Output cotangents ``(K, N, C)`` and the weight ``w`` such that the curvature is
+    ``(1/N) Σ_i w Σ_k J_iᵀ d_{k,i} d_{k,i}ᵀ J_i`` for the chosen kind."""
+    xp = xp_of(tr.out)
+    if kind == "ggn":  # columns of B_i, B_i B_iᵀ = H_i
+        return xp.moveaxis(loss.hessian_sqrt(tr.out), 2, 0), 1.0
+    if kind == "mc":
+        _check_n_samples(n_samples)
+        ys = loss.sample(tr.out, n_samples=n_samples, seed=rng_of(seed))
+        return loss.grad(tr.out[None], ys), 1.0 / n_samples
+    return loss.grad(tr.out, y)[None], 1.0
+
+
+def kfac_factors(net, params, x, y, loss, kind="ggn", conv="expand", n_samples=1, seed=None):
+    """Kronecker factors ``(A_l, G_l)`` per trainable layer; the layer's curvature block
+    is approximated by ``G_l ⊗ A_l`` in refcurv's row-major order (``A_l ⊗ G_l`` in the
+    papers' column-major vec; thesis (2.3), (3.6), Algorithms 7/12).
+
+    ``a_{n,t}``: column ``t`` of the patches ``A(a_n)`` (ones row included); ``g_{k,n,t}``:
+    the pre-activation cotangent at location ``t`` from output cotangent ``d_{k,n}`` --
+    the columns of ``B_n`` (``B_n B_nᵀ = H_n``) for ``kind="ggn"`` (= exact Fisher),
+    ``S`` sampled-label gradients for ``"mc"`` (weight ``w = 1/S``), the data-label
+    gradient for ``"empirical"``. With ``T`` locations per sample (``T = 1`` for Linear):
+
+    * ``conv="expand"`` (KFC, Grosse & Martens 2016; thesis (3.6)):
+      ``A = (1/(N T)) Σ_{n,t} a_{n,t} a_{n,t}ᵀ``,  ``G = (w/N) Σ_{k,n,t} g_{k,n,t} g_{k,n,t}ᵀ``.
+    * ``conv="reduce"`` (Eschenhagen et al. 2023):
+      ``â_n = (1/T) Σ_t a_{n,t}``, ``ĝ_{k,n} = Σ_t g_{k,n,t}``;
+      ``A = (1/N) Σ_n â_n â_nᵀ``,  ``G = (w/N) Σ_{k,n} ĝ_{k,n} ĝ_{k,n}ᵀ``.
+
+    Both coincide for Linear layers. Exact for a batch of one (MLP) and for deep linear
+    MLPs with MSE (``G`` is then the same for every sample).
+    """
+    if kind not in KFAC_KINDS:
+        raise HyperParameterError(f"kind must be one of {KFAC_KINDS}, got {kind!r}")
+    if conv not in KFAC_CONV:
+        raise HyperParameterError(f"conv must be one of {KFAC_CONV}, got {conv!r}")
+    params, x, y, tr = _setup(net, params, x, y, loss, need_y=(kind == "empirical"))
+    xp = xp_of(x)
+    D, w = _backprop_cotangents(net, params, tr, y, loss, kind, n_samples, seed)
+    G_all = net._pull(params, tr, D)  # list of (K, N, out, T)
+    N = x.shape[0]
+    out = []
+    for k, g in zip(net.trainable_index, G_all):
+        A = tr.A[k]  # (N, d, T)
+        T = A.shape[-1]
+        if conv == "expand":
+            Af = xp.einsum("ndt,net->de", A, A) / (N * T)
+            Gf = w * xp.einsum("knot,knpt->op", g, g) / N
+        else:
+            a_hat = A.mean(axis=-1)
+            g_hat = g.sum(axis=-1)
+            Af = a_hat.T @ a_hat / N
+            Gf = w * xp.einsum("kno,knp->op", g_hat, g_hat) / N
+        out.append((Af, Gf))
+    return out
+
+
+def gfim_side(shape):
+    """NG+ (4)-(5): ``"left"`` (``L``, ``m × m``) if ``m <= n`` for an ``m × n`` weight, else ``"right"``."""
+    m, n = shape
+    return "left" if m <= n else "right"
+
+
+def gfim(net, params, x, y, loss, side="auto"):
+    """NG+ generalized Fisher per layer (NG+ (2), (4)-(5)) from per-sample gradient
+    matrices ``𝒢_i in R^{out x d}``: ``L = (1/N) Σ 𝒢_i 𝒢_iᵀ`` (``side="left"``),
+    ``R = (1/N) Σ 𝒢_iᵀ 𝒢_i`` (``"right"``), or per layer by :func:`gfim_side` (``"auto"``)."""
+    if side not in ("auto", "left", "right"):
+        raise HyperParameterError(f"side must be 'auto', 'left' or 'right', got {side!r}")
+    params, x, y, tr = _setup(net, params, x, y, loss)
+    xp = xp_of(x)
+    grads = net._param_grads(tr, net._pull(params, tr, loss.grad(tr.out, y)))
+    out = []
+    for g in grads:
+        s = gfim_side(g.shape[1:]) if side == "auto" else side
+        if s == "left":
+            out.append(xp.einsum("nij,nkj->ik", g, g) / g.shape[0])
+        else:
+            out.append(xp.einsum("nji,njk->ik", g, g) / g.shape[0])
+    return out

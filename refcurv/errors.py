@@ -1,0 +1,33 @@
+"""Typed exceptions. Every message names the offending argument.
+
+All refcurv errors derive from :class:`RefcurvError`; each also derives from the
+built-in exception a caller would naturally catch (``ValueError``/``TypeError``).
+"""
+
+
+class RefcurvError(Exception):
+    """Base class of all refcurv errors."""
+
+
+class ShapeError(RefcurvError, ValueError):
+    """An array has the wrong shape (or layers do not chain)."""
+
+
+class NonFiniteError(RefcurvError, ValueError):
+    """An array contains NaN or Inf."""
+
+
+class EmptyBatchError(RefcurvError, ValueError):
+    """A batch has no samples."""
+
+
+class LabelError(RefcurvError, ValueError):
+    """Targets are out of range or of the wrong kind for the loss."""
+
+
+class HyperParameterError(RefcurvError, ValueError):
+    """A constructor or function argument has an invalid value."""
+
+
+class ArgumentTypeError(RefcurvError, TypeError):
+    """An argument has the wrong type."""

@@ -1,0 +1,317 @@
+"""Layers of the model family: Linear, Conv2d (im2col), elementwise activations, Flatten.
+
+Arrays carry arbitrary leading batch axes ``(..., *feature_shape)``, so the same code
+serves the primal pass (``(N, ...)``) and batched tangents/cotangents (``(K, N, ...)``).
+
+Trainable layers are written in one form (thesis Ch.3 (3.1)-(3.2), SENG (3)):
+
+    h = W A(a),        W in R^{out x d},   A(a) in R^{d x T}
+
+where ``A`` is the patch operator: for Linear, ``T = 1`` and ``A(a) = [a; 1]``; for
+Conv2d, ``A(a)`` holds the im2col patches, one column per output location
+(``T = H_out W_out``, row-major over ``(H_out, W_out)``), rows ordered ``(c_in, kh, kw)``
+-- the row order of ``weight.reshape(out, -1)`` for a PyTorch ``(out, c_in, kh, kw)``
+kernel -- and a final ones row when the layer has a bias (homogeneous coordinate).
+The per-sample weight gradient is then ``G Aᵀ`` with ``G = ∂ψ/∂h`` of shape ``(out, T)``.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..backend import xp_of
+from ..errors import ArgumentTypeError, HyperParameterError, ShapeError
+
+
+def _positive_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ArgumentTypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise HyperParameterError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def _nonnegative_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ArgumentTypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 0:
+        raise HyperParameterError(f"{name} must be >= 0, got {value}")
+    return int(value)
+
+
+def _pair(value, name):
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise HyperParameterError(f"{name} must be an int or a pair, got {value!r}")
+        return _positive_int(value[0], name), _positive_int(value[1], name)
+    v = _positive_int(value, name)
+    return v, v
+
+
+def _append_row(A, value):
+    """Append a constant row along axis -2 (the homogeneous coordinate)."""
+    xp = xp_of(A)
+    row = xp.full(A.shape[:-2] + (1, A.shape[-1]), value, dtype=A.dtype)
+    return xp.concatenate([A, row], axis=-2)
+
+
+class Linear:
+    """Fully connected layer ``h = W [a; 1]``, ``W in R^{out x (in + 1)}`` (bias last column)."""
+
+    trainable = True
+
+    def __init__(self, in_features, out_features, bias=True):
+        self.in_features = _positive_int(in_features, "in_features")
+        self.out_features = _positive_int(out_features, "out_features")
+        self.bias = bool(bias)
+
+    def __repr__(self):
+        return f"Linear({self.in_features}, {self.out_features}, bias={self.bias})"
+
+    @property
+    def fan_in(self):
+        return self.in_features
+
+    @property
+    def param_shape(self):
+        return (self.out_features, self.in_features + int(self.bias))
+
+    def split(self, W):
+        """``W -> (weight (out, in), bias (out,) or None)``, the PyTorch layout."""
+        return (W[:, :-1], W[:, -1]) if self.bias else (W, None)
+
+    def join(self, weight, bias=None):
+        """Inverse of :meth:`split`: PyTorch ``(weight, bias)`` to refcurv's ``W``."""
+        xp = xp_of(weight)
+        weight = xp.asarray(weight).reshape(self.out_features, -1)
+        if weight.shape != (self.out_features, self.fan_in):
+            raise ShapeError(f"weight for {self!r} must have {self.fan_in} inputs per output, got {weight.shape}")
+        if self.bias != (bias is not None):
+            raise ShapeError(f"bias must be {'given' if self.bias else 'None'} for {self!r}")
+        if bias is None:
+            return weight
+        return xp.concatenate([weight, xp.asarray(bias).reshape(-1, 1)], axis=1)
+
+    def out_shape(self, in_shape):
+        if tuple(in_shape) != (self.in_features,):
+            raise ShapeError(
+                f"{self!r} expects inputs of feature shape ({self.in_features},), got {tuple(in_shape)}"
+            )
+        return (self.out_features,)
+
+    def n_locations(self, in_shape):
+        return 1
+
+    def patches(self, a, in_shape, ones=True):
+        """``A(a)``: ``(..., in) -> (..., d, 1)``; ``ones=False`` gives the linear part (zero row)."""
+        A = a[..., :, None]
+        if self.bias:
+            A = _append_row(A, 1.0 if ones else 0.0)
+        return A
+
+    def patches_adjoint(self, dA, in_shape):
+        """Adjoint of the linear part of ``A``: ``(..., d, 1) -> (..., in)`` (bias row dropped)."""
+        return dA[..., : self.in_features, 0]
+
+    def to_output(self, h, in_shape):
+        return h[..., 0]
+
+    def from_output(self, dh, in_shape):
+        return dh[..., None]
+
+
+class Conv2d:
+    """2-D convolution (cross-correlation, as PyTorch) on ``(..., C, H, W)`` via im2col.
+
+    ``h[o, p, q] = Σ_{c,i,j} w[o, c, i, j] a_pad[c, s p + i, s q + j] + b[o]``; the weight
+    matrix is ``W = [w.reshape(out, -1), b] in R^{out x (C kh kw + 1)}``.
+    """
+
+    trainable = True
+
+    def __init__(self, c_in, c_out, kernel_size, stride=1, padding=0, bias=True):
+        self.c_in = _positive_int(c_in, "c_in")
+        self.c_out = _positive_int(c_out, "c_out")
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.stride = _positive_int(stride, "stride")
+        self.padding = _nonnegative_int(padding, "padding")
+        self.bias = bool(bias)
+
+    def __repr__(self):
+        return (
+            f"Conv2d({self.c_in}, {self.c_out}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, bias={self.bias})"
+        )
+
+    @property
+    def out_features(self):
+        return self.c_out
+
+    @property
+    def fan_in(self):
+        kh, kw = self.kernel_size
+        return self.c_in * kh * kw
+
+    @property
+    def param_shape(self):
+        return (self.c_out, self.fan_in + int(self.bias))
+
+    def split(self, W):
+        """``W -> (weight (out, c_in, kh, kw), bias (out,) or None)``, the PyTorch layout."""
+        w = W[:, : self.fan_in].reshape((self.c_out, self.c_in) + self.kernel_size)
+        return (w, W[:, -1]) if self.bias else (w, None)
+
+    join = Linear.join
+
+    def _spatial_out(self, in_shape):
+        if len(in_shape) != 3 or in_shape[0] != self.c_in:
+            raise ShapeError(
+                f"{self!r} expects inputs of feature shape ({self.c_in}, H, W), got {tuple(in_shape)}"
+            )
+        _, H, W = in_shape
+        kh, kw = self.kernel_size
+        s, p = self.stride, self.padding
+        Ho = (H + 2 * p - kh) // s + 1
+        Wo = (W + 2 * p - kw) // s + 1
+        if Ho < 1 or Wo < 1:
+            raise ShapeError(
+                f"{self!r}: kernel larger than the padded input {(H + 2 * p, W + 2 * p)}"
+            )
+        return Ho, Wo
+
+    def out_shape(self, in_shape):
+        return (self.c_out,) + self._spatial_out(in_shape)
+
+    def n_locations(self, in_shape):
+        Ho, Wo = self._spatial_out(in_shape)
+        return Ho * Wo
+
+    def _offsets(self, in_shape):
+        """Slices of the padded input seen by kernel offset ``(i, j)``; a loop over
+        ``kh*kw`` offsets (never over samples or parameters)."""
+        Ho, Wo = self._spatial_out(in_shape)
+        kh, kw = self.kernel_size
+        s = self.stride
+        for i in range(kh):
+            for j in range(kw):
+                yield i, j, slice(i, i + s * (Ho - 1) + 1, s), slice(j, j + s * (Wo - 1) + 1, s)
+
+    def patches(self, a, in_shape, ones=True):
+        """im2col: ``(..., C, H, W) -> (..., C kh kw [+1], Ho Wo)``, rows ordered ``(c, i, j)``."""
+        xp = xp_of(a)
+        p = self.padding
+        lead = a.shape[:-3]
+        if p:
+            a = xp.pad(a, [(0, 0)] * (a.ndim - 2) + [(p, p), (p, p)])
+        cols = [a[..., :, si, sj] for _, _, si, sj in self._offsets(in_shape)]
+        cols = xp.stack(cols, axis=-3)  # (..., C, kh*kw, Ho, Wo)
+        A = cols.reshape(lead + (self.fan_in, -1))
+        if self.bias:
+            A = _append_row(A, 1.0 if ones else 0.0)
+        return A
+
+    def patches_adjoint(self, dA, in_shape):
+        """col2im, the adjoint of the linear part of :meth:`patches`."""
+        xp = xp_of(dA)
+        C, H, W = in_shape
+        p = self.padding
+        kh, kw = self.kernel_size
+        Ho, Wo = self._spatial_out(in_shape)
+        lead = dA.shape[:-2]
+        cols = dA[..., : self.fan_in, :].reshape(lead + (C, kh, kw, Ho, Wo))
+        out = xp.zeros(lead + (C, H + 2 * p, W + 2 * p), dtype=dA.dtype)
+        for i, j, si, sj in self._offsets(in_shape):
+            out[..., :, si, sj] += cols[..., :, i, j, :, :]
+        return out[..., :, p : p + H, p : p + W]
+
+    def to_output(self, h, in_shape):
+        Ho, Wo = self._spatial_out(in_shape)
+        return h.reshape(h.shape[:-1] + (Ho, Wo))
+
+    def from_output(self, dh, in_shape):
+        return dh.reshape(dh.shape[:-2] + (-1,))
+
+
+class _Elementwise:
+    """Elementwise activation ``a = φ(h)`` with ``φ'`` and ``φ''`` (needed by the R-op)."""
+
+    trainable = False
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+    def out_shape(self, in_shape):
+        return tuple(in_shape)
+
+
+class ReLU(_Elementwise):
+    def f(self, h):
+        return xp_of(h).maximum(h, 0)
+
+    def d1(self, h):
+        return (h > 0).astype(h.dtype)
+
+    def d2(self, h):
+        return xp_of(h).zeros_like(h)
+
+
+class Tanh(_Elementwise):
+    def f(self, h):
+        return xp_of(h).tanh(h)
+
+    def d1(self, h):
+        t = xp_of(h).tanh(h)
+        return 1 - t * t
+
+    def d2(self, h):
+        t = xp_of(h).tanh(h)
+        return -2 * t * (1 - t * t)
+
+
+def sigmoid(h):
+    """Overflow-free logistic function, ``σ(h) = (1 + tanh(h/2)) / 2``."""
+    return 0.5 * (1 + xp_of(h).tanh(0.5 * h))
+
+
+class Sigmoid(_Elementwise):
+    def f(self, h):
+        return sigmoid(h)
+
+    def d1(self, h):
+        s = sigmoid(h)
+        return s * (1 - s)
+
+    def d2(self, h):
+        s = sigmoid(h)
+        return s * (1 - s) * (1 - 2 * s)
+
+
+class Softplus(_Elementwise):
+    def f(self, h):
+        return xp_of(h).logaddexp(0, h)
+
+    def d1(self, h):
+        return sigmoid(h)
+
+    def d2(self, h):
+        s = sigmoid(h)
+        return s * (1 - s)
+
+
+class Flatten:
+    """Row-major flattening of the feature axes ``(C, H, W) -> (C H W,)``, as PyTorch."""
+
+    trainable = False
+
+    def __repr__(self):
+        return "Flatten()"
+
+    def out_shape(self, in_shape):
+        return (int(math.prod(in_shape)),)
+
+    def f(self, a, in_shape):
+        return a.reshape(a.shape[: a.ndim - len(in_shape)] + (-1,))
+
+    def adjoint(self, da, in_shape):
+        return da.reshape(da.shape[:-1] + tuple(in_shape))

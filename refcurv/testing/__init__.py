@@ -1,0 +1,1 @@
+"""Test support: hypothesis strategies (needs the ``test`` extra) and the tolerance model."""

@@ -256,22 +256,35 @@ class ReLU(_Elementwise):
         return xp_of(h).zeros_like(h)
 
 
+def sigmoid(h):
+    """Logistic ``σ(h)``, accurate to a few ulps for every ``h``: ``1/(1+e)`` or
+    ``e/(1+e)`` with ``e = exp(−|h|)`` (never ``1 − σ`` of a number near 1)."""
+    xp = xp_of(h)
+    e = xp.exp(-xp.abs(h))
+    return xp.where(h >= 0, 1, e) / (1 + e)
+
+
+def sigmoid_d1(h):
+    """``σ'(h) = σ(h) σ(−h) = e/(1+e)²``, ``e = exp(−|h|)``, free of cancellation."""
+    e = xp_of(h).exp(-xp_of(h).abs(h))
+    return e / (1 + e) ** 2
+
+
+def _sech2(h):
+    """``1 − tanh²(h) = 4e/(1+e)²`` with ``e = exp(−2|h|)``, free of cancellation."""
+    e = xp_of(h).exp(-2 * xp_of(h).abs(h))
+    return 4 * e / (1 + e) ** 2
+
+
 class Tanh(_Elementwise):
     def f(self, h):
         return xp_of(h).tanh(h)
 
     def d1(self, h):
-        t = xp_of(h).tanh(h)
-        return 1 - t * t
+        return _sech2(h)
 
     def d2(self, h):
-        t = xp_of(h).tanh(h)
-        return -2 * t * (1 - t * t)
-
-
-def sigmoid(h):
-    """Overflow-free logistic function, ``σ(h) = (1 + tanh(h/2)) / 2``."""
-    return 0.5 * (1 + xp_of(h).tanh(0.5 * h))
+        return -2 * xp_of(h).tanh(h) * _sech2(h)
 
 
 class Sigmoid(_Elementwise):
@@ -279,12 +292,11 @@ class Sigmoid(_Elementwise):
         return sigmoid(h)
 
     def d1(self, h):
-        s = sigmoid(h)
-        return s * (1 - s)
+        return sigmoid_d1(h)
 
     def d2(self, h):
-        s = sigmoid(h)
-        return s * (1 - s) * (1 - 2 * s)
+        # σ'' = σ'(1 − 2σ) and 1 − 2σ(h) = −tanh(h/2)
+        return -sigmoid_d1(h) * xp_of(h).tanh(0.5 * h)
 
 
 class Softplus(_Elementwise):
@@ -295,8 +307,7 @@ class Softplus(_Elementwise):
         return sigmoid(h)
 
     def d2(self, h):
-        s = sigmoid(h)
-        return s * (1 - s)
+        return sigmoid_d1(h)
 
 
 class Flatten:

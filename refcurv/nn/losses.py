@@ -28,7 +28,7 @@ import numpy as np
 
 from ..backend import asarray_like, rng_of, to_numpy, xp_of
 from ..errors import HyperParameterError, LabelError, NonFiniteError, ShapeError
-from .layers import sigmoid
+from .layers import sigmoid, sigmoid_d1
 
 
 def _check_outputs(f):
@@ -132,21 +132,41 @@ class CrossEntropy:
     def grad(self, f, y):
         return self.probs(f) - self._onehot(y, f)
 
+    @staticmethod
+    def _probs_and_complements(f):
+        """``p = softmax(f)`` and ``q = 1 − p`` computed as ``Σ_{j≠i} p_j`` (sums of
+        positive terms), so ``p_i q_i`` stays accurate when ``p_i ≈ 1``."""
+        xp = xp_of(f)
+        e = xp.exp(f - f.max(axis=-1, keepdims=True))
+        S = e.sum(axis=-1, keepdims=True)
+        C = f.shape[-1]
+        off = 1 - xp.eye(C, dtype=f.dtype)
+        return e / S, (e @ off) / S
+
     def hessian(self, f):
         xp = xp_of(f)
-        p = self.probs(f)
-        return p[..., :, None] * xp.eye(f.shape[-1], dtype=f.dtype) - p[..., :, None] * p[..., None, :]
+        p, q = self._probs_and_complements(f)
+        H = -p[..., :, None] * p[..., None, :]
+        idx = xp.arange(f.shape[-1])
+        H[..., idx, idx] = p * q
+        return H
 
     def hessian_sqrt(self, f):
-        """``B = diag(√p) − p √pᵀ``; ``B Bᵀ = diag(p) − p pᵀ`` because ``Σ p = 1``."""
+        """``B = diag(√p) − p √pᵀ`` (diagonal ``√p_i q_i``); ``B Bᵀ = diag(p) − p pᵀ`` because ``Σ p = 1``."""
         xp = xp_of(f)
-        p = self.probs(f)
+        p, q = self._probs_and_complements(f)
         r = xp.sqrt(p)
-        return r[..., :, None] * xp.eye(f.shape[-1], dtype=f.dtype) - p[..., :, None] * r[..., None, :]
+        B = -p[..., :, None] * r[..., None, :]
+        idx = xp.arange(f.shape[-1])
+        B[..., idx, idx] = r * q
+        return B
 
     def hvp(self, f, v):
+        """``(diag(p) − p pᵀ) v = p ⊙ (v − pᵀv)`` with ``v_i − pᵀv = Σ_j p_j (v_i − v_j)``
+        (no cancellation when one ``p_i ≈ 1``)."""
         p = self.probs(f)
-        return p * v - p * (p * v).sum(axis=-1, keepdims=True)
+        diff = v[..., :, None] - v[..., None, :]
+        return p * (diff * p[..., None, :]).sum(axis=-1)
 
     def sample(self, f, n_samples=1, seed=None):
         """Labels ``y ~ Categorical(softmax(f))`` by inverse CDF of host uniforms: ``(n_samples, N)``."""
@@ -158,10 +178,14 @@ class CrossEntropy:
         return asarray_like(labels.astype(np.int64), f)
 
     def fisher_output(self, f):
-        """``Σ_y p_y (p − e_y)(p − e_y)ᵀ``, enumerating the ``C`` labels."""
+        """``Σ_y p_y (p − e_y)(p − e_y)ᵀ``, enumerating the ``C`` labels (with
+        ``p_y − 1 = −q_y`` taken from the accurate complement)."""
         xp = xp_of(f)
-        p = self.probs(f)
-        r = p[:, None, :] - xp.eye(f.shape[-1], dtype=f.dtype)  # (N, y, C): ∇ℓ for label y
+        C = f.shape[-1]
+        p, q = self._probs_and_complements(f)
+        r = xp.broadcast_to(p[:, None, :], (p.shape[0], C, C)).copy()  # (N, y, C): ∇ℓ for label y
+        idx = xp.arange(C)
+        r[:, idx, idx] = -q
         return xp.einsum("ny,nyc,nyd->ncd", p, r, r)
 
 
@@ -198,17 +222,14 @@ class BCE:
 
     def hessian(self, f):
         xp = xp_of(f)
-        s = sigmoid(f)
-        return (s * (1 - s))[..., :, None] * xp.eye(f.shape[-1], dtype=f.dtype)
+        return sigmoid_d1(f)[..., :, None] * xp.eye(f.shape[-1], dtype=f.dtype)
 
     def hessian_sqrt(self, f):
         xp = xp_of(f)
-        s = sigmoid(f)
-        return xp.sqrt(s * (1 - s))[..., :, None] * xp.eye(f.shape[-1], dtype=f.dtype)
+        return xp.sqrt(sigmoid_d1(f))[..., :, None] * xp.eye(f.shape[-1], dtype=f.dtype)
 
     def hvp(self, f, v):
-        s = sigmoid(f)
-        return s * (1 - s) * v
+        return sigmoid_d1(f) * v
 
     def sample(self, f, n_samples=1, seed=None):
         """``y_j ~ Bernoulli(σ(f_j))`` independently: ``(n_samples, N, C)`` of 0/1 floats."""
@@ -223,12 +244,12 @@ class BCE:
         (zero off-diagonal, ``σ(1 − σ)`` on the diagonal)."""
         xp = xp_of(f)
         C = f.shape[-1]
-        s = sigmoid(f)
         if C > self.max_enumerated_outputs:
-            return (s * (1 - s))[..., :, None] * xp.eye(C, dtype=f.dtype)
-        Y = asarray_like(np.array(list(itertools.product((0.0, 1.0), repeat=C))), f, dtype=f.dtype)
-        prob = xp.prod(xp.where(Y[None] > 0, s[:, None, :], 1 - s[:, None, :]), axis=-1)  # (N, 2^C)
-        r = s[:, None, :] - Y[None]
+            return sigmoid_d1(f)[..., :, None] * xp.eye(C, dtype=f.dtype)
+        s, sm = sigmoid(f)[:, None, :], sigmoid(-f)[:, None, :]  # σ(f), 1 − σ(f) = σ(−f)
+        Y = asarray_like(np.array(list(itertools.product((0.0, 1.0), repeat=C))), f, dtype=f.dtype)[None]
+        prob = xp.prod(xp.where(Y > 0, s, sm), axis=-1)  # (N, 2^C)
+        r = xp.where(Y > 0, -sm, s)  # σ − y
         return xp.einsum("nk,nkc,nkd->ncd", prob, r, r)
 
 

@@ -1,0 +1,52 @@
+"""The method catalogue and the conventions, as data (read by the CLI and the README)."""
+
+# (name, seed reference, what refcurv provides for it, status)
+METHODS = [
+    ("SENG", "001 §2-§4 (7)-(28); 000 §3.4 (24)-(25)", "EFIM SMW / sketched / implicit, distributed", "planned"),
+    ("NG+", "002 (2)-(19)", "GFIM L/R, SMW, sketches, block-diagonal, online Newton", "planned"),
+    ("SMW-GN / SMW-NG / SMW-NG-BD", "003 Ch.5 (5.2)-(5.7), Alg. 17-23", "SMW solves with Gram blocks, LM rule", "planned"),
+    ("Hessian-free", "003 Ch.5", "CG on GGN-vector products", "planned"),
+    ("KFAC", "003 Alg. 7, 12", "Kronecker factors (expand/reduce), damped inverse", "factors available"),
+    ("K-BFGS / K-BFGS(L)", "003 Ch.2-3, Alg. 4, 5, 9, 10", "BFGS/L-BFGS Kronecker factors, damping", "planned"),
+    ("TNT", "003 Ch.4 (4.2)-(4.10), Alg. 13-15", "tensor-normal Fisher, mode products", "planned"),
+    ("Shampoo", "003 Alg. 16", "inverse roots (coupled Newton), mode products", "planned"),
+    ("QNG", "004 §2.2 (9)-(13)", "product-form EMA, truncation", "planned"),
+    ("Ginger", "004 §2.3, Alg. 1", "low-rank inverse with Brand update", "planned"),
+]
+
+CURVATURE = [
+    ("hessian", "(1/N) Σ ∇²ψ_i, exact second-order backprop (R-operator)"),
+    ("ggn", "(1/N) Σ J_iᵀ H_i J_i                      thesis (1.4)"),
+    ("hessian_residual", "(1/N) Σ_i Σ_c [∂ℓ/∂f_i]_c ∇²f_ic = hessian − ggn"),
+    ("fisher(kind='exact')", "(1/N) Σ J_iᵀ E_y[∇_f ℓ ∇_f ℓᵀ] J_i   thesis (1.7)"),
+    ("fisher(kind='mc')", "(1/(N S)) Σ_i Σ_s u_i(ŷ) u_i(ŷ)ᵀ, ŷ ~ p(·|f_i), seeded"),
+    ("empirical_fisher", "(1/N) Σ u_i u_iᵀ = U Uᵀ, U = N^(-1/2)[u_1 … u_N]   SENG (2)-(4)"),
+    ("kfac_factors", "G ⊗ A per layer (row-major); conv='expand' | 'reduce'"),
+    ("gfim", "NG+ L = (1/N) Σ 𝒢_i 𝒢_iᵀ, R = (1/N) Σ 𝒢_iᵀ 𝒢_i"),
+    ("per_sample_grads / jacobian / preactivation_hessians", "(N, n) / (N, C, n) / (N, m, m)"),
+]
+
+CONVENTIONS = [
+    ("parameters", "W_l ∈ R^{out × (fan_in + 1)}, bias = last column (a = [x; 1]); bias=False drops it"),
+    ("vectorization", "θ = [W_1.ravel(), …, W_L.ravel()] row-major: vec(g aᵀ) = g ⊗ a, block G ⊗ A; "
+     "papers' column-major and PyTorch's weight/bias orders via refcurv.permutation"),
+    ("loss scaling", "Ψ = (1/N) Σ ψ_i; u_i = ∇ψ_i unscaled; ∇Ψ = mean u_i; MSE ψ = ½‖f − y‖² (H = I)"),
+    ("conv unfolding", "A_i ∈ R^{(C_in kh kw + 1) × T}, rows (c_in, kh, kw) then ones, columns row-major "
+     "over (H_out, W_out); per-sample gradient G_i A_iᵀ with G_i ∈ R^{out × T}"),
+    ("Fisher kinds", "exact: E over p(y|f) in closed form; mc: sampled labels (seeded); empirical: data labels"),
+    ("precision", "curvature builders compute in float64; the nn module runs in the input dtype"),
+]
+
+
+def render():
+    lines = ["refcurv — reference and verification suite for curvature-based optimizers", ""]
+    lines.append("Methods (seed papers in shared/seeds):")
+    for name, ref, what, status in METHODS:
+        lines.append(f"  {name:<28} {ref:<40} {status:<18} {what}")
+    lines += ["", "Dense ground truth (refcurv.curvature, float64):"]
+    for name, formula in CURVATURE:
+        lines.append(f"  {name:<28} {formula}")
+    lines += ["", "Conventions:"]
+    for name, text in CONVENTIONS:
+        lines.append(f"  {name:<16} {text}")
+    return "\n".join(lines)

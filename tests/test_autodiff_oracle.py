@@ -5,6 +5,7 @@ padding 0/1, 1-3 channels, every activation, every loss, batch 1-5, with and wit
 bias) and compares in float64 at ≤ 1e-10 relative (see tolerance.py).
 """
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from oracle import Oracle
@@ -12,7 +13,7 @@ from tolerance import assert_close
 
 import refcurv as rc
 from refcurv import curvature as cv
-from refcurv.testing.strategies import problems
+from refcurv.testing.strategies import Problem, problems
 
 
 def _setup(pb):
@@ -59,3 +60,24 @@ def test_preactivation_hessians_match_autograd(pb, data):
     Hs = cv.preactivation_hessians(net, params, x, y, pb.loss_fn)
     layer = data.draw(st.integers(0, len(Hs) - 1))
     assert_close(Hs[layer], orc.preactivation_hessian(theta, layer), what=f"pre-activation Hessian {layer}")
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("padding", [0, 1])
+@pytest.mark.parametrize("act", ["relu", "tanh", "sigmoid", "softplus"])
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy", "bce"])
+def test_conv_grid_hessian_and_jacobian(stride, padding, act, loss):
+    """The whole conv grid of the issue, independent of what hypothesis happens to draw:
+    two conv layers (2→3→1 channels, 3×3 and 2×2 kernels), bias on one of them."""
+    spec = (
+        ("conv", 2, 3, 3, stride, padding, True), ("act", act),
+        ("conv", 3, 1, 2, 1, padding, False), ("act", act), ("flatten",),
+    )
+    H = (5 + 2 * padding - 3) // stride + 1
+    H2 = H + 2 * padding - 1
+    spec = spec + (("linear", H2 * H2, 3, True),)
+    pb = Problem(spec, (2, 5, 5), 3, loss, 3, stride * 100 + padding * 10 + len(act))
+    net, params, x, y, orc, theta = _setup(pb)
+    assert_close(cv.jacobian(net, params, x), orc.jacobian(theta), what="jacobian")
+    assert_close(cv.per_sample_grads(net, params, x, y, pb.loss_fn), orc.per_sample_grads(theta), what="per-sample")
+    assert_close(cv.hessian(net, params, x, y, pb.loss_fn), orc.hessian(theta), what="hessian")

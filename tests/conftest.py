@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 # ci (default) = deterministic, no deadline; thorough = many randomized examples.
 _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("dev", max_examples=5, **_common)
-settings.register_profile("ci", max_examples=25, derandomize=True, print_blob=True, **_common)
+settings.register_profile("ci", max_examples=40, derandomize=True, print_blob=True, **_common)
 settings.register_profile("thorough", max_examples=1000, print_blob=True, **_common)
 settings.load_profile(os.environ.get("REFCURV_HYPOTHESIS_PROFILE", "ci"))
 

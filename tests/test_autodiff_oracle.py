@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from oracle import Oracle
-from tolerance import assert_close
+from refcurv.testing.tolerance import assert_close
 
 import refcurv as rc
 from refcurv import curvature as cv

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from oracle import Oracle
 from scipy.stats import norm
-from tolerance import EPS, assert_close
+from refcurv.testing.tolerance import EPS, assert_close
 
 import refcurv as rc
 from refcurv import curvature as cv

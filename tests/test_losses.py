@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from oracle import per_sample_loss
 from scipy.stats import norm
-from tolerance import assert_close
+from refcurv.testing.tolerance import assert_close
 
 from refcurv.nn import BCE, MSE, CrossEntropy
 

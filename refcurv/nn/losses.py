@@ -41,6 +41,18 @@ def _check_finite(a, name):
         raise NonFiniteError(f"{name} contains NaN or Inf")
 
 
+def _real_targets(y, f, loss_name, kinds):
+    """Targets of the output's shape, numeric of a dtype kind in ``kinds``, finite; cast to ``f``'s dtype."""
+    y = xp_of(f).asarray(y)
+    if y.shape != f.shape:
+        raise ShapeError(f"y for {loss_name} must have the output shape {f.shape}, got {y.shape}")
+    if y.dtype.kind not in kinds:
+        raise LabelError(f"y for {loss_name} must be real-valued, got dtype {y.dtype}")
+    y = y.astype(f.dtype)
+    _check_finite(y, "y")
+    return y
+
+
 def _check_n_samples(n_samples):
     if isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)) or n_samples < 1:
         raise HyperParameterError(f"n_samples must be a positive int, got {n_samples!r}")
@@ -52,15 +64,7 @@ class MSE:
     name = "mse"
 
     def check_targets(self, y, f):
-        xp = xp_of(f)
-        y = xp.asarray(y)
-        if y.shape != f.shape:
-            raise ShapeError(f"y for MSE must have the output shape {f.shape}, got {y.shape}")
-        if y.dtype.kind not in "fiu":
-            raise LabelError(f"y for MSE must be real-valued, got dtype {y.dtype}")
-        y = y.astype(f.dtype)
-        _check_finite(y, "y")
-        return y
+        return _real_targets(y, f, "MSE", "fiu")
 
     def value(self, f, y):
         r = f - y
@@ -202,14 +206,7 @@ class BCE:
     max_enumerated_outputs = 12
 
     def check_targets(self, y, f):
-        xp = xp_of(f)
-        y = xp.asarray(y)
-        if y.shape != f.shape:
-            raise ShapeError(f"y for BCE must have the output shape {f.shape}, got {y.shape}")
-        if y.dtype.kind not in "fiub":
-            raise LabelError(f"y for BCE must be numeric in [0, 1], got dtype {y.dtype}")
-        y = y.astype(f.dtype)
-        _check_finite(y, "y")
+        y = _real_targets(y, f, "BCE", "fiub")
         if y.size and (float(y.min()) < 0 or float(y.max()) > 1):
             raise LabelError("y for BCE must lie in [0, 1]")
         return y

@@ -1,4 +1,4 @@
-"""Comparison helpers used across the tests.
+"""Tolerance model for comparisons with a reference (used by the tests).
 
 Autodiff results from two exact algorithms (refcurv's batched backprop/R-op vs autograd's
 tracing) differ only by rounding: for these tiny networks (depth <= 4, widths <= 6,

@@ -15,7 +15,9 @@ import numpy as np
 from autograd import elementwise_grad, grad, hessian, jacobian
 
 ACT = {
-    "relu": lambda h: anp.maximum(h, 0.0),
+    # ReLU'(0) = 0, PyTorch's convention (autograd's maximum would give 1/2 at the tie,
+    # which matters: a dead ReLU upstream of a bias-free layer makes h exactly 0).
+    "relu": lambda h: h * (h > 0),
     "tanh": anp.tanh,
     "sigmoid": lambda h: 1.0 / (1.0 + anp.exp(-h)),
     "softplus": lambda h: anp.logaddexp(0.0, h),

@@ -68,3 +68,54 @@ def rng_of(seed) -> np.random.Generator:
     if isinstance(seed, np.random.Generator):
         return seed
     return np.random.default_rng(seed)
+
+
+# ---------------------------------------------------------------- factorizations
+# CuPy's linear-algebra failures are silent (NaNs) unless run under
+# cupyx.errstate(linalg="raise"); every factorization goes through _linalg_guard.
+class _NullContext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _linalg_guard(xp):
+    if xp is np:
+        return _NullContext()
+    import cupyx  # pragma: no cover
+
+    return cupyx.errstate(linalg="raise")  # pragma: no cover
+
+
+def cholesky(A):
+    """Lower Cholesky factor; raises ``numpy.linalg.LinAlgError`` (or CuPy's) on failure."""
+    xp = xp_of(A)
+    with _linalg_guard(xp):
+        L = xp.linalg.cholesky(A)
+    if xp is not np and not bool(xp.isfinite(L).all()):  # pragma: no cover
+        raise np.linalg.LinAlgError("cholesky failed")
+    return L
+
+
+def solve_triangular(L, B, lower=True, trans=False):
+    xp = xp_of(L, B)
+    if xp is np:
+        import scipy.linalg
+
+        return scipy.linalg.solve_triangular(L, B, lower=lower, trans=1 if trans else 0)
+    import cupyx.scipy.linalg  # pragma: no cover
+
+    return cupyx.scipy.linalg.solve_triangular(L, B, lower=lower, trans=1 if trans else 0)  # pragma: no cover
+
+
+def cho_solve(L, B):
+    """Solve ``(L Lᵀ) X = B`` from the lower factor (CuPy has no ``cho_solve``)."""
+    return solve_triangular(L, solve_triangular(L, B, lower=True), lower=True, trans=True)
+
+
+def eigh(A):
+    xp = xp_of(A)
+    with _linalg_guard(xp):
+        return xp.linalg.eigh(A)

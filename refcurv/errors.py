@@ -31,3 +31,8 @@ class HyperParameterError(RefcurvError, ValueError):
 
 class ArgumentTypeError(RefcurvError, TypeError):
     """An argument has the wrong type."""
+
+
+class NotSPDError(RefcurvError, ValueError):
+    """A matrix that must be symmetric positive definite is not (numerically), or a
+    curvature pair violates ``sᵀy > 0`` where positive definiteness depends on it."""

@@ -5,8 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from oracle import Oracle
-from scipy.stats import norm
-from refcurv.testing.tolerance import EPS, assert_close
+from refcurv.testing.tolerance import EPS, assert_clt, assert_close
 
 import refcurv as rc
 from refcurv import curvature as cv
@@ -127,7 +126,7 @@ def test_mc_fisher_converges_to_exact_at_clt_rate(loss_name):
     U = cv._sampled_label_grads(net, params, tr, loss, S, 123)  # (S, N, n)
     Y = np.einsum("snp,snq->spq", U, U) / x.shape[0]
     assert_close(cv.fisher(net, params, x, loss=loss, kind="mc", n_samples=S, seed=123), Y.mean(axis=0), rtol=1e-13)
-    _assert_clt(Y, cv.fisher(net, params, x, loss=loss))
+    assert_clt(Y, cv.fisher(net, params, x, loss=loss))
 
 
 @given(problems(kind=st.just("cnn")))
@@ -252,19 +251,7 @@ def test_kfac_mc_is_seeded_and_tends_to_ggn_kind():
     for (_, Ge), (_, Gm), g in zip(exact, mc, net._pull(params, tr, D)):
         X = np.einsum("so,sp->sop", g[:, 0, :, 0], g[:, 0, :, 0])
         assert_close(Gm, X.mean(axis=0), rtol=1e-13)
-        _assert_clt(X, Ge)
-
-
-def _assert_clt(X, truth, level=1e-3):
-    """Every upper-triangular entry of mean(X) within the Bonferroni z-bound of ``truth``,
-    using the per-entry standard error estimated from the i.i.d. draws ``X`` (S, p, p)."""
-    S = X.shape[0]
-    sd = X.std(axis=0, ddof=1) / np.sqrt(S)
-    iu = np.triu_indices(truth.shape[0])
-    m = sd[iu] > 1e-12
-    z = np.abs(X.mean(axis=0) - truth)[iu][m] / sd[iu][m]
-    assert z.max() <= norm.ppf(1 - level / (2 * m.sum())), z.max()
-    assert_close(X.mean(axis=0)[iu][~m], truth[iu][~m], atol=1e-12)
+        assert_clt(X, Ge)
 
 
 @given(problems())

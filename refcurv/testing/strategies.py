@@ -115,3 +115,69 @@ def problems(draw, kind=st.sampled_from(["mlp", "cnn"]), loss=st.sampled_from(li
     n_out = draw(st.integers(2, 4)) if lname == "cross_entropy" else None
     spec, shape, out = draw(mlp_specs(n_out=n_out) if k == "mlp" else cnn_specs(n_out=n_out))
     return Problem(spec, shape, out, lname, draw(st.integers(1, max_batch)), draw(st.integers(0, 2**31 - 1)))
+
+
+# --------------------------------------------------------------- matrices (design §5)
+# Matrices are constructed, not filtered: size, rank, log-condition number, damping and a
+# seed are drawn, Q comes from a seeded QR, and the spectrum is set, so κ is known and can
+# drive the tolerance.
+
+
+def orthogonal(n, rng):
+    Q, R = np.linalg.qr(rng.standard_normal((n, n)))
+    return Q * np.sign(np.diag(R))
+
+
+@dataclass(frozen=True)
+class SPD:
+    A: np.ndarray
+    eigenvalues: np.ndarray
+
+    @property
+    def cond(self):
+        return float(self.eigenvalues.max() / self.eigenvalues.min())
+
+
+@st.composite
+def spd_matrices(draw, min_n=1, max_n=8, max_log10_cond=6.0):
+    """SPD ``A = Q diag(w) Qᵀ`` with ``log10 κ`` drawn in ``[0, max_log10_cond]`` and scale
+    ``10^{[-3, 3]}``."""
+    n = draw(st.integers(min_n, max_n))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    log_cond = draw(st.floats(0, max_log10_cond))
+    scale = 10 ** draw(st.floats(-3, 3))
+    w = scale * 10 ** (-log_cond * np.sort(rng.random(n)))
+    if n > 1:
+        w[0], w[-1] = scale, scale * 10**-log_cond  # pin the condition number
+    Q = orthogonal(n, rng)
+    A = (Q * w) @ Q.T
+    return SPD((A + A.T) / 2, np.sort(w))
+
+
+@st.composite
+def lowrank_factors(draw, max_n=12, max_rho=8):
+    """``U ∈ R^{n×ρ}`` of drawn rank ``r ≤ min(n, ρ)`` (rank-deficient allowed), singular values
+    spread over ``10^{[-3, 2]}``; covers ``n < ρ`` and ``n ≫ ρ``."""
+    n = draw(st.integers(1, max_n))
+    rho = draw(st.integers(1, max_rho))
+    r = draw(st.integers(0, min(n, rho)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    s = 10 ** rng.uniform(-3, 2, size=r)
+    U = (orthogonal(n, rng)[:, :r] * s) @ orthogonal(rho, rng)[:r, :]
+    return U
+
+
+def dampings(lo=-6, hi=2):
+    """λ = 10^x, x ∈ [lo, hi] (tiny λ included)."""
+    return st.floats(lo, hi).map(lambda x: 10.0**x)
+
+
+@st.composite
+def curvature_pairs(draw, n):
+    """``(s, y)`` with ``sᵀy`` of any sign (nonconvex pairs included), ‖·‖ ~ 10^{[-2, 2]}."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    s = rng.standard_normal(n) * 10 ** draw(st.floats(-2, 2))
+    y = rng.standard_normal(n) * 10 ** draw(st.floats(-2, 2))
+    mix = draw(st.floats(-1, 1))  # correlate y with s so both signs of sᵀy are common
+    y = y + mix * s * np.linalg.norm(y) / max(np.linalg.norm(s), 1e-300)
+    return s, y

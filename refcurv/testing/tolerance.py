@@ -27,3 +27,34 @@ def assert_close(a, b, rtol=AUTODIFF_RTOL, atol=1e-13, what=""):
     err = float(np.linalg.norm(a - b))
     bound = rtol * float(np.linalg.norm(b)) + atol
     assert err <= bound, f"{what}: ‖a − b‖ = {err:.3e} > {bound:.3e} (‖b‖ = {np.linalg.norm(b):.3e})"
+
+
+def forward_tol(n, cond, C=100.0):
+    """Forward error of a backward-stable solve/inverse/root: ``C · n · eps · κ`` relative."""
+    return C * n * EPS * cond
+
+
+def residual_tol(n, C=100.0):
+    """Residual/backward error: ``C · n · eps`` relative to ``‖A‖ ‖x‖``."""
+    return C * n * EPS
+
+
+def assert_clt(X, truth, level=1e-3):
+    """Monte-Carlo check of ``E[X_s] = truth`` from i.i.d. draws ``X`` ``(S, ...)``: every
+    entry of the sample mean lies within the Bonferroni-corrected normal bound (family-wise
+    level ``level``) of ``truth``, using the standard error estimated from the draws.
+    Entries whose draws do not vary must equal ``truth`` to rounding."""
+    from scipy.stats import norm
+
+    X = np.asarray(X, dtype=float)
+    truth = np.asarray(truth, dtype=float)
+    S = X.shape[0]
+    mean = X.mean(axis=0)
+    se = X.std(axis=0, ddof=1) / np.sqrt(S)
+    scale = max(float(np.abs(truth).max()), float(np.abs(X).max()), 1e-300)
+    varies = se > 1e-12 * scale
+    if varies.any():
+        z = np.abs(mean - truth)[varies] / se[varies]
+        bound = norm.ppf(1 - level / (2 * varies.sum()))
+        assert z.max() <= bound, f"max standardized error {z.max():.2f} > {bound:.2f}"
+    assert np.all(np.abs(mean - truth)[~varies] <= 1e-10 * scale), "non-varying entries differ"

@@ -1,0 +1,85 @@
+"""Low-rank factorizations.
+
+* :func:`brand_update`: eigendecomposition of ``U diag(K) Uᵀ + c h hᵀ`` from that of
+  ``U diag(K) Uᵀ`` (``U`` semi-orthogonal), truncated to the ``rank`` largest
+  eigenvalues — Brand (2006) specialised to symmetric matrices, the step Ginger (004 §2.3)
+  calls ``r1u``: with ``r = ‖(I − UUᵀ)h‖``, ``p = (I − UUᵀ)h / r``,
+  ``[U h] = [U p] [[I, Uᵀh], [0, r]]`` and the ``(τ+1)×(τ+1)`` core
+  ``C = [[I, Uᵀh],[0, r]] diag(K, c) [[I, Uᵀh],[0, r]]ᵀ = V diag(K') Vᵀ``, the update is
+  ``U' = [U p] V``, ``K'``. Cost ``O(dτ² + τ³)``.
+* :func:`randomized_svd`: Halko, Martinsson & Tropp (2011) Algorithm 4.4 (with ``n_iter``
+  power iterations) + 5.1, for SENG's rank-``r`` factors of ``G_i``, ``A_i``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import asarray_like, eigh, rng_of, xp_of
+from ..errors import HyperParameterError, ShapeError
+from . import _checks as C
+
+
+def _rank(rank, name="rank"):
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
+        raise HyperParameterError(f"{name} must be a positive int, got {rank!r}")
+    return int(rank)
+
+
+def brand_update(U, K, h, c=1.0, rank=None):
+    """``(U', K')`` with ``U' diag(K') U'ᵀ`` the best rank-``rank`` approximation (largest
+    eigenvalues, sorted descending) of ``U diag(K) Uᵀ + c h hᵀ``. ``rank=None`` keeps all
+    ``τ + 1`` (or ``τ`` when ``h ∈ range(U)``) directions."""
+    U = C.finite(U, "U")
+    if U.ndim != 2:
+        raise ShapeError(f"U must be a (d, τ) matrix, got shape {U.shape}")
+    d, tau = U.shape
+    K = C.vector(K, "K", tau)
+    h = C.vector(h, "h", d)
+    if not np.isfinite(c):
+        raise HyperParameterError(f"c must be finite, got {c!r}")
+    xp = xp_of(U)
+    m = U.T @ h
+    resid = h - U @ m
+    r = float(xp.linalg.norm(resid))
+    # h numerically inside range(U): no new direction
+    tiny = r <= 10 * d * np.finfo(U.dtype).eps * max(float(xp.linalg.norm(h)), 1e-300)
+    if tiny:
+        basis, R = U, xp.eye(tau, dtype=U.dtype)
+        core = (R * K) @ R.T + c * xp.outer(m, m)
+    else:
+        basis = xp.concatenate([U, (resid / r)[:, None]], axis=1)
+        R = xp.zeros((tau + 1, tau + 1), dtype=U.dtype)
+        R[:tau, :tau] = xp.eye(tau, dtype=U.dtype)
+        R[:tau, tau] = m
+        R[tau, tau] = r
+        core = (R * xp.concatenate([K, xp.asarray([c], dtype=U.dtype)])) @ R.T
+    w, V = eigh((core + core.T) / 2)
+    order = xp.argsort(-w)
+    if rank is not None:
+        order = order[: _rank(rank)]
+    return basis @ V[:, order], w[order]
+
+
+def randomized_svd(X, rank, oversample=10, n_iter=2, seed=None):
+    """Rank-``rank`` truncated SVD ``(U, s, Vt)`` of ``X`` by a Gaussian range finder with
+    ``oversample`` extra columns and ``n_iter`` power iterations (re-orthonormalized by QR
+    each time); the test matrix is drawn on the host with ``numpy.random.default_rng(seed)``."""
+    X = C.finite(X, "X")
+    if X.ndim != 2:
+        raise ShapeError(f"X must be a matrix, got shape {X.shape}")
+    rank = _rank(rank)
+    if rank > min(X.shape):
+        raise HyperParameterError(f"rank must be ≤ min(X.shape) = {min(X.shape)}, got {rank}")
+    if isinstance(oversample, bool) or not isinstance(oversample, (int, np.integer)) or oversample < 0:
+        raise HyperParameterError(f"oversample must be a non-negative int, got {oversample!r}")
+    if isinstance(n_iter, bool) or not isinstance(n_iter, (int, np.integer)) or n_iter < 0:
+        raise HyperParameterError(f"n_iter must be a non-negative int, got {n_iter!r}")
+    xp = xp_of(X)
+    k = min(rank + oversample, min(X.shape))
+    Omega = asarray_like(rng_of(seed).standard_normal((X.shape[1], k)), X, dtype=X.dtype)
+    Q, _ = xp.linalg.qr(X @ Omega)
+    for _ in range(n_iter):
+        Q, _ = xp.linalg.qr(X.T @ Q)
+        Q, _ = xp.linalg.qr(X @ Q)
+    Ub, s, Vt = xp.linalg.svd(Q.T @ X, full_matrices=False)
+    return (Q @ Ub)[:, :rank], s[:rank], Vt[:rank]

@@ -1,0 +1,108 @@
+"""Sherman–Morrison–Woodbury solves and stable SPD factorizations.
+
+* ``spd_solve``: Cholesky, with a documented fallback.
+* ``lowrank_solve`` / ``lowrank_inverse``: ``(λI + U Uᵀ)^{-1}`` through the ``ρ × ρ``
+  capacitance matrix ``λI + UᵀU`` (SENG (8)-(9), NG+ (14)).
+* ``gn_solve``: ``(λI + s Jᵀ H J)^{-1}`` by thesis (5.6) (``H`` invertible, symmetric
+  ``D = λH^{-1} + s J Jᵀ``) or (5.7) (any ``H``, e.g. singular softmax ``H``; non-symmetric
+  ``D = λI + s J Jᵀ H``).
+* ``sherman_morrison``: ``(A + u vᵀ)^{-1}`` from ``A^{-1}``.
+
+Never ``inv`` where a solve will do.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import cho_solve, cholesky, eigh, xp_of
+from ..errors import NotSPDError, ShapeError
+from . import _checks as C
+
+
+def spd_solve(A, B, name="A"):
+    """Solve ``A X = B`` for symmetric positive definite ``A``.
+
+    Cholesky first. If it fails (``A`` PD in exact arithmetic but not numerically
+    factorizable), fall back to the symmetric eigendecomposition ``A = V diag(w) Vᵀ`` and
+    ``X = V diag(1/w) Vᵀ B`` provided every ``w > n·eps·max|w|``; otherwise raise
+    :class:`NotSPDError`.
+    """
+    A = C.symmetric(A, name)
+    B = C.rows_match(B, A.shape[0], "B")
+    try:
+        return cho_solve(cholesky(A), B)
+    except np.linalg.LinAlgError:
+        pass
+    xp = xp_of(A)
+    w, V = eigh(A)
+    floor = A.shape[0] * np.finfo(A.dtype).eps * float(xp.abs(w).max())
+    if float(w.min()) <= floor:
+        raise NotSPDError(f"{name} is not positive definite (smallest eigenvalue {float(w.min()):.3e})")
+    VtB = V.T @ B
+    return V @ (VtB / (w[:, None] if B.ndim == 2 else w))
+
+
+def _lam_U(lam, U):
+    C.positive(lam, "lam")
+    U = C.finite(U, "U")
+    if U.ndim != 2:
+        raise ShapeError(f"U must be a matrix (n, ρ), got shape {U.shape}")
+    return U
+
+
+def lowrank_solve(lam, U, B):
+    """``(λI + U Uᵀ)^{-1} B = (B − U (λI + UᵀU)^{-1} Uᵀ B) / λ`` (SMW; SENG (8)-(9))."""
+    U = _lam_U(lam, U)
+    B = C.rows_match(B, U.shape[0], "B")
+    xp = xp_of(U, B)
+    cap = lam * xp.eye(U.shape[1], dtype=U.dtype) + U.T @ U
+    return (B - U @ spd_solve(cap, U.T @ B, name="λI + UᵀU")) / lam
+
+
+def lowrank_inverse(lam, U):
+    """Dense ``(λI + U Uᵀ)^{-1}`` by SMW (for tests and small problems)."""
+    U = _lam_U(lam, U)
+    return lowrank_solve(lam, U, xp_of(U).eye(U.shape[0], dtype=U.dtype))
+
+
+def gn_solve(lam, J, H, B, scale=1.0, symmetric=True):
+    """``(λI + s Jᵀ H J)^{-1} B`` with ``J ∈ R^{m×n}``, ``H ∈ R^{m×m}``, ``s = scale``.
+
+    ``symmetric=True``: thesis (5.6), ``G^{-1} = λ^{-1}(I − s Jᵀ D^{-1} J)`` with
+    ``D = λH^{-1} + s J Jᵀ``; needs ``H`` SPD (``D`` is then SPD and solved by Cholesky;
+    ``H^{-1}`` enters only through a solve).
+    ``symmetric=False``: thesis (5.7), ``G^{-1} = λ^{-1}(I − s Jᵀ H D^{-1} J)`` with
+    ``D = λI + s J Jᵀ H``; valid for any ``H`` with ``D`` invertible (singular ``H``), solved by LU.
+    """
+    C.positive(lam, "lam")
+    C.positive(scale, "scale")
+    J = C.finite(J, "J")
+    if J.ndim != 2:
+        raise ShapeError(f"J must be a matrix (m, n), got shape {J.shape}")
+    m = J.shape[0]
+    H = C.square(H, "H")
+    if H.shape[0] != m:
+        raise ShapeError(f"H must be ({m}, {m}) to match J, got {H.shape}")
+    B = C.rows_match(B, J.shape[1], "B")
+    xp = xp_of(J, H, B)
+    JB = J @ B
+    if symmetric:
+        C.symmetric(H, "H")
+        D = lam * spd_solve(H, xp.eye(m, dtype=J.dtype), name="H") + scale * (J @ J.T)
+        D = (D + D.T) / 2
+        return (B - scale * (J.T @ spd_solve(D, JB, name="D"))) / lam
+    D = lam * xp.eye(m, dtype=J.dtype) + scale * (J @ J.T) @ H
+    return (B - scale * (J.T @ (H @ xp.linalg.solve(D, JB)))) / lam
+
+
+def sherman_morrison(A_inv, u, v=None):
+    """``(A + u vᵀ)^{-1} = A^{-1} − A^{-1}u vᵀA^{-1} / (1 + vᵀA^{-1}u)`` (``v = u`` by default)."""
+    A_inv = C.square(A_inv, "A_inv")
+    n = A_inv.shape[0]
+    u = C.vector(u, "u", n)
+    v = u if v is None else C.vector(v, "v", n)
+    Au, vA = A_inv @ u, v @ A_inv
+    denom = 1.0 + float(v @ Au)
+    if denom == 0.0:
+        raise NotSPDError("A + u vᵀ is singular (1 + vᵀA⁻¹u = 0)")
+    return A_inv - xp_of(A_inv).outer(Au, vA) / denom

@@ -1,25 +1,46 @@
 # Manual check (not run by CI): apply small mutations to the formulas and confirm the
 # tests go red. Run from the repository root: python .ci/mutations.py
-import subprocess, sys
+import subprocess
+import sys
+
 M = [
- ("refcurv/nn/model.py", "new = new + dz * m.d2(a) * tan_in[k]", "new = new", "tests/test_autodiff_oracle.py"),
- ("refcurv/nn/layers.py", "cols = xp.stack(cols, axis=-3)", "cols = xp.stack(cols, axis=-4)", "tests/test_autodiff_oracle.py"),
- ("refcurv/nn/losses.py", "r[:, idx, idx] = -q", "r[:, idx, idx] = q", "tests/test_identities.py"),
- ("refcurv/curvature.py", "a_hat = A.mean(axis=-1)", "a_hat = A.sum(axis=-1)", "tests/test_identities.py"),
- ("refcurv/nn/layers.py", "return -2 * xp_of(h).tanh(h) * _sech2(h)", "return 2 * xp_of(h).tanh(h) * _sech2(h)", "tests/test_autodiff_oracle.py"),
- ("refcurv/curvature.py", 'return _ret(xp.einsum("snp,snq->pq", U, U) / (S * N), net, blocks)', 'return _ret(xp.einsum("snp,snq->pq", U, U) / (S * N + 1), net, blocks)', "tests/test_identities.py"),
- ("refcurv/nn/layers.py", "return out[..., :, p : p + H, p : p + W]", "return out[..., :, :H, :W]", "tests/test_autodiff_oracle.py"),
- ("refcurv/nn/losses.py", "return p * (diff * p[..., None, :]).sum(axis=-1)", "return p * (diff * p[..., None, :]).sum(axis=-1) * 1.000001", "tests/test_losses.py"),
- ("refcurv/curvature.py", "Gf = w * xp.einsum(\"knot,knpt->op\", g, g) / N", "Gf = w * xp.einsum(\"knot,knpt->op\", g, g) / (N * T)", "tests/test_identities.py"),
- ("refcurv/nn/model.py", "t = t + dparams[j].swapaxes(-1, -2)[:, None] @ g", "t = t", "tests/test_autodiff_oracle.py"),
+    # foundation
+    ("refcurv/nn/model.py", "new = new + dz * m.d2(a) * tan_in[k]", "new = new", "tests/test_autodiff_oracle.py"),
+    ("refcurv/nn/layers.py", "cols = xp.stack(cols, axis=-3)", "cols = xp.stack(cols, axis=-4)", "tests/test_autodiff_oracle.py"),
+    ("refcurv/nn/losses.py", "r[:, idx, idx] = -q", "r[:, idx, idx] = q", "tests/test_identities.py"),
+    ("refcurv/curvature.py", "a_hat = A.mean(axis=-1)", "a_hat = A.sum(axis=-1)", "tests/test_identities.py"),
+    ("refcurv/nn/layers.py", "return -2 * xp_of(h).tanh(h) * _sech2(h)", "return 2 * xp_of(h).tanh(h) * _sech2(h)", "tests/test_autodiff_oracle.py"),
+    ("refcurv/curvature.py", 'xp.einsum("snp,snq->pq", U, U) / (S * N)', 'xp.einsum("snp,snq->pq", U, U) / (S * N + 1)', "tests/test_identities.py"),
+    ("refcurv/nn/layers.py", "return out[..., :, p : p + H, p : p + W]", "return out[..., :, :H, :W]", "tests/test_autodiff_oracle.py"),
+    ("refcurv/nn/losses.py", "return p * (diff * p[..., None, :]).sum(axis=-1)", "return p * (diff * p[..., None, :]).sum(axis=-1) * 1.000001", "tests/test_losses.py"),
+    ("refcurv/curvature.py", 'Gf = w * xp.einsum("knot,knpt->op", g, g) / N', 'Gf = w * xp.einsum("knot,knpt->op", g, g) / (N * T)', "tests/test_identities.py"),
+    ("refcurv/nn/model.py", "t = t + dparams[j].swapaxes(-1, -2)[:, None] @ g", "t = t", "tests/test_autodiff_oracle.py"),
+    # linear algebra
+    ("refcurv/linalg/woodbury.py", "return (B - U @ spd_solve(", "return (B + U @ spd_solve(", "tests/test_woodbury.py"),
+    ("refcurv/linalg/woodbury.py", "D = lam * spd_solve(H,", "D = spd_solve(H,", "tests/test_woodbury.py"),
+    ("refcurv/linalg/woodbury.py", "scale * (J @ J.T) @ H", "scale * H @ (J @ J.T)", "tests/test_woodbury.py"),
+    ("refcurv/linalg/quasi_newton.py", "(rho * rho * float(y @ Hy) + rho)", "(rho * rho * float(y @ Hy))", "tests/test_quasi_newton.py"),
+    ("refcurv/linalg/quasi_newton.py", "phi * yHy * xp.outer(h, h)", "phi * sigma * xp.outer(h, h)", "tests/test_quasi_newton.py"),
+    ("refcurv/linalg/quasi_newton.py", "gamma * (Y @ Y.T)", "(Y @ Y.T)", "tests/test_quasi_newton.py"),
+    ("refcurv/linalg/damping.py", "(1 - mu) * a / (a - b)", "(1 - mu) * a / (a + b)", "tests/test_damping.py"),
+    ("refcurv/linalg/damping.py", "return s_t, y + mu2 * s_t, theta1", "return s_t, y + s_t, theta1", "tests/test_damping.py"),
+    ("refcurv/linalg/roots.py", "X, M = z ** (1.0 / p) * eye, z * A", "X, M = z ** (2.0 / p) * eye, z * A", "tests/test_roots_lowrank_tensor.py"),
+    ("refcurv/linalg/lowrank.py", "R[:tau, tau] = m", "R[tau, :tau] = m", "tests/test_roots_lowrank_tensor.py"),
+    ("refcurv/linalg/sketch.py", "w = 1.0 / np.sqrt(q * p[idx])", "w = 1.0 / np.sqrt(p[idx])", "tests/test_sketch.py"),
+    ("refcurv/linalg/sketch.py", "w = 1.0 / np.sqrt(pi[idx])", "w = 1.0 / np.sqrt(q * pi[idx])", "tests/test_sketch.py"),
+    ("refcurv/linalg/tensor.py", "xp.moveaxis(xp.tensordot(U, A, axes=(1, i)), 0, i)", "xp.moveaxis(xp.tensordot(U, A, axes=(1, i)), 0, -1)", "tests/test_roots_lowrank_tensor.py"),
 ]
+survived = 0
 for path, old, new, test in M:
     src = open(path).read()
     assert src.count(old) == 1, (path, old)
     open(path, "w").write(src.replace(old, new))
     try:
-        r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-W", "ignore", "-p", "no:cacheprovider", test], capture_output=True, text=True)
-        last = r.stdout.strip().splitlines()[-1]
-        print(("CAUGHT " if r.returncode else "SURVIVED ") + f"{path}: {new[:60]!r} -> {last}")
+        r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", test],
+                           capture_output=True, text=True)
+        last = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else r.stderr[-200:]
+        survived += r.returncode == 0
+        print(("CAUGHT   " if r.returncode else "SURVIVED ") + f"{path}: {new[:60]!r} -> {last}")
     finally:
         open(path, "w").write(src)
+sys.exit(1 if survived else 0)

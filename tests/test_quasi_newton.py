@@ -85,6 +85,22 @@ def test_lbfgs_matches_scipy_inverse_hessian_product(n, p, seed):
     assert_close(Q.lbfgs_two_loop(S, Y, G), ref, rtol=tol, atol=0)
 
 
+@given(spd_matrices(max_log10_cond=3), st.floats(0, 1), st.integers(0, 2**31 - 1))
+def test_broyden_family_interpolates_dfp_and_bfgs(spd, phi, seed):
+    """(2.11) is linear in φ: H_φ = (1−φ) H_DFP + φ H_BFGS, with DFP written out here
+    (H + ssᵀ/sᵀy − HyyᵀH/yᵀHy); checked on generic pairs (where h ≠ 0)."""
+    rng = np.random.default_rng(seed)
+    H = spd.A
+    n = H.shape[0]
+    for s, y in zip(*_convex_pairs(rng, n, 3)):
+        Hy = H @ y
+        dfp = H + np.outer(s, s) / (s @ y) - np.outer(Hy, Hy) / (y @ Hy)
+        bfgs = Q.bfgs_update_H(H, s, y)
+        size = np.linalg.norm(H) + np.linalg.norm(dfp) + np.linalg.norm(bfgs)
+        out = Q.broyden_update_H(H, s, y, phi)
+        assert np.linalg.norm(out - ((1 - phi) * dfp + phi * bfgs)) <= 100 * n * EPS * size * np.linalg.cond(H)
+
+
 @given(spd_matrices(max_log10_cond=4), st.floats(0.01, 10), st.floats(0, 1), st.integers(0, 2**31 - 1))
 def test_theorem1_broyden_family_is_sherman_morrison(spd, c, phi, seed):
     """Thesis Theorem 1: H = A⁻¹, s = Ha, y = A⁺s, A⁺ = A + c aaᵀ ⇒ every Broyden update

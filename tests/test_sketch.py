@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from refcurv.errors import HyperParameterError, ShapeError
 from refcurv.linalg import sketch as SK
 from refcurv.testing.strategies import dampings, lowrank_factors
-from refcurv.testing.tolerance import assert_clt, assert_close
+from refcurv.testing.tolerance import assert_clt, assert_close, forward_tol
 
 N = 7
 
@@ -78,8 +78,9 @@ def test_apply_equals_dense_omega(kind, q, seed):
 def test_seng_lemma5_bound_with_measured_eta_eps(U, lam, q, leverage, seed):
     """‖b − b̂‖ ≤ (√ε + η) / ((1 − η)√h₁) ‖g‖ whenever η < 1, with b = (λI + UᵀU)⁻¹Uᵀg (9),
     b̂ from the sketched problem (12), η = ‖NᵀΩᵀΩN − I‖₂, ε = ‖NᵀΩᵀΩv‖²/‖v‖² for v the part
-    of g orthogonal to range(U) (A.2 as the proof uses it; Nᵀv = 0) and h₁ = λ_min(λI + UᵀU),
-    the quantity the proof needs (errata E5)."""
+    of g orthogonal to range(U) (A.2 as the proof uses it; Nᵀv = 0) and h₁ = λ_min(λI + UUᵀ)
+    as in B.2. (The proof divides by λ_min(λI + UᵀU), which is smaller when ρ > rank U; it
+    still goes through because b − b̂ lies in range(Uᵀ), where λI + UᵀU ⪰ h₁.)"""
     n = U.shape[0]
     rng = np.random.default_rng(seed)
     g = rng.standard_normal(n)
@@ -97,10 +98,12 @@ def test_seng_lemma5_bound_with_measured_eta_eps(U, lam, q, leverage, seed):
     b = np.linalg.solve(lam * np.eye(rho) + U.T @ U, U.T @ g)
     Xi = sk.apply(U)
     b_hat = np.linalg.solve(lam * np.eye(rho) + Xi.T @ Xi, Xi.T @ Omg)
-    h1 = lam + (np.linalg.svd(U, compute_uv=False).min() ** 2 if n >= rho else 0.0)
+    h1 = np.linalg.eigvalsh(lam * np.eye(n) + U @ U.T).min()
     if eta < 1:
         bound = (np.sqrt(eps) + eta) / ((1 - eta) * np.sqrt(h1)) * np.linalg.norm(g)
-        assert np.linalg.norm(b - b_hat) <= bound * (1 + 1e-8) + 1e-12 * np.linalg.norm(b)
+        # rounding floor: two solves with λI + UᵀU-type matrices of condition κ
+        kappa = np.linalg.cond(lam * np.eye(rho) + U.T @ U) + np.linalg.cond(lam * np.eye(rho) + Xi.T @ Xi)
+        assert np.linalg.norm(b - b_hat) <= bound * (1 + 1e-8) + forward_tol(rho, kappa) * np.linalg.norm(b)
 
 
 def test_sketch_bad_input():
@@ -114,3 +117,29 @@ def test_sketch_bad_input():
         SK.row_sampling(3, 2, np.array([1.0, 0.0, 0.0]), replace=False)
     with pytest.raises(ShapeError, match="X must have 5 rows"):
         SK.row_sampling(5, 2, seed=0).apply(np.ones(4))
+
+
+def _lemma5_case(seed):
+    rng = np.random.default_rng(seed)
+    n, rho = int(rng.integers(5, 30)), int(rng.integers(1, 6))
+    U, lam, g = rng.standard_normal((n, rho)), 10 ** rng.uniform(-3, -1), rng.standard_normal(n)
+    sk = SK.row_sampling(n, int(rng.integers(rho, n + 1)), "uniform", replace=False, seed=rng)
+    Nb = np.linalg.svd(U, full_matrices=False)[0]
+    OmN = sk.apply(Nb)
+    eta = np.linalg.norm(OmN.T @ OmN - np.eye(rho), 2)
+    v = g - Nb @ (Nb.T @ g)
+    eps = np.linalg.norm(OmN.T @ sk.apply(v)) ** 2 / (v @ v)
+    b = np.linalg.solve(lam * np.eye(rho) + U.T @ U, U.T @ g)
+    Xi = sk.apply(U)
+    b_hat = np.linalg.solve(lam * np.eye(rho) + Xi.T @ Xi, Xi.T @ sk.apply(g))
+    h1 = np.linalg.eigvalsh(lam * np.eye(n) + U @ U.T).min()
+    return np.linalg.norm(b - b_hat), eta, eps, h1, np.linalg.norm(g)
+
+
+def test_seng_lemma5_statement_31_is_wrong_proof_36_is_right():
+    """Errata E5: (31) puts √h₁ in the numerator; the proof ends with (36), 1/√h₁. On this
+    seeded case (h₁ ≈ λ < 1) the error exceeds (31)'s bound and respects (36)'s."""
+    err, eta, eps, h1, ng = _lemma5_case(10)
+    assert eta < 1 and h1 < 1
+    assert err > (np.sqrt(eps * h1) + eta * np.sqrt(h1)) / (1 - eta) * ng  # (31) violated
+    assert err <= (np.sqrt(eps) + eta) / ((1 - eta) * np.sqrt(h1)) * ng  # (36) holds

@@ -1,0 +1,6 @@
+"""Optimizers of the seed papers, each with a dense and a fast form (see :mod:`.base`)."""
+from . import sgd  # noqa: F401  (registers)
+from .base import Batch, Method
+from .registry import REGISTRY, describe
+
+__all__ = ["Batch", "Method", "REGISTRY", "describe"]

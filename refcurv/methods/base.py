@@ -1,0 +1,104 @@
+"""The method interface shared by every optimizer in refcurv (in the spirit of optax).
+
+A method object holds hyper-parameters only (validated in ``__post_init__``). State is
+explicit and never mutated:
+
+    state = method.init(net, params)
+    direction, state = method.step(state, net, params, batch, rng)             # fast form
+    direction, _     = method.step(state, net, params, batch, rng, dense=True)  # dense form
+
+* ``batch`` is a :class:`Batch` ``(x, y, loss)``.
+* ``direction`` is in the parameter layout (a list of per-layer ``(out, d)`` matrices) and is
+  the *update* direction of the papers: the step is ``θ ← θ + lr · direction`` (so it is a
+  descent direction, e.g. ``−(M + λI)^{-1} g``). :func:`refcurv.flatten` flattens it.
+* ``rng`` is a seed or ``numpy.random.Generator``. All random draws of a step are made once,
+  up front, by :meth:`Method.draw`, and handed to both forms, so that the fast and the dense
+  form consume the same draws and can be compared call by call.
+* The dense form builds the matrix the paper defines and solves it with a stable
+  factorization; the fast form is the paper's algorithm. Both return the same new state
+  structure; where a paper's fast form *approximates* its dense definition, the method's
+  docstring says which bound relates them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..backend import rng_of
+from ..errors import ArgumentTypeError, HyperParameterError
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A mini-batch and the loss it is scored with."""
+
+    x: Any
+    y: Any
+    loss: Any
+
+
+class Method:
+    """Base class. Subclasses are frozen dataclasses of hyper-parameters that implement
+    ``init``, ``draw`` (optional), ``_fast`` and ``_dense``."""
+
+    #: registry name, seed reference (file and equations), one-line description
+    name: str = ""
+    seed_ref: str = ""
+    summary: str = ""
+
+    def init(self, net, params):
+        return {"k": 0}
+
+    def draw(self, rng, state, net, params, batch):
+        """All random numbers this step needs (default: none)."""
+        return None
+
+    def step(self, state, net, params, batch, rng=None, dense=False):
+        if not isinstance(batch, Batch):
+            raise ArgumentTypeError(f"batch must be a refcurv.methods.Batch, got {type(batch).__name__}")
+        draws = self.draw(rng_of(rng), state, net, params, batch)
+        form = self._dense if dense else self._fast
+        return form(state, net, params, batch, draws)
+
+    def _fast(self, state, net, params, batch, draws):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _dense(self, state, net, params, batch, draws):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @classmethod
+    def hyper_parameters(cls):
+        """``{name: default}`` of the method's hyper-parameters."""
+        return {f.name: f.default for f in dataclasses.fields(cls)}
+
+
+def check_positive(value, name):
+    if isinstance(value, bool) or not np.isfinite(value) or not value > 0:
+        raise HyperParameterError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def check_unit(value, name, closed_low=True, closed_high=False):
+    lo_ok = value >= 0 if closed_low else value > 0
+    hi_ok = value <= 1 if closed_high else value < 1
+    if isinstance(value, bool) or not np.isfinite(value) or not (lo_ok and hi_ok):
+        lo, hi = "[" if closed_low else "(", "]" if closed_high else ")"
+        raise HyperParameterError(f"{name} must lie in {lo}0, 1{hi}, got {value!r}")
+
+
+def check_int(value, name, minimum=1):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise HyperParameterError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def check_choice(value, name, choices):
+    if value not in choices:
+        raise HyperParameterError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def layer_grads(net, params, batch):
+    """``(per-layer mini-batch gradients, per-layer per-sample gradients (N, out, d))``."""
+    U = net.per_sample_grads(params, batch.x, batch.y, batch.loss)
+    return [u.mean(axis=0) for u in U], U

@@ -1,0 +1,18 @@
+"""Registry of methods: name → class, with seed reference, summary and hyper-parameters.
+The CLI and the notebooks read it."""
+from __future__ import annotations
+
+REGISTRY = {}
+
+
+def register(cls):
+    """Class decorator: add a :class:`~refcurv.methods.base.Method` subclass to the registry."""
+    if not cls.name or cls.name in REGISTRY:
+        raise ValueError(f"method name {cls.name!r} missing or registered twice")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def describe():
+    """``[(name, seed_ref, summary, {hyper-parameter: default})]`` for every registered method."""
+    return [(n, c.seed_ref, c.summary, c.hyper_parameters()) for n, c in sorted(REGISTRY.items())]

@@ -6,7 +6,7 @@ METHODS = [
     ("NG+", "002 (2)-(19)", "GFIM L/R, SMW, sketches, block-diagonal, online Newton", "planned"),
     ("SMW-GN / SMW-NG / SMW-NG-BD", "003 Ch.5 (5.2)-(5.7), Alg. 17-23", "SMW solves with Gram blocks, LM rule", "planned"),
     ("Hessian-free", "003 Ch.5", "CG on GGN-vector products", "planned"),
-    ("KFAC", "003 Alg. 7, 12", "Kronecker factors (expand/reduce), damped inverse", "factors available"),
+    ("KFAC", "003 Alg. 7, 12", "Kronecker factors (expand/reduce), damped inverse", "available"),
     ("K-BFGS / K-BFGS(L)", "003 Ch.2-3, Alg. 4, 5, 9, 10", "BFGS/L-BFGS Kronecker factors, damping", "planned"),
     ("TNT", "003 Ch.4 (4.2)-(4.10), Alg. 13-15", "tensor-normal Fisher, mode products", "planned"),
     ("Shampoo", "003 Alg. 16", "inverse roots (coupled Newton), mode products", "planned"),
@@ -39,10 +39,17 @@ CONVENTIONS = [
 
 
 def render():
+    from .methods import describe
+
     lines = ["refcurv — reference and verification suite for curvature-based optimizers", ""]
-    lines.append("Methods (seed papers in shared/seeds):")
+    lines.append("Methods of the seed papers (shared/seeds):")
     for name, ref, what, status in METHODS:
         lines.append(f"  {name:<28} {ref:<40} {status:<18} {what}")
+    lines += ["", "Implemented (refcurv.methods.REGISTRY; dense and fast forms):"]
+    for name, ref, summary, hps in describe():
+        lines.append(f"  {name:<28} {ref:<40} {summary}")
+        if hps:
+            lines.append("  " + " " * 28 + " " + ", ".join(f"{k}={v!r}" for k, v in hps.items()))
     lines += ["", "Dense ground truth (refcurv.curvature, float64):"]
     for name, formula in CURVATURE:
         lines.append(f"  {name:<28} {formula}")

@@ -107,11 +107,16 @@ def ggn(net, params, x, y, loss, blocks=False):
     return _ret(_sandwich(net.jacobian(params, x), loss.hessian(tr.out)), net, blocks)
 
 
-def _sampled_label_grads(net, params, tr, loss, n_samples, seed):
-    """Per-sample gradients for labels drawn from the model: ``(S, N, n)``."""
+def _sampled_cotangents(tr, loss, n_samples, seed):
+    """``∇_f ℓ(f, ŷ_s)`` for ``n_samples`` labels per input drawn from the model: ``(S, N, C)``."""
     _check_n_samples(n_samples)
     ys = loss.sample(tr.out, n_samples=n_samples, seed=rng_of(seed))
-    D = loss.grad(tr.out[None], ys)  # (S, N, C)
+    return loss.grad(tr.out[None], ys)
+
+
+def _sampled_label_grads(net, params, tr, loss, n_samples, seed):
+    """Per-sample gradients for labels drawn from the model: ``(S, N, n)``."""
+    D = _sampled_cotangents(tr, loss, n_samples, seed)
     return net._flat(net._param_grads(tr, net._pull(params, tr, D)))
 
 
@@ -158,9 +163,7 @@ def _backprop_cotangents(net, params, tr, y, loss, kind, n_samples, seed):
     if kind == "ggn":  # columns of B_i, B_i B_iᵀ = H_i
         return xp.moveaxis(loss.hessian_sqrt(tr.out), 2, 0), 1.0
     if kind == "mc":
-        _check_n_samples(n_samples)
-        ys = loss.sample(tr.out, n_samples=n_samples, seed=rng_of(seed))
-        return loss.grad(tr.out[None], ys), 1.0 / n_samples
+        return _sampled_cotangents(tr, loss, n_samples, seed), 1.0 / n_samples
     return loss.grad(tr.out, y)[None], 1.0
 
 

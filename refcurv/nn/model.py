@@ -358,11 +358,15 @@ class Sequential:
         row-major per layer. Computed by ``C`` batched backward passes."""
         params, x = self._prepare(params, x)
         tr = self._forward(params, x)
-        xp = xp_of(x)
+        J = self._flat(self._param_grads(tr, self._pull(params, tr, self._output_basis(tr))))  # (C, N, n)
+        return xp_of(x).moveaxis(J, 0, 1)
+
+    @staticmethod
+    def _output_basis(tr):
+        """The ``C`` unit output cotangents for every sample: ``(C, N, C)``."""
+        xp = xp_of(tr.out)
         N, C = tr.out.shape
-        E = xp.broadcast_to(xp.eye(C, dtype=x.dtype)[:, None, :], (C, N, C))
-        J = self._flat(self._param_grads(tr, self._pull(params, tr, E)))  # (C, N, n)
-        return xp.moveaxis(J, 0, 1)
+        return xp.broadcast_to(xp.eye(C, dtype=tr.out.dtype)[:, None, :], (C, N, C))
 
     def jacobian_gram(self, params, x):
         """``(J_i J_jᵀ)_{i,j}`` as ``(N, C, N, C)`` from the Kronecker structure, without
@@ -371,9 +375,7 @@ class Sequential:
         params, x = self._prepare(params, x)
         tr = self._forward(params, x)
         xp = xp_of(x)
-        N, C = tr.out.shape
-        E = xp.broadcast_to(xp.eye(C, dtype=x.dtype)[:, None, :], (C, N, C))
-        G = self._pull(params, tr, E)
+        G = self._pull(params, tr, self._output_basis(tr))
         out = 0
         for k, g in zip(self.trainable_index, G):
             A = tr.A[k]

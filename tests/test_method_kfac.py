@@ -130,3 +130,24 @@ def test_training_smoke_decreases_loss():
     _, hist = train(KFAC(damping=1e-2, momentum=0.0), net, net.init(0), x, y, CrossEntropy(), steps=30, lr=0.2,
                     batch_size=32, seed=1)
     assert hist["loss"][-1] < 0.6 * hist["loss"][0]
+
+
+def test_ngplus_13_kfac_row_with_factors_in_the_right_places():
+    """NG+ (13)'s KFAC row, corrected (errata NG+-8): D = −G̃⁻¹ 𝐆 Ã⁻¹ with
+    G̃ = √λI + (1/|S|)Σ g_i g_iᵀ (out×out) on the left and Ã = √λI + (1/|S|)Σ a_i a_iᵀ on the
+    right — KFAC's first step with split="sqrt" (π = 1) and empirical-Fisher factors, written
+    here from per-sample vectors."""
+    net = Sequential([Linear(3, 4), Tanh(), Linear(4, 2)])
+    rng = np.random.default_rng(2)
+    params = net.init(3)
+    b = Batch(rng.standard_normal((7, 3)), rng.integers(0, 2, 7), CrossEntropy())
+    lam = 0.3
+    method = KFAC(damping=lam, split="sqrt", fisher="empirical")
+    d, _ = method.step(method.init(net, params), net, params, b)
+    A, G = net.factors(params, b.x, b.y, b.loss)
+    grads = net.grad(params, b.x, b.y, b.loss)
+    for a, g, gr, di in zip(A, G, grads, d):
+        a, g = a[..., 0], g[..., 0]
+        At = np.sqrt(lam) * np.eye(a.shape[1]) + a.T @ a / len(a)
+        Gt = np.sqrt(lam) * np.eye(g.shape[1]) + g.T @ g / len(g)
+        assert_close(di, -np.linalg.solve(Gt, gr) @ np.linalg.inv(At), rtol=1e-10)

@@ -75,15 +75,21 @@ class Method:
         return {f.name: f.default for f in dataclasses.fields(cls)}
 
 
+def _is_real(value):
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
 def check_positive(value, name):
-    if isinstance(value, bool) or not np.isfinite(value) or not value > 0:
+    if not _is_real(value) or not np.isfinite(value) or not value > 0:
         raise HyperParameterError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 def check_unit(value, name, closed_low=True, closed_high=False):
+    if not _is_real(value) or not np.isfinite(value):
+        raise HyperParameterError(f"{name} must be a finite number, got {value!r}")
     lo_ok = value >= 0 if closed_low else value > 0
     hi_ok = value <= 1 if closed_high else value < 1
-    if isinstance(value, bool) or not np.isfinite(value) or not (lo_ok and hi_ok):
+    if not (lo_ok and hi_ok):
         lo, hi = "[" if closed_low else "(", "]" if closed_high else ")"
         raise HyperParameterError(f"{name} must lie in {lo}0, 1{hi}, got {value!r}")
 

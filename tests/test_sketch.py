@@ -106,6 +106,16 @@ def test_seng_lemma5_bound_with_measured_eta_eps(U, lam, q, leverage, seed):
         assert np.linalg.norm(b - b_hat) <= bound * (1 + 1e-8) + forward_tol(rho, kappa) * np.linalg.norm(b)
 
 
+def test_inclusion_probabilities_when_the_sample_takes_every_positive_row():
+    """q = number of rows with p_i > 0: every such row is certain (π = 1), the rest π = 0 —
+    no 0/0 when the capping loop has made every positive row certain."""
+    p = np.array([0.7, 0.0, 0.2, 0.1, 0.0])
+    pi = SK.inclusion_probabilities(p, 3)
+    assert np.array_equal(pi, np.array([1.0, 0.0, 1.0, 1.0, 0.0]))
+    sk = SK.row_sampling(5, 3, p, replace=False, seed=0)
+    assert sorted(sk.index.tolist()) == [0, 2, 3] and np.allclose(sk.weight, 1.0)
+
+
 def test_sketch_bad_input():
     with pytest.raises(HyperParameterError, match="exceeds the population"):
         SK.row_sampling(5, 6, replace=False)

@@ -132,7 +132,10 @@ def inclusion_probabilities(p, q):
     certain = np.zeros(p.shape, dtype=bool)
     while True:
         rest = q - certain.sum()
-        pi = np.where(certain, 1.0, rest * p / p[~certain].sum())
+        free = p[~certain].sum()
+        if rest == 0 or free == 0:  # every draw is certain: the sample is fixed
+            return certain.astype(np.float64)
+        pi = np.where(certain, 1.0, rest * p / free)
         new = (pi > 1) & ~certain
         if not new.any():
             return np.minimum(pi, 1.0)

@@ -375,9 +375,23 @@ class SMWGN(LMMethod):
 
 
 # ------------------------------------------------------------------ SMW-NG
+@dataclass(frozen=True)
+class _FisherLM(LMMethod):
+    """Shared by SMW-NG and SMW-NG-BD: the ``fisher`` option and its label draws."""
+
+    fisher: str = "empirical"
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice(self.fisher, "fisher", ("empirical", "mc"))
+
+    def draw(self, rng, state, net, params, batch):
+        return _draw_fisher_labels(self, rng, net, params, batch, super().draw(rng, state, net, params, batch))
+
+
 @register
 @dataclass(frozen=True)
-class SMWNG(LMMethod):
+class SMWNG(_FisherLM):
     """SMW-NG (thesis Ch.5): ``p = −(F + λI)⁻¹ g`` with the subsampled Fisher (5.3), inverted
     by (5.6) with ``H = I``: ``D = λI + (1/N₂) J Jᵀ`` (``N₂ × N₂``, Cholesky), ``J Jᵀ`` from the
     Kronecker structure of §5.3.3.
@@ -390,15 +404,6 @@ class SMWNG(LMMethod):
     name = "smw_ng"
     seed_ref = "003 Ch.5 (5.3)-(5.6), §5.3.3, Alg. 23"
     summary = "subsampled (empirical) Fisher natural gradient + LM damping, SMW inverse (5.6)"
-
-    fisher: str = "empirical"
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_choice(self.fisher, "fisher", ("empirical", "mc"))
-
-    def draw(self, rng, state, net, params, batch):
-        return _draw_fisher_labels(self, rng, net, params, batch, super().draw(rng, state, net, params, batch))
 
     def capacitance(self, net, params, x2, y2, loss, lam):
         """``D_t = λI + (1/N₂) (∇ψ_iᵀ∇ψ_j)_{i,j}`` (5.6) with ``H = I``: ``(N₂, N₂)``."""
@@ -433,7 +438,7 @@ class SMWNG(LMMethod):
 # ------------------------------------------------------------------ SMW-NG-BD
 @register
 @dataclass(frozen=True)
-class SMWNGBD(LMMethod):
+class SMWNGBD(_FisherLM):
     """SMW-NG-BD (thesis §5.8): SMW-NG with the Fisher replaced by its block-diagonal part,
     one block per layer (weights and bias together, as KFAC), each block
     ``F_l + λI = λI + (1/N₂) J_lᵀ J_l`` inverted by (5.6) with ``D_l = λI + (1/N₂) J_l J_lᵀ``
@@ -443,15 +448,6 @@ class SMWNGBD(LMMethod):
     name = "smw_ng_bd"
     seed_ref = "003 Ch.5 §5.8 (block-diagonal (5.3)), (5.6)"
     summary = "block-diagonal (per layer) SMW-NG + LM damping"
-
-    fisher: str = "empirical"
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_choice(self.fisher, "fisher", ("empirical", "mc"))
-
-    def draw(self, rng, state, net, params, batch):
-        return _draw_fisher_labels(self, rng, net, params, batch, super().draw(rng, state, net, params, batch))
 
     def capacitance(self, net, params, x2, y2, loss, lam):
         """Per layer ``D_l = λI + (1/N₂) (∇_{W_l}ψ_iᵀ ∇_{W_l}ψ_j)_{i,j}``: list of ``(N₂, N₂)``."""

@@ -2,10 +2,10 @@
 
 # (name, seed reference, what refcurv provides for it, status)
 METHODS = [
-    ("SENG", "001 §2-§4 (7)-(28); 000 §3.4 (24)-(25)", "EFIM SMW / sketched / implicit, distributed", "planned"),
-    ("NG+", "002 (2)-(19)", "GFIM L/R, SMW, sketches, block-diagonal, online Newton", "planned"),
-    ("SMW-GN / SMW-NG / SMW-NG-BD", "003 Ch.5 (5.2)-(5.7), Alg. 17-23", "SMW solves with Gram blocks, LM rule", "planned"),
-    ("Hessian-free", "003 Ch.5", "CG on GGN-vector products", "planned"),
+    ("SENG", "001 §2-§4 (7)-(28); 000 §3.4 (24)-(25)", "EFIM SMW / sketched / implicit, distributed", "available"),
+    ("NG+", "002 (2)-(19)", "GFIM L/R, SMW, sketches, block-diagonal, online Newton", "available"),
+    ("SMW-GN / SMW-NG / SMW-NG-BD", "003 Ch.5 (5.2)-(5.7), Alg. 17-23", "SMW solves with Gram blocks, LM rule", "available"),
+    ("Hessian-free", "003 Ch.5", "CG on GGN-vector products", "available"),
     ("KFAC", "003 Alg. 7, 12", "Kronecker factors (expand/reduce), damped inverse", "available"),
     ("K-BFGS / K-BFGS(L)", "003 Ch.2-3, Alg. 4, 5, 9, 10", "BFGS/L-BFGS Kronecker factors, damping", "planned"),
     ("TNT", "003 Ch.4 (4.2)-(4.10), Alg. 13-15", "tensor-normal Fisher, mode products", "planned"),

@@ -28,6 +28,10 @@ M = [
     ("refcurv/linalg/lowrank.py", "R[:tau, tau] = m", "R[tau, :tau] = m", "tests/test_roots_lowrank_tensor.py"),
     ("refcurv/linalg/sketch.py", "w = 1.0 / np.sqrt(q * p[idx])", "w = 1.0 / np.sqrt(p[idx])", "tests/test_sketch.py"),
     ("refcurv/linalg/sketch.py", "w = 1.0 / np.sqrt(pi[idx])", "w = 1.0 / np.sqrt(q * pi[idx])", "tests/test_sketch.py"),
+    # methods
+    ("refcurv/methods/kfac.py", "direction = [-(HG @ mi @ HO) for", "direction = [-(HO.sum() / HO.trace() * HG @ mi @ HO) for", "tests/test_method_kfac.py"),
+    ("refcurv/methods/kfac.py", "K = xp.kron(Gd, Od)", "K = xp.kron(Od, Gd)", "tests/test_method_kfac.py"),
+    ("refcurv/methods/kfac.py", "out.append((T * A, G / T))", "out.append((A, G))", "tests/test_method_kfac.py"),
     ("refcurv/linalg/tensor.py", "xp.moveaxis(xp.tensordot(U, A, axes=(1, i)), 0, i)", "xp.moveaxis(xp.tensordot(U, A, axes=(1, i)), 0, -1)", "tests/test_roots_lowrank_tensor.py"),
 ]
 survived = 0

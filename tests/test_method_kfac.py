@@ -151,3 +151,24 @@ def test_ngplus_13_kfac_row_with_factors_in_the_right_places():
         At = np.sqrt(lam) * np.eye(a.shape[1]) + a.T @ a / len(a)
         Gt = np.sqrt(lam) * np.eye(g.shape[1]) + g.T @ g / len(g)
         assert_close(di, -np.linalg.solve(Gt, gr) @ np.linalg.inv(At), rtol=1e-10)
+
+
+@given(problems(kind=st.just("cnn")))
+def test_conv_factors_follow_the_kfc_convention(pb):
+    """Algorithm 12 line 2/14 (thesis (3.9)): Ω = (1/N)Σ_n Σ_t a aᵀ (sum over locations) and
+    Γ = (1/N)Σ_n (1/T)Σ_t Dh Dhᵀ (mean over locations), written here with explicit loops
+    (empirical Fisher, so Dh is the data-label pre-activation gradient)."""
+    net = pb.net
+    params, batch = _batch(pb)
+    method = KFAC(fisher="empirical")
+    _, state = method.step(method.init(net, params), net, params, batch)
+    A, G = net.factors(params, batch.x, batch.y, batch.loss)
+    for (O, Gm), a, g in zip(state["factors"], A, G):
+        N, d, T = a.shape
+        Oref, Gref = np.zeros((d, d)), np.zeros((g.shape[1],) * 2)
+        for n in range(N):
+            for t in range(T):
+                Oref += np.outer(a[n, :, t], a[n, :, t]) / N
+                Gref += np.outer(g[n, :, t], g[n, :, t]) / (N * T)
+        assert_close(O, Oref, rtol=1e-13)
+        assert_close(Gm, Gref, rtol=1e-13, atol=1e-16)

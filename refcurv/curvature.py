@@ -22,6 +22,7 @@ import numpy as np
 from .backend import rng_of, xp_of
 from .errors import ArgumentTypeError, HyperParameterError
 from .nn.losses import _check_n_samples
+from .vec import layer_slices
 
 F64 = np.float64
 
@@ -40,11 +41,7 @@ def _setup(net, params, x, y, loss, need_y=True):
 
 
 def _blocks(M, net):
-    out, start = [], 0
-    for o, d in net.param_shapes:
-        out.append(M[start : start + o * d, start : start + o * d])
-        start += o * d
-    return out
+    return [M[sl, sl] for sl in layer_slices(net)]
 
 
 def _ret(M, net, blocks):

@@ -34,6 +34,16 @@ def _shapes_and_bias(net_or_shapes, bias=None):
     return shapes, list(bias)
 
 
+def layer_slices(net_or_shapes):
+    """Per-layer slices of θ (refcurv order): ``θ[slices[l]] == params[l].ravel()``."""
+    shapes, _ = _shapes_and_bias(net_or_shapes)
+    out, start = [], 0
+    for o, d in shapes:
+        out.append(slice(start, start + o * d))
+        start += o * d
+    return out
+
+
 def flatten(params):
     """Concatenate per-layer matrices row-major into one vector θ (refcurv order)."""
     xp = xp_of(*params)

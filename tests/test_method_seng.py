@@ -738,11 +738,7 @@ def test_update_frequency_reuses_stale_U(threshold):
 
 
 def _layer_slices(net):
-    out, start = [], 0
-    for o, d in net.param_shapes:
-        out.append(slice(start, start + o * d))
-        start += o * d
-    return out
+    return rc.vec.layer_slices(net)
 
 
 @given(st.integers(2, 4), st.floats(0.3, 1.0), dampings(-2, 0))

@@ -49,11 +49,7 @@ TAU = 1e-3
 
 # ------------------------------------------------------------------ helpers
 def _layer_slices(net):
-    out, start = [], 0
-    for o, d in net.param_shapes:
-        out.append(slice(start, start + o * d))
-        start += o * d
-    return out
+    return rc.vec.layer_slices(net)
 
 
 def _setup(pb, n2, method_cls, lam=None, **kw):

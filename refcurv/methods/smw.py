@@ -120,6 +120,13 @@ def ef_gram(A, G, blocks=False):
     return out if blocks else sum(out)
 
 
+def _ef_capacitance(K, lam):
+    """``D = λI + K/N₂`` (5.6) with ``H = I`` from the Gram ``K = (∇ψ_iᵀ∇ψ_j)``, symmetrized."""
+    N = K.shape[0]
+    D = lam * xp_of(K).eye(N, dtype=K.dtype) + K / N
+    return (D + D.T) / 2
+
+
 def ef_products(A, G, v):
     """``(∇ψ_iᵀ v)_i`` per layer: list of ``(N,)``, ``∇ψ_iᵀ v = Σ_t g_{i,t}ᵀ V a_{i,t}``."""
     xp = xp_of(*A)
@@ -408,10 +415,7 @@ class SMWNG(_FisherLM):
     def capacitance(self, net, params, x2, y2, loss, lam):
         """``D_t = λI + (1/N₂) (∇ψ_iᵀ∇ψ_j)_{i,j}`` (5.6) with ``H = I``: ``(N₂, N₂)``."""
         A, G = net.factors(params, x2, y2, loss)
-        K = ef_gram(A, G)
-        N = K.shape[0]
-        D = lam * xp_of(K).eye(N, dtype=K.dtype) + K / N
-        return (D + D.T) / 2
+        return _ef_capacitance(ef_gram(A, G), lam)
 
     def _solve(self, lam, net, params, batch, draws, dense):
         idx = draws["idx2"]
@@ -452,12 +456,7 @@ class SMWNGBD(_FisherLM):
     def capacitance(self, net, params, x2, y2, loss, lam):
         """Per layer ``D_l = λI + (1/N₂) (∇_{W_l}ψ_iᵀ ∇_{W_l}ψ_j)_{i,j}``: list of ``(N₂, N₂)``."""
         A, G = net.factors(params, x2, y2, loss)
-        out = []
-        for K in ef_gram(A, G, blocks=True):
-            N = K.shape[0]
-            D = lam * xp_of(K).eye(N, dtype=K.dtype) + K / N
-            out.append((D + D.T) / 2)
-        return out
+        return [_ef_capacitance(K, lam) for K in ef_gram(A, G, blocks=True)]
 
     def _solve(self, lam, net, params, batch, draws, dense):
         idx = draws["idx2"]

@@ -414,7 +414,10 @@ class SMWNG(_FisherLM):
 
     def capacitance(self, net, params, x2, y2, loss, lam):
         """``D_t = λI + (1/N₂) (∇ψ_iᵀ∇ψ_j)_{i,j}`` (5.6) with ``H = I``: ``(N₂, N₂)``."""
-        A, G = net.factors(params, x2, y2, loss)
+        return self._capacitance(*net.factors(params, x2, y2, loss), lam)
+
+    @staticmethod
+    def _capacitance(A, G, lam):
         return _ef_capacitance(ef_gram(A, G), lam)
 
     def _solve(self, lam, net, params, batch, draws, dense):
@@ -430,7 +433,7 @@ class SMWNG(_FisherLM):
         g = grad_from_factors(A1, G1)
         A, G = net.factors(params, x2, y2, loss)
         N = A[0].shape[0]
-        D = self.capacitance(net, params, x2, y2, loss, lam)
+        D = self._capacitance(A, G, lam)  # reuses S₂'s factors
         Jg = sum(ef_products(A, G, g))
         z = spd_solve(D, Jg, name="D")
         corr = ef_transpose(A, G, z)
@@ -455,7 +458,10 @@ class SMWNGBD(_FisherLM):
 
     def capacitance(self, net, params, x2, y2, loss, lam):
         """Per layer ``D_l = λI + (1/N₂) (∇_{W_l}ψ_iᵀ ∇_{W_l}ψ_j)_{i,j}``: list of ``(N₂, N₂)``."""
-        A, G = net.factors(params, x2, y2, loss)
+        return self._capacitance(*net.factors(params, x2, y2, loss), lam)
+
+    @staticmethod
+    def _capacitance(A, G, lam):
         return [_ef_capacitance(K, lam) for K in ef_gram(A, G, blocks=True)]
 
     def _solve(self, lam, net, params, batch, draws, dense):
@@ -476,7 +482,7 @@ class SMWNGBD(_FisherLM):
         g = grad_from_factors(A1, G1)
         A, G = net.factors(params, x2, y2, loss)
         N = A[0].shape[0]
-        Ds = self.capacitance(net, params, x2, y2, loss, lam)
+        Ds = self._capacitance(A, G, lam)  # reuses S₂'s factors
         Jg = ef_products(A, G, g)
         z = [spd_solve(D, v, name="D_l") for D, v in zip(Ds, Jg)]
         corr = ef_transpose(A, G, z)

@@ -128,3 +128,25 @@ def test_bad_hyper_parameters():
         D.dp_dlm(s, y, H, 0.2, 0.0)
     with pytest.raises(ShapeError, match="y must be a vector of length 2"):
         D.powell_H(s, np.ones(3), H, 0.2)
+
+
+@given(problem(), MU, st.floats(0.01, 1.0))
+def test_operator_H_equals_matrix_H(prob, mu1, mu2):
+    """H given as ``v -> H v`` (an L-BFGS matrix never formed) damps exactly as the matrix."""
+    H, s, y = prob
+    for f in (D.powell_H, lambda s, y, H, mu: D.dp_dlm(s, y, H, mu, mu2)):
+        a, b = f(s, y, H, mu1), f(s, y, lambda v: H @ v, mu1)
+        for u, v in zip(a, b):
+            np.testing.assert_array_equal(u, v)
+    a = D.double_damping(s, y, H, mu1, mu2)
+    b = D.double_damping(s, y, lambda v: H @ v, mu1, mu2)
+    for u, v in zip(a, b):
+        np.testing.assert_array_equal(u, v)
+
+
+def test_operator_H_shape_checked():
+    s, y = np.ones(3), np.ones(3)
+    with pytest.raises(ShapeError):
+        D.powell_H(s, y, lambda v: np.ones(4), 0.2)
+    with pytest.raises(ShapeError):
+        D.powell_H(s, y, np.eye(4), 0.2)

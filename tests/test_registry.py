@@ -3,6 +3,7 @@ MLP and CNN with finite directions in the parameter layout."""
 import numpy as np
 import pytest
 
+from refcurv.errors import ArgumentTypeError
 from refcurv.methods import REGISTRY, Batch, describe
 from refcurv.nn import Conv2d, CrossEntropy, Flatten, Linear, Sequential, Tanh
 
@@ -26,6 +27,10 @@ def test_every_method_steps_in_both_forms(name, kind):
     params = net.init(0)
     batch = Batch(rng.standard_normal(xshape), rng.integers(0, 3, xshape[0]), CrossEntropy())
     method = REGISTRY[name]()
+    if kind == "cnn" and not method.supports_conv:
+        with pytest.raises(ArgumentTypeError, match="Linear layers only"):
+            method.step(method.init(net, params), net, params, batch, rng=1)
+        return
     for dense in (False, True):
         state = method.init(net, params)
         d, state = method.step(state, net, params, batch, rng=1, dense=dense)

@@ -13,7 +13,7 @@ Each function returns the damped pair and the θ's it used.
 """
 from __future__ import annotations
 
-from ..errors import HyperParameterError
+from ..errors import HyperParameterError, ShapeError
 from . import _checks as C
 
 
@@ -38,12 +38,24 @@ def powell_B(s, y, B, mu):
     return theta * y + (1 - theta) * Bs, theta
 
 
-def powell_H(s, y, H, mu):
-    """Powell's damping on H: returns ``(s̃, θ)`` with ``s̃ᵀy ≥ μ yᵀHy``."""
-    C.in_open_unit(mu, "mu")
+def _apply_H(H, y):
+    """``H y`` for ``H`` a square matrix or a callable ``v -> H v`` (an L-BFGS matrix kept
+    in compact or two-loop form, never formed)."""
+    if callable(H):
+        Hy = C.vector(H(y), "H(y)", y.shape[0])
+        return Hy
     H = C.square(H, "H")
-    s, y = _sy(s, y, H.shape[0])
-    Hy = H @ y
+    if H.shape[0] != y.shape[0]:
+        raise ShapeError(f"H must be {y.shape[0]}×{y.shape[0]} to match y, got {H.shape}")
+    return H @ y
+
+
+def powell_H(s, y, H, mu):
+    """Powell's damping on H: returns ``(s̃, θ)`` with ``s̃ᵀy ≥ μ yᵀHy``. ``H`` is a matrix
+    or a callable ``v -> H v``."""
+    C.in_open_unit(mu, "mu")
+    s, y = _sy(s, y)
+    Hy = _apply_H(H, y)
     theta = _theta(float(y @ Hy), float(s @ y), mu)
     return theta * s + (1 - theta) * Hy, theta
 

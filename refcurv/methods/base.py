@@ -29,6 +29,7 @@ import numpy as np
 
 from ..backend import rng_of
 from ..errors import ArgumentTypeError, HyperParameterError
+from ..nn.layers import Conv2d
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,8 @@ class Method:
     name: str = ""
     seed_ref: str = ""
     summary: str = ""
+    #: False for methods defined for fully connected layers only (thesis Ch.2 K-BFGS)
+    supports_conv: bool = True
 
     def init(self, net, params):
         return {"k": 0}
@@ -59,6 +62,8 @@ class Method:
     def step(self, state, net, params, batch, rng=None, dense=False):
         if not isinstance(batch, Batch):
             raise ArgumentTypeError(f"batch must be a refcurv.methods.Batch, got {type(batch).__name__}")
+        if not self.supports_conv and any(isinstance(m, Conv2d) for m in net.layers_trainable):
+            raise ArgumentTypeError(f"{self.name} is defined for Linear layers only; the network has Conv2d layers")
         draws = self.draw(rng_of(rng), state, net, params, batch)
         form = self._dense if dense else self._fast
         return form(state, net, params, batch, draws)

@@ -36,3 +36,7 @@ class ArgumentTypeError(RefcurvError, TypeError):
 class NotSPDError(RefcurvError, ValueError):
     """A matrix that must be symmetric positive definite is not (numerically), or a
     curvature pair violates ``sᵀy > 0`` where positive definiteness depends on it."""
+
+
+class NewtonConvergenceError(RefcurvError, ArithmeticError):
+    """An iteration (the coupled Newton inverse root) stopped before reaching its tolerance."""

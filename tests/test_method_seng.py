@@ -30,7 +30,7 @@ from refcurv.methods.seng import (
     sketched_Utz,
     uc_exact,
 )
-from refcurv.nn import MSE, Conv2d, CrossEntropy, Flatten, Linear, Sequential, Tanh
+from refcurv.nn import MSE, CrossEntropy, Linear, Sequential, Tanh
 from refcurv.testing.strategies import Problem, dampings, problems
 from refcurv.testing.tolerance import EPS, assert_close, forward_tol
 from refcurv.train import train

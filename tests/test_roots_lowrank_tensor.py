@@ -135,3 +135,16 @@ def test_bad_input():
         T.kron_apply([np.eye(2)], np.ones((2, 2)))
     with pytest.raises(ShapeError, match="mode 2 out of range"):
         T.mat(np.ones((2, 2)), 2)
+
+
+@given(st.integers(3, 12), st.integers(-10, -4), st.integers(0, 2**31 - 1))
+def test_brand_update_basis_stays_orthonormal_when_h_nearly_in_range(d, log10_r, seed):
+    """h = U c + r p with tiny r: one Gram–Schmidt pass leaves ‖UᵀU − I‖ ~ eps‖h‖/r; with the
+    reorthogonalization it stays at rounding (C·d·eps)."""
+    rng = np.random.default_rng(seed)
+    tau = d - 1
+    Q = orthogonal(d, rng)
+    U, p = Q[:, :tau], Q[:, tau]
+    h = U @ rng.standard_normal(tau) + 10.0**log10_r * p
+    U2, _ = LR.brand_update(U, np.abs(rng.standard_normal(tau)) + 0.1, h, 1.0)
+    assert np.abs(U2.T @ U2 - np.eye(U2.shape[1])).max() <= 100 * d * EPS

@@ -6,7 +6,9 @@
   calls ``r1u``: with ``r = ‖(I − UUᵀ)h‖``, ``p = (I − UUᵀ)h / r``,
   ``[U h] = [U p] [[I, Uᵀh], [0, r]]`` and the ``(τ+1)×(τ+1)`` core
   ``C = [[I, Uᵀh],[0, r]] diag(K, c) [[I, Uᵀh],[0, r]]ᵀ = V diag(K') Vᵀ``, the update is
-  ``U' = [U p] V``, ``K'``. Cost ``O(dτ² + τ³)``.
+  ``U' = [U p] V``, ``K'``. Cost ``O(dτ² + τ³)``. The projection ``(I − UUᵀ)h`` is done
+  twice (classical Gram–Schmidt with one reorthogonalization) so that ``[U p]`` stays
+  orthonormal to rounding when ``h`` lies nearly in ``range(U)``.
 * :func:`randomized_svd`: Halko, Martinsson & Tropp (2011) Algorithm 4.4 (with ``n_iter``
   power iterations) + 5.1, for SENG's rank-``r`` factors of ``G_i``, ``A_i``.
 """
@@ -40,6 +42,11 @@ def brand_update(U, K, h, c=1.0, rank=None):
     xp = xp_of(U)
     m = U.T @ h
     resid = h - U @ m
+    # second classical Gram–Schmidt pass ("twice is enough"): without it p = resid/r loses
+    # orthogonality to U by O(eps‖h‖/r) when h lies nearly in range(U)
+    m2 = U.T @ resid
+    resid = resid - U @ m2
+    m = m + m2
     r = float(xp.linalg.norm(resid))
     # h numerically inside range(U): no new direction
     tiny = r <= 10 * d * np.finfo(U.dtype).eps * max(float(xp.linalg.norm(h)), 1e-300)

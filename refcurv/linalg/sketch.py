@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backend import asarray_like, rng_of, to_numpy, xp_of
+from ..backend import asarray_like, rng_of, to_numpy
 from ..errors import HyperParameterError, ShapeError
 from . import _checks as C
 

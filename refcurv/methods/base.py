@@ -89,6 +89,11 @@ def check_positive(value, name):
         raise HyperParameterError(f"{name} must be a finite number > 0, got {value!r}")
 
 
+def check_nonnegative(value, name):
+    if not _is_real(value) or not np.isfinite(value) or value < 0:
+        raise HyperParameterError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
 def check_unit(value, name, closed_low=True, closed_high=False):
     if not _is_real(value) or not np.isfinite(value):
         raise HyperParameterError(f"{name} must be a finite number, got {value!r}")

@@ -1,1 +1,333 @@
-"""(in progress)"""
+"""K-BFGS-20 and K-BFGS(L)-20 for multi-layer perceptrons (thesis 003 Chapter 2:
+Algorithm 1, (2.1)–(2.11), Algorithm 3 (double damping, DD), Theorem 1, Algorithm 4 and
+Algorithm 5). Registered as ``"kbfgs-mlp"`` (``H_g`` by damped BFGS, a dense
+``d_o × d_o`` matrix) and ``"kbfgs-l-mlp"`` (``H_g`` by damped L-BFGS with ``p = memory``
+stored pairs, applied in the compact "non-loop" form with ``H_0 = I``, Algorithm 4 line 10).
+Linear layers only (``supports_conv = False``); the conv version of Chapter 3 is a different
+module.
+
+Per layer ``l`` with weight ``W ∈ R^{d_o × d_i}`` (bias = last column, ``a = (a_{l−1}, 1)``):
+
+* ``A_l = E_i[a aᵀ]`` (2.3), estimated by the moving average
+  ``A ← βA + (1−β)·mean_i(a_i a_iᵀ)`` (Algorithm 4 line 20, §2.5.2 item 2), and
+  ``H_a ≈ (A + λ_A I)⁻¹`` updated by "Hessian-action" BFGS (§2.4, Algorithm 4 lines 21–23):
+  ``s_a = H_a ā``, ``y_a = A^{LM} s_a``, BFGS (2.6) with ``(s_a, y_a)``. ``ā`` is the
+  mini-batch mean of ``a`` (its last entry is 1, the ones row; the authors' code sets it so).
+  ``algorithm="alg5"`` replaces it by the exact ``H_a = (A + λ_A I)⁻¹`` (Algorithm 5 line 23).
+* ``H_g ≈ G_l⁻¹`` by damped BFGS / L-BFGS (§2.3) on the moving-average pair (Algorithm 4
+  line 16, (2.5))
+
+      s_g ← β s_g + (1−β)(h̄⁺ − h̄),     y_g ← β y_g + (1−β)(ḡ⁺ − ḡ),
+
+  double-damped (Algorithm 3) with ``H = H_g``, ``μ₁``, ``μ₂ = λ_G``, then used in BFGS (2.6)
+  (or stored as the newest L-BFGS pair). ``s_g = y_g = 0`` initially.
+* direction ``−H_g m H_a`` (2.4, Algorithm 4 line 9) with the momentum gradient
+  ``m ← βm + (1−β)∇f̄`` (Algorithm 4 line 8 as §2.5.2 item 1 states it; the printed line
+  is garbled, see errata), ``m = 0`` initially; ``algorithm="alg5"`` uses ``m = ∇f̄``
+  (Algorithm 5 line 8).
+* damping split ``λ_A = λ_G = √λ`` (Algorithm 4 line 2); ``λ ∈ (0, 1]`` so that
+  ``μ₂ = √λ ∈ (0, 1]`` as DD requires (§2.3.1: ỹ is then a convex combination of y and s̃).
+
+Scaling. ``h̄``, ``ḡ`` are mini-batch means of the pre-activations ``h_i = W a_i`` and of the
+pre-activation gradients ``g_i = ∂f(i)/∂h(i)`` of the *per-sample* loss — the thesis'
+definition ((2.1)–(2.2): ``g_l(i) = ∂f(i)/∂h_l(i)``; (2.5): ``E_i[g⁺(i)] − E_i[g(i)]``), which is
+what :meth:`Sequential.factors` returns. With it ``y_g ≈ E_i[G_l(i)] s_g``, so ``H_g``
+approximates ``G_l⁻¹`` with ``G_l = E_i[∂²f(i)/∂h(i)²]`` and ``A_l ⊗ G_l ≈ E_i[∇²f_l(i)]`` is the
+Hessian block of the *mean* objective (2.3). (Backpropagating the mean loss instead gives
+``g_i/m``, ``y_g/m`` and an ``H_g`` about ``m`` times too large, a batch-size dependent scale.)
+The gradient is ``∇f̄ = mean_i g_i a_iᵀ`` (2.1), from the same pass. A single linear layer with
+MSE has ``G_l(i) = I``: then ``y_g = s_g`` and ``H_g`` stays ``I`` (tested).
+
+Vectorization. Row-major ``vec`` (refcurv): ``vec(H_g m H_a) = (H_g ⊗ H_a) vec(m)`` (``H_a``
+symmetric); the thesis (2.4) writes the column-major ``(H_a ⊗ H_g) vec(∇f̂)``. The dense form
+forms ``H_g ⊗ H_a`` explicitly, with ``H_g`` the dense L-BFGS matrix (recursion, from the stored
+pairs) for K-BFGS(L), and the BFGS updates in the literal product form (2.6); the fast form uses
+the two-sided product, the expanded BFGS formula and the compact L-BFGS representation. The
+two agree to rounding (the paper says they are equal).
+
+Deferred second pass (the step does not know the learning rate). Algorithm 4 iteration ``k``
+runs a forward/backward pass on ``M_k`` at ``θ_k`` (line 6), steps ``θ_{k+1} = θ_k − α p_k``
+(line 11), then a second pass on ``M_k`` at ``θ_{k+1}`` (line 13) to update ``H_g`` (lines
+16–18), and updates ``A``, ``H_a`` from line 6's ``a`` (lines 20–23). Here step ``k`` (called
+with ``θ_k``, ``M_k``) does, in order:
+
+1. if the state holds ``(M_{k−1}, h̄, ḡ)`` from step ``k−1``: the second pass of iteration
+   ``k−1`` — on ``M_{k−1}`` at ``θ_k = θ_{k−1} + lr·direction_{k−1}`` — giving ``h̄⁺, ḡ⁺``,
+   then lines 16–18 (EMA pair, DD, ``H_g`` update);
+2. the first pass on ``M_k`` at ``θ_k`` (line 6), momentum (line 8), direction
+   ``−H_g m H_a`` (line 9);
+3. lines 20–23 (``A``, ``H_a``) with this pass's ``a``; stash ``(M_k, h̄, ḡ)``.
+
+Iteration ``k−1``'s ``H_g`` update only needs ``θ_k`` and is used first by iteration ``k``'s
+direction, and ``H_a``'s update needs nothing from the second pass, so the sequence of
+parameters is exactly that of Algorithm 4 with the same learning rates (tested against an
+explicit Algorithm 4 driven with a known learning rate). The last iteration's ``H_g`` update is
+never performed (it would not change any parameter).
+
+Initialization (Algorithm 4 line 3): :meth:`warm_start` sets ``A`` from a forward pass over any
+data (the thesis uses the whole training set, §2.8.2) and ``H_a = (A + λ_A I)⁻¹``; without it
+the first step's mini-batch does. ``H_g = I``.
+
+Guards where the thesis is silent: a DD output with ``s̃ᵀỹ ≤ 0`` (only when
+``s_g = y_g = 0``, e.g. a layer whose parameters did not move) is not used (counted as
+"degenerate"); the Hessian-action pair is not used when ``s_aᵀy_a ≤ 0`` (only when ``ā = 0``).
+
+Diagnostics. ``state["dd"]`` holds, per layer, the last DD record (``s, y`` before and ``s̃, ỹ``
+after damping, ``θ₁, θ₂``, ``ratio = ỹᵀHỹ/s̃ᵀỹ`` with the ``H_g`` used by DD, ``used``);
+``state["diag"]`` counts per layer the pairs seen, used, skipped (``algorithm="alg5"``:
+``ratio > skip_factor/μ₁``, Algorithm 5 line 17), degenerate, and those with
+``ratio ≤ 1/μ₁`` and ``≤ 2/μ₁`` (the statistic of Figure 2.1). These comparisons carry a
+relative slack ``√eps``: when Powell's damping on H acts and the ``B = I`` step does not
+(``θ₁ < 1``, ``θ₂ = 1``), ``ratio = 1/μ₁`` holds with equality, and line 17's ``≥`` accepts it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..backend import xp_of
+from ..linalg.damping import double_damping
+from ..linalg.quasi_newton import bfgs_update_H, lbfgs_compact, lbfgs_dense
+from ..linalg.woodbury import spd_solve
+from .base import Method, check_choice, check_int, check_positive, check_unit
+from .registry import register
+
+
+# ----------------------------------------------------------------- helpers
+def layer_statistics(net, params, batch):
+    """One forward/backward pass (Algorithm 1) on ``batch``: per layer ``(a, g)`` with
+    ``a`` ``(N, d_i)`` the inputs incl. the ones entry and ``g`` ``(N, d_o)`` the pre-activation
+    gradients of the per-sample losses (thesis (2.1)–(2.2))."""
+    A, G = net.factors(params, batch.x, batch.y, batch.loss)
+    return [(a[..., 0], g[..., 0]) for a, g in zip(A, G)]
+
+
+def bfgs_product_form(H, s, y):
+    """(2.6) written literally: ``H⁺ = (I − ρ s yᵀ) H (I − ρ y sᵀ) + ρ s sᵀ``, ``ρ = 1/sᵀy``
+    (the dense form's BFGS; symmetrized, as the product is only symmetric in exact
+    arithmetic)."""
+    xp = xp_of(H)
+    rho = 1.0 / float(s @ y)
+    V = xp.eye(H.shape[0], dtype=H.dtype) - rho * xp.outer(y, s)
+    Hp = V.T @ H @ V + rho * xp.outer(s, s)
+    return (Hp + Hp.T) / 2
+
+
+def hessian_action_pair(Ha, A, abar, lam_A):
+    """§2.4 / Algorithm 4 line 22: ``s_a = H_a ā``, ``y_a = A^{LM} s_a = A s_a + λ_A s_a``."""
+    s = Ha @ abar
+    return s, A @ s + lam_A * s
+
+
+def _apply(H, v):
+    return H(v) if callable(H) else H @ v
+
+
+# ----------------------------------------------------------------- the method
+@dataclass(frozen=True)
+class _KBFGSMLPBase(Method):
+    """Shared implementation of K-BFGS-20 / K-BFGS(L)-20 (thesis 003 Algorithms 4 and 5).
+
+    Hyper-parameters: ``damping`` λ ∈ (0, 1] (``λ_A = λ_G = √λ``; default 0.3, the best value
+    in Table 2.5 for MNIST (both methods) and CURVES (K-BFGS(L))), ``beta`` (moving averages
+    of ∇f, A and (s_g, y_g); 0.9), ``mu1`` (Powell damping on H in DD; 0.2),
+    ``algorithm`` ("alg4" | "alg5": DD-skip, exact ``H_a = (A^{LM})⁻¹`` and no gradient
+    momentum), ``skip_factor`` c (alg5 skips a pair when ``ỹᵀHỹ/s̃ᵀỹ > c/μ₁``; c = 1 is
+    Algorithm 5 line 17, c = 2 the "2/μ₁" of §2.3 — see errata)."""
+
+    damping: float = 0.3
+    beta: float = 0.9
+    mu1: float = 0.2
+    algorithm: str = "alg4"
+    skip_factor: float = 1.0
+
+    supports_conv = False
+    limited = False  # True: H_g by L-BFGS
+
+    def __post_init__(self):
+        check_unit(self.damping, "damping", closed_low=False, closed_high=True)
+        check_unit(self.beta, "beta")
+        check_unit(self.mu1, "mu1", closed_low=False)
+        check_choice(self.algorithm, "algorithm", ("alg4", "alg5"))
+        check_positive(self.skip_factor, "skip_factor")
+
+    @property
+    def lam(self):
+        """``λ_A = λ_G = √λ`` (Algorithm 4 line 2)."""
+        return float(np.sqrt(self.damping))
+
+    # -------------------------------------------------------------- state
+    def init(self, net, params):
+        xp = xp_of(*params)
+        dt = np.result_type(*(W.dtype for W in params), np.float32)
+        shapes = [W.shape for W in params]
+        state = {
+            "k": 0,
+            "m": [xp.zeros(s, dtype=dt) for s in shapes],
+            "A": None, "Ha": None,
+            "sg": [xp.zeros(s[0], dtype=dt) for s in shapes],
+            "yg": [xp.zeros(s[0], dtype=dt) for s in shapes],
+            "prev": None, "dd": None,
+            "diag": {key: [0] * len(shapes) for key in
+                     ("pairs", "used", "skipped", "degenerate", "ratio_le_1", "ratio_le_2")},
+        }
+        if self.limited:
+            state["S"] = [xp.zeros((0, s[0]), dtype=dt) for s in shapes]
+            state["Y"] = [xp.zeros((0, s[0]), dtype=dt) for s in shapes]
+        else:
+            state["Hg"] = [xp.eye(s[0], dtype=dt) for s in shapes]
+        return state
+
+    def _initial_A(self, stats):
+        """``A = mean_i a aᵀ``, ``H_a = (A + λ_A I)⁻¹`` (Algorithm 4/5 line 3)."""
+        A, Ha = [], []
+        for a, _ in stats:
+            Al = a.T @ a / a.shape[0]
+            I = xp_of(Al).eye(Al.shape[0], dtype=Al.dtype)
+            A.append(Al)
+            Ha.append(spd_solve(Al + self.lam * I, I, "A + λ_A I"))
+        return A, Ha
+
+    def warm_start(self, state, net, params, batch):
+        """Algorithm 4 line 3: ``A`` by a forward pass over ``batch`` (e.g. the whole data set,
+        §2.8.2) and ``H_a = (A + λ_A I)⁻¹``."""
+        A, Ha = self._initial_A(layer_statistics(net, params, batch))
+        return {**state, "A": A, "Ha": Ha}
+
+    # -------------------------------------------------------------- H_g
+    def _hg_operator(self, state, j, dense):
+        """``H_g`` of layer ``j``: a matrix, or (fast K-BFGS(L)) the callable compact form."""
+        if not self.limited:
+            return state["Hg"][j]
+        S, Y = state["S"][j], state["Y"][j]
+        if S.shape[0] == 0:
+            return xp_of(S).eye(S.shape[1], dtype=S.dtype)
+        if dense:
+            return lbfgs_dense(S, Y)  # recursion (2.12) from H_0 = I: the definition
+        # "non-loop" (compact) form [20] with H_0 = I: H v = v + W (M (Wᵀ v)), i.e.
+        # lbfgs_compact_apply(S, Y, v) with (W, M) built once per step
+        Wc, Mc = lbfgs_compact(S, Y)
+        return lambda v: v + Wc @ (Mc @ (Wc.T @ v))
+
+    def _update_Hg(self, state, net, params, dense):
+        """Lines 13–18 of the previous iteration (Algorithm 5 lines 12–19 for alg5): second
+        pass on the previous mini-batch at the current parameters."""
+        prev = state["prev"]
+        stats = layer_statistics(net, params, prev["batch"])
+        b = self.beta
+        new = {"sg": [], "yg": [], "dd": [], "diag": {k: list(v) for k, v in state["diag"].items()}}
+        if self.limited:
+            new["S"], new["Y"] = list(state["S"]), list(state["Y"])
+        else:
+            new["Hg"] = list(state["Hg"])
+        for j, ((a, g), W) in enumerate(zip(stats, params)):
+            h_plus = W @ a.mean(axis=0)  # h̄⁺ = W ā⁺ (h = W a is linear in a)
+            g_plus = g.mean(axis=0)
+            s = b * state["sg"][j] + (1 - b) * (h_plus - prev["hbar"][j])  # line 16
+            y = b * state["yg"][j] + (1 - b) * (g_plus - prev["gbar"][j])
+            new["sg"].append(s)
+            new["yg"].append(y)
+            H = self._hg_operator(state, j, dense)
+            s_t, y_t, th1, th2 = double_damping(s, y, H, self.mu1, self.lam)  # line 17, Alg. 3
+            sty = float(s_t @ y_t)
+            d = new["diag"]
+            d["pairs"][j] += 1
+            if sty > 0:
+                ratio = float(y_t @ _apply(H, y_t)) / sty
+                # ratio = 1/μ₁ holds with equality whenever Powell's damping on H acts and the
+                # B = I step does not (θ₁ < 1, θ₂ = 1): compare with a rounding slack
+                slack = 1 + np.sqrt(np.finfo(s_t.dtype).eps)
+                d["ratio_le_1"][j] += ratio <= slack / self.mu1
+                d["ratio_le_2"][j] += ratio <= 2 * slack / self.mu1
+                # Algorithm 5 line 17: skip unless s̃ᵀỹ ≥ (μ₁/c) ỹᵀHỹ
+                used = self.algorithm == "alg4" or ratio <= self.skip_factor * slack / self.mu1
+                d["used" if used else "skipped"][j] += 1
+            else:
+                ratio, used = float("inf"), False
+                d["degenerate"][j] += 1
+            if used:  # line 18
+                if self.limited:
+                    xp = xp_of(s_t)
+                    new["S"][j] = xp.concatenate([new["S"][j], s_t[None]])[-self.memory:]
+                    new["Y"][j] = xp.concatenate([new["Y"][j], y_t[None]])[-self.memory:]
+                else:
+                    Hg = new["Hg"][j]
+                    new["Hg"][j] = bfgs_product_form(Hg, s_t, y_t) if dense else bfgs_update_H(Hg, s_t, y_t)
+            new["dd"].append({"s": s, "y": y, "s_t": s_t, "y_t": y_t, "theta1": th1, "theta2": th2,
+                              "ratio": ratio, "used": used})
+        return {**state, **new}
+
+    # -------------------------------------------------------------- one step
+    def _step(self, state, net, params, batch, dense):
+        if state["prev"] is not None:
+            state = self._update_Hg(state, net, params, dense)
+        else:
+            state = {**state, "dd": None}
+        stats = layer_statistics(net, params, batch)  # line 6
+        A, Ha = (state["A"], state["Ha"]) if state["A"] is not None else self._initial_A(stats)
+        b, lam = self.beta, self.lam
+        direction, m_new, A_new, Ha_new, hbar, gbar = [], [], [], [], [], []
+        for j, ((a, g), W) in enumerate(zip(stats, params)):
+            N = a.shape[0]
+            grad = g.T @ a / N  # ∇f̄ = mean_i g_i a_iᵀ (2.1)
+            m = grad if self.algorithm == "alg5" else b * state["m"][j] + (1 - b) * grad  # line 8
+            H = self._hg_operator(state, j, dense)
+            if dense:  # −(H_g ⊗ H_a) vec_row(m): the Kronecker product formed
+                direction.append(-(xp_of(m).kron(H, Ha[j]) @ m.ravel()).reshape(m.shape))
+            else:  # −H_g (m H_a) (line 9; line 10: L-BFGS from H_0 = I)
+                direction.append(-_apply(H, m @ Ha[j]))
+            # lines 20–23 (Algorithm 5 lines 21–23)
+            abar = a.mean(axis=0)
+            Al = b * A[j] + (1 - b) * (a.T @ a / N)
+            I = xp_of(Al).eye(Al.shape[0], dtype=Al.dtype)
+            if self.algorithm == "alg5":
+                Hl = spd_solve(Al + lam * I, I, "A^LM")
+            else:
+                s_a, y_a = hessian_action_pair(Ha[j], Al, abar, lam)
+                if float(s_a @ y_a) > 0:
+                    Hl = bfgs_product_form(Ha[j], s_a, y_a) if dense else bfgs_update_H(Ha[j], s_a, y_a)
+                else:
+                    Hl = Ha[j]
+            m_new.append(m)
+            A_new.append(Al)
+            Ha_new.append(Hl)
+            hbar.append(W @ abar)  # h̄ = W ā
+            gbar.append(g.mean(axis=0))
+        new_state = {**state, "k": state["k"] + 1, "m": m_new, "A": A_new, "Ha": Ha_new,
+                     "prev": {"batch": batch, "hbar": hbar, "gbar": gbar}}
+        return direction, new_state
+
+    def _fast(self, state, net, params, batch, draws):
+        return self._step(state, net, params, batch, dense=False)
+
+    def _dense(self, state, net, params, batch, draws):
+        return self._step(state, net, params, batch, dense=True)
+
+
+@register
+@dataclass(frozen=True)
+class KBFGSMLP(_KBFGSMLPBase):
+    """K-BFGS-20: ``H_g`` by damped BFGS (thesis 003 Algorithm 4, or 5 with ``algorithm="alg5"``)."""
+
+    name = "kbfgs-mlp"
+    seed_ref = "003 Ch.2 Alg. 3, 4, 5; (2.4)-(2.6); Thm 1"
+    summary = "K-BFGS-20 (MLP): H_g by double-damped BFGS, H_a by Hessian-action BFGS, direction −H_g m H_a"
+
+
+@register
+@dataclass(frozen=True)
+class KBFGSLMLP(_KBFGSMLPBase):
+    """K-BFGS(L)-20: ``H_g`` by damped L-BFGS with ``memory`` pairs, compact form, ``H_0 = I``
+    (thesis 003 Algorithm 4, or 5 with ``algorithm="alg5"``; ``p = 100`` in §2.8.2)."""
+
+    memory: int = 100
+
+    name = "kbfgs-l-mlp"
+    seed_ref = "003 Ch.2 Alg. 3, 4, 5; (2.4)-(2.6), (2.12); Thm 1"
+    summary = "K-BFGS(L)-20 (MLP): H_g by double-damped L-BFGS (compact form), H_a by Hessian-action BFGS"
+    limited = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_int(self.memory, "memory")

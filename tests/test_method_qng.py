@@ -1,0 +1,375 @@
+"""QNG (seed 004 §2.2, (7)–(13), Observation 1): β of (10), the untruncated product equals the
+exact EMA (7), Observation 1 (rank and PSD), fast (Sherman–Morrison, O(dτ)) = dense (explicit
+product, LU/Cholesky) step by step with truncation, the method on MLPs and CNNs in both block
+layouts, d_t from sampled labels (8), hyper-parameter checks, smoke training.
+
+Tolerance model (refcurv.testing.tolerance): a forward error of a solve with G (or with Â,
+κ(Â)² = κ(G)) is at most C·n·eps·κ(G) relative. Over t updates each step adds such an error
+(earlier errors are carried by later factors, whose product's conditioning is again bounded by
+κ(G) — we take the worst κ over the history), hence ``forward_tol(n·t, κ_max)`` for G; a
+relative perturbation δ of G moves G⁻¹g by at most κ(G)·δ, hence ``κ_max²`` for directions of
+two independently propagated states.
+"""
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from refcurv.errors import HyperParameterError
+from refcurv.methods.base import Batch
+from refcurv.methods.qng import (
+    QNG,
+    apply_A,
+    apply_A_inv,
+    apply_At,
+    apply_At_inv,
+    beta_of,
+    dense_A,
+    dense_direction,
+    dense_G,
+    dense_update,
+    direction,
+    ema_dense,
+    factor_apply,
+    factor_solve,
+    init,
+    update,
+)
+from refcurv.nn import Conv2d, CrossEntropy, Flatten, Linear, Sequential, Tanh
+from refcurv.testing.strategies import problems
+from refcurv.testing.tolerance import EPS, assert_close, forward_tol
+from refcurv.train import train
+
+alphas = st.floats(0.2, 0.99)
+
+
+def _ds(seed, T, n):
+    """T vectors in R^n with norms spread over 10^{[-1, 1]} (κ(G) stays ≲ 1e8 for α ≥ 0.2)."""
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((T, n)) * 10 ** rng.uniform(-1, 1, (T, 1))
+
+
+def _K(alpha, q, b):
+    return math.sqrt(alpha) * np.eye(q.size) + b * np.outer(q, q)
+
+
+# ------------------------------------------------------------------ (10): β
+@given(alphas, st.integers(1, 6), st.floats(-4, 4) | st.just(None), st.integers(0, 2**31 - 1))
+def test_beta_makes_K_Kt_the_ema_increment(alpha, n, log_norm, seed):
+    """(10) needs K Kᵀ = αI + (1 − α) q qᵀ, i.e. 2√αβ + β²‖q‖² = 1 − α; β > 0 (also at q = 0)."""
+    q = np.zeros(n) if log_norm is None else np.random.default_rng(seed).standard_normal(n)
+    if log_norm is not None:
+        q *= 10**log_norm / np.linalg.norm(q)
+    s = float(q @ q)
+    b = beta_of(alpha, s)
+    assert b > 0
+    assert abs(2 * math.sqrt(alpha) * b + b * b * s - (1 - alpha)) <= 10 * EPS * max(1.0, b * b * s)
+    K = _K(alpha, q, b)
+    target = alpha * np.eye(n) + (1 - alpha) * np.outer(q, q)
+    assert_close(K @ K.T, target, rtol=100 * n * EPS, atol=0)
+
+
+def test_printed_beta_does_not_satisfy_10():
+    """Errata QNG-1: read literally, the printed β_t = (√α + (1 − α)‖q‖² − √α)/‖q‖² = 1 − α, and
+    K Kᵀ − (αI + (1 − α)qqᵀ) = (1 − α)(2√α − 1 + (1 − α)‖q‖²) q qᵀ ≠ 0 (e.g. α = 1/2, ‖q‖ = 1:
+    0.457…·qqᵀ); the square-root reading is the corrected β."""
+    alpha, q = 0.5, np.array([0.6, 0.8])
+    s = float(q @ q)
+    printed = (math.sqrt(alpha) + (1 - alpha) * s - math.sqrt(alpha)) / s
+    Kp = _K(alpha, q, printed)
+    miss = Kp @ Kp.T - (alpha * np.eye(2) + (1 - alpha) * np.outer(q, q))
+    assert_close(miss, (1 - alpha) * (2 * math.sqrt(alpha) - 1 + (1 - alpha) * s) * np.outer(q, q), rtol=1e-14)
+    assert np.linalg.norm(miss) > 0.4
+    root = (math.sqrt(alpha + (1 - alpha) * s) - math.sqrt(alpha)) / s
+    assert beta_of(alpha, s) == pytest.approx(root, rel=1e-14)
+
+
+def test_beta_printed_root_form_equals_rationalized_form():
+    """(√(α + (1−α)s) − √α)/s = (1 − α)/(√α + √(α + (1−α)s)). The difference form cancels:
+    its relative error is ≈ eps·√α/(√(α + (1−α)s) − √α), the tolerance used."""
+    for alpha in (0.1, 0.5, 0.9, 0.999):
+        for s in (1e-2, 1.0, 1e3):
+            diff = math.sqrt(alpha + (1 - alpha) * s) - math.sqrt(alpha)
+            direct = diff / s
+            assert abs(beta_of(alpha, s) - direct) <= 10 * EPS * (1 + math.sqrt(alpha) / diff) * direct
+    assert beta_of(0.81, 0.0) == pytest.approx(0.19 / 1.8, rel=1e-15)  # q = 0: K = √α I
+
+
+# ------------------------------------------------------------------ (7), (9), (10)
+@given(st.integers(1, 8), alphas, st.integers(20, 26), st.integers(0, 2**31 - 1))
+def test_untruncated_product_equals_exact_ema(n, alpha, T, seed):
+    """τ = None: A_{t+1} A_{t+1}ᵀ = G_t of (7) from G_0 = I for t = 1..T (T ≥ 20), for the fast
+    (Sherman–Morrison) and the dense (LU) q; also G_0 = A_1 A_1ᵀ = I."""
+    ds = _ds(seed, T, n)
+    s_f, s_d = init(), init()
+    assert np.array_equal(dense_G(s_f, alpha, n), np.eye(n))
+    G, kmax = np.eye(n), 1.0
+    for t in range(T):
+        s_f, s_d = update(s_f, ds[t], alpha), dense_update(s_d, ds[t], alpha)
+        G = alpha * G + (1 - alpha) * np.outer(ds[t], ds[t])
+        kmax = max(kmax, np.linalg.cond(G))
+        tol = forward_tol(n * (t + 1), kmax)
+        assert s_f["t"] == t + 1 and len(s_f["factors"]) == t + 1
+        assert_close(dense_G(s_f, alpha, n), G, rtol=tol, atol=0, what=f"fast t={t + 1}")
+        assert_close(dense_G(s_d, alpha, n), G, rtol=tol, atol=0, what=f"dense t={t + 1}")
+    assert_close(ema_dense(ds, alpha), G, rtol=1e-14, atol=0)
+
+
+@given(st.integers(1, 6), alphas, st.integers(1, 3), st.integers(0, 2**31 - 1))
+def test_truncation_11_keeps_the_last_tau_factors(n, alpha, tau, seed):
+    """(11) written out in the test: Â_t = K̂_{t−τ} ⋯ K̂_{t−1} (explicit matrices of the last τ
+    factors), q̂_t = Â_t⁻¹ d_t, β_t from (10); the kernel stores exactly those τ newest (q̂, β)."""
+    T = tau + 5
+    ds = _ds(seed, T, n)
+    Ks, qs, s = [], [], init()
+    for t in range(T):
+        A = np.eye(n)
+        for K in Ks[-tau:]:
+            A = A @ K
+        q = np.linalg.solve(A, ds[t])
+        b = (math.sqrt(alpha + (1 - alpha) * (q @ q)) - math.sqrt(alpha)) / (q @ q)
+        Ks.append(_K(alpha, q, b))
+        qs.append(q)
+        s = update(s, ds[t], alpha, tau)
+        A_next = np.eye(n)
+        for K in Ks[-tau:]:
+            A_next = A_next @ K
+        kappa = np.linalg.cond(A_next) ** 2
+        assert len(s["factors"]) == min(tau, t + 1)
+        for (qk, _), qe in zip(s["factors"], qs[-tau:]):
+            assert_close(qk, qe, rtol=forward_tol(n * (t + 1), kappa), atol=0)
+        assert_close(dense_G(s, alpha, n), A_next @ A_next.T, rtol=forward_tol(n * (t + 1), kappa), atol=0)
+
+
+# ------------------------------------------------------------------ Observation 1
+@given(st.integers(1, 4), st.data(), alphas, st.integers(0, 2**31 - 1))
+def test_observation_1_rank_and_psd(tau, data, alpha, seed):
+    """Ĝ_t − α^{min(τ,t)} I is PSD with numerical rank ≤ min(τ, t) ≤ 2 min(τ, t) (Observation 1;
+    the tighter bound: errata QNG-3), for t = 1 .. τ + 6 (truncation active after t = τ).
+
+    PSD: each factor K = √α I + β q qᵀ is symmetric with eigenvalues √α and √(α + (1−α)‖q‖²) ≥ √α,
+    so σ_min(Â) ≥ Π σ_min(K_j) ≥ α^{m/2} (m = min(τ, t) factors) and Â Âᵀ ⪰ α^m I.
+    Rank: Â − α^{m/2} I and Âᵀ − α^{m/2} I both have column space in span{q_j}.
+
+    Rounding: Ĝ is formed as a product of m explicit factors, absolute error ≤ C·n·(m+1)·eps·
+    Π‖K_j‖² (‖K_j‖ = √(α + (1−α)‖q_j‖²)); singular values (and eigenvalues) of the computed
+    difference are within that of the exact ones, so that is the threshold."""
+    n = data.draw(st.integers(2 * tau + 1, 12))
+    T = tau + 6
+    ds = _ds(seed, T, n)
+    s = init()
+    for t in range(1, T + 1):
+        s = update(s, ds[t - 1], alpha, tau)
+        m = min(tau, t)
+        assert len(s["factors"]) == m
+        D = dense_G(s, alpha, n) - alpha**m * np.eye(n)
+        norm_prod = np.prod([alpha + (1 - alpha) * float(q @ q) for q, _ in s["factors"]])
+        thr = 100 * n * (m + 1) * EPS * norm_prod
+        sv = np.linalg.svd(D, compute_uv=False)
+        rank = int((sv > thr).sum())
+        assert rank <= m <= 2 * m, (t, rank, sv)
+        assert np.linalg.eigvalsh(D).min() >= -thr
+
+
+def test_observation_1_rank_min_tau_t_is_attained():
+    """Generic d_t: the rank is exactly min(τ, t) (so the tighter bound is tight), well above
+    the rounding threshold of test_observation_1_rank_and_psd."""
+    alpha, tau, n = 0.7, 3, 10
+    ds = _ds(5, 8, n)
+    s = init()
+    for t in range(1, 9):
+        s = update(s, ds[t - 1], alpha, tau)
+        m = min(tau, t)
+        sv = np.linalg.svd(dense_G(s, alpha, n) - alpha**m * np.eye(n), compute_uv=False)
+        thr = 100 * n * (m + 1) * EPS * np.prod([alpha + (1 - alpha) * float(q @ q) for q, _ in s["factors"]])
+        assert sv[m - 1] > 1e6 * thr and sv[m] <= thr, (t, sv, thr)
+
+
+def test_13_product_of_two_factors():
+    """(13) with the lost transpose restored (errata QNG-2): K_1 K_2 = αI + q_1(√αβ_1 q_1 +
+    β_1β_2 (q_1ᵀq_2) q_2)ᵀ + √αβ_2 q_2 q_2ᵀ."""
+    rng = np.random.default_rng(0)
+    alpha, q1, q2 = 0.6, rng.standard_normal(5), rng.standard_normal(5)
+    b1, b2 = beta_of(alpha, q1 @ q1), beta_of(alpha, q2 @ q2)
+    r = math.sqrt(alpha)
+    rhs = alpha * np.eye(5) + np.outer(q1, r * b1 * q1 + b1 * b2 * (q1 @ q2) * q2) + r * b2 * np.outer(q2, q2)
+    assert_close(_K(alpha, q1, b1) @ _K(alpha, q2, b2), rhs, rtol=1e-14, atol=0)
+
+
+# ------------------------------------------------------------------ fast vs dense kernels
+@given(st.integers(1, 8), alphas, st.integers(1, 4), st.integers(20, 24), st.integers(0, 2**31 - 1))
+def test_fast_equals_dense_step_by_step_with_truncation(n, alpha, tau, T, seed):
+    """For ≥ 20 steps with τ < T: (a) from the same state, the fast q̂_t (Sherman–Morrison) equals
+    the dense one (LU on the explicit Â_t) — forward error ≤ C·n·(m+1)·eps·Π κ(K_j) — and the
+    fast direction −Â⁻ᵀÂ⁻¹g equals the Cholesky solve with Â Âᵀ; (b) two independently
+    propagated trajectories give the same Ĝ_t and directions (tolerances in the module doc)."""
+    ds = _ds(seed, T, n)
+    gs = np.random.default_rng(seed + 1).standard_normal((T, n))
+    s_f, s_d, kmax = init(), init(), 1.0
+    for t in range(T):
+        m = len(s_f["factors"])
+        prod_kappa = np.prod([math.sqrt(1 + (1 - alpha) * float(q @ q) / alpha) for q, _ in s_f["factors"]])
+        one_f, one_d = update(s_f, ds[t], alpha, tau), dense_update(s_f, ds[t], alpha, tau)
+        (qf, bf), (qd, bd) = one_f["factors"][-1], one_d["factors"][-1]
+        assert_close(qf, qd, rtol=forward_tol(n * (m + 1), prod_kappa), atol=0, what=f"q t={t + 1}")
+        assert abs(bf - bd) <= 2 * forward_tol(n * (m + 1), prod_kappa) * bd
+        assert all(a[0] is b[0] for a, b in zip(one_f["factors"][:-1], one_d["factors"][:-1]))
+        kG = np.linalg.cond(dense_G(one_f, alpha, n))
+        assert_close(direction(one_f, gs[t], alpha), dense_direction(one_f, gs[t], alpha),
+                     rtol=forward_tol(n * (m + 2), kG), atol=0, what=f"direction t={t + 1}")
+        # (b) independent trajectories
+        s_f, s_d = one_f, dense_update(s_d, ds[t], alpha, tau)
+        assert len(s_f["factors"]) == len(s_d["factors"]) == min(tau, t + 1)
+        Gd = dense_G(s_d, alpha, n)
+        kmax = max(kmax, np.linalg.cond(Gd))
+        assert_close(dense_G(s_f, alpha, n), Gd, rtol=forward_tol(n * (t + 1), kmax), atol=0)
+        assert_close(direction(s_f, gs[t], alpha), dense_direction(s_d, gs[t], alpha),
+                     rtol=forward_tol(n * (t + 1), kmax**2), atol=0)
+
+
+@given(st.integers(1, 8), alphas, st.integers(0, 5), st.integers(0, 2**31 - 1))
+def test_sherman_morrison_factor_inverses_equal_dense_inverses(n, alpha, m, seed):
+    """K⁻¹ by Sherman–Morrison = inv(K) (forward error C·n·eps·κ(K)); Â, Âᵀ, Â⁻¹, Â⁻ᵀ applied
+    factor by factor (to the identity: the explicit matrices) = the dense product, its transpose
+    and inverses (relative error ≤ C·n·(m+1)·eps·Π κ(K_j), the product's amplification)."""
+    ds = _ds(seed, max(m, 1), n)
+    s = init()
+    for t in range(m):
+        s = update(s, ds[t], alpha, None)
+    I = np.eye(n)
+    for q, b in s["factors"]:
+        K = _K(alpha, q, b)
+        kK = math.sqrt(1 + (1 - alpha) * float(q @ q) / alpha)
+        assert_close(factor_solve(alpha, q, b, I), np.linalg.inv(K), rtol=forward_tol(n, kK), atol=0)
+        assert_close(factor_apply(alpha, q, b, I), K, rtol=100 * n * EPS, atol=0)
+        v = ds[0]
+        assert_close(factor_solve(alpha, q, b, v), np.linalg.solve(K, v), rtol=forward_tol(n, kK), atol=0)
+    A = dense_A(s, alpha, n)
+    pk = np.prod([math.sqrt(1 + (1 - alpha) * float(q @ q) / alpha) for q, _ in s["factors"]])
+    tol = forward_tol(n * (m + 1), pk)
+    assert_close(apply_A(s, I, alpha), A, rtol=tol, atol=0)
+    assert_close(apply_At(s, I, alpha), A.T, rtol=tol, atol=0)
+    assert_close(apply_A_inv(s, I, alpha), np.linalg.inv(A), rtol=tol, atol=0)
+    assert_close(apply_At_inv(s, I, alpha), np.linalg.inv(A.T), rtol=tol, atol=0)
+    assert_close(apply_A_inv(s, apply_A(s, ds[0], alpha), alpha), ds[0], rtol=tol, atol=0)
+
+
+def test_kernels_are_pure_and_check_arguments():
+    s0 = init()
+    d = np.arange(1.0, 4.0)
+    s1 = update(s0, d, 0.5, 2)
+    assert s0 == {"t": 0, "factors": ()} and s1["t"] == 1
+    assert np.array_equal(s1["factors"][0][0], d)  # A_1 = I: q_1 = d_1
+    assert np.array_equal(d, np.arange(1.0, 4.0))
+    for bad in [dict(alpha=1.0, tau=2), dict(alpha=0.0, tau=2), dict(alpha=0.5, tau=0), dict(alpha=0.5, tau=1.5)]:
+        with pytest.raises(HyperParameterError):
+            update(s0, d, **bad)
+        with pytest.raises(HyperParameterError):
+            dense_update(s0, d, **bad)
+
+
+# ------------------------------------------------------------------ the method
+def _batches(pb, steps):
+    params, x, y = pb.data()
+    rng = np.random.default_rng(pb.seed + 7)
+    return params, [Batch(x + 0.3 * k * rng.standard_normal(x.shape), y, pb.loss_fn) for k in range(steps)]
+
+
+@given(problems(), st.sampled_from(["full", "layer"]), st.floats(0.3, 0.95), st.sampled_from([1, 2, None]))
+def test_method_fast_equals_dense_mlp_and_cnn(pb, blocks, alpha, tau):
+    """Independent fast and dense trajectories over 4 steps (same draws): same factors' Ĝ per
+    block, same directions (tolerances of the module doc, κ of each block's Ĝ)."""
+    net = pb.net
+    method = QNG(alpha=alpha, tau=tau, blocks=blocks)
+    params, batches = _batches(pb, 4)
+    s_f = s_d = method.init(net, params)
+    kmax = [1.0] * method.n_blocks(net)
+    for k, b in enumerate(batches):
+        df, s_f = method.step(s_f, net, params, b, rng=k)
+        dd, s_d = method.step(s_d, net, params, b, rng=k, dense=True)
+        assert s_f["k"] == s_d["k"] == k + 1 and [x.shape for x in df] == net.param_shapes
+        pieces_f, pieces_d = df, dd
+        if blocks == "full":
+            pieces_f, pieces_d = ([np.concatenate([v.ravel() for v in z])] for z in (df, dd))
+        for i, (bf, bd, a, c) in enumerate(zip(s_f["blocks"], s_d["blocks"], pieces_f, pieces_d)):
+            n = a.size
+            Gd = dense_G(bd, alpha, n)
+            kmax[i] = max(kmax[i], np.linalg.cond(Gd))
+            assert_close(dense_G(bf, alpha, n), Gd, rtol=forward_tol(n * (k + 1), kmax[i]), atol=0)
+            assert_close(a.ravel(), c.ravel(), rtol=forward_tol(n * (k + 1), kmax[i] ** 2), atol=0,
+                         what=f"step {k} block {i}")
+
+
+NETS = {
+    "mlp": (Sequential([Linear(3, 4), Tanh(), Linear(4, 3)]), (5, 3)),
+    "cnn": (Sequential([Conv2d(1, 2, 2), Tanh(), Flatten(), Linear(8, 3)]), (5, 1, 3, 3)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(NETS))
+@pytest.mark.parametrize("blocks", ["full", "layer"])
+def test_method_d_t_from_sampled_labels_and_untruncated_direction_is_ema_natural_gradient(kind, blocks):
+    """d_t (8) = −(1/√N) Σ ∇ψ_i(ŷ_i) = −√N ∇Ψ(ŷ) with ŷ the labels drawn from the model by the
+    step's generator; with τ = None the direction is −G_t⁻¹ g_t with G_t the EMA (7) of those
+    d_t from G_0 = I, per block (the whole θ, or each layer's row-major vec)."""
+    net, xshape = NETS[kind]
+    loss = CrossEntropy()
+    params = net.init(3)
+    rng = np.random.default_rng(1)
+    alpha = 0.8
+    method = QNG(alpha=alpha, tau=None, blocks=blocks)
+    state = method.init(net, params)
+    ds = []
+    for k in range(5):
+        x, y = rng.standard_normal(xshape), rng.integers(0, 3, xshape[0])
+        direction_k, state = method.step(state, net, params, Batch(x, y, loss), rng=100 + k)
+        y_hat = loss.sample(net.forward(params, x), 1, seed=np.random.default_rng(100 + k))[0]
+        d = [-math.sqrt(len(x)) * gi for gi in net.grad(params, x, y_hat, loss)]
+        g = net.grad(params, x, y, loss)
+        if blocks == "full":
+            d, g, direction_k = ([np.concatenate([v.ravel() for v in z])] for z in (d, g, direction_k))
+        if k == 0:  # A_1 = I: q_1 = d_1
+            for blk, di in zip(state["blocks"], d):
+                assert_close(blk["factors"][0][0], di.ravel(), rtol=1e-13, atol=0)
+        ds.append([di.ravel() for di in d])
+        for i, (gi, pi) in enumerate(zip(g, direction_k)):
+            G = ema_dense(np.array([dk[i] for dk in ds]), alpha)
+            expect = -np.linalg.solve(G, gi.ravel())
+            assert_close(pi.ravel(), expect, rtol=forward_tol(G.shape[0] * (k + 1), np.linalg.cond(G)), atol=0)
+
+
+def test_method_layer_blocks_are_independent_and_state_is_not_mutated():
+    net, xshape = NETS["mlp"]
+    params = net.init(0)
+    rng = np.random.default_rng(0)
+    b = Batch(rng.standard_normal(xshape), rng.integers(0, 3, xshape[0]), CrossEntropy())
+    method = QNG(tau=2, blocks="layer")
+    s0 = method.init(net, params)
+    _, s1 = method.step(s0, net, params, b, rng=0)
+    assert s0 == {"k": 0, "blocks": [init(), init()]}
+    assert [blk["factors"][0][0].size for blk in s1["blocks"]] == [o * d for o, d in net.param_shapes]
+    with pytest.raises(HyperParameterError, match="blocks"):
+        QNG(blocks="full").step(s1, net, params, b, rng=0)
+
+
+def test_bad_hyper_parameters():
+    for kwargs, match in [({"alpha": 0.0}, "alpha"), ({"alpha": 1.0}, "alpha"), ({"alpha": -0.5}, "alpha"),
+                          ({"alpha": float("nan")}, "alpha"), ({"alpha": "0.9"}, "alpha"),
+                          ({"tau": 0}, "tau"), ({"tau": 2.0}, "tau"), ({"tau": True}, "tau"),
+                          ({"blocks": "diag"}, "blocks")]:
+        with pytest.raises(HyperParameterError, match=match):
+            QNG(**kwargs)
+    QNG(tau=None), QNG(tau=np.int64(3)), QNG(alpha=0.5, blocks="layer")  # accepted
+
+
+@pytest.mark.parametrize("blocks", ["full", "layer"])
+def test_training_smoke_decreases_loss(blocks):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((128, 4))
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(int) + (x[:, 2] > 1).astype(int)
+    net = Sequential([Linear(4, 16), Tanh(), Linear(16, 3)])
+    _, hist = train(QNG(alpha=0.9, tau=4, blocks=blocks), net, net.init(0), x, y, CrossEntropy(), steps=40,
+                    lr=0.1, batch_size=32, seed=1)
+    assert hist["loss"][-1] < 0.6 * hist["loss"][0], hist["loss"][::8]

@@ -1,1 +1,278 @@
-"""(in progress)"""
+"""Ginger (seed 004 §2.3, Algorithm 1): an EMA of the Fisher/GGN kept as a damped
+"identity plus rank-τ" matrix whose inverse is updated directly.
+
+Form (14): ``G_{t,γ} = γI + U_t diag(σ_t) U_tᵀ`` with ``U_t ∈ R^{d×τ}`` semi-orthogonal and
+``σ_t ≥ 0``. Query (15)–(16): ``G_{t,γ}⁻¹ g = γ⁻¹g − U_t K_{t,γ} U_tᵀ g`` with
+``K_{t,γ} = diag(σ/(γ² + γσ))``, ``O(dτ)``. Update (7) + (17), corrected (docs/errata.md,
+GIN-1..3): the undamped part follows the EMA (7),
+
+    G̃_{t,γ} = γI + α U_{t−1}Σ_{t−1}U_{t−1}ᵀ + (1−α) d_t d_tᵀ,
+
+and Sherman–Morrison gives ``G̃_{t,γ}⁻¹ = γ⁻¹I − (U_{t−1} K^α_{t−1} U_{t−1}ᵀ + κ_t q_t q_tᵀ)`` with
+
+    q_t = (γI + α U_{t−1}Σ_{t−1}U_{t−1}ᵀ)⁻¹ d_t      (= drt(U, ασ, d) of Algorithm 1, damping γ)
+    K^α_{t−1} = diag(ασ/(γ² + γασ)) = α⁻¹ K_{t−1,γ/α}
+    κ_t = (1−α) / (1 + (1−α) q_tᵀd_t).
+
+This is (17) with ``h_t = G_{t−1,γ/α}⁻¹ d_t = α q_t`` and ``β_t = (1−α)α⁻¹/(α + (1−α)h_tᵀd_t)``
+(the printed β lacks the factor ``1−α``), and the authors' code form ``κ = b/(1 + b qᵀd)``.
+The correction is then truncated to its ``τ`` largest eigenvalues by the symmetric Brand
+update (:func:`refcurv.linalg.lowrank.brand_update`, Algorithm 1's ``r1u``) and ``σ`` is
+recovered by (18) ``σ = γ²K/(1 − γK)``.
+
+Floating-point policy for (18)–(19): in exact arithmetic ``0 ⪯ K ≺ γ⁻¹`` (19); in floating
+point an eigenvalue of the correction can come out ``< 0`` (a direction with no curvature,
+rounding) or ``≥ γ⁻¹`` (curvature beyond ``γ/eps``). Before (18), ``K`` is clipped to
+``[0, (1 − δ)/γ]`` with ``δ = 4·eps`` of the dtype, so ``0 ≤ σ ≤ γ(1 − δ)/δ`` is finite.
+(Algorithm 1's ``(1 − γK)^†`` would map ``1 − γK = 0`` to ``σ = 0`` and ``1 − γK < 0`` to
+``σ < 0``; the authors' code clips ``K ≤ 1/γ`` and zeroes tiny σ: errata GIN-4.)
+
+Dense form (the definition): the same EMA step with d×d matrices,
+``G̃ = γI + α(G_{t−1,γ} − γI) + (1−α)ddᵀ`` formed densely, inverted by Cholesky
+(:func:`~refcurv.linalg.woodbury.spd_solve`), the correction ``C = γ⁻¹I − G̃⁻¹`` truncated
+by a dense eigendecomposition to its ``τ`` largest eigenvalues ``U K Uᵀ``, ``σ`` from (18)
+with the same clip; the direction solves ``G_{t,γ} x = g`` by Cholesky. Fast and dense
+agree to rounding step by step (truncated or not); with ``t ≤ τ`` (no truncation yet)
+``G_{t,γ}`` equals the exact damped EMA ``γI + Σ_s α^{t−s}(1−α) d_s d_sᵀ`` (``σ₀ = 0``).
+
+The method (Algorithm 1): ``d_t`` from (8), ``d_t = (1/√|B|) Σ_{x∈B} ∇_θ log p_θ(ŷ|x) =
+−(1/√|B|) Σ_x ∇ψ(x, ŷ)`` with one label ŷ per input drawn from the model in :meth:`draw`
+(so ``E[d_t d_tᵀ]`` is the batch Fisher (6)); the state is updated with ``d_t`` first, then
+the direction is ``−G_{t+1,γ}⁻¹ ∇L`` with ``∇L`` the mini-batch gradient at the data
+labels. No momentum (Algorithm 1 has none).
+
+Blocks and vectorization: θ in refcurv's row-major order (:mod:`refcurv.vec`).
+``blocks="full"``: one Ginger on all of θ (the paper's θ ∈ R^d); ``"layer"``: one per
+layer matrix ``W_l`` (row-major ``vec``, bias column included); ``"tensor"``: one per
+parameter tensor, weight and bias separate (the authors' code, design §8). Per block the
+rank is ``min(τ, d_block)``: with ``τ ≥ d_block`` nothing is ever truncated and the block is
+the exact damped EMA (Lemma 1's equality ``λ_max(G⁻¹) = γ⁻¹`` then no longer holds).
+
+Initialization (Algorithm 1): ``σ₀ = 0``, so ``G_{0,γ} = γI`` (the undamped EMA starts at 0,
+not at the identity of §2.1); ``U₀`` is a random semi-orthogonal matrix (``u0="random"``,
+QR of a Gaussian drawn on the host from ``seed``) or ``eye(d, τ)`` (``u0="eye"``, the
+authors' code). With ``σ₀ = 0`` the choice of ``U₀`` does not change ``U_t K_t U_tᵀ`` in exact
+arithmetic (only the basis of the zero eigenspace).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..backend import eigh, rng_of, xp_of
+from ..errors import HyperParameterError, ShapeError
+from ..linalg import _checks as C
+from ..linalg.lowrank import brand_update
+from ..linalg.woodbury import spd_solve
+from ..vec import flatten, layer_slices, unflatten
+from .base import Method, check_choice, check_int, check_positive, check_unit
+from .registry import register
+
+#: clip margin of (18): ``K ≤ (1 − CLIP_EPS·eps)/γ``
+CLIP_EPS = 4.0
+
+
+# ----------------------------------------------------------------- kernels (one block)
+def _check_alpha_gamma(alpha, gamma):
+    C.in_open_unit(alpha, "alpha")
+    C.positive(gamma, "gamma")
+
+
+def _check_state(U, sigma):
+    U = C.finite(U, "U")
+    if U.ndim != 2 or U.shape[1] > U.shape[0] or U.shape[1] < 1:
+        raise ShapeError(f"U must be a (d, τ) matrix with 1 ≤ τ ≤ d, got shape {U.shape}")
+    sigma = C.vector(sigma, "sigma", U.shape[1])
+    if bool((sigma < 0).any()):
+        raise HyperParameterError("sigma must be ≥ 0 (form (14))")
+    return U, sigma
+
+
+def init(d, tau, u0="random", seed=None, dtype=np.float64):
+    """``(U₀, σ₀)`` of Algorithm 1: ``σ₀ = 0`` and ``U₀`` random semi-orthogonal (QR of a
+    ``d×τ`` Gaussian drawn on the host from ``seed``, signs fixed by ``diag(R) > 0``) or
+    ``eye(d, τ)`` (``u0="eye"``, the authors' code); ``1 ≤ τ ≤ d``."""
+    check_int(d, "d")
+    check_int(tau, "tau")
+    if tau > d:
+        raise HyperParameterError(f"tau must be ≤ d = {d} (U is d×τ semi-orthogonal), got {tau}")
+    check_choice(u0, "u0", ("random", "eye"))
+    if u0 == "eye":
+        U = np.eye(d, tau, dtype=dtype)
+    else:
+        Q, R = np.linalg.qr(rng_of(seed).standard_normal((d, tau)))
+        U = (Q * np.where(np.diag(R) < 0, -1.0, 1.0)).astype(dtype)
+    return U, np.zeros(tau, dtype=dtype)
+
+
+def correction_diag(sigma, gamma):
+    """(16): ``K^{(i,i)} = σ_i / (γ² + γσ_i)``, the diagonal of ``K_{t,γ}`` in (15)."""
+    return sigma / (gamma * (gamma + sigma))
+
+
+def sigma_from_K(K, gamma):
+    """(18): ``σ = γ²K / (1 − γK)``, after clipping ``K`` to ``[0, (1 − δ)/γ]`` with
+    ``δ = CLIP_EPS·eps`` (policy for (19) in floating point; module docstring)."""
+    xp = xp_of(K)
+    delta = CLIP_EPS * np.finfo(K.dtype).eps
+    Kc = xp.clip(K, 0.0, (1.0 - delta) / gamma)
+    return gamma * gamma * Kc / (1.0 - gamma * Kc)
+
+
+def query(U, sigma, g, gamma):
+    """(15)–(16), Algorithm 1's ``drt``: ``(γI + U diag(σ) Uᵀ)⁻¹ g = γ⁻¹g − U K_γ Uᵀ g`` in
+    ``O(dτ)`` (``g`` a vector ``(d,)`` or a matrix ``(d, k)``; needs ``UᵀU = I``)."""
+    K = correction_diag(sigma, gamma)
+    UtG = U.T @ g
+    return g / gamma - U @ (K[:, None] * UtG if UtG.ndim == 2 else K * UtG)
+
+
+def sm_coefficient(q, d, alpha):
+    """Sherman–Morrison coefficient of the corrected (17) in the ``q`` form:
+    ``κ = (1−α)/(1 + (1−α)qᵀd)`` with ``q = (γI + αUΣUᵀ)⁻¹d``, so that
+    ``(γI + αUΣUᵀ + (1−α)ddᵀ)⁻¹ = (γI + αUΣUᵀ)⁻¹ − κ q qᵀ``. Equal to
+    ``β_t h_t h_tᵀ`` of (17) with ``h_t = α q`` and ``β_t = (1−α)α⁻¹/(α + (1−α)h_tᵀd)``."""
+    b = 1.0 - alpha
+    return b / (1.0 + b * float(q @ d))
+
+
+def update(U, sigma, d, alpha, gamma):
+    """Fast update (Algorithm 1 ``upd``, corrected): EMA (7) of the undamped part with ``d``
+    through Sherman–Morrison (17), then the rank-one eigen update (``r1u``, Brand) truncated
+    to ``τ`` and σ from (18). Returns ``(U_t, σ_t)``; ``O(dτ² + τ³)``."""
+    _check_alpha_gamma(alpha, gamma)
+    U, sigma = _check_state(U, sigma)
+    d = C.vector(d, "d", U.shape[0])
+    n, tau = U.shape
+    q = query(U, alpha * sigma, d, gamma)  # (γI + αUΣUᵀ)⁻¹ d = α⁻¹ h_t
+    kappa = sm_coefficient(q, d, alpha)  # κ q qᵀ = β_t h_t h_tᵀ
+    K_prev = correction_diag(alpha * sigma, gamma)  # = α⁻¹ K_{t−1,γ/α}
+    if tau < n:
+        U2, K2 = brand_update(U, K_prev, q, kappa, rank=tau)
+    else:  # τ = d: q ∈ range(U); the core is diag(K) + κ mmᵀ, m = Uᵀq (no truncation)
+        m = U.T @ q
+        w, V = eigh(xp_of(U).diag(K_prev) + kappa * xp_of(U).outer(m, m))
+        order = xp_of(w).argsort(-w)
+        U2, K2 = U @ V[:, order], w[order]
+    return U2, sigma_from_K(K2, gamma)
+
+
+def dense_matrix(U, sigma, gamma):
+    """(14) as a dense matrix: ``G_{t,γ} = γI + U diag(σ) Uᵀ``."""
+    xp = xp_of(U)
+    return gamma * xp.eye(U.shape[0], dtype=U.dtype) + (U * sigma) @ U.T
+
+
+def dense_update(U, sigma, d, alpha, gamma):
+    """Dense form of the update: ``G̃ = γI + α(G_{t−1,γ} − γI) + (1−α)ddᵀ`` (EMA (7) of the
+    undamped part), ``C = γ⁻¹I − G̃⁻¹`` (Cholesky inverse), truncated to its ``τ`` largest
+    eigenvalues by a dense eigendecomposition ``C ≈ U K Uᵀ``; σ from (18) (same clip).
+    Returns ``(U_t, σ_t)``; ``O(d³)``."""
+    _check_alpha_gamma(alpha, gamma)
+    U, sigma = _check_state(U, sigma)
+    d = C.vector(d, "d", U.shape[0])
+    xp = xp_of(U)
+    n, tau = U.shape
+    I = xp.eye(n, dtype=U.dtype)
+    G_prev = dense_matrix(U, sigma, gamma)
+    G_new = gamma * I + alpha * (G_prev - gamma * I) + (1.0 - alpha) * xp.outer(d, d)
+    G_new = (G_new + G_new.T) / 2
+    Corr = I / gamma - spd_solve(G_new, I, "G̃_{t,γ}")
+    w, V = eigh((Corr + Corr.T) / 2)
+    order = xp.argsort(-w)[:tau]
+    return V[:, order], sigma_from_K(w[order], gamma)
+
+
+def dense_query(U, sigma, g, gamma):
+    """``G_{t,γ}⁻¹ g`` by Cholesky of the dense (14)."""
+    return spd_solve(dense_matrix(U, sigma, gamma), g, "G_{t,γ}")
+
+
+# ----------------------------------------------------------------------- the method
+def block_indices(net, blocks):
+    """Index arrays into refcurv's flat θ, one per Ginger block (``"full"``, ``"layer"``,
+    ``"tensor"`` = weight and bias of each layer separately)."""
+    slices = layer_slices(net)
+    if blocks == "full":
+        return [np.arange(net.n_params)]
+    if blocks == "layer":
+        return [np.arange(s.start, s.stop) for s in slices]
+    out = []
+    for s, layer, (o, dl) in zip(slices, net.layers_trainable, net.param_shapes):
+        idx = np.arange(s.start, s.stop).reshape(o, dl)
+        if layer.bias:
+            out += [idx[:, :-1].ravel(), idx[:, -1]]
+        else:
+            out.append(idx.ravel())
+    return out
+
+
+@register
+@dataclass(frozen=True)
+class Ginger(Method):
+    """Ginger (004 Algorithm 1, with the corrections of docs/errata.md).
+    Hyper-parameters: decay ``alpha`` ∈ (0, 1) (EMA (7)), damping ``gamma`` > 0 (14), rank
+    ``tau`` ≥ 1 (per block ``min(τ, d_block)``), ``blocks`` ("full" | "layer" | "tensor"),
+    ``u0`` ("random" | "eye") and ``seed`` (for ``u0="random"``).
+
+    State: ``{"k", "U": [U_b], "sigma": [σ_b]}`` per block (same structure in both forms)."""
+
+    alpha: float = 0.99
+    gamma: float = 1e-2
+    tau: int = 4
+    blocks: str = "full"
+    u0: str = "random"
+    seed: int = 0
+
+    name = "ginger"
+    seed_ref = "004 §2.3 (14)–(18), Alg. 1"
+    summary = "damped EMA Fisher as γI + rank-τ eigendecomposition; inverse updated by Sherman–Morrison + Brand"
+
+    def __post_init__(self):
+        check_unit(self.alpha, "alpha", closed_low=False)
+        check_positive(self.gamma, "gamma")
+        check_int(self.tau, "tau")
+        check_choice(self.blocks, "blocks", ("full", "layer", "tensor"))
+        check_choice(self.u0, "u0", ("random", "eye"))
+        check_int(self.seed, "seed", minimum=0)
+
+    def init(self, net, params):
+        rng = np.random.default_rng(self.seed)
+        dtype = params[0].dtype
+        Us, sigmas = [], []
+        for idx in block_indices(net, self.blocks):
+            U, s = init(len(idx), min(self.tau, len(idx)), self.u0, rng, dtype)
+            Us.append(xp_of(params[0]).asarray(U))
+            sigmas.append(xp_of(params[0]).asarray(s))
+        return {"k": 0, "U": Us, "sigma": sigmas}
+
+    def draw(self, rng, state, net, params, batch):
+        """One label per input from the model, ŷ ~ p_θ(·|x) (for d_t, (8))."""
+        f = net.forward(params, batch.x)
+        return batch.loss.sample(f, n_samples=1, seed=rng)[0]
+
+    @staticmethod
+    def d_t(net, params, batch, y_hat):
+        """(8): ``d_t = (1/√|B|) Σ_x ∇_θ log p_θ(ŷ|x) = −(1/√|B|) Σ_x ∇ψ(x, ŷ)`` (flat θ)."""
+        u = net.per_sample_grads(params, batch.x, y_hat, batch.loss)
+        N = u[0].shape[0]
+        return flatten([-ui.sum(axis=0) / np.sqrt(N) for ui in u])
+
+    def _step(self, state, net, params, batch, y_hat, upd, qry):
+        d = self.d_t(net, params, batch, y_hat)
+        g = flatten(net.grad(params, batch.x, batch.y, batch.loss))
+        direction = xp_of(g).zeros_like(g)
+        Us, sigmas = [], []
+        for idx, U, s in zip(block_indices(net, self.blocks), state["U"], state["sigma"]):
+            U, s = upd(U, s, d[idx], self.alpha, self.gamma)
+            direction[idx] = -qry(U, s, g[idx], self.gamma)
+            Us.append(U)
+            sigmas.append(s)
+        return unflatten(direction, net), {"k": state["k"] + 1, "U": Us, "sigma": sigmas}
+
+    def _fast(self, state, net, params, batch, y_hat):
+        return self._step(state, net, params, batch, y_hat, update, query)
+
+    def _dense(self, state, net, params, batch, y_hat):
+        return self._step(state, net, params, batch, y_hat, dense_update, dense_query)

@@ -1,0 +1,429 @@
+"""Ginger (seed 004 §2.3, Algorithm 1): fast (Sherman–Morrison + Brand) vs dense (d×d EMA,
+Cholesky inverse, dense eigendecomposition) step by step; untruncated = exact damped EMA;
+Lemma 1; σ ≥ 0 under adversarial inputs; the Sherman–Morrison β of (17) and of Algorithm 1
+(errata GIN-1..3); the method on MLP/CNN in every block layout; d_t of (8); smoke training.
+
+Tolerance model (design §5). One step from a common state: the dense form inverts
+G̃ = γI + αUΣUᵀ + (1−α)ddᵀ by Cholesky, forward error ≤ C·d·eps·κ(G̃)·‖G̃⁻¹‖ with
+‖G̃⁻¹‖ ≤ γ⁻¹; the fast form's core eigendecomposition errs by O(eps·‖core‖) ≤ O(eps/γ), and
+the σ ↔ K conversion (16)/(18) by O(eps·κ_γ/γ) with κ_γ = λ_max/γ ≥ κ(G̃) (see _kappa): one
+step errs by ≤ C·d·eps·κ_γ/γ in K. The truncation to τ eigenvalues moves U K Uᵀ by
+‖E‖·(1 + 2K_τ/(K_τ − K_{τ+1})) to first order (the eigenvector of K_i rotates by
+E_ij/(K_i − K_j) into the dropped space, weighted by K_i; no amplification when K_τ is at
+rounding level: nothing of size is dropped). Along trajectories run independently the
+one-step bounds are summed (the EMA step contracts relative errors of G: G̃ ⪰ αG).
+Measured: on the ci examples every bound still holds with C = 1 (instead of 100), not with C = 0.3.
+Compare U K Uᵀ (never raw U); σ through dσ/dK = γ²/(1 − γK)² of (18).
+"""
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from refcurv import curvature as cv
+from refcurv import flatten
+from refcurv.errors import HyperParameterError, ShapeError
+from refcurv.linalg.lowrank import brand_update
+from refcurv.methods import Batch
+from refcurv.methods import ginger as Gi
+from refcurv.methods.ginger import Ginger, block_indices
+from refcurv.nn import MSE, CrossEntropy, Linear, Sequential, Tanh
+from refcurv.testing.strategies import problems
+from refcurv.testing.tolerance import EPS, assert_clt, forward_tol, residual_tol
+from refcurv.train import train
+
+
+def _K(sigma, gamma):
+    """(16), written out here: K_ii = σ_i/(γ² + γσ_i)."""
+    return sigma / (gamma**2 + gamma * sigma)
+
+
+def _UKU(U, sigma, gamma):
+    return (U * _K(sigma, gamma)) @ U.T
+
+
+def _ema(ds, alpha, gamma):
+    """Exact damped EMA (7) from σ₀ = 0: γI + Σ_s α^{t−s}(1−α) d_s d_sᵀ."""
+    t = len(ds)
+    terms = (alpha ** (t - 1 - s) * (1 - alpha) * np.outer(v, v) for s, v in enumerate(ds))
+    return gamma * np.eye(len(ds[0])) + sum(terms)
+
+
+def _kappa(lam_max, gamma):
+    """κ_γ = λ_max(G)/γ ≥ κ(G): the conditioning of the Ginger representation. Besides the
+    Cholesky inverse of G̃ (κ(G̃)), (18) turns an absolute error ε in K into a relative error
+    ε·λ/γ in σ, which the next EMA step hands back to K as ≈ ε·λ/γ (absolute): with τ = d,
+    κ(G) can be 1 while λ/γ is large."""
+    return lam_max / gamma
+
+
+def _one_step_bound(U, sigma, d, alpha, gamma):
+    """Absolute bound (Frobenius) on U K Uᵀ of one step from (U, σ): C·n·eps·κ_γ/γ times the
+    truncation factor 1 + 2K_τ/(K_τ − K_{τ+1}) of the exact pre-truncation correction."""
+    n, tau = U.shape
+    Gt = gamma * np.eye(n) + alpha * (U * sigma) @ U.T + (1 - alpha) * np.outer(d, d)
+    lam = np.linalg.eigvalsh(Gt)
+    kappa = _kappa(lam[-1], gamma)
+    base = forward_tol(n, kappa) / gamma
+    c = np.sort(1 / gamma - 1 / lam)[::-1]
+    A = 1.0
+    if tau < n and c[tau - 1] > base:
+        gap = c[tau - 1] - c[tau]
+        A = 1 + 2 * c[tau - 1] / gap if gap > 0 else np.inf
+    return base * A
+
+
+def _assert_sigma_close(s1, s2, tolK, gamma, what=""):
+    """|Δσ| ≤ γ² tolK/(1 − γK)² (derivative of (18)), K the larger of the two."""
+    K = np.maximum(_K(s1, gamma), _K(s2, gamma))
+    bound = gamma**2 * tolK / (1 - gamma * K) ** 2
+    assert np.all(np.abs(s1 - s2) <= bound), f"{what}: σ {s1} vs {s2}"
+
+
+def _stream(seed, n, steps):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(n) * 10 ** rng.uniform(-1, 1) for _ in range(steps)]
+
+
+# ------------------------------------------------------------------ (1) fast = dense
+@given(st.integers(2, 10), st.data(), st.floats(0.02, 0.999), st.floats(-3, 1), st.integers(0, 2**31 - 1),
+       st.sampled_from(["random", "eye"]))
+def test_fast_equals_dense_step_by_step(n, data, alpha, log_gamma, seed, u0):
+    """22 steps (truncation active from t = τ + 1 on when τ < d). At every step: (a) from the
+    common dense state, one fast and one dense update agree (U K Uᵀ, σ-spectra and the query
+    direction) within the one-step bound; (b) the two forms run independently agree within
+    the summed bounds."""
+    tau = data.draw(st.integers(1, n))
+    gamma = 10.0**log_gamma
+    Uf, sf = Gi.init(n, tau, u0, seed)
+    Ud, sd = Uf, sf
+    acc = 0.0
+    g = np.random.default_rng(seed + 1).standard_normal(n)
+    for t, d in enumerate(_stream(seed, n, 22)):
+        tol = _one_step_bound(Ud, sd, d, alpha, gamma)
+        U1, s1 = Gi.update(Ud, sd, d, alpha, gamma)
+        U2, s2 = Gi.dense_update(Ud, sd, d, alpha, gamma)
+        assert U1.shape == U2.shape == (n, tau)
+        err = np.linalg.norm(_UKU(U1, s1, gamma) - _UKU(U2, s2, gamma))
+        assert err <= tol, f"step {t}: one-step ‖ΔUKUᵀ‖ = {err:.2e} > {tol:.2e}"
+        _assert_sigma_close(s1, s2, tol, gamma, f"step {t}")
+        # the query direction: state error · ‖g‖ plus the dense Cholesky solve's forward error
+        x1, x2 = Gi.query(U1, s1, g, gamma), Gi.dense_query(U2, s2, g, gamma)
+        kap = 1 + s2.max() / gamma
+        assert np.linalg.norm(x1 - x2) <= tol * np.linalg.norm(g) + forward_tol(n, kap) * np.linalg.norm(x2)
+        acc += tol
+        Uf, sf = Gi.update(Uf, sf, d, alpha, gamma)
+        Ud, sd = U2, s2
+        err = np.linalg.norm(_UKU(Uf, sf, gamma) - _UKU(Ud, sd, gamma))
+        assert err <= acc, f"step {t}: trajectories ‖ΔUKUᵀ‖ = {err:.2e} > {acc:.2e}"
+        _assert_sigma_close(sf, sd, acc, gamma, f"trajectory step {t}")
+        # U stays semi-orthogonal (rounding accumulates additively over the steps)
+        assert np.abs(Uf.T @ Uf - np.eye(tau)).max() <= 100 * (t + 1) * n * EPS
+
+
+@given(st.integers(2, 9), st.data(), st.floats(0.05, 0.99), st.floats(-2, 1), st.integers(0, 2**31 - 1))
+def test_initial_basis_does_not_matter(n, data, alpha, log_gamma, seed):
+    """σ₀ = 0: U₀ only fixes the basis of a zero eigenspace, so eye(d, τ) (the authors' code)
+    and a random semi-orthogonal U₀ give the same U_t K_t U_tᵀ (summed one-step bounds)."""
+    tau = data.draw(st.integers(1, n))
+    gamma = 10.0**log_gamma
+    Ua, sa = Gi.init(n, tau, "random", seed)
+    Ub, sb = Gi.init(n, tau, "eye")
+    assert not np.allclose(Ua, Ub)
+    acc = 0.0
+    for d in _stream(seed, n, 12):
+        acc += _one_step_bound(Ub, sb, d, alpha, gamma)
+        Ua, sa = Gi.update(Ua, sa, d, alpha, gamma)
+        Ub, sb = Gi.update(Ub, sb, d, alpha, gamma)
+        assert np.linalg.norm(_UKU(Ua, sa, gamma) - _UKU(Ub, sb, gamma)) <= acc
+
+
+# --------------------------------------------------- (2) no truncation = exact EMA
+@given(st.integers(1, 10), st.data(), st.floats(0.02, 0.999), st.floats(-3, 1), st.integers(0, 2**31 - 1))
+def test_untruncated_equals_exact_damped_ema(n, data, alpha, log_gamma, seed):
+    """While t ≤ τ the rank-τ form loses nothing: G_{t,γ}⁻¹ = γ⁻¹I − U K Uᵀ (15) equals the
+    inverse of γI + Σ_s α^{t−s}(1−α) d_s d_sᵀ — G₀ contributes nothing since σ₀ = 0 (not the
+    identity of §2.1). With τ = d this holds for every t. Both forms; error ≤ Σ_s C n eps κ_s/γ."""
+    tau = data.draw(st.integers(1, n))
+    gamma = 10.0**log_gamma
+    steps = 12 if tau == n else tau
+    U, s = Gi.init(n, tau, "random", seed)
+    Ud, sd = U, s
+    ds, acc = [], 0.0
+    for d in _stream(seed, n, steps):
+        ds.append(d)
+        G = _ema(ds, alpha, gamma)
+        acc += forward_tol(n, _kappa(np.linalg.eigvalsh(G)[-1], gamma)) / gamma
+        ref = np.linalg.inv(G)
+        U, s = Gi.update(U, s, d, alpha, gamma)
+        Ud, sd = Gi.dense_update(Ud, sd, d, alpha, gamma)
+        for V, sig in ((U, s), (Ud, sd)):
+            Ginv = np.eye(n) / gamma - _UKU(V, sig, gamma)
+            assert np.linalg.norm(Ginv - ref) <= acc, f"t = {len(ds)}"
+            # the O(dτ) query (15) applied to the basis is the same inverse
+            assert np.linalg.norm(Gi.query(V, sig, np.eye(n), gamma) - ref) <= acc + forward_tol(n, 1) / gamma
+
+
+# --------------------------------------------------------------------- (3) Lemma 1
+@given(st.integers(2, 10), st.data(), st.floats(0.05, 0.999), st.floats(-3, 1), st.integers(0, 2**31 - 1))
+def test_lemma1_eigenvalues_of_the_inverse(n, data, alpha, log_gamma, seed):
+    """Lemma 1 (τ < d): 0 < λ_min(G_{t,γ}⁻¹) ≤ λ_max(G_{t,γ}⁻¹) = γ⁻¹ for every t, for the
+    operator the fast form applies (the query (15) on the basis). λ_min = 1/(γ + σ_max) when U
+    is semi-orthogonal. And the equality needs τ < d: with τ = d, λ_max(G⁻¹) = 1/(γ + σ_min)
+    < γ⁻¹ once every direction has curvature."""
+    tau = data.draw(st.integers(1, n - 1))
+    gamma = 10.0**log_gamma
+    U, s = Gi.init(n, tau, "random", seed)
+    for t, d in enumerate(_stream(seed, n, 3 * n)):
+        U, s = Gi.update(U, s, d, alpha, gamma)
+        Q = Gi.query(U, s, np.eye(n), gamma)
+        lam = np.linalg.eigvalsh((Q + Q.T) / 2)
+        tol = 100 * n * EPS / gamma * (t + 1)
+        assert abs(lam[-1] - 1 / gamma) <= tol, f"λ_max = {lam[-1]} ≠ γ⁻¹ = {1 / gamma}"
+        assert lam[0] > 0
+        assert abs(lam[0] - 1 / (gamma + s.max())) <= tol
+    # τ = d, α = 1/2, d_s = the columns of an orthogonal matrix: σ_min ≥ 2^{-d}
+    Uf, sf = Gi.init(n, n, "random", seed)
+    for v in np.linalg.qr(np.random.default_rng(seed).standard_normal((n, n)))[0].T:
+        Uf, sf = Gi.update(Uf, sf, v, 0.5, gamma)
+    assert sf.min() >= 0.9 * 2.0**-n
+    Qf = Gi.query(Uf, sf, np.eye(n), gamma)
+    lam_max = np.linalg.eigvalsh((Qf + Qf.T) / 2)[-1]
+    tol = 100 * n * EPS / gamma * n
+    assert abs(lam_max - 1 / (gamma + sf.min())) <= tol
+    assert lam_max < 1 / gamma - 0.1 * 2.0**-n / (gamma * (gamma + 1))
+
+
+# ------------------------------------------------------------------- (4) σ ≥ 0 always
+def test_sigma_from_K_clip_policy():
+    """(18) with K clipped to [0, (1 − 4eps)/γ]: rounding-negative K → σ = 0; K ≥ 1/γ (where
+    (18) would give ∞ or σ < 0, and Algorithm 1's (1 − γK)^† would give σ = 0 or σ < 0) →
+    the cap γ(1 − δ)/δ; interior values by (18) exactly (K = 1/(2γ) ↔ σ = γ)."""
+    gamma = 0.3
+    delta = 4 * EPS
+    cap = gamma * (1 - delta) / delta
+    K = np.array([-1e-17, 0.0, 0.5 / gamma, 1 / gamma, np.nextafter(1 / gamma, 1.0), 2 / gamma])
+    s = Gi.sigma_from_K(K, gamma)
+    assert s[0] == 0 and s[1] == 0
+    assert abs(s[2] - gamma) <= 4 * EPS * gamma
+    assert np.all(np.abs(s[3:] - cap) <= 1e-6 * cap) and np.all(np.isfinite(s))
+    with np.errstate(divide="ignore"):
+        raw = gamma**2 * K / (1 - gamma * K)  # (18) unclipped
+    assert not np.all(np.isfinite(raw[3:]) & (raw[3:] >= 0))
+
+
+@given(st.integers(2, 8), st.data(), st.sampled_from([1e-12, 1e-6, 0.5, 1 - 1e-6, 1 - 1e-12]),
+       st.floats(-4, 2), st.floats(-8, 12), st.integers(0, 2**31 - 1))
+def test_sigma_nonnegative_finite_under_adversarial_inputs(n, data, alpha, log_gamma, log_scale, seed):
+    """Huge or tiny d_t, α near 0 or 1: σ stays finite and ≥ 0, U semi-orthogonal, and the
+    query operator keeps its eigenvalues in [0, γ⁻¹] up to the rounding of γ⁻¹I − UKUᵀ
+    (its smallest eigenvalue 1/(γ + σ_max) can lie below that rounding level)."""
+    tau = data.draw(st.integers(1, n))
+    gamma = 10.0**log_gamma
+    rng = np.random.default_rng(seed)
+    U, s = Gi.init(n, tau, "random", seed)
+    for t in range(10):
+        d = rng.standard_normal(n) * 10 ** (log_scale + rng.uniform(-1, 1))
+        U, s = Gi.update(U, s, d, alpha, gamma)
+        assert np.all(np.isfinite(U)) and np.all(np.isfinite(s)) and np.all(s >= 0)
+        assert np.abs(U.T @ U - np.eye(tau)).max() <= 100 * (t + 1) * n * EPS
+        Q = Gi.query(U, s, np.eye(n), gamma)
+        lam = np.linalg.eigvalsh((Q + Q.T) / 2)
+        assert lam[-1] <= (1 + 100 * n * (t + 1) * EPS) / gamma
+        assert lam[0] >= -100 * n * (t + 1) * EPS / gamma  # > 0 up to the rounding of γ⁻¹I − UKUᵀ
+
+
+def test_clip_is_what_keeps_sigma_finite():
+    """‖d‖²(1−α)/γ ≈ 5e30: the Brand core returns K > (1 − 4eps)/γ ((19) fails in floating
+    point: 1/λ ≈ 2e-31 is below the rounding of γ⁻¹), where unclipped (18) gives σ = ∞, σ < 0
+    or a value carrying no correct digit; both forms return the finite cap γ(1 − δ)/δ."""
+    n, tau, alpha, gamma = 5, 2, 0.5, 1e-3
+    U, s = Gi.init(n, tau, "random", 0)
+    d = np.zeros(n)
+    d[0] = 1e14
+    q = Gi.query(U, alpha * s, d, gamma)
+    _, K_raw = brand_update(U, _K(alpha * s, gamma), q, Gi.sm_coefficient(q, d, alpha), rank=tau)
+    assert K_raw.max() > (1 - 4 * EPS) / gamma
+    cap = gamma * (1 - 4 * EPS) / (4 * EPS)
+    for upd in (Gi.update, Gi.dense_update):
+        U2, s2 = upd(U, s, d, alpha, gamma)
+        assert abs(s2.max() - cap) <= 1e-6 * cap and s2.min() >= 0
+        assert np.all(np.isfinite(Gi.query(U2, s2, np.ones(n), gamma)))
+
+
+# -------------------------------------------------------- (5) the β of (17), Alg. 1
+@given(st.integers(2, 8), st.data(), st.floats(0.05, 0.95), st.floats(-2, 1), st.integers(0, 2**31 - 1))
+def test_sherman_morrison_beta_of_17_and_algorithm_1(n, data, alpha, log_gamma, seed):
+    """Exact G̃⁻¹ = (γI + αUΣUᵀ + (1−α)ddᵀ)⁻¹ (Cholesky) against
+    * (17) with h = G_{t−1,γ/α}⁻¹ d and the derived β = (1−α)α⁻¹/(α + (1−α)hᵀd): exact;
+    * (17) with the printed β = α⁻¹/(α + (1−α)hᵀd): off by (β_printed − β) hhᵀ;
+    * Algorithm 1's `upd` as printed (h ← drt(U, ασ, d) with damping γ, β = (α⁻¹ − 1)/(α +
+      (1−α)hᵀd), r1u(U, K_{γ/α}, √β h)): wrong; its two corrected readings exact;
+    * the first line of (17) with the damped G_{t−1,γ}: counts γ twice."""
+    tau = data.draw(st.integers(1, n))
+    gamma = 10.0**log_gamma
+    rng = np.random.default_rng(seed)
+    U, s = Gi.init(n, tau, "random", seed)
+    s = 10 ** rng.uniform(-2, 2, tau) * gamma
+    d = rng.standard_normal(n)
+    I = np.eye(n)
+    Gt = gamma * I + alpha * (U * s) @ U.T + (1 - alpha) * np.outer(d, d)
+    exact = np.linalg.inv(Gt)
+    tol = forward_tol(n, np.linalg.cond(Gt)) * np.linalg.norm(exact)
+    # (17): M = G_{t−1,γ/α}, h = M⁻¹d
+    M = (gamma / alpha) * I + (U * s) @ U.T
+    Minv = np.linalg.inv(M)
+    h = Minv @ d
+    beta = (1 - alpha) / alpha / (alpha + (1 - alpha) * h @ d)
+    beta_printed = (1 / alpha) / (alpha + (1 - alpha) * h @ d)
+    assert np.linalg.norm(Minv / alpha - beta * np.outer(h, h) - exact) <= tol
+    wrong = np.linalg.norm(Minv / alpha - beta_printed * np.outer(h, h) - exact)
+    assert wrong >= 0.5 * (beta_printed - beta) * (h @ h) > 100 * tol
+    # last line of (17): γ⁻¹I − (U α⁻¹K_{t−1,γ/α} Uᵀ + β hhᵀ), and the library's q form
+    corr = (U * _K(s, gamma / alpha) / alpha) @ U.T + beta * np.outer(h, h)
+    assert np.linalg.norm(I / gamma - corr - exact) <= tol
+    q = Gi.query(U, alpha * s, d, gamma)
+    assert np.linalg.norm(q - h / alpha) <= tol * np.linalg.norm(d)
+    kappa = Gi.sm_coefficient(q, d, alpha)
+    assert abs(kappa - (1 - alpha) / (1 + (1 - alpha) * q @ d)) <= 4 * EPS * kappa  # authors' κ = b/(1 + b qᵀd)
+    assert np.linalg.norm(kappa * np.outer(q, q) - beta * np.outer(h, h)) <= tol
+    # Algorithm 1 as printed
+    h_alg = q  # drt(U, ασ, d) with the global damping γ
+    b_alg = (1 / alpha - 1) / (alpha + (1 - alpha) * h_alg @ d)
+    corr_alg = (U * _K(s, gamma / alpha)) @ U.T + b_alg * np.outer(h_alg, h_alg)
+    assert np.linalg.norm(I / gamma - corr_alg - exact) > 100 * tol
+    # reading (a): h ← drt with damping γ/α on σ, and α⁻¹K_{γ/α}
+    h_a = I @ d * alpha / gamma - U @ (_K(s, gamma / alpha) * (U.T @ d))
+    assert np.linalg.norm(h_a - h) <= tol * np.linalg.norm(d)
+    # first line of (17) with the damped G_{t−1,γ} = γI + UΣUᵀ
+    first = gamma * I + alpha * (gamma * I + (U * s) @ U.T) + (1 - alpha) * np.outer(d, d)
+    assert np.allclose(first - Gt, alpha * gamma * I)
+
+
+# --------------------------------------------------------------- (6) the method
+def _batches(pb, steps):
+    params, x, y = pb.data()
+    rng = np.random.default_rng(pb.seed + 7)
+    return params, [Batch(x + (k > 0) * rng.standard_normal(x.shape), y, pb.loss_fn) for k in range(steps)]
+
+
+@given(problems(), st.sampled_from(["full", "layer", "tensor"]), st.integers(1, 6), st.floats(0.1, 0.99),
+       st.floats(-2, 0), st.sampled_from(["random", "eye"]))
+def test_method_fast_equals_dense(pb, blocks, tau, alpha, log_gamma, u0):
+    """MLP and CNN, every block layout: per block U K Uᵀ and σ agree within the summed
+    one-step bounds (the bound recomputed from the dense state and the same d_t of (8)), and
+    the directions within that bound · ‖∇L‖ plus the dense solve's forward error."""
+    net = pb.net
+    gamma = 10.0**log_gamma
+    method = Ginger(alpha=alpha, gamma=gamma, tau=tau, blocks=blocks, u0=u0)
+    params, batches = _batches(pb, 4)
+    sf = sd = method.init(net, params)
+    idxs = block_indices(net, blocks)
+    assert sorted(np.concatenate(idxs).tolist()) == list(range(net.n_params))
+    acc = np.zeros(len(idxs))
+    for k, b in enumerate(batches):
+        y_hat = method.draw(np.random.default_rng(k), sd, net, params, b)
+        d = Ginger.d_t(net, params, b, y_hat)
+        acc += [_one_step_bound(U, s, d[i], alpha, gamma) for i, U, s in zip(idxs, sd["U"], sd["sigma"])]
+        df, sf = method.step(sf, net, params, b, rng=k)
+        dd, sd = method.step(sd, net, params, b, rng=k, dense=True)
+        assert sf["k"] == sd["k"] == k + 1
+        g = flatten(net.grad(params, b.x, b.y, b.loss))
+        df, dd = flatten(df), flatten(dd)
+        for j, i in enumerate(idxs):
+            Uf, s1, Ud, s2 = sf["U"][j], sf["sigma"][j], sd["U"][j], sd["sigma"][j]
+            assert Uf.shape == Ud.shape == (len(i), min(tau, len(i)))
+            assert np.linalg.norm(_UKU(Uf, s1, gamma) - _UKU(Ud, s2, gamma)) <= acc[j]
+            _assert_sigma_close(s1, s2, acc[j], gamma, f"block {j} step {k}")
+            kap = 1 + s2.max() / gamma
+            bound = acc[j] * np.linalg.norm(g[i]) + forward_tol(len(i), kap) * np.linalg.norm(dd[i])
+            assert np.linalg.norm(df[i] - dd[i]) <= bound
+            # definition of the direction: −G_{t+1,γ}⁻¹ ∇L with the dense state
+            G = gamma * np.eye(len(i)) + (Ud * s2) @ Ud.T
+            res = residual_tol(len(i)) * np.linalg.norm(G, 2) * np.linalg.norm(dd[i])
+            assert np.linalg.norm(G @ dd[i] + g[i]) <= res
+
+
+def test_block_layouts_reduce_to_each_other():
+    """One layer with bias: "layer" = "full"; one layer without bias: "tensor" = "layer"; with
+    τ ≥ d a block is never truncated and its state is the exact damped EMA of the d_t's."""
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((5, 3)), rng.integers(0, 2, 5)
+    for net, a, b in [(Sequential([Linear(3, 2)]), "full", "layer"),
+                      (Sequential([Linear(3, 2, bias=False)]), "layer", "tensor")]:
+        params = net.init(1)
+        ma, mb = Ginger(blocks=a, tau=3), Ginger(blocks=b, tau=3)
+        sa, sb = ma.init(net, params), mb.init(net, params)
+        for k in range(6):
+            batch = Batch(x + k, y, CrossEntropy())
+            da, sa = ma.step(sa, net, params, batch, rng=k)
+            db, sb = mb.step(sb, net, params, batch, rng=k)
+            np.testing.assert_array_equal(flatten(da), flatten(db))
+    # τ ≥ n: the full block is the exact damped EMA for every t (here t = 8 > n = 6)
+    net = Sequential([Linear(2, 2)])
+    params = net.init(2)
+    m = Ginger(tau=50, gamma=0.1, alpha=0.7)
+    st_ = m.init(net, params)
+    assert st_["U"][0].shape == (6, 6)
+    ds = []
+    for k in range(8):
+        batch = Batch(rng.standard_normal((3, 2)), rng.standard_normal((3, 2)), MSE())
+        ds.append(Ginger.d_t(net, params, batch, m.draw(np.random.default_rng(k), st_, net, params, batch)))
+        _, st_ = m.step(st_, net, params, batch, rng=k)
+        G = _ema(ds, 0.7, 0.1)
+        U, s = st_["U"][0], st_["sigma"][0]
+        bound = (k + 1) * forward_tol(6, _kappa(np.linalg.eigvalsh(G)[-1], 0.1)) / 0.1
+        assert np.linalg.norm(np.eye(6) / 0.1 - _UKU(U, s, 0.1) - np.linalg.inv(G)) <= bound
+
+
+def test_d_t_second_moment_is_the_batch_fisher():
+    """(8): with one label per input drawn from the model, E[d_t d_tᵀ] = (1/|B|) Σ_x F(x), the
+    exact Fisher (6) of the batch (the 1/√|B| scaling; cross terms vanish because the score
+    has mean zero). Monte-Carlo with a CLT tolerance."""
+    net = Sequential([Linear(2, 3), Tanh(), Linear(3, 3)])
+    params = net.init(4)
+    x = np.random.default_rng(5).standard_normal((4, 2))
+    batch = Batch(x, np.zeros(4, dtype=int), CrossEntropy())
+    m = Ginger()
+    rng = np.random.default_rng(6)
+    S = 3000
+    D = np.stack([Ginger.d_t(net, params, batch, m.draw(rng, None, net, params, batch)) for _ in range(S)])
+    iu = np.triu_indices(net.n_params)
+    X = (D[:, :, None] * D[:, None, :])[:, iu[0], iu[1]]
+    F = cv.fisher(net, params, x, None, CrossEntropy(), kind="exact")
+    assert_clt(X, F[iu])
+
+
+# --------------------------------------------------------------- (7) hyper-parameters
+def test_bad_hyper_parameters():
+    for kwargs, match in [({"alpha": 0.0}, "alpha"), ({"alpha": 1.0}, "alpha"), ({"alpha": float("nan")}, "alpha"),
+                          ({"gamma": 0.0}, "gamma"), ({"gamma": -1.0}, "gamma"), ({"gamma": float("inf")}, "gamma"),
+                          ({"tau": 0}, "tau"), ({"tau": 2.0}, "tau"), ({"tau": True}, "tau"),
+                          ({"blocks": "diag"}, "blocks"), ({"u0": "zeros"}, "u0"), ({"seed": -1}, "seed")]:
+        with pytest.raises(HyperParameterError, match=match):
+            Ginger(**kwargs)
+    with pytest.raises(HyperParameterError, match="tau must be ≤ d"):
+        Gi.init(3, 4)
+    U, s = Gi.init(4, 2)
+    with pytest.raises(HyperParameterError, match="alpha"):
+        Gi.update(U, s, np.ones(4), 1.0, 0.1)
+    with pytest.raises(HyperParameterError, match="gamma"):
+        Gi.dense_update(U, s, np.ones(4), 0.5, 0.0)
+    with pytest.raises(HyperParameterError, match="sigma"):
+        Gi.update(U, -np.ones(2), np.ones(4), 0.5, 0.1)
+    with pytest.raises(ShapeError):
+        Gi.update(U.T, s, np.ones(4), 0.5, 0.1)
+    with pytest.raises(ShapeError):
+        Gi.update(U, s, np.ones(3), 0.5, 0.1)
+
+
+# --------------------------------------------------------------- (8) smoke training
+@pytest.mark.parametrize("blocks", ["full", "layer"])
+def test_training_smoke_decreases_loss(blocks):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((128, 4))
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(int) + (x[:, 2] > 1).astype(int)
+    net = Sequential([Linear(4, 16), Tanh(), Linear(16, 3)])
+    _, hist = train(Ginger(alpha=0.9, gamma=1e-2, tau=8, blocks=blocks), net, net.init(0), x, y, CrossEntropy(),
+                    steps=30, lr=0.01, batch_size=32, seed=1)
+    assert hist["loss"][-1] < 0.5 * hist["loss"][0]

@@ -7,11 +7,12 @@ METHODS = [
     ("SMW-GN / SMW-NG / SMW-NG-BD", "003 Ch.5 (5.2)-(5.7), Alg. 17-23", "SMW solves with Gram blocks, LM rule", "available"),
     ("Hessian-free", "003 Ch.5", "CG on GGN-vector products", "available"),
     ("KFAC", "003 Alg. 7, 12", "Kronecker factors (expand/reduce), damped inverse", "available"),
-    ("K-BFGS / K-BFGS(L)", "003 Ch.2-3, Alg. 4, 5, 9, 10", "BFGS/L-BFGS Kronecker factors, damping", "planned"),
-    ("TNT", "003 Ch.4 (4.2)-(4.10), Alg. 13-15", "tensor-normal Fisher, mode products", "planned"),
-    ("Shampoo", "003 Alg. 16", "inverse roots (coupled Newton), mode products", "planned"),
-    ("QNG", "004 §2.2 (9)-(13)", "product-form EMA, truncation", "planned"),
-    ("Ginger", "004 §2.3, Alg. 1", "low-rank inverse with Brand update", "planned"),
+    ("K-BFGS / K-BFGS(L) (MLP)", "003 Ch.2, Alg. 3-5", "DD-damped BFGS/L-BFGS H_g, Hessian-action H_a", "available"),
+    ("K-BFGS / K-BFGS(L) (conv)", "003 Ch.3, Alg. 8-10", "D_P D_LM, minibatched Hessian action (3.15)", "available"),
+    ("TNT", "003 Ch.4 (4.2)-(4.10), Alg. 13-15", "tensor-normal Fisher, mode products", "available"),
+    ("Shampoo", "003 Alg. 16", "inverse roots (coupled Newton), mode products", "available"),
+    ("QNG", "004 §2.2 (9)-(13)", "product-form EMA, truncation", "available"),
+    ("Ginger", "004 §2.3, Alg. 1", "low-rank inverse with Brand update", "available"),
 ]
 
 CURVATURE = [

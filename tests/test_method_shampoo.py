@@ -284,6 +284,7 @@ def test_bad_hyper_parameters():
     for kwargs, match in [({"damping": 0.0}, "damping"), ({"beta": 1.0}, "beta"), ({"momentum": -0.1}, "momentum"),
                           ({"weight_decay": -1e-3}, "weight_decay"), ({"weight_decay": float("nan")}, "weight_decay"),
                           ({"T_stats": 0}, "T_stats"), ({"T_inv": 1.5}, "T_inv"), ({"conv_modes": 2}, "conv_modes"),
+                          ({"conv_modes": 3.0}, "conv_modes"),
                           ({"roots": "svd"}, "roots"), ({"newton_tol": 0.0}, "newton_tol"),
                           ({"newton_max_iter": 0}, "newton_max_iter"), ({"on_newton_failure": "ignore"}, "on_newton")]:
         with pytest.raises(HyperParameterError, match=match):

@@ -261,10 +261,11 @@ def test_lemma_9_and_10_bounds(pb, conv_modes, statistics, eps, beta):
 
 # ------------------------------------------------------------------ (5) T_1 / T_2, EMA, warm start
 def test_statistics_and_inverses_refresh_exactly_at_T1_T2():
-    """Algorithm 15 lines 6-17 with T_1 = 2, T_2 = 3 (t = 1, 2, …): Ĝ set at t = 1 (no warm
-    start), EMA-updated at t = 2, 4, 6 only; factors/inverses computed at t = 1 (none yet) and
-    t = 3, 6 only, from the statistics of that step, and reused (stale) in between; the
-    direction always equals the dense solve with the stale factors."""
+    """Algorithm 15 lines 6-17 with T_1 = 2, T_2 = 3 and refcurv's 0-based counter
+    (k = 0, 1, …): Ĝ set at k = 0 (no warm start), EMA-updated at k = 2, 4, 6 only;
+    factors/inverses computed at k = 0, 3, 6 only, from the statistics of that step, and
+    reused (stale) in between; the direction always equals the dense solve with the stale
+    factors."""
     net = Sequential([Linear(3, 4), Tanh(), Linear(4, 2)])
     rng = np.random.default_rng(0)
     params = net.init(1)
@@ -273,22 +274,22 @@ def test_statistics_and_inverses_refresh_exactly_at_T1_T2():
     method = TNT(damping=eps, T_stats=2, T_inv=3, beta=beta, momentum=0.0)
     state = method.init(net, params)
     hist, refreshed_at = [], None
-    for t, b in enumerate(batches, start=1):
+    for t, b in enumerate(batches):
         draws = method.draw(np.random.default_rng(t), state, net, params, b)
-        assert (draws["labels"] is not None) == (t == 1 or t % 2 == 0)
+        assert (draws["labels"] is not None) == (t % 2 == 0)
         prev = state
         d, state = method.step(state, net, params, b, rng=t)
-        if t == 1 or t % 2 == 0:
+        if t % 2 == 0:
             new = _ref_stats(net, params, b, draws["labels"], 4, "per_sample")
-            want = new if t == 1 else [[[beta * s + (1 - beta) * n for s, n in zip(a, c)] for a, c in zip(A, C)]
+            want = new if t == 0 else [[[beta * s + (1 - beta) * n for s, n in zip(a, c)] for a, c in zip(A, C)]
                                        for A, C in zip(prev["stats"], new)]
             for x, y in zip(_leaves(state["stats"]), _leaves(want)):
                 assert_close(x, y, rtol=1e-12, atol=0)
         else:
             assert all(x is y for x, y in zip(_leaves(state["stats"]), _leaves(prev["stats"])))
-        if t in (1, 3, 6):
+        if t in (0, 3, 6):
             refreshed_at = state["stats"]
-            if t > 1:
+            if t > 0:
                 pairs = zip(_leaves(state["inverses"]), _leaves(prev["inverses"]))
                 assert not any(np.array_equal(x, y) for x, y in pairs)
         else:
@@ -304,8 +305,8 @@ def test_statistics_and_inverses_refresh_exactly_at_T1_T2():
 
 
 def test_warm_start_and_momentum_and_weight_decay():
-    """Line 2: warm start = mean statistics over the given batches, and with T_1 = 2 the first
-    step keeps them (no statistics at t = 1) but computes the inverses. Line 10: m_t = μ m_{t−1}
+    """Line 2: warm start = mean statistics over the given batches; with T_1 = 2 the first
+    step (k = 0) EMA-updates them and computes the inverses, the second keeps them. Line 10: m_t = μ m_{t−1}
     + ∇̄L_t. Line 19: weight decay adds exactly −γW to the direction (same draws)."""
     net = Sequential([Linear(3, 4), Tanh(), Linear(4, 2)])
     rng = np.random.default_rng(1)
@@ -318,10 +319,14 @@ def test_warm_start_and_momentum_and_weight_decay():
             for b in bs[:2]]
     for x, a, c in zip(_leaves(st0["stats"]), _leaves(refs[0]), _leaves(refs[1])):
         assert_close(x, (a + c) / 2, rtol=1e-12, atol=0)
+    draws = method.draw(np.random.default_rng(0), st0, net, params, bs[2])
     _, s1 = method.step(st0, net, params, bs[2], rng=0)
-    assert all(x is y for x, y in zip(_leaves(s1["stats"]), _leaves(st0["stats"])))
+    new = _ref_stats(net, params, bs[2], draws["labels"], 4, "per_sample")
+    for x, a, c in zip(_leaves(s1["stats"]), _leaves(st0["stats"]), _leaves(new)):
+        assert_close(x, method.beta * a + (1 - method.beta) * c, rtol=1e-12, atol=0)
     assert s1["inverses"] is not None
     _, s2 = method.step(s1, net, params, bs[0], rng=1)
+    assert all(x is y for x, y in zip(_leaves(s2["stats"]), _leaves(s1["stats"])))
     g1, g2 = (net.grad(params, b.x, b.y, b.loss) for b in (bs[2], bs[0]))
     for m, a, c in zip(s2["m"], g1, g2):
         assert_close(m, 0.8 * a + c, rtol=1e-14)
@@ -405,6 +410,35 @@ def test_bad_hyper_parameters():
                           ({"conv_modes": 3.0}, "conv_modes")]:
         with pytest.raises(HyperParameterError, match=match):
             TNT(**kwargs)
+
+
+def test_warm_start_needs_a_batch():
+    net = Sequential([Linear(3, 2)])
+    params = net.init(0)
+    with pytest.raises(HyperParameterError, match="at least one batch"):
+        TNT().warm_start(TNT().init(net, params), net, params, [])
+
+
+@pytest.mark.parametrize("conv_modes", [3, 4])
+def test_tnt_ef_batch_mean_statistics_are_shampoo_statistics(conv_modes):
+    """§4.3.4/§4.7.3: TNT-EF (data labels, mini-batch-mean gradient) and Shampoo (Algorithm 16
+    line 9) keep the same statistics Ĝ^{(i)} — the EMA of the contractions of the mini-batch
+    gradient — and differ only in how they turn them into a preconditioner. Pins the scale of
+    both (refcurv's mean loss) against each other, step by step."""
+    from refcurv.methods.shampoo import Shampoo
+
+    net = Sequential([Conv2d(2, 3, (2, 3)), Tanh(), Flatten(), Linear(12, 3)])
+    rng = np.random.default_rng(7)
+    params = net.init(3)
+    tnt = TNT(fisher="empirical", statistics="batch_mean", conv_modes=conv_modes, beta=0.6)
+    sh = Shampoo(conv_modes=conv_modes, beta=0.6, roots="eigh")
+    st_t, st_s = tnt.init(net, params), sh.init(net, params)
+    for k in range(3):
+        b = Batch(rng.standard_normal((5, 2, 3, 4)), rng.integers(0, 3, 5), CrossEntropy())
+        _, st_t = tnt.step(st_t, net, params, b, rng=k)
+        _, st_s = sh.step(st_s, net, params, b)
+        for x, y in zip(_leaves(st_t["stats"]), _leaves(st_s["stats"])):
+            assert_close(x, y, rtol=1e-12, atol=0, what=f"step {k}")
 
 
 @pytest.mark.parametrize("conv_modes", [3, 4])

@@ -113,6 +113,7 @@ class Shampoo(Method):
         check_nonnegative(self.weight_decay, "weight_decay")
         check_int(self.T_stats, "T_stats")
         check_int(self.T_inv, "T_inv")
+        check_int(self.conv_modes, "conv_modes")
         check_choice(self.conv_modes, "conv_modes", (3, 4))
         check_choice(self.roots, "roots", ("newton", "eigh"))
         check_positive(self.newton_tol, "newton_tol")

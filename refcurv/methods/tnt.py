@@ -28,7 +28,9 @@ data labels: TNT-EF, §4.7.3). ``statistics`` selects the estimator of ``E[G^{(i
   the two coincide.
 
 Moving averages ``Ĝ^{(i)} ← β Ĝ^{(i)} + (1−β) Ḡ^{(i)}`` (Algorithm 15 line 12) at steps
-``t ≡ 0 (mod T_stats)`` (``T_1``), with ``t = 1, 2, …`` the 1-based step; the first
+``k ≡ 0 (mod T_stats)`` (``T_1``), with ``k = 0, 1, …`` the 0-based step counter (the
+convention of KFAC and Shampoo in refcurv: every method refreshes at its first step and
+then every ``T`` steps, i.e. at the thesis's ``t = 1, T + 1, 2T + 1, …``); the first
 statistics *set* ``Ĝ`` (a warm start on the first mini-batch; :meth:`TNT.warm_start` does
 Algorithm 15 line 2 on any data).
 
@@ -44,9 +46,9 @@ so that ``tr(Ũ_i)/d_i = c_0`` for every mode ``i`` and ``Ĝ^{(i)} = Ũ_i Π_{j�
 **Preconditioner.** ``F_TNT = ⊗_i (Ũ_i + εI)`` (§4.3.3, Lemma 10): ``ε`` is added in full
 to each normalized factor (so the overall damping of an order-``k`` tensor is not ``ε``
 but ``⊗(Ũ_i+εI) ⪰ ε^k I``). Factors and their inverses ``(Ũ_i + εI)^{-1}`` (Cholesky,
-:func:`refcurv.linalg.woodbury.spd_solve`) are refreshed at steps ``t ≡ 0 (mod T_inv)``
-(``T_2``) and whenever none exist yet (at ``t = 1``: Algorithm 15 as printed leaves them
-undefined before ``t = T_2``, errata TNT-2).
+:func:`refcurv.linalg.woodbury.spd_solve`) are refreshed at steps ``k ≡ 0 (mod T_inv)``
+(``T_2``), so also at the first step (Algorithm 15 as printed, ``t ≡ 0 (mod T_2)`` with
+``t = 1, 2, …``, leaves them undefined before ``t = T_2``, errata TNT-2).
 
 **Direction** (Algorithm 15 lines 10, 18-20): momentum ``m ← μ m + ∇̄L`` (no ``1−μ``;
 ``m_0 = 0``), then per tensor
@@ -71,6 +73,7 @@ from functools import reduce
 import numpy as np
 
 from ..backend import xp_of
+from ..errors import HyperParameterError
 from ..linalg.tensor import contraction, kron_apply
 from ..linalg.woodbury import spd_solve
 from ._tensors import from_tensors, to_tensors
@@ -174,7 +177,7 @@ class TNT(Method):
         return {"k": 0, "m": None, "stats": None, "factors": None, "inverses": None}
 
     def _refresh_stats(self, state):
-        return state["stats"] is None or (state["k"] + 1) % self.T_stats == 0
+        return state["stats"] is None or state["k"] % self.T_stats == 0
 
     def draw(self, rng, state, net, params, batch):
         """``{"seed", "labels"}``: one seed per step (drawn every step, so the stream does not
@@ -197,7 +200,9 @@ class TNT(Method):
         """Algorithm 15 line 2: ``Ĝ^{(i)}`` = the mean of the statistics of ``batches`` (a
         :class:`Batch` or a list of them, e.g. the whole data set in mini-batches), labels
         drawn with ``seed``."""
-        batches = batches if isinstance(batches, (list, tuple)) else [batches]
+        batches = list(batches) if isinstance(batches, (list, tuple)) else [batches]
+        if not batches:
+            raise HyperParameterError("warm_start needs at least one batch")
         rng = np.random.default_rng(seed)
         acc = None
         for b in batches:
@@ -211,7 +216,7 @@ class TNT(Method):
     def _update(self, state, net, params, batch, draws):
         """Shared by both forms (Algorithm 15 lines 5-17): momentum, statistics EMA, and at
         refreshes the damped normalized factors and their inverses."""
-        t = state["k"] + 1
+        k = state["k"]
         g = net.grad(params, batch.x, batch.y, batch.loss)
         m = g if state["m"] is None else [self.momentum * a + b for a, b in zip(state["m"], g)]
         stats = state["stats"]
@@ -220,10 +225,10 @@ class TNT(Method):
             b = self.beta
             stats = new if stats is None else _map3(lambda s, n: b * s + (1 - b) * n, stats, new)
         factors, inverses = state["factors"], state["inverses"]
-        if inverses is None or t % self.T_inv == 0:
+        if inverses is None or k % self.T_inv == 0:
             factors = [[damped_factors(S, self.damping) for S in layer] for layer in stats]
             inverses = _map3(lambda F: spd_solve(F, xp_of(F).eye(F.shape[0], dtype=F.dtype), "Ũ_i + εI"), factors)
-        return m, {"k": t, "m": m, "stats": stats, "factors": factors, "inverses": inverses}
+        return m, {"k": k + 1, "m": m, "stats": stats, "factors": factors, "inverses": inverses}
 
     def _direction(self, net, params, m, precondition):
         """``d = −(P(m) + γW)`` per layer, ``P`` applied tensor by tensor (line 18-19)."""

@@ -70,6 +70,9 @@ start of the next call changes nothing that any direction uses: the parameters a
 (``tests/test_method_kbfgs.py::test_deferred_equals_explicit_algorithm_9``). Only the
 ``H_G`` update after the very last step is never made (it is never used).
 
+The pending batch is a private copy of ``x`` and ``y`` (a caller may refill its batch buffer
+in place before the next call).
+
 State (same structure from both forms): ``k``; ``m`` (momentum, per layer); ``lambdas``
 (``(λ_A, λ_G)`` per layer); ``HA`` (dense ``d × d``); ``HG`` (dense ``out × out``, K-BFGS) or
 ``memory`` (``(S, Y)``, ``(≤p, out)`` rows oldest first, K-BFGS(L)); ``sG``, ``yG`` (undamped
@@ -82,6 +85,7 @@ Diagnostics: ``state["diagnostics"]`` counts, per layer, the ``H_G`` pairs used 
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -322,7 +326,7 @@ class _KBFGSBase(Method):
                 As = factor_A(P) @ s_A if dense else hessian_action(P, s_A)              # (3.15)
                 y_A = As + lam_A * s_A
                 HA_new.append(bfgs_update_H(HA, s_A, y_A) if float(s_A @ y_A) > 0 else HA)
-            pending = {"batch": batch,
+            pending = {"batch": Batch(copy.deepcopy(batch.x), copy.deepcopy(batch.y), batch.loss),  # private copy
                        "h": [W @ mean_patch(P) for W, P in zip(params, A_list)],         # h̄ = W â
                        "dh": [G.mean(axis=(0, 2)) for G in G_list]}                       # Dh̄
         new_state = {**state, "k": k + 1, "m": m if self.algorithm == "alg9" else None,

@@ -51,7 +51,8 @@ runs a forward/backward pass on ``M_k`` at ``θ_k`` (line 6), steps ``θ_{k+1} =
 16–18), and updates ``A``, ``H_a`` from line 6's ``a`` (lines 20–23). Here step ``k`` (called
 with ``θ_k``, ``M_k``) does, in order:
 
-1. if the state holds ``(M_{k−1}, h̄, ḡ)`` from step ``k−1``: the second pass of iteration
+1. if the state holds ``(M_{k−1}, h̄, ḡ)`` from step ``k−1`` (a private copy of the batch
+   arrays, so that a caller may refill its batch buffer in place): the second pass of iteration
    ``k−1`` — on ``M_{k−1}`` at ``θ_k = θ_{k−1} + lr·direction_{k−1}`` — giving ``h̄⁺, ḡ⁺``,
    then lines 16–18 (EMA pair, DD, ``H_g`` update);
 2. the first pass on ``M_k`` at ``θ_k`` (line 6), momentum (line 8), direction
@@ -82,6 +83,7 @@ relative slack ``√eps``: when Powell's damping on H acts and the ``B = I`` ste
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,7 +92,7 @@ from ..backend import xp_of
 from ..linalg.damping import double_damping
 from ..linalg.quasi_newton import bfgs_update_H, lbfgs_compact, lbfgs_dense
 from ..linalg.woodbury import spd_solve
-from .base import Method, check_choice, check_int, check_positive, check_unit
+from .base import Batch, Method, check_choice, check_int, check_positive, check_unit
 from .registry import register
 
 
@@ -122,6 +124,12 @@ def hessian_action_pair(Ha, A, abar, lam_A):
 
 def _apply(H, v):
     return H(v) if callable(H) else H @ v
+
+
+def _own_copy(batch):
+    """The batch with private copies of ``x`` and ``y``: the deferred second pass re-reads it
+    one call later, when a caller may have refilled its batch buffer in place."""
+    return Batch(copy.deepcopy(batch.x), copy.deepcopy(batch.y), batch.loss)
 
 
 # ----------------------------------------------------------------- the method
@@ -295,7 +303,7 @@ class _KBFGSMLPBase(Method):
             hbar.append(W @ abar)  # h̄ = W ā
             gbar.append(g.mean(axis=0))
         new_state = {**state, "k": state["k"] + 1, "m": m_new, "A": A_new, "Ha": Ha_new,
-                     "prev": {"batch": batch, "hbar": hbar, "gbar": gbar}}
+                     "prev": {"batch": _own_copy(batch), "hbar": hbar, "gbar": gbar}}
         return direction, new_state
 
     def _fast(self, state, net, params, batch, draws):

@@ -25,7 +25,7 @@ VARIANTS = {"kbfgs": KBFGS, "kbfgs-l": KBFGSL}
 
 def _method(variant, **kw):
     if variant == "kbfgs":
-        kw.pop("p", None)
+        kw.pop("memory", None)
     return VARIANTS[variant](**kw)
 
 
@@ -152,7 +152,7 @@ def test_fast_equals_dense_step_by_step(pb, variant, algorithm, T, p, lam, form)
     for _ in range(10):
         xs = x + 0.3 * rng.standard_normal(x.shape)
         batches.append(Batch(xs, y, pb.loss_fn))
-    method = _method(variant, damping=lam, algorithm=algorithm, T_update=T, p=p, momentum_form=form)
+    method = _method(variant, damping=lam, algorithm=algorithm, T_update=T, memory=p, momentum_form=form)
     _run_lockstep(method, net, params, batches)
 
 
@@ -166,7 +166,7 @@ def test_fast_equals_dense_over_a_training_run(variant, algorithm, kind):
     x, y = _data(net)
     rng = np.random.default_rng(1)
     batches = [Batch(x[i], y[i], CrossEntropy()) for i in (rng.choice(40, 8, replace=False) for _ in range(12))]
-    method = _method(variant, damping=0.05, algorithm=algorithm, p=3)
+    method = _method(variant, damping=0.05, algorithm=algorithm, memory=3)
     state = _run_lockstep(method, net, net.init(0), batches)
     assert sum(state["diagnostics"]["pairs"]) == 11 * len(state["HA"])  # every deferred update made
     if variant == "kbfgs-l":
@@ -179,7 +179,7 @@ def test_lbfgs_with_enough_memory_is_kbfgs():
     net = _small_cnn()
     x, y = _data(net)
     runs = [train(M, net, net.init(0), x, y, CrossEntropy(), steps=8, lr=0.05, batch_size=8, seed=3)[0]
-            for M in (KBFGS(damping=0.1), KBFGSL(damping=0.1, p=20))]
+            for M in (KBFGS(damping=0.1), KBFGSL(damping=0.1, memory=20))]
     for a, b in zip(*runs):
         assert_close(a, b, rtol=1e-10)
 
@@ -233,7 +233,7 @@ def test_damped_pairs_satisfy_their_invariants(variant, algorithm):
     s̃ᵀs̃/s̃ᵀỹ ≤ 1/μ₂ and ỹᵀỹ/s̃ᵀỹ ≤ 1/μ₃, μ₃ = μ₁/(μ₂(1+2μ₁)). For Algorithm 10, H_G
     stays within Lemma 6's bounds (constants from the lemma, n = pairs in H_G)."""
     mu1 = 0.2
-    method = _method(variant, damping=0.05, algorithm=algorithm, p=4, mu1=mu1)
+    method = _method(variant, damping=0.05, algorithm=algorithm, memory=4, mu1=mu1)
     checked = 0
     for prev, new in _trajectory(method, _small_cnn(), 16):
         for l, pair in enumerate(new["last_pairs"] or []):
@@ -272,7 +272,7 @@ def test_ratio_diagnostic_counts_and_report(variant):
     Figure 2.1 reports ≥ 90% on its problems) is recounted here from the recorded pairs and
     the previous H_G, and printed (measured, not asserted)."""
     mu1 = 0.2
-    method = _method(variant, damping=0.05, p=10, mu1=mu1)
+    method = _method(variant, damping=0.05, memory=10, mu1=mu1)
     counts = None
     traj = _trajectory(method, _small_cnn(), 60, seed=2)
     for prev, new in traj:
@@ -414,7 +414,7 @@ def test_deferred_equals_explicit_algorithm_9(variant, algorithm, warm):
     net = _small_cnn()
     x, y = _data(net)
     lr, lam, seed, steps = 0.05, 0.1, 4, 7
-    method = _method(variant, damping=lam, algorithm=algorithm, T_update=2, p=2)
+    method = _method(variant, damping=lam, algorithm=algorithm, T_update=2, memory=2)
     rng = np.random.default_rng(seed)
     batches = [Batch(x[i], y[i], CrossEntropy()) for i in (rng.choice(len(x), 8, replace=False) for _ in range(steps))]
     params0 = net.init(1)
@@ -444,7 +444,7 @@ def test_deferred_second_pass_reads_its_own_copy_of_the_batch(variant):
     fresh arrays; reading the refilled buffer would pair h̄⁺ of M_{k+1} with h̄ of M_k."""
     net = _small_cnn()
     x, y = _data(net)
-    method = _method(variant, damping=0.1, p=3)
+    method = _method(variant, damping=0.1, memory=3)
     rng = np.random.default_rng(0)
     idx = [rng.choice(len(x), 8, replace=False) for _ in range(5)]
     runs = []
@@ -491,10 +491,10 @@ def test_bad_hyper_parameters():
             with pytest.raises(HyperParameterError, match=match):
                 cls(**kwargs)
     for bad in (0, -1, 2.0, True):
-        with pytest.raises(HyperParameterError, match="p"):
-            KBFGSL(p=bad)
+        with pytest.raises(HyperParameterError, match="memory"):
+            KBFGSL(memory=bad)
     with pytest.raises(TypeError):
-        KBFGS(p=3)  # K-BFGS has no memory
+        KBFGS(memory=3)  # K-BFGS has no memory
 
 
 # ----------------------------------------------------------------- (8) smoke run

@@ -47,7 +47,7 @@ where ``+`` is the second forward-backward pass at the *new* weights on the *sam
 ``(s_G, y_G)`` is kept undamped; the pair used is ``D_P D_LM(s_G, y_G)`` (Algorithm 8, Powell
 on ``H = H_G`` with ``μ₁`` then ``ỹ = y + μ₂ s̃``, ``μ₂ = λ_G``) for ``"alg9"``, or
 ``D_P(I) D_LM`` (Algorithm 11, ``H = μ₂⁻¹ I``) for ``"alg10"``. ``"kbfgs"`` updates a dense
-``H_G`` by BFGS (3.11) from ``H_G = λ_G⁻¹ I``; ``"kbfgs-l"`` keeps the last ``p`` pairs and
+``H_G`` by BFGS (3.11) from ``H_G = λ_G⁻¹ I``; ``"kbfgs-l"`` keeps the last ``memory`` (the thesis's ``p``) pairs and
 applies L-BFGS (3.16) from ``H_0 = λ_G⁻¹ I`` in the compact ("non-loop", Byrd et al.) form
 (:func:`~refcurv.linalg.quasi_newton.lbfgs_compact_apply`); its dense form builds the matrix
 by the recursion (:func:`~refcurv.linalg.quasi_newton.lbfgs_dense`).
@@ -278,7 +278,7 @@ class _KBFGSBase(Method):
             if self.limited:
                 S, Y = mem[l]
                 xp = xp_of(S)
-                mem[l] = (xp.concatenate([S, s_t[None]])[-self.p:], xp.concatenate([Y, y_t[None]])[-self.p:])
+                mem[l] = (xp.concatenate([S, s_t[None]])[-self.memory:], xp.concatenate([Y, y_t[None]])[-self.memory:])
             else:
                 HG[l] = bfgs_update_H(HG[l], s_t, y_t)                            # (3.11)
         return {**state, "sG": sG, "yG": yG, "HG": HG, "memory": mem, "last_pairs": last,
@@ -356,11 +356,11 @@ class KBFGS(_KBFGSBase):
 @register
 @dataclass(frozen=True)
 class KBFGSL(_KBFGSBase):
-    """K-BFGS(L) (thesis 003 Algorithms 9 and 10): ``H_G`` by L-BFGS with the last ``p`` pairs
+    """K-BFGS(L) (thesis 003 Algorithms 9 and 10): ``H_G`` by L-BFGS with the last ``memory`` (thesis: ``p``) pairs
     from ``H_0 = λ_G⁻¹ I``, applied in compact form. Hyper-parameters as :class:`KBFGS`, plus
-    the memory ``p``."""
+    the ``memory``."""
 
-    p: int = 100
+    memory: int = 100
 
     name = "kbfgs-l"
     limited = True
@@ -369,4 +369,4 @@ class KBFGSL(_KBFGSBase):
 
     def __post_init__(self):
         self._check()
-        check_int(self.p, "p")
+        check_int(self.memory, "memory")

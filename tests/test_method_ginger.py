@@ -376,6 +376,55 @@ def test_block_layouts_reduce_to_each_other():
         assert np.linalg.norm(np.eye(6) / 0.1 - _UKU(U, s, 0.1) - np.linalg.inv(G)) <= bound
 
 
+def test_tensor_blocks_split_weight_and_bias():
+    """The block index sets written out: W_1 ∈ R^{2×(3+1)} (row-major, bias = last column) and
+    W_2 ∈ R^{2×2} without bias. "tensor" separates W_1's weight from its bias column."""
+    net = Sequential([Linear(3, 2), Tanh(), Linear(2, 2, bias=False)])
+    want = {"full": [list(range(12))],
+            "layer": [list(range(8)), [8, 9, 10, 11]],
+            "tensor": [[0, 1, 2, 4, 5, 6], [3, 7], [8, 9, 10, 11]]}
+    for blocks, idx in want.items():
+        assert [i.tolist() for i in block_indices(net, blocks)] == idx, blocks
+    m = Ginger(blocks="tensor", tau=4)
+    assert [U.shape for U in m.init(net, net.init(0))["U"]] == [(6, 4), (2, 2), (4, 4)]
+
+
+@pytest.mark.parametrize("blocks", ["full", "tensor"])
+def test_float32_fast_form_runs_in_float32_dense_form_in_float64(blocks):
+    """design §3 precision: the fast form runs in the input dtype (state, d_t of (8) and the
+    direction stay float32 — np.sqrt(N) is a float64 scalar that would promote d_t), the dense
+    form computes in float64 even from a float32 state. The float32 direction solves its own
+    state's (14) to float32 rounding: ‖Gx + g‖ ≤ C·n·eps₃₂·(t+1)·κ_γ·‖g‖ (Woodbury (15) with
+    ‖UᵀU − I‖ = O(n·eps₃₂) per step leaves the residual UΣ(UᵀU − I)KUᵀg)."""
+    net = Sequential([Linear(3, 4), Tanh(), Linear(4, 3)])
+    params = [W.astype(np.float32) for W in net.init(0)]
+    rng = np.random.default_rng(0)
+    gamma = 0.1
+    m = Ginger(alpha=0.9, gamma=gamma, tau=3, blocks=blocks)
+    s = m.init(net, params)
+    eps32 = float(np.finfo(np.float32).eps)
+    for k in range(4):
+        b = Batch(rng.standard_normal((5, 3)).astype(np.float32), rng.integers(0, 3, 5), CrossEntropy())
+        assert Ginger.d_t(net, params, b, m.draw(np.random.default_rng(k), s, net, params, b)).dtype == np.float32
+        dd, sd = m.step(s, net, params, b, rng=k, dense=True)
+        assert all(x.dtype == np.float64 for x in dd + sd["U"] + sd["sigma"])
+        df, s = m.step(s, net, params, b, rng=k)
+        assert all(x.dtype == np.float32 for x in df + s["U"] + s["sigma"])
+        g, x = flatten(net.grad(params, b.x, b.y, b.loss)).astype(np.float64), flatten(df).astype(np.float64)
+        for i, U, sig in zip(block_indices(net, blocks), s["U"], s["sigma"]):
+            U, sig = U.astype(np.float64), sig.astype(np.float64)
+            G = gamma * np.eye(len(i)) + (U * sig) @ U.T
+            bound = 100 * len(i) * eps32 * (k + 1) * (1 + sig.max() / gamma) * np.linalg.norm(g[i])
+            assert np.linalg.norm(G @ x[i] + g[i]) <= bound
+    # the dense kernels alone, fed float32
+    U, sg = Gi.init(6, 2, "random", 0, np.float32)
+    v = np.ones(6, np.float32)
+    U1, s1 = Gi.update(U, sg, v, 0.9, gamma)
+    assert U1.dtype == s1.dtype == Gi.query(U1, s1, v, np.float64(gamma)).dtype == np.float32
+    U2, s2 = Gi.dense_update(U, sg, v, 0.9, gamma)
+    assert U2.dtype == s2.dtype == Gi.dense_query(U, sg, v, gamma).dtype == np.float64
+
+
 def test_d_t_second_moment_is_the_batch_fisher():
     """(8): with one label per input drawn from the model, E[d_t d_tᵀ] = (1/|B|) Σ_x F(x), the
     exact Fisher (6) of the batch (the 1/√|B| scaling; cross terms vanish because the score

@@ -354,6 +354,24 @@ def test_method_layer_blocks_are_independent_and_state_is_not_mutated():
         QNG(blocks="full").step(s1, net, params, b, rng=0)
 
 
+@pytest.mark.parametrize("blocks", ["full", "layer"])
+def test_float32_fast_form_runs_in_float32_dense_form_in_float64(blocks):
+    """design §3 precision: with float32 parameters the fast form keeps q̂ and the direction in
+    float32 (also for NumPy-scalar hyper-parameters), the dense form computes in float64."""
+    net, xshape = NETS["mlp"]
+    params = [W.astype(np.float32) for W in net.init(0)]
+    rng = np.random.default_rng(0)
+    method = QNG(alpha=np.float64(0.9), tau=2, blocks=blocks)
+    s = method.init(net, params)
+    for k in range(3):
+        b = Batch(rng.standard_normal(xshape).astype(np.float32), rng.integers(0, 3, xshape[0]), CrossEntropy())
+        dd, sd = method.step(s, net, params, b, rng=k, dense=True)
+        df, s = method.step(s, net, params, b, rng=k)
+        assert all(x.dtype == np.float32 for x in df) and all(x.dtype == np.float64 for x in dd)
+        assert all(blk["factors"][-1][0].dtype == np.float32 for blk in s["blocks"])
+        assert all(blk["factors"][-1][0].dtype == np.float64 for blk in sd["blocks"])
+
+
 def test_bad_hyper_parameters():
     for kwargs, match in [({"alpha": 0.0}, "alpha"), ({"alpha": 1.0}, "alpha"), ({"alpha": -0.5}, "alpha"),
                           ({"alpha": float("nan")}, "alpha"), ({"alpha": "0.9"}, "alpha"),

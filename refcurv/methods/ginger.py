@@ -31,7 +31,8 @@ Dense form (the definition): the same EMA step with d×d matrices,
 ``G̃ = γI + α(G_{t−1,γ} − γI) + (1−α)ddᵀ`` formed densely, inverted by Cholesky
 (:func:`~refcurv.linalg.woodbury.spd_solve`), the correction ``C = γ⁻¹I − G̃⁻¹`` truncated
 by a dense eigendecomposition to its ``τ`` largest eigenvalues ``U K Uᵀ``, ``σ`` from (18)
-with the same clip; the direction solves ``G_{t,γ} x = g`` by Cholesky. Fast and dense
+with the same clip; the direction solves ``G_{t,γ} x = g`` by Cholesky; all in float64
+(parameters and state cast, design §3), while the fast form runs in the input dtype. Fast and dense
 agree to rounding step by step (truncated or not); with ``t ≤ τ`` (no truncation yet)
 ``G_{t,γ}`` equals the exact damped EMA ``γI + Σ_s α^{t−s}(1−α) d_s d_sᵀ`` (``σ₀ = 0``).
 
@@ -56,6 +57,7 @@ arithmetic (only the basis of the zero eigenspace).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,6 +73,7 @@ from .registry import register
 
 #: clip margin of (18): ``K ≤ (1 − CLIP_EPS·eps)/γ``
 CLIP_EPS = 4.0
+F64 = np.float64
 
 
 # ----------------------------------------------------------------- kernels (one block)
@@ -123,6 +126,7 @@ def sigma_from_K(K, gamma):
 def query(U, sigma, g, gamma):
     """(15)–(16), Algorithm 1's ``drt``: ``(γI + U diag(σ) Uᵀ)⁻¹ g = γ⁻¹g − U K_γ Uᵀ g`` in
     ``O(dτ)`` (``g`` a vector ``(d,)`` or a matrix ``(d, k)``; needs ``UᵀU = I``)."""
+    gamma = float(gamma)  # a NumPy float64 scalar would promote float32 arrays (NEP 50)
     K = correction_diag(sigma, gamma)
     UtG = U.T @ g
     return g / gamma - U @ (K[:, None] * UtG if UtG.ndim == 2 else K * UtG)
@@ -142,6 +146,7 @@ def update(U, sigma, d, alpha, gamma):
     through Sherman–Morrison (17), then the rank-one eigen update (``r1u``, Brand) truncated
     to ``τ`` and σ from (18). Returns ``(U_t, σ_t)``; ``O(dτ² + τ³)``."""
     _check_alpha_gamma(alpha, gamma)
+    alpha, gamma = float(alpha), float(gamma)  # keep the input dtype (NEP 50)
     U, sigma = _check_state(U, sigma)
     d = C.vector(d, "d", U.shape[0])
     n, tau = U.shape
@@ -168,10 +173,11 @@ def dense_update(U, sigma, d, alpha, gamma):
     """Dense form of the update: ``G̃ = γI + α(G_{t−1,γ} − γI) + (1−α)ddᵀ`` (EMA (7) of the
     undamped part), ``C = γ⁻¹I − G̃⁻¹`` (Cholesky inverse), truncated to its ``τ`` largest
     eigenvalues by a dense eigendecomposition ``C ≈ U K Uᵀ``; σ from (18) (same clip).
-    Returns ``(U_t, σ_t)``; ``O(d³)``."""
+    Returns ``(U_t, σ_t)`` in float64 (the reference precision, design §3); ``O(d³)``."""
     _check_alpha_gamma(alpha, gamma)
     U, sigma = _check_state(U, sigma)
     d = C.vector(d, "d", U.shape[0])
+    U, sigma, d = U.astype(F64), sigma.astype(F64), d.astype(F64)
     xp = xp_of(U)
     n, tau = U.shape
     I = xp.eye(n, dtype=U.dtype)
@@ -185,8 +191,8 @@ def dense_update(U, sigma, d, alpha, gamma):
 
 
 def dense_query(U, sigma, g, gamma):
-    """``G_{t,γ}⁻¹ g`` by Cholesky of the dense (14)."""
-    return spd_solve(dense_matrix(U, sigma, gamma), g, "G_{t,γ}")
+    """``G_{t,γ}⁻¹ g`` by Cholesky of the dense (14), in float64."""
+    return spd_solve(dense_matrix(U.astype(F64), sigma.astype(F64), gamma), g.astype(F64), "G_{t,γ}")
 
 
 # ----------------------------------------------------------------------- the method
@@ -257,7 +263,7 @@ class Ginger(Method):
         """(8): ``d_t = (1/√|B|) Σ_x ∇_θ log p_θ(ŷ|x) = −(1/√|B|) Σ_x ∇ψ(x, ŷ)`` (flat θ)."""
         u = net.per_sample_grads(params, batch.x, y_hat, batch.loss)
         N = u[0].shape[0]
-        return flatten([-ui.sum(axis=0) / np.sqrt(N) for ui in u])
+        return flatten([-ui.sum(axis=0) / math.sqrt(N) for ui in u])  # a Python float: keeps float32
 
     def _step(self, state, net, params, batch, y_hat, upd, qry):
         d = self.d_t(net, params, batch, y_hat)
@@ -275,4 +281,5 @@ class Ginger(Method):
         return self._step(state, net, params, batch, y_hat, update, query)
 
     def _dense(self, state, net, params, batch, y_hat):
+        params = [W.astype(F64) for W in net.check_params(params)]  # reference: float64
         return self._step(state, net, params, batch, y_hat, dense_update, dense_query)

@@ -91,8 +91,8 @@ def init():
 def beta_of(alpha, s):
     """``β`` of (10) for ``s = ‖q‖²``: the positive root of ``s β² + 2√α β − (1 − α) = 0``,
     ``β = (√(α + (1−α)s) − √α)/s = (1 − α)/(√α + √(α + (1−α)s))`` (errata QNG-1; the second form
-    is evaluated)."""
-    s = float(s)
+    is evaluated). A Python float (a NumPy float64 β would promote float32 states, NEP 50)."""
+    alpha, s = float(alpha), float(s)
     return (1.0 - alpha) / (math.sqrt(alpha) + math.sqrt(alpha + (1.0 - alpha) * s))
 
 

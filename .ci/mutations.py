@@ -32,6 +32,13 @@ M = [
     ("refcurv/methods/kfac.py", "direction = [-(HG @ mi @ HO) for", "direction = [-(HO.sum() / HO.trace() * HG @ mi @ HO) for", "tests/test_method_kfac.py"),
     ("refcurv/methods/kfac.py", "K = xp.kron(Gd, Od)", "K = xp.kron(Od, Gd)", "tests/test_method_kfac.py"),
     ("refcurv/methods/kfac.py", "out.append((T * A, G / T))", "out.append((A, G))", "tests/test_method_kfac.py"),
+    ("refcurv/methods/kbfgs.py", "return xp.einsum(\"ndt,nt->d\", patches, c) / patches.shape[0]", "return xp.einsum(\"ndt,nt->d\", patches, c) / (patches.shape[0] * patches.shape[-1])", "tests/test_method_kbfgs.py"),
+    ("refcurv/methods/kbfgs.py", "return float(t * r), float(r / t)", "return float(r / t), float(t * r)", "tests/test_method_kbfgs.py"),
+    ("refcurv/methods/kbfgs_mlp.py", "y = b * state[\"yg\"][j] + (1 - b) * (g_plus - prev[\"gbar\"][j])", "y = b * state[\"yg\"][j] + (g_plus - prev[\"gbar\"][j])", "tests/test_method_kbfgs_mlp.py"),
+    ("refcurv/methods/tnt.py", "return [s / (c0 ** (k - 1) * (D / d)) for s, d in zip(S, dims)]", "return [s / (c0 ** k * (D / d)) for s, d in zip(S, dims)]", "tests/test_method_tnt.py"),
+    ("refcurv/methods/shampoo.py", "K = reduce(xp.kron, [inv_root_eigh(Di, 2 * T.ndim) for Di in Ds])", "K = reduce(xp.kron, [inv_root_eigh(Di, T.ndim) for Di in Ds])", "tests/test_method_shampoo.py"),
+    ("refcurv/methods/qng.py", "return (1.0 - alpha) / (math.sqrt(alpha) + math.sqrt(alpha + (1.0 - alpha) * s))", "return (1.0 - alpha) / (math.sqrt(alpha) + math.sqrt(alpha + s))", "tests/test_method_qng.py"),
+    ("refcurv/methods/ginger.py", "return b / (1.0 + b * float(q @ d))", "return 1.0 / (1.0 + b * float(q @ d))", "tests/test_method_ginger.py"),
     ("refcurv/linalg/tensor.py", "xp.moveaxis(xp.tensordot(U, A, axes=(1, i)), 0, i)", "xp.moveaxis(xp.tensordot(U, A, axes=(1, i)), 0, -1)", "tests/test_roots_lowrank_tensor.py"),
 ]
 survived = 0

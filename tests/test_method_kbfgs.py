@@ -290,7 +290,7 @@ def test_ratio_diagnostic_counts_and_report(variant):
             counts[l][1] += int(r <= 2 / mu1)
     final = traj[-1][1]
     assert final["diagnostics"]["pairs"] == [c[0] for c in counts]
-    assert final["diagnostics"]["ratio_within"] == [c[1] for c in counts]
+    assert final["diagnostics"]["ratio_le_2"] == [c[1] for c in counts]
     print(f"\n{variant}: fraction of pairs with yᵀHy/sᵀy ≤ 2/μ₁ per layer:",
           [f"{f:.3f}" for f in ratio_fraction(final)], "pairs:", final["diagnostics"]["pairs"])
 

@@ -79,7 +79,7 @@ def test_fast_equals_dense_direction_and_state_over_a_run(pb, variant, algorithm
             assert_close(_Hg(method, sf, j), _Hg(method, sd, j), rtol=tol, what=f"H_g step {k}")
             for key in ("A", "m", "sg", "yg"):
                 assert_close(sf[key][j], sd[key][j], rtol=tol, what=f"{key} step {k}")
-        assert sf["diag"] == sd["diag"]
+        assert sf["diagnostics"] == sd["diagnostics"]
         params = [W + 0.05 * D for W, D in zip(params, df)]
 
 
@@ -306,7 +306,7 @@ def test_algorithm5_skips_pairs_and_inverts_A_exactly(variant):
                 assert not rec["used"]
             if not rec["used"]:
                 assert_close(_Hg(method, state, j), H, rtol=0, atol=0)
-    diag = state["diag"]
+    diag = state["diagnostics"]
     for j in range(len(params)):
         assert diag["pairs"][j] == 59 == diag["used"][j] + diag["skipped"][j] + diag["degenerate"][j]
         assert diag["used"][j] == diag["ratio_le_1"][j]
@@ -457,7 +457,7 @@ def test_per_sample_g_makes_yg_equal_sg_for_linear_mse(variant):
         params = [W + 0.3 * D for W, D in zip(params, d)]
     assert_close(state["yg"][0], state["sg"][0], rtol=1e-12)
     assert np.linalg.norm(state["sg"][0]) > 1e-3
-    assert state["diag"]["used"] == [4]
+    assert state["diagnostics"]["used"] == [4]
     assert_close(_Hg(method, state, 0), np.eye(2), rtol=0, atol=1e-12)
 
 

@@ -159,7 +159,7 @@ def lemma6_bounds(lam_G, mu1, n_pairs):
 def ratio_fraction(state):
     """Per layer, the fraction of ``H_G`` pairs with ``ỹᵀHỹ / s̃ᵀỹ ≤ 2/μ₁`` (None if none)."""
     d = state["diagnostics"]
-    return [w / n if n else None for n, w in zip(d["pairs"], d["ratio_within"])]
+    return [w / n if n else None for n, w in zip(d["pairs"], d["ratio_le_2"])]
 
 
 # ----------------------------------------------------------------------- method
@@ -188,7 +188,7 @@ class _KBFGSBase(Method):
     def init(self, net, params):
         return {"k": 0, "m": None, "lambdas": None, "HA": None, "HG": None, "memory": None,
                 "sG": None, "yG": None, "pending": None, "last_pairs": None,
-                "diagnostics": {"pairs": None, "ratio_within": None}}
+                "diagnostics": {"pairs": None, "ratio_le_2": None}}
 
     def warm_start(self, state, net, params, batch):
         """``A_l`` from ``batch`` (e.g. the whole data set, §3.4.3 / Algorithm 9 line 3) and
@@ -226,7 +226,7 @@ class _KBFGSBase(Method):
             else:
                 state["HG"] = [xp.eye(o, dtype=dt) / lG for o, (_, lG) in zip(outs, state["lambdas"])]
             state["last_pairs"] = [None] * len(params)
-            state["diagnostics"] = {"pairs": [0] * len(params), "ratio_within": [0] * len(params)}
+            state["diagnostics"] = {"pairs": [0] * len(params), "ratio_le_2": [0] * len(params)}
         return state
 
     def _HG_operator(self, state, l, dense):
@@ -272,7 +272,7 @@ class _KBFGSBase(Method):
                 continue
             ratio = float(y_t @ self._apply(H, y_t)) / sy
             diag["pairs"][l] += 1
-            diag["ratio_within"][l] += int(ratio <= 2 / self.mu1)
+            diag["ratio_le_2"][l] += int(ratio <= 2 / self.mu1)
             last[l] = {"s": sG[l], "y": yG[l], "s_damped": s_t, "y_damped": y_t, "theta": theta,
                        "ratio": ratio, "k": state["k"]}
             if self.limited:

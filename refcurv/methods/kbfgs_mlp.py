@@ -75,7 +75,7 @@ Guards where the thesis is silent: a DD output with ``s̃ᵀỹ ≤ 0`` (only wh
 
 Diagnostics. ``state["dd"]`` holds, per layer, the last DD record (``s, y`` before and ``s̃, ỹ``
 after damping, ``θ₁, θ₂``, ``ratio = ỹᵀHỹ/s̃ᵀỹ`` with the ``H_g`` used by DD, ``used``);
-``state["diag"]`` counts per layer the pairs seen, used, skipped (``algorithm="alg5"``:
+``state["diagnostics"]`` counts per layer the pairs seen, used, skipped (``algorithm="alg5"``:
 ``ratio > skip_factor/μ₁``, Algorithm 5 line 17), degenerate, and those with
 ``ratio ≤ 1/μ₁`` and ``≤ 2/μ₁`` (the statistic of Figure 2.1). These comparisons carry a
 relative slack ``√eps``: when Powell's damping on H acts and the ``B = I`` step does not
@@ -177,7 +177,7 @@ class _KBFGSMLPBase(Method):
             "sg": [xp.zeros(s[0], dtype=dt) for s in shapes],
             "yg": [xp.zeros(s[0], dtype=dt) for s in shapes],
             "prev": None, "dd": None,
-            "diag": {key: [0] * len(shapes) for key in
+            "diagnostics": {key: [0] * len(shapes) for key in
                      ("pairs", "used", "skipped", "degenerate", "ratio_le_1", "ratio_le_2")},
         }
         if self.limited:
@@ -224,7 +224,7 @@ class _KBFGSMLPBase(Method):
         prev = state["prev"]
         stats = layer_statistics(net, params, prev["batch"])
         b = self.beta
-        new = {"sg": [], "yg": [], "dd": [], "diag": {k: list(v) for k, v in state["diag"].items()}}
+        new = {"sg": [], "yg": [], "dd": [], "diagnostics": {k: list(v) for k, v in state["diagnostics"].items()}}
         if self.limited:
             new["S"], new["Y"] = list(state["S"]), list(state["Y"])
         else:
@@ -239,7 +239,7 @@ class _KBFGSMLPBase(Method):
             H = self._hg_operator(state, j, dense)
             s_t, y_t, th1, th2 = double_damping(s, y, H, self.mu1, self.lam)  # line 17, Alg. 3
             sty = float(s_t @ y_t)
-            d = new["diag"]
+            d = new["diagnostics"]
             d["pairs"][j] += 1
             if sty > 0:
                 ratio = float(y_t @ _apply(H, y_t)) / sty

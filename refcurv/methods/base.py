@@ -15,7 +15,8 @@ explicit and never mutated:
   up front, by :meth:`Method.draw`, and handed to both forms, so that the fast and the dense
   form consume the same draws and can be compared call by call.
 * The dense form builds the matrix the paper defines and solves it with a stable
-  factorization; the fast form is the paper's algorithm. Both return the same new state
+  factorization, in float64 whatever the input dtype (``step`` casts the parameters and
+  the batch); the fast form is the paper's algorithm, in the input dtype. Both return the same new state
   structure; where a paper's fast form *approximates* its dense definition, the method's
   docstring says which bound relates them.
 """
@@ -27,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ..backend import rng_of
+from ..backend import rng_of, xp_of
 from ..errors import ArgumentTypeError, HyperParameterError
 from ..nn.layers import Conv2d
 
@@ -65,8 +66,13 @@ class Method:
         if not self.supports_conv and any(isinstance(m, Conv2d) for m in net.layers_trainable):
             raise ArgumentTypeError(f"{self.name} is defined for Linear layers only; the network has Conv2d layers")
         draws = self.draw(rng_of(rng), state, net, params, batch)
-        form = self._dense if dense else self._fast
-        return form(state, net, params, batch, draws)
+        if not dense:
+            return self._fast(state, net, params, batch, draws)
+        # design §3: the reference computes in float64 whatever the input dtype (the fast
+        # form runs in the input dtype, so float32 behaviour can be studied against it)
+        params = [_float64(W) for W in params]
+        batch = Batch(_float64(batch.x), _float64(batch.y), batch.loss)
+        return self._dense(state, net, params, batch, draws)
 
     def _fast(self, state, net, params, batch, draws):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -78,6 +84,13 @@ class Method:
     def hyper_parameters(cls):
         """``{name: default}`` of the method's hyper-parameters."""
         return {f.name: f.default for f in dataclasses.fields(cls)}
+
+
+def _float64(a):
+    """Floating arrays to float64 (integer labels are left alone)."""
+    xp = xp_of(a)
+    a = xp.asarray(a)
+    return a.astype(np.float64) if a.dtype.kind == "f" and a.dtype != np.float64 else a
 
 
 def _is_real(value):

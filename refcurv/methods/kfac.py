@@ -57,7 +57,9 @@ def _factors(net, params, batch, fisher, conv, n_samples, seed):
     A_list, _ = net.factors(params, batch.x, batch.y, batch.loss)
     for (A, G), patches in zip(facs, A_list):
         T = patches.shape[-1]
-        out.append((T * A, G / T))  # expand/reduce scaling → KFC convention (same product)
+        # expand/reduce scaling → KFC convention (same product); refcurv.curvature builds in
+        # float64, the method keeps its statistics in the input dtype (design §3)
+        out.append(((T * A).astype(patches.dtype), (G / T).astype(patches.dtype)))
     return out
 
 
@@ -67,10 +69,10 @@ def damped_factors(Omega, Gamma, damping, split):
     if split == "pi":
         a = float(xp.trace(Omega)) / Omega.shape[0]
         g = float(xp.trace(Gamma)) / Gamma.shape[0]
-        pi = np.sqrt(a / g) if a > 0 and g > 0 else 1.0
+        pi = float(np.sqrt(a / g)) if a > 0 and g > 0 else 1.0
     else:
         pi = 1.0
-    r = np.sqrt(damping)
+    r = float(np.sqrt(damping))  # Python floats: a NumPy float64 would promote float32 factors
     return (Omega + pi * r * xp.eye(Omega.shape[0], dtype=Omega.dtype),
             Gamma + (r / pi) * xp.eye(Gamma.shape[0], dtype=Gamma.dtype), pi)
 

@@ -35,7 +35,8 @@ CONVENTIONS = [
     ("conv unfolding", "A_i ∈ R^{(C_in kh kw + 1) × T}, rows (c_in, kh, kw) then ones, columns row-major "
      "over (H_out, W_out); per-sample gradient G_i A_iᵀ with G_i ∈ R^{out × T}"),
     ("Fisher kinds", "exact: E over p(y|f) in closed form; mc: sampled labels (seeded); empirical: data labels"),
-    ("precision", "curvature builders compute in float64; the nn module runs in the input dtype"),
+    ("precision", "curvature builders and methods' dense forms compute in float64; the nn module and "
+     "methods' fast forms run in the input dtype"),
 ]
 
 

@@ -436,34 +436,6 @@ def test_deferred_equals_explicit_algorithm_9(variant, algorithm, warm):
         assert_close(a, b, rtol=1e-10)
 
 
-
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_deferred_second_pass_reads_its_own_copy_of_the_batch(variant):
-    """The pending H_G update re-reads M_k one call later (Algorithm 9 line 13). A caller that
-    refills one batch buffer in place must get exactly the parameters of a caller that passes
-    fresh arrays; reading the refilled buffer would pair h̄⁺ of M_{k+1} with h̄ of M_k."""
-    net = _small_cnn()
-    x, y = _data(net)
-    method = _method(variant, damping=0.1, memory=3)
-    rng = np.random.default_rng(0)
-    idx = [rng.choice(len(x), 8, replace=False) for _ in range(5)]
-    runs = []
-    for reuse in (False, True):
-        params = net.init(0)
-        state = method.init(net, params)
-        bx, by = np.empty((8,) + x.shape[1:]), np.empty(8, dtype=y.dtype)
-        for i in idx:
-            if reuse:
-                bx[:], by[:] = x[i], y[i]
-                batch = Batch(bx, by, CrossEntropy())
-            else:
-                batch = Batch(x[i], y[i], CrossEntropy())
-            d, state = method.step(state, net, params, batch)
-            params = [W + 0.05 * di for W, di in zip(params, d)]
-        runs.append(params)
-    for a, b in zip(*runs):
-        assert np.array_equal(a, b)  # same arithmetic on the same numbers
-
 def test_momentum_forms_differ_by_a_learning_rate_factor():
     """Errata KBFGS-2: with m₀ = 0, m ← βm + (1−β)g is (1−β) times m ← βm + g at every step,
     so the Ch.2 form with lr/(1−β) reproduces the Ch.3 form with lr (H_G's pairs see the

@@ -22,6 +22,7 @@ explicit and never mutated:
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,11 @@ class Batch:
     x: Any
     y: Any
     loss: Any
+
+    def own_copy(self):
+        """A copy of ``x`` and ``y``, for a method that keeps the batch for a later step
+        (a caller may refill its buffers in place)."""
+        return Batch(copy.deepcopy(self.x), copy.deepcopy(self.y), self.loss)
 
 
 class Method:

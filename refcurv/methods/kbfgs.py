@@ -85,7 +85,6 @@ Diagnostics: ``state["diagnostics"]`` counts, per layer, the ``H_G`` pairs used 
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -326,7 +325,7 @@ class _KBFGSBase(Method):
                 As = factor_A(P) @ s_A if dense else hessian_action(P, s_A)              # (3.15)
                 y_A = As + lam_A * s_A
                 HA_new.append(bfgs_update_H(HA, s_A, y_A) if float(s_A @ y_A) > 0 else HA)
-            pending = {"batch": Batch(copy.deepcopy(batch.x), copy.deepcopy(batch.y), batch.loss),  # private copy
+            pending = {"batch": batch.own_copy(),
                        "h": [W @ mean_patch(P) for W, P in zip(params, A_list)],         # h̄ = W â
                        "dh": [G.mean(axis=(0, 2)) for G in G_list]}                       # Dh̄
         new_state = {**state, "k": k + 1, "m": m if self.algorithm == "alg9" else None,

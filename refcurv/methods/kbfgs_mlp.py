@@ -83,7 +83,6 @@ relative slack ``√eps``: when Powell's damping on H acts and the ``B = I`` ste
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,7 +91,7 @@ from ..backend import xp_of
 from ..linalg.damping import double_damping
 from ..linalg.quasi_newton import bfgs_update_H, lbfgs_compact, lbfgs_dense
 from ..linalg.woodbury import spd_solve
-from .base import Batch, Method, check_choice, check_int, check_positive, check_unit
+from .base import Method, check_choice, check_int, check_positive, check_unit
 from .registry import register
 
 
@@ -124,12 +123,6 @@ def hessian_action_pair(Ha, A, abar, lam_A):
 
 def _apply(H, v):
     return H(v) if callable(H) else H @ v
-
-
-def _own_copy(batch):
-    """The batch with private copies of ``x`` and ``y``: the deferred second pass re-reads it
-    one call later, when a caller may have refilled its batch buffer in place."""
-    return Batch(copy.deepcopy(batch.x), copy.deepcopy(batch.y), batch.loss)
 
 
 # ----------------------------------------------------------------- the method
@@ -303,7 +296,7 @@ class _KBFGSMLPBase(Method):
             hbar.append(W @ abar)  # h̄ = W ā
             gbar.append(g.mean(axis=0))
         new_state = {**state, "k": state["k"] + 1, "m": m_new, "A": A_new, "Ha": Ha_new,
-                     "prev": {"batch": _own_copy(batch), "hbar": hbar, "gbar": gbar}}
+                     "prev": {"batch": batch.own_copy(), "hbar": hbar, "gbar": gbar}}
         return direction, new_state
 
     def _fast(self, state, net, params, batch, draws):

@@ -26,7 +26,8 @@ from refcurv.errors import HyperParameterError, ShapeError
 from refcurv.linalg.lowrank import brand_update
 from refcurv.methods import Batch
 from refcurv.methods import ginger as Gi
-from refcurv.methods.ginger import Ginger, block_indices
+from refcurv.methods._sampled import block_indices, fisher_vector
+from refcurv.methods.ginger import Ginger
 from refcurv.nn import MSE, CrossEntropy, Linear, Sequential, Tanh
 from refcurv.testing.strategies import problems
 from refcurv.testing.tolerance import EPS, assert_clt, forward_tol, residual_tol
@@ -323,7 +324,7 @@ def test_method_fast_equals_dense(pb, blocks, tau, alpha, log_gamma, u0):
     acc = np.zeros(len(idxs))
     for k, b in enumerate(batches):
         y_hat = method.draw(np.random.default_rng(k), sd, net, params, b)
-        d = Ginger.d_t(net, params, b, y_hat)
+        d = fisher_vector(net, params, b, y_hat)
         acc += [_one_step_bound(U, s, d[i], alpha, gamma) for i, U, s in zip(idxs, sd["U"], sd["sigma"])]
         df, sf = method.step(sf, net, params, b, rng=k)
         dd, sd = method.step(sd, net, params, b, rng=k, dense=True)
@@ -368,7 +369,7 @@ def test_block_layouts_reduce_to_each_other():
     ds = []
     for k in range(8):
         batch = Batch(rng.standard_normal((3, 2)), rng.standard_normal((3, 2)), MSE())
-        ds.append(Ginger.d_t(net, params, batch, m.draw(np.random.default_rng(k), st_, net, params, batch)))
+        ds.append(fisher_vector(net, params, batch, m.draw(np.random.default_rng(k), st_, net, params, batch)))
         _, st_ = m.step(st_, net, params, batch, rng=k)
         G = _ema(ds, 0.7, 0.1)
         U, s = st_["U"][0], st_["sigma"][0]
@@ -405,7 +406,7 @@ def test_float32_fast_form_runs_in_float32_dense_form_in_float64(blocks):
     eps32 = float(np.finfo(np.float32).eps)
     for k in range(4):
         b = Batch(rng.standard_normal((5, 3)).astype(np.float32), rng.integers(0, 3, 5), CrossEntropy())
-        assert Ginger.d_t(net, params, b, m.draw(np.random.default_rng(k), s, net, params, b)).dtype == np.float32
+        assert fisher_vector(net, params, b, m.draw(np.random.default_rng(k), s, net, params, b)).dtype == np.float32
         dd, sd = m.step(s, net, params, b, rng=k, dense=True)
         assert all(x.dtype == np.float64 for x in dd + sd["U"] + sd["sigma"])
         df, s = m.step(s, net, params, b, rng=k)
@@ -436,7 +437,7 @@ def test_d_t_second_moment_is_the_batch_fisher():
     m = Ginger()
     rng = np.random.default_rng(6)
     S = 3000
-    D = np.stack([Ginger.d_t(net, params, batch, m.draw(rng, None, net, params, batch)) for _ in range(S)])
+    D = np.stack([fisher_vector(net, params, batch, m.draw(rng, None, net, params, batch)) for _ in range(S)])
     iu = np.triu_indices(net.n_params)
     X = (D[:, :, None] * D[:, None, :])[:, iu[0], iu[1]]
     F = cv.fisher(net, params, x, None, CrossEntropy(), kind="exact")

@@ -277,7 +277,17 @@ def _batches(pb, steps):
     return params, [Batch(x + 0.3 * k * rng.standard_normal(x.shape), y, pb.loss_fn) for k in range(steps)]
 
 
-@given(problems(), st.sampled_from(["full", "layer"]), st.floats(0.3, 0.95), st.sampled_from([1, 2, None]))
+def _blocks_of(vs, blocks, net):
+    """Per-layer matrices split into the blocks, written out by hand (bias = last column)."""
+    if blocks == "full":
+        return [np.concatenate([v.ravel() for v in vs])]
+    if blocks == "layer":
+        return [v.ravel() for v in vs]
+    return [part for v, layer in zip(vs, net.layers_trainable)
+            for part in ((v[:, :-1].ravel(), v[:, -1]) if layer.bias else (v.ravel(),))]
+
+
+@given(problems(), st.sampled_from(["full", "layer", "tensor"]), st.floats(0.3, 0.95), st.sampled_from([1, 2, None]))
 def test_method_fast_equals_dense_mlp_and_cnn(pb, blocks, alpha, tau):
     """Independent fast and dense trajectories over 4 steps (same draws): same factors' Ĝ per
     block, same directions (tolerances of the module doc, κ of each block's Ĝ)."""
@@ -290,9 +300,7 @@ def test_method_fast_equals_dense_mlp_and_cnn(pb, blocks, alpha, tau):
         df, s_f = method.step(s_f, net, params, b, rng=k)
         dd, s_d = method.step(s_d, net, params, b, rng=k, dense=True)
         assert s_f["k"] == s_d["k"] == k + 1 and [x.shape for x in df] == net.param_shapes
-        pieces_f, pieces_d = df, dd
-        if blocks == "full":
-            pieces_f, pieces_d = ([np.concatenate([v.ravel() for v in z])] for z in (df, dd))
+        pieces_f, pieces_d = _blocks_of(df, blocks, net), _blocks_of(dd, blocks, net)
         for i, (bf, bd, a, c) in enumerate(zip(s_f["blocks"], s_d["blocks"], pieces_f, pieces_d)):
             n = a.size
             Gd = dense_G(bd, alpha, n)
@@ -309,11 +317,12 @@ NETS = {
 
 
 @pytest.mark.parametrize("kind", sorted(NETS))
-@pytest.mark.parametrize("blocks", ["full", "layer"])
+@pytest.mark.parametrize("blocks", ["full", "layer", "tensor"])
 def test_method_d_t_from_sampled_labels_and_untruncated_direction_is_ema_natural_gradient(kind, blocks):
     """d_t (8) = −(1/√N) Σ ∇ψ_i(ŷ_i) = −√N ∇Ψ(ŷ) with ŷ the labels drawn from the model by the
     step's generator; with τ = None the direction is −G_t⁻¹ g_t with G_t the EMA (7) of those
-    d_t from G_0 = I, per block (the whole θ, or each layer's row-major vec)."""
+    d_t from G_0 = I, per block (the whole θ, each layer's row-major vec, or each weight and
+    bias)."""
     net, xshape = NETS[kind]
     loss = CrossEntropy()
     params = net.init(3)
@@ -328,8 +337,7 @@ def test_method_d_t_from_sampled_labels_and_untruncated_direction_is_ema_natural
         y_hat = loss.sample(net.forward(params, x), 1, seed=np.random.default_rng(100 + k))[0]
         d = [-math.sqrt(len(x)) * gi for gi in net.grad(params, x, y_hat, loss)]
         g = net.grad(params, x, y, loss)
-        if blocks == "full":
-            d, g, direction_k = ([np.concatenate([v.ravel() for v in z])] for z in (d, g, direction_k))
+        d, g, direction_k = (_blocks_of(z, blocks, net) for z in (d, g, direction_k))
         if k == 0:  # A_1 = I: q_1 = d_1
             for blk, di in zip(state["blocks"], d):
                 assert_close(blk["factors"][0][0], di.ravel(), rtol=1e-13, atol=0)

@@ -57,7 +57,6 @@ arithmetic (only the basis of the zero eigenspace).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,7 +66,8 @@ from ..errors import HyperParameterError, ShapeError
 from ..linalg import _checks as C
 from ..linalg.lowrank import brand_update
 from ..linalg.woodbury import spd_solve
-from ..vec import flatten, layer_slices, unflatten
+from ..vec import flatten, unflatten
+from ._sampled import BLOCKS, block_indices, fisher_vector, sampled_labels
 from .base import Method, check_choice, check_int, check_positive, check_unit
 from .registry import register
 
@@ -196,24 +196,6 @@ def dense_query(U, sigma, g, gamma):
 
 
 # ----------------------------------------------------------------------- the method
-def block_indices(net, blocks):
-    """Index arrays into refcurv's flat θ, one per Ginger block (``"full"``, ``"layer"``,
-    ``"tensor"`` = weight and bias of each layer separately)."""
-    slices = layer_slices(net)
-    if blocks == "full":
-        return [np.arange(net.n_params)]
-    if blocks == "layer":
-        return [np.arange(s.start, s.stop) for s in slices]
-    out = []
-    for s, layer, (o, dl) in zip(slices, net.layers_trainable, net.param_shapes):
-        idx = np.arange(s.start, s.stop).reshape(o, dl)
-        if layer.bias:
-            out += [idx[:, :-1].ravel(), idx[:, -1]]
-        else:
-            out.append(idx.ravel())
-    return out
-
-
 @register
 @dataclass(frozen=True)
 class Ginger(Method):
@@ -239,7 +221,7 @@ class Ginger(Method):
         check_unit(self.alpha, "alpha", closed_low=False)
         check_positive(self.gamma, "gamma")
         check_int(self.tau, "tau")
-        check_choice(self.blocks, "blocks", ("full", "layer", "tensor"))
+        check_choice(self.blocks, "blocks", BLOCKS)
         check_choice(self.u0, "u0", ("random", "eye"))
         check_int(self.seed, "seed", minimum=0)
 
@@ -255,18 +237,10 @@ class Ginger(Method):
 
     def draw(self, rng, state, net, params, batch):
         """One label per input from the model, ŷ ~ p_θ(·|x) (for d_t, (8))."""
-        f = net.forward(params, batch.x)
-        return batch.loss.sample(f, n_samples=1, seed=rng)[0]
-
-    @staticmethod
-    def d_t(net, params, batch, y_hat):
-        """(8): ``d_t = (1/√|B|) Σ_x ∇_θ log p_θ(ŷ|x) = −(1/√|B|) Σ_x ∇ψ(x, ŷ)`` (flat θ)."""
-        u = net.per_sample_grads(params, batch.x, y_hat, batch.loss)
-        N = u[0].shape[0]
-        return flatten([-ui.sum(axis=0) / math.sqrt(N) for ui in u])  # a Python float: keeps float32
+        return sampled_labels(net, params, batch, rng)
 
     def _step(self, state, net, params, batch, y_hat, upd, qry):
-        d = self.d_t(net, params, batch, y_hat)
+        d = fisher_vector(net, params, batch, y_hat)
         g = flatten(net.grad(params, batch.x, batch.y, batch.loss))
         direction = xp_of(g).zeros_like(g)
         Us, sigmas = [], []
@@ -281,5 +255,4 @@ class Ginger(Method):
         return self._step(state, net, params, batch, y_hat, update, query)
 
     def _dense(self, state, net, params, batch, y_hat):
-        params = [W.astype(F64) for W in net.check_params(params)]  # reference: float64
         return self._step(state, net, params, batch, y_hat, dense_update, dense_query)

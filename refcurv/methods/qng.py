@@ -54,8 +54,9 @@ rather than ``G_0 = I``, i.e. not plain gradient descent).
 
 Blocks. ``blocks="full"``: one QNG on the whole vector θ ∈ R^n (refcurv's row-major flatten,
 :func:`refcurv.flatten`) — the paper. ``blocks="layer"``: one independent QNG per layer matrix
-``W_l ∈ R^{out×d}`` (row-major vec), as implementations do per parameter tensor (design §8:
-there is no official QNG code). Scaling: ``d_t`` is as printed in (8), ``1/√N`` times the sum
+``W_l ∈ R^{out×d}`` (row-major vec); ``blocks="tensor"``: weight and bias of each layer
+separately, as implementations do per parameter tensor (design §8: there is no official QNG
+code). The blocks and ``d_t`` are shared with Ginger (:mod:`._sampled`). Scaling: ``d_t`` is as printed in (8), ``1/√N`` times the sum
 (so ``d dᵀ`` is a mini-batch Fisher sample of the *mean* loss's scale); the gradient ``g`` is
 the gradient of the mean loss (refcurv's objective).
 
@@ -72,6 +73,8 @@ import numpy as np
 from ..backend import to_numpy, xp_of
 from ..errors import HyperParameterError
 from ..linalg.woodbury import spd_solve
+from ..vec import flatten, unflatten
+from ._sampled import BLOCKS, block_indices, fisher_vector, sampled_labels
 from .base import Method, check_choice, check_int, check_unit
 from .registry import register
 
@@ -221,7 +224,7 @@ class QNG(Method):
     Hyper-parameters: ``alpha`` decay ∈ (0, 1) (default 0.99, the "second moment" coefficient of
     the seed's §4 training details), ``tau`` number of factors kept (int ≥ 1, or ``None`` =
     untruncated (9)), ``blocks`` = ``"full"`` (one QNG on θ ∈ R^n, the paper) | ``"layer"`` (one
-    per layer matrix).
+    per layer matrix) | ``"tensor"`` (weight and bias separately).
 
     State: ``{"k": steps, "blocks": [kernel state per block]}``; a kernel state is
     ``{"t", "factors": ((q, β), …)}`` (oldest first), the same in both forms.
@@ -239,40 +242,17 @@ class QNG(Method):
         check_unit(self.alpha, "alpha", closed_low=False)
         if self.tau is not None:
             check_int(self.tau, "tau", 1)
-        check_choice(self.blocks, "blocks", ("full", "layer"))
+        check_choice(self.blocks, "blocks", BLOCKS)
 
     def n_blocks(self, net):
-        return 1 if self.blocks == "full" else len(net.param_shapes)
+        return len(block_indices(net, self.blocks))
 
     def init(self, net, params):
         return {"k": 0, "blocks": [init() for _ in range(self.n_blocks(net))]}
 
     def draw(self, rng, state, net, params, batch):
         """One label per input, ``ŷ ~ p_θ(·|x)`` (8), drawn with the host generator."""
-        f = net.forward(params, batch.x)
-        return {"y_hat": batch.loss.sample(f, n_samples=1, seed=rng)[0]}
-
-    def vectors(self, net, params, batch, draws):
-        """Per block ``(d_t, g)``: ``d_t = −(1/√N) Σ_i ∇ψ_i(ŷ_i)`` (8) and the mini-batch
-        gradient ``g = (1/N) Σ_i ∇ψ_i(y_i)``, flattened row-major."""
-        U = net.per_sample_grads(params, batch.x, draws["y_hat"], batch.loss)
-        N = U[0].shape[0]
-        d = [-u.sum(axis=0).ravel() / math.sqrt(N) for u in U]
-        g = [gi.ravel() for gi in net.grad(params, batch.x, batch.y, batch.loss)]
-        if self.blocks == "full":
-            xp = xp_of(*d)
-            d, g = [xp.concatenate(d)], [xp.concatenate(g)]
-        return d, g
-
-    def _unblock(self, net, dirs):
-        shapes = net.param_shapes
-        if self.blocks == "layer":
-            return [v.reshape(s) for v, s in zip(dirs, shapes)]
-        out, start = [], 0
-        for o, m in shapes:
-            out.append(dirs[0][start:start + o * m].reshape(o, m))
-            start += o * m
-        return out
+        return {"y_hat": sampled_labels(net, params, batch, rng)}
 
     def _step(self, state, net, params, batch, draws, dense):
         if len(state["blocks"]) != self.n_blocks(net):
@@ -280,11 +260,16 @@ class QNG(Method):
                                       f"on this network needs {self.n_blocks(net)}")
         if dense:
             params = [np.asarray(to_numpy(W), dtype=F64) for W in net.check_params(params)]
-        d, g = self.vectors(net, params, batch, draws)
+        d = fisher_vector(net, params, batch, draws["y_hat"])           # (8)
+        g = flatten(net.grad(params, batch.x, batch.y, batch.loss))     # mini-batch gradient
         upd, drt = (dense_update, dense_direction) if dense else (update, direction)
-        new_blocks = [upd(s, di, self.alpha, self.tau) for s, di in zip(state["blocks"], d)]
-        dirs = [drt(s, gi, self.alpha) for s, gi in zip(new_blocks, g)]
-        return self._unblock(net, dirs), {"k": state["k"] + 1, "blocks": new_blocks}
+        out = xp_of(g).zeros_like(g)
+        new_blocks = []
+        for s, idx in zip(state["blocks"], block_indices(net, self.blocks)):
+            s = upd(s, d[idx], self.alpha, self.tau)
+            out[idx] = drt(s, g[idx], self.alpha)
+            new_blocks.append(s)
+        return unflatten(out, net), {"k": state["k"] + 1, "blocks": new_blocks}
 
     def _fast(self, state, net, params, batch, draws):
         return self._step(state, net, params, batch, draws, dense=False)

@@ -505,3 +505,344 @@ def test_training_smoke_decreases_loss(variant, algorithm):
     method = _method(variant, algorithm=algorithm, memory=10)
     _, hist = train(method, net, net.init(0), x, y, CrossEntropy(), steps=30, lr=0.3, batch_size=32, seed=1)
     assert hist["loss"][-1] < 0.6 * hist["loss"][0]
+
+
+# ------------------------------------------------ (9) variant="authors" (design §8)
+# The authors' code (renyiryry/kbfgs_neurips2020_public: training_function.py,
+# training_utils.py, kbfgs_utils.py): momentum of ∇f̄ + τW; no moving average of A at k = 0;
+# H_g and H_a updates skipped unless sᵀy > 1e-4·sᵀs·‖v‖ (v = ḡ, resp. (mean input, 1)).
+def _make(name, **kw):
+    """A registered method by name with hyper-parameters ``kw`` (K-BFGS ignores ``memory``)."""
+    if name == "kbfgs-mlp":
+        kw.pop("memory", None)
+    return VARIANTS[name](**kw)
+
+
+def _offset_regression():
+    """MSE regression whose targets are offset by 3e4: ‖ḡ‖ is of order 1e4, so the authors'
+    test sᵀy > 1e-4·sᵀs·‖ḡ‖ rejects some pairs (about half, in both layers) and accepts others."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 3))
+    y = np.sin(x[:, :2]) + 3e4 * np.array([0.6, -0.8])
+    return x, y, Sequential([Linear(3, 5), Tanh(), Linear(5, 2)])
+
+
+def _gbar(net, params, batch):
+    """Mean per-sample pre-activation gradient of each layer, ḡ = mean_i ∂f(i)/∂h(i)."""
+    _, G = net.factors(params, batch.x, batch.y, batch.loss)
+    return [t[..., 0].mean(0) for t in G]
+
+
+@given(problems(kind=st.just("mlp")), st.sampled_from(sorted(VARIANTS)), st.sampled_from([1, 3, 100]),
+       st.floats(1e-3, 1.0), st.sampled_from([0.0, 1e-5, 0.1]))
+def test_authors_fast_equals_dense_over_a_run(pb, variant, memory, lam, tau):
+    """variant="authors": the fast form (expanded BFGS, compact L-BFGS, two-sided product)
+    equals the dense form (product-form BFGS (2.6), L-BFGS recursion, H_g ⊗ H_a) along 8 steps:
+    directions, every state entry and the diagnostics. Tolerance as for the paper variant."""
+    net = pb.net
+    method = _make(variant, damping=lam, memory=memory, variant="authors", weight_decay=tau)
+    params, batches = _batches(pb, 8)
+    sf = sd = method.init(net, params)
+    for k, batch in enumerate(batches):
+        df, sf = method.step(sf, net, params, batch)
+        dd, sd = method.step(sd, net, params, batch, dense=True)
+        for j, (a, b) in enumerate(zip(df, dd)):
+            tol = forward_tol(sum(W.size for W in params), _cond(_Hg(method, sd, j)) * _cond(sd["Ha"][j]))
+            assert_close(a, b, rtol=tol, atol=1e-13, what=f"direction step {k} layer {j}")
+            assert_close(sf["Ha"][j], sd["Ha"][j], rtol=tol)
+            assert_close(_Hg(method, sf, j), _Hg(method, sd, j), rtol=tol)
+            for key in ("A", "m", "sg", "yg"):
+                assert_close(sf[key][j], sd[key][j], rtol=tol, what=f"{key} step {k}")
+        assert sf["diagnostics"] == sd["diagnostics"]
+        params = [W + 0.05 * D for W, D in zip(params, df)]
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_authors_fast_equals_dense_with_skipped_pairs(variant):
+    """The same, on a run where the authors' test skips H_g pairs (both forms skip the same)."""
+    x, y, net = _offset_regression()
+    method = _make(variant, damping=0.01, memory=3, variant="authors")
+    params, rng = net.init(0), np.random.default_rng(2)
+    sf = sd = method.init(net, params)
+    for k in range(10):
+        idx = rng.choice(len(x), 16, replace=False)
+        batch = Batch(x[idx], y[idx], MSE())
+        df, sf = method.step(sf, net, params, batch)
+        dd, sd = method.step(sd, net, params, batch, dense=True)
+        for j, (a, b) in enumerate(zip(df, dd)):
+            tol = forward_tol(sum(W.size for W in params), _cond(_Hg(method, sd, j)) * _cond(sd["Ha"][j]))
+            assert_close(a, b, rtol=tol, atol=1e-13, what=f"direction step {k} layer {j}")
+            assert_close(_Hg(method, sf, j), _Hg(method, sd, j), rtol=tol)
+            assert_close(sf["Ha"][j], sd["Ha"][j], rtol=tol)
+        assert sf["diagnostics"] == sd["diagnostics"]
+        params = [W + 0.3 * D for W, D in zip(params, df)]
+    assert min(sf["diagnostics"]["skipped"]) > 0 and min(sf["diagnostics"]["used"]) > 0
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_authors_Hg_skip_rule_and_damping(variant):
+    """Every H_g pair of an authors' run: DD (Powell on H with the current H_g, μ₁ = 0.2; then
+    B = I with μ₂ = √λ) gives s̃ᵀy ≥ μ₁ yᵀHy and s̃ᵀỹ ≥ μ₂‖s̃‖²; the pair is used iff
+    s̃ᵀỹ > 1e-4·s̃ᵀs̃·‖ḡ‖ with ḡ the layer's mean pre-activation gradient at θ_k on M_k
+    (recomputed here); a used pair updates H_g by BFGS (appends to the L-BFGS memory), a
+    skipped one leaves it unchanged. The run has both outcomes in both layers."""
+    x, y, net = _offset_regression()
+    method = _make(variant, damping=0.01, memory=100, variant="authors")
+    mu1, mu2 = method.mu1, method.lam
+    params, rng = net.init(0), np.random.default_rng(2)
+    state = method.init(net, params)
+    seen = {(j, u): 0 for j in range(2) for u in (True, False)}
+    last = None
+    for k in range(12):
+        idx = rng.choice(len(x), 16, replace=False)
+        batch = Batch(x[idx], y[idx], MSE())
+        prev = state
+        d, state = method.step(state, net, params, batch)
+        for j, rec in enumerate(state["dd"] or []):
+            gbar = _gbar(net, *last)[j]
+            H = _Hg(method, prev, j)
+            yv, s_t, y_t = rec["y"], rec["s_t"], rec["y_t"]
+            sy_t, ss_t = float(s_t @ y_t), float(s_t @ s_t)
+            assert float(s_t @ yv) >= mu1 * float(yv @ H @ yv) * (1 - 1e-10)
+            assert sy_t >= mu2 * ss_t * (1 - 1e-10)
+            thr = 1e-4 * ss_t * np.linalg.norm(gbar)
+            assert abs(sy_t - thr) > 1e-8 * thr  # decisive: not a rounding tie
+            assert rec["used"] == (sy_t > thr)
+            seen[j, rec["used"]] += 1
+            if method.limited:
+                n = prev["S"][j].shape[0]
+                if rec["used"]:
+                    assert_close(state["S"][j][-1], s_t, rtol=0, atol=0)
+                    assert state["S"][j].shape[0] == n + 1
+                else:
+                    assert_close(state["S"][j], prev["S"][j], rtol=0, atol=0)
+            else:
+                want = bfgs_update_H(H, s_t, y_t) if rec["used"] else H
+                assert_close(state["Hg"][j], want, rtol=1e-12 if rec["used"] else 0, atol=0)
+        last = (params, batch)
+        params = [W + 0.3 * D for W, D in zip(params, d)]
+    assert min(seen.values()) > 0, seen
+    diag = state["diagnostics"]
+    assert [diag["used"][j] + diag["skipped"][j] for j in range(2)] == [11, 11]
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_authors_Ha_skip_rule_and_its_vector(variant):
+    """H_a's Hessian-action pair in the authors' code: v = (mean input, 1) (last entry set to
+    1), s_a = H_a v, y_a = A^{LM} s_a with A^{LM} = A + √λ I; used iff
+    s_aᵀy_a > 1e-4·s_aᵀs_a·‖v‖. With A = cI (kept at k = 0) s_aᵀy_a/s_aᵀs_a = c + √λ, so c
+    just below / above 1e-4‖v‖ − √λ flips the decision; the expected H_a⁺ is written from
+    (2.6) with v built here from the inputs."""
+    rng = np.random.default_rng(6)
+    net = Sequential([Linear(3, 4), Tanh(), Linear(4, 2)])
+    params = net.init(3)
+    batch = Batch(5.0 + rng.standard_normal((6, 3)), rng.integers(0, 2, 6), CrossEntropy())
+    method = _make(variant, damping=1e-10, variant="authors")
+    lam = method.lam
+    h1 = np.tanh(batch.x @ params[0][:, :-1].T + params[0][:, -1])
+    vs = [np.append(batch.x.mean(0), 1.0), np.append(h1.mean(0), 1.0)]
+    Ms = []
+    for n in (4, 5):
+        X = rng.standard_normal((n, n))
+        Ms.append(X @ X.T + np.eye(n))
+    for factor in (0.99, 1.01):
+        cs = [factor * 1e-4 * np.linalg.norm(v) - lam for v in vs]
+        assert min(cs) > 0
+        state = {**method.init(net, params), "A": [c * np.eye(len(v)) for c, v in zip(cs, vs)], "Ha": list(Ms)}
+        _, new = method.step(state, net, params, batch)
+        for j, (c, v, M) in enumerate(zip(cs, vs, Ms)):
+            assert_close(new["A"][j], c * np.eye(len(v)), rtol=0, atol=0)  # no moving average at k = 0
+            s = M @ v
+            want = bfgs_update_H(M, s, (c + lam) * s) if factor > 1 else M
+            assert_close(new["Ha"][j], want, rtol=1e-12, atol=0)
+        assert new["diagnostics"]["ha_skipped"] == ([0, 0] if factor > 1 else [1, 1])
+        assert rel_err(want, M) > 1e-3 or factor < 1
+
+
+def test_authors_momentum_includes_weight_decay():
+    """m ← βm + (1−β)(∇f̄ + τW), W with its bias column (the gradient of f̄ + (τ/2)‖θ‖²);
+    with a warm start and H_g = I the first direction is −(1−β)(∇f̄ + τW)H_a; τ defaults to
+    the authors' 1e-5."""
+    assert KBFGSMLP(variant="authors").tau == 1e-5 and KBFGSMLP().tau == 0.0
+    rng = np.random.default_rng(8)
+    net = Sequential([Linear(3, 4), Tanh(), Linear(4, 2)])
+    params = net.init(0)
+    data = Batch(rng.standard_normal((20, 3)), rng.integers(0, 2, 20), CrossEntropy())
+    method = KBFGSLMLP(variant="authors", weight_decay=0.05, beta=0.7, damping=0.2)
+    state = method.warm_start(method.init(net, params), net, params, data)
+    H0 = [np.linalg.inv(A + np.sqrt(0.2) * np.eye(len(A))) for A in state["A"]]
+    ms = [np.zeros_like(W) for W in params]
+    for k in range(4):
+        b = Batch(rng.standard_normal((5, 3)), rng.integers(0, 2, 5), CrossEntropy())
+        g = net.grad(params, b.x, b.y, b.loss)
+        d, state = method.step(state, net, params, b)
+        ms = [0.7 * mj + 0.3 * (gj + 0.05 * W) for mj, gj, W in zip(ms, g, params)]
+        for mj, sm in zip(ms, state["m"]):
+            assert_close(sm, mj, rtol=1e-12)
+        if k == 0:
+            for dj, mj, H in zip(d, ms, H0):
+                assert_close(dj, -mj @ H, rtol=1e-11)
+        params = [W + 0.5 * D for W, D in zip(params, d)]
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_authors_keep_the_warm_start_A_at_the_first_step_and_directions_differ(variant):
+    """After warm_start, the authors' first step leaves A at the warm-start value (the paper
+    averages it with the batch: A = βA₀ + (1−β)mean aaᵀ); later steps average. At step 0 the
+    two directions differ by exactly −(1−β)τW H_a (H_g = I); from step 1 on they differ
+    substantially (generic problem, default hyper-parameters)."""
+    x, y = _classification()
+    net = Sequential([Linear(4, 6), Tanh(), Linear(6, 3)])
+    params = net.init(1)
+    warm = Batch(x[:64], y[:64], CrossEntropy())
+    methods = {v: _make(variant, variant=v) for v in ("paper", "authors")}
+    states = {v: M.warm_start(M.init(net, params), net, params, warm) for v, M in methods.items()}
+    A0 = states["authors"]["A"]
+    rng = np.random.default_rng(4)
+    for k in range(3):
+        idx = rng.choice(len(x), 16, replace=False)
+        b = Batch(x[idx], y[idx], CrossEntropy())
+        prev = states["authors"]
+        out = {v: M.step(states[v], net, params, b) for v, M in methods.items()}
+        states = {v: o[1] for v, o in out.items()}
+        da, dp = out["authors"][0], out["paper"][0]
+        for j, (a, _) in enumerate(layer_statistics(net, params, b)):
+            batch_A = a.T @ a / len(a)
+            want = A0[j] if k == 0 else 0.9 * prev["A"][j] + 0.1 * batch_A
+            assert_close(states["authors"]["A"][j], want, rtol=1e-14 if k else 0, atol=0)
+            if k == 0:
+                assert_close(states["paper"]["A"][j], 0.9 * A0[j] + 0.1 * batch_A, rtol=1e-14)
+                assert_close(da[j] - dp[j], -0.1 * 1e-5 * params[j] @ prev["Ha"][j], rtol=1e-6, atol=1e-20)
+        if k >= 1:
+            assert max(rel_err(a, p) for a, p in zip(da, dp)) > 1e-3
+        params = [W + 0.3 * D for W, D in zip(params, dp)]
+
+
+def _explicit_authors(method, net, params, x, y, loss, steps, lr, batch_size, seed, warm=None):
+    """The authors' K-BFGS / K-BFGS(L) (kbfgs_utils.py::Kron_BFGS_update; training_function.py)
+    with a known learning rate, second pass right after the step, written from the code's
+    formulas: A warm-started (else from the first mini-batch) and not averaged at k = 0;
+    m ← βm + (1−β)(∇f̄ + τW); p = −H_g m H_a; θ⁺ = θ + αp; (s, y) = (h̄ − h̄⁺, ḡ − ḡ⁺) (the
+    code's sign) averaged with β; Powell on H: θ₁ = 1 if sᵀy/yᵀHy > μ₁ else
+    (1−μ₁)yᵀHy/(yᵀHy − sᵀy), s̃ = θ₁s + (1−θ₁)Hy; then θ₂ = 1 if s̃ᵀy/s̃ᵀs̃ > μ₂ else
+    (1−μ₂)s̃ᵀs̃/(s̃ᵀs̃ − s̃ᵀy), ỹ = θ₂y + (1−θ₂)s̃; used iff s̃ᵀỹ > max(0, 1e-4 s̃ᵀs̃‖ḡ‖); L-BFGS by
+    the two-loop recursion from H_0 = I; H_a by BFGS on (H_a v, A^{LM} H_a v), v = (mean
+    input, 1), used iff s_aᵀy_a > 1e-4 s_aᵀs_a‖v‖. Returns (params, number of skipped pairs)."""
+    lam, b, mu1, tau = np.sqrt(method.damping), method.beta, method.mu1, method.tau
+    rng = np.random.default_rng(seed)
+    outs = [W.shape[0] for W in params]
+    m = [np.zeros_like(W) for W in params]
+    ms, my = [np.zeros(o) for o in outs], [np.zeros(o) for o in outs]
+    Hg, S, Y = [np.eye(o) for o in outs], [[] for _ in outs], [[] for _ in outs]
+    skipped = 0
+
+    def Hg_apply(l, v):
+        if not method.limited:
+            return Hg[l] @ v
+        return v if not S[l] else lbfgs_two_loop(np.array(S[l]), np.array(Y[l]), v)
+
+    def pass_(theta, xb, yb):
+        Af, Gf = net.factors(theta, xb, yb, loss)
+        a, g = [t[..., 0] for t in Af], [t[..., 0] for t in Gf]
+        return a, [gi.mean(0) for gi in g], [(ai @ W.T).mean(0) for ai, W in zip(a, theta)]
+
+    A = None
+    if warm is not None:
+        A = [ai.T @ ai / len(ai) for ai in pass_(params, *warm)[0]]
+    for k in range(steps):
+        idx = rng.choice(len(x), size=batch_size, replace=False)
+        xb, yb = x[idx], y[idx]
+        a, gbar, hbar = pass_(params, xb, yb)
+        grad = net.grad(params, xb, yb, loss)
+        if A is None:
+            A = [ai.T @ ai / len(ai) for ai in a]
+        if k == 0:
+            Ha = [np.linalg.inv(Al + lam * np.eye(len(Al))) for Al in A]
+        else:
+            A = [b * Al + (1 - b) * ai.T @ ai / len(ai) for Al, ai in zip(A, a)]
+        new = []
+        for l, W in enumerate(params):
+            m[l] = b * m[l] + (1 - b) * (grad[l] + tau * W)
+            new.append(W - lr * Hg_apply(l, m[l] @ Ha[l]))
+        _, gbar_p, hbar_p = pass_(new, xb, yb)
+        for l in range(len(params)):
+            ms[l] = b * ms[l] + (1 - b) * (hbar[l] - hbar_p[l])
+            my[l] = b * my[l] + (1 - b) * (gbar[l] - gbar_p[l])
+            s, yv = ms[l], my[l]
+            Hy = Hg_apply(l, yv)
+            sy, yHy = s @ yv, yv @ Hy
+            if not sy / yHy > mu1:
+                th = (1 - mu1) * yHy / (yHy - sy)
+                s = th * s + (1 - th) * Hy
+            ss, sy = s @ s, s @ yv
+            if not sy / ss > lam:
+                th = (1 - lam) * ss / (ss - sy)
+                yv = th * yv + (1 - th) * s
+            if s @ yv > max(0.0, 1e-4 * (s @ s) * np.linalg.norm(gbar[l])):
+                if method.limited:
+                    S[l], Y[l] = (S[l] + [s])[-method.memory:], (Y[l] + [yv])[-method.memory:]
+                else:
+                    Hg[l] = bfgs_update_H(Hg[l], s, yv)
+            else:
+                skipped += 1
+            v = np.append(a[l][:, :-1].mean(0), 1.0)
+            s_a = Ha[l] @ v
+            y_a = (A[l] + lam * np.eye(len(v))) @ s_a
+            if s_a @ y_a > 1e-4 * (s_a @ s_a) * np.linalg.norm(v):
+                Ha[l] = bfgs_update_H(Ha[l], s_a, y_a)
+        params = new
+    return params, skipped
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_authors_deferred_second_pass_reproduces_explicit_authors_algorithm(variant):
+    """train() with variant="authors" gives the parameters of the explicit authors' algorithm
+    (learning rate known, second pass immediately), 8 steps, on a run where the skip rule
+    fires; and, driven by hand after warm_start, the same with the warm-start A. Differences are
+    evaluation orders only: relative 1e-10."""
+    x, y, net = _offset_regression()
+    method = _make(variant, damping=0.01, memory=3, variant="authors", weight_decay=1e-3)
+    p0 = net.init(4)
+    got, _ = train(method, net, p0, x, y, MSE(), steps=8, lr=0.3, batch_size=16, seed=11)
+    want, skipped = _explicit_authors(method, net, p0, x, y, MSE(), steps=8, lr=0.3, batch_size=16, seed=11)
+    assert skipped > 0
+    for a, b in zip(got, want):
+        assert_close(a, b, rtol=1e-10)
+    assert max(rel_err(a, b) for a, b in zip(got, p0)) > 1e-2
+    # warm start (on other data), then the same loop as train()
+    xc, yc = _classification(64, seed=3)
+    net = Sequential([Linear(4, 5), Tanh(), Linear(5, 3)])
+    method = _make(variant, damping=0.05, memory=3, variant="authors", weight_decay=1e-3)
+    params = p0 = net.init(4)
+    warm = (xc[:40] + 0.5, yc[:40])
+    state = method.warm_start(method.init(net, params), net, params, Batch(*warm, CrossEntropy()))
+    rng = np.random.default_rng(5)
+    for _ in range(6):
+        idx = rng.choice(len(xc), size=16, replace=False)
+        d, state = method.step(state, net, params, Batch(xc[idx], yc[idx], CrossEntropy()))
+        params = [W + 0.4 * D for W, D in zip(params, d)]
+    want, _ = _explicit_authors(method, net, p0, xc, yc, CrossEntropy(), steps=6, lr=0.4, batch_size=16,
+                                seed=5, warm=warm)
+    for a, b in zip(params, want):
+        assert_close(a, b, rtol=1e-10)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_authors_training_smoke_decreases_loss(variant):
+    x, y = _classification()
+    net = Sequential([Linear(4, 16), Tanh(), Linear(16, 3)])
+    method = _make(variant, memory=10, variant="authors")
+    _, hist = train(method, net, net.init(0), x, y, CrossEntropy(), steps=30, lr=0.3, batch_size=32, seed=1)
+    assert hist["loss"][-1] < 0.6 * hist["loss"][0]
+
+
+def test_authors_bad_hyper_parameters():
+    for cls in (KBFGSMLP, KBFGSLMLP):
+        for kwargs, match in [({"variant": "code"}, "variant"), ({"variant": "authors", "algorithm": "alg5"}, "alg4"),
+                              ({"variant": "authors", "weight_decay": -1e-5}, "weight_decay"),
+                              ({"variant": "authors", "weight_decay": float("nan")}, "weight_decay"),
+                              ({"variant": "authors", "weight_decay": True}, "weight_decay"),
+                              ({"weight_decay": 1e-5}, "weight_decay")]:
+            with pytest.raises(HyperParameterError, match=match):
+                cls(**kwargs)
+    assert KBFGSMLP(variant="authors", weight_decay=0.0).tau == 0.0 and KBFGSMLP(weight_decay=0.0).tau == 0.0

@@ -80,6 +80,35 @@ after damping, ``θ₁, θ₂``, ``ratio = ỹᵀHỹ/s̃ᵀỹ`` with the ``H_g
 ``ratio ≤ 1/μ₁`` and ``≤ 2/μ₁`` (the statistic of Figure 2.1). These comparisons carry a
 relative slack ``√eps``: when Powell's damping on H acts and the ``B = I`` step does not
 (``θ₁ < 1``, ``θ₂ = 1``), ``ratio = 1/μ₁`` holds with equality, and line 17's ``≥`` accepts it.
+``diagnostics["ha_skipped"]`` counts the Hessian-action pairs not used.
+
+Authors' variant (``variant="authors"``, design §8; Algorithm 4 only). The authors' published
+code (github.com/renyiryry/kbfgs_neurips2020_public: ``training_function.py``,
+``training_utils.py::train_initialization``, ``kbfgs_utils.py`` at commit cd1d01e) departs from
+the thesis in four places that change numbers; everything else (DD = Powell on ``H`` with the
+current ``H_g`` and μ₁ = 0.2, then Powell with ``B = I`` and μ₂ = √λ, on copies of the
+undamped moving-average pair; ``A^{LM} = A + √λ I``; 0.9 for every moving average, no bias
+correction; L-BFGS with ``p = 100`` pairs in compact form with ``H_0 = γI``, γ = 1; the second
+pass on the same mini-batch) is what the paper variant already does. The four departures:
+
+1. weight decay in the momentum: ``m ← βm + (1−β)(∇f̄ + τW)``, ``τ = weight_decay``
+   (default ``1e-5``), ``W`` including the bias column (the gradient of
+   ``f̄ + (τ/2)‖θ‖²``; the (s, y) passes use the unregularized loss);
+2. no moving average of ``A`` at the first iteration (``k = 0``): ``A`` stays at its warm-start
+   value (without :meth:`warm_start`, the first mini-batch's ``mean_i a aᵀ``), so the first
+   Hessian-action update uses ``A^{LM} = A_0 + √λ I``;
+3. ``H_g`` (BFGS, or appending to the L-BFGS memory) is updated only if
+   ``s̃ᵀỹ > 10⁻⁴ · s̃ᵀs̃ · ‖ḡ‖₂`` with ``(s̃, ỹ)`` the DD output and ``ḡ = mean_i g_i`` the
+   layer's mean per-sample pre-activation gradient of the first pass (at ``θ_k``); a pair
+   failing it is counted as "skipped";
+4. ``H_a`` is updated only if ``s_aᵀy_a > 10⁻⁴ · s_aᵀs_a · ‖v‖₂`` with ``v = (ā_{1:d−1}, 1)``
+   the vector of ``s_a = H_a v`` (mean input, last entry set to 1, which is refcurv's ``ā``
+   for a layer with bias; a bias-free layer uses its mean input).
+
+Not modelled: the code's full-batch branch (batch = whole training set: no warm start, (s, y)
+decay 0), and its rejection of an update whose result contains ``inf``. The code's
+``(s, y) = (h̄ − h̄⁺, ḡ − ḡ⁺)`` is the negated pair; DD, BFGS and the test in 3 are invariant
+under ``(s, y) → (−s, −y)``.
 """
 from __future__ import annotations
 
@@ -88,11 +117,25 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..backend import xp_of
+from ..errors import HyperParameterError
 from ..linalg.damping import double_damping
 from ..linalg.quasi_newton import bfgs_update_H, lbfgs_compact, lbfgs_dense
 from ..linalg.woodbury import spd_solve
-from .base import Method, check_choice, check_int, check_positive, check_unit
+from .base import (
+    Method,
+    check_choice,
+    check_int,
+    check_nonnegative,
+    check_positive,
+    check_unit,
+)
 from .registry import register
+
+#: the authors' code (``kbfgs_utils.py::get_BFGS_formula``, ``Kron_LBFGS_append_s_y``): a pair
+#: ``(s, y)`` is used only if ``sᵀy > AUTHORS_SKIP · sᵀs · ‖v‖``
+AUTHORS_SKIP = 1e-4
+#: ``τ`` of the authors' code (``training_function.py``: ``args['tau'] = 10**(-5)``)
+AUTHORS_WEIGHT_DECAY = 1e-5
 
 
 # ----------------------------------------------------------------- helpers
@@ -125,6 +168,14 @@ def _apply(H, v):
     return H(v) if callable(H) else H @ v
 
 
+def authors_accepts(s, y, v):
+    """The authors' curvature test (``kbfgs_utils.py::get_BFGS_formula`` and
+    ``Kron_LBFGS_append_s_y``): use ``(s, y)`` iff ``sᵀy > 0`` and
+    ``sᵀy > 10⁻⁴ · sᵀs · ‖v‖₂`` (``v = ḡ`` for ``H_g``, ``v = (ā_{1:d−1}, 1)`` for ``H_a``)."""
+    sty = float(s @ y)
+    return sty > 0 and sty > AUTHORS_SKIP * float(s @ s) * float(xp_of(v).linalg.norm(v))
+
+
 # ----------------------------------------------------------------- the method
 @dataclass(frozen=True)
 class _KBFGSMLPBase(Method):
@@ -135,13 +186,18 @@ class _KBFGSMLPBase(Method):
     of ∇f, A and (s_g, y_g); 0.9), ``mu1`` (Powell damping on H in DD; 0.2),
     ``algorithm`` ("alg4" | "alg5": DD-skip, exact ``H_a = (A^{LM})⁻¹`` and no gradient
     momentum), ``skip_factor`` c (alg5 skips a pair when ``ỹᵀHỹ/s̃ᵀỹ > c/μ₁``; c = 1 is
-    Algorithm 5 line 17, c = 2 the "2/μ₁" of §2.3 — see errata)."""
+    Algorithm 5 line 17, c = 2 the "2/μ₁" of §2.3 — see errata), ``variant`` ("paper" |
+    "authors": the authors' code, module docstring — with ``algorithm="alg4"`` only),
+    ``weight_decay`` τ ≥ 0 of the authors' momentum ``m ← βm + (1−β)(∇f̄ + τW)`` (``None``:
+    ``1e-5`` for "authors"; "paper" has none)."""
 
     damping: float = 0.3
     beta: float = 0.9
     mu1: float = 0.2
     algorithm: str = "alg4"
     skip_factor: float = 1.0
+    variant: str = "paper"
+    weight_decay: float | None = None
 
     supports_conv = False
     limited = False  # True: H_g by L-BFGS
@@ -152,6 +208,20 @@ class _KBFGSMLPBase(Method):
         check_unit(self.mu1, "mu1", closed_low=False)
         check_choice(self.algorithm, "algorithm", ("alg4", "alg5"))
         check_positive(self.skip_factor, "skip_factor")
+        check_choice(self.variant, "variant", ("paper", "authors"))
+        if self.variant == "authors" and self.algorithm != "alg4":
+            raise HyperParameterError("variant='authors' is the authors' Algorithm 4; it needs algorithm='alg4'")
+        if self.weight_decay is not None:
+            check_nonnegative(self.weight_decay, "weight_decay")
+            if self.variant == "paper" and self.weight_decay != 0:
+                raise HyperParameterError("weight_decay is part of variant='authors' (the paper's algorithm has none)")
+
+    @property
+    def tau(self):
+        """Weight decay τ of the momentum gradient (0 for "paper")."""
+        if self.variant == "paper":
+            return 0.0
+        return AUTHORS_WEIGHT_DECAY if self.weight_decay is None else float(self.weight_decay)
 
     @property
     def lam(self):
@@ -171,7 +241,8 @@ class _KBFGSMLPBase(Method):
             "yg": [xp.zeros(s[0], dtype=dt) for s in shapes],
             "prev": None, "dd": None,
             "diagnostics": {key: [0] * len(shapes) for key in
-                     ("pairs", "used", "skipped", "degenerate", "ratio_le_1", "ratio_le_2")},
+                     ("pairs", "used", "skipped", "degenerate", "ratio_le_1", "ratio_le_2",
+                                               "ha_skipped")},
         }
         if self.limited:
             state["S"] = [xp.zeros((0, s[0]), dtype=dt) for s in shapes]
@@ -243,6 +314,8 @@ class _KBFGSMLPBase(Method):
                 d["ratio_le_2"][j] += ratio <= 2 * slack / self.mu1
                 # Algorithm 5 line 17: skip unless s̃ᵀỹ ≥ (μ₁/c) ỹᵀHỹ
                 used = self.algorithm == "alg4" or ratio <= self.skip_factor * slack / self.mu1
+                if self.variant == "authors":  # departure 3: sᵀy > 1e-4·sᵀs·‖ḡ‖, ḡ of θ_k
+                    used = authors_accepts(s_t, y_t, prev["gbar"][j])
                 d["used" if used else "skipped"][j] += 1
             else:
                 ratio, used = float("inf"), False
@@ -268,10 +341,14 @@ class _KBFGSMLPBase(Method):
         stats = layer_statistics(net, params, batch)  # line 6
         A, Ha = (state["A"], state["Ha"]) if state["A"] is not None else self._initial_A(stats)
         b, lam = self.beta, self.lam
+        authors = self.variant == "authors"
+        diag = {key: list(v) for key, v in state["diagnostics"].items()}
         direction, m_new, A_new, Ha_new, hbar, gbar = [], [], [], [], [], []
         for j, ((a, g), W) in enumerate(zip(stats, params)):
             N = a.shape[0]
             grad = g.T @ a / N  # ∇f̄ = mean_i g_i a_iᵀ (2.1)
+            if authors:  # departure 1: gradient of f̄ + (τ/2)‖θ‖² (bias column included)
+                grad = grad + self.tau * W
             m = grad if self.algorithm == "alg5" else b * state["m"][j] + (1 - b) * grad  # line 8
             H = self._hg_operator(state, j, dense)
             if dense:  # −(H_g ⊗ H_a) vec_row(m): the Kronecker product formed
@@ -280,22 +357,33 @@ class _KBFGSMLPBase(Method):
                 direction.append(-_apply(H, m @ Ha[j]))
             # lines 20–23 (Algorithm 5 lines 21–23)
             abar = a.mean(axis=0)
-            Al = b * A[j] + (1 - b) * (a.T @ a / N)
-            I = xp_of(Al).eye(Al.shape[0], dtype=Al.dtype)
+            if authors and state["k"] == 0:  # departure 2: A keeps its initial value
+                Al = A[j]
+            else:
+                Al = b * A[j] + (1 - b) * (a.T @ a / N)
+            xp = xp_of(Al)
+            I = xp.eye(Al.shape[0], dtype=Al.dtype)
             if self.algorithm == "alg5":
                 Hl = spd_solve(Al + lam * I, I, "A^LM")
             else:
-                s_a, y_a = hessian_action_pair(Ha[j], Al, abar, lam)
-                if float(s_a @ y_a) > 0:
+                # the authors' vector is the mean input with its last entry set to 1: that is
+                # refcurv's ā (the mean of the ones row is exactly 1; a bias-free layer has no
+                # such entry and keeps its mean input)
+                v = abar
+                s_a, y_a = hessian_action_pair(Ha[j], Al, v, lam)
+                # departure 4 (authors): s_aᵀy_a > 1e-4·s_aᵀs_a·‖v‖
+                use_a = authors_accepts(s_a, y_a, v) if authors else float(s_a @ y_a) > 0
+                if use_a:
                     Hl = bfgs_product_form(Ha[j], s_a, y_a) if dense else bfgs_update_H(Ha[j], s_a, y_a)
                 else:
                     Hl = Ha[j]
+                    diag["ha_skipped"][j] += 1
             m_new.append(m)
             A_new.append(Al)
             Ha_new.append(Hl)
             hbar.append(W @ abar)  # h̄ = W ā
             gbar.append(g.mean(axis=0))
-        new_state = {**state, "k": state["k"] + 1, "m": m_new, "A": A_new, "Ha": Ha_new,
+        new_state = {**state, "k": state["k"] + 1, "m": m_new, "A": A_new, "Ha": Ha_new, "diagnostics": diag,
                      "prev": {"batch": batch.own_copy(), "hbar": hbar, "gbar": gbar}}
         return direction, new_state
 

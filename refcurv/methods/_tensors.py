@@ -37,3 +37,9 @@ def from_tensors(layer, tensors):
     weight = tensors[0]
     bias = tensors[1] if len(tensors) > 1 else None
     return layer.join(xp_of(weight).reshape(weight, (weight.shape[0], -1)), bias)
+
+
+def map_modes(f, *nested):
+    """Apply ``f`` to matching leaves of per-layer / per-tensor / per-mode nested lists (the
+    layout of TNT's and Shampoo's statistics, factors and inverses)."""
+    return [[[f(*leaf) for leaf in zip(*modes)] for modes in zip(*tensors)] for tensors in zip(*nested)]

@@ -62,7 +62,7 @@ from ..backend import xp_of
 from ..errors import HyperParameterError, NewtonConvergenceError
 from ..linalg.roots import inv_root_eigh, inv_root_newton
 from ..linalg.tensor import contraction, kron_apply
-from ._tensors import from_tensors, to_tensors
+from ._tensors import from_tensors, map_modes, to_tensors
 from .base import Method, check_choice, check_int, check_nonnegative, check_positive, check_unit
 from .registry import register
 
@@ -71,13 +71,6 @@ def tensor_statistics(layer, g, conv_modes):
     """Per tensor of the layer gradient ``g`` (layer layout): ``[Ḡ^{(1)}, …, Ḡ^{(k)}]`` with
     ``Ḡ^{(i)} = mat_i(Ḡ) mat_i(Ḡ)ᵀ`` (thesis §4.2.1, contraction; Algorithm 16 line 9)."""
     return [[contraction(T, i) for i in range(T.ndim)] for T in to_tensors(layer, g, conv_modes)]
-
-
-def _map3(f, a, b=None):
-    """Apply ``f`` leaf-wise to a per-layer / per-tensor / per-mode nested list."""
-    if b is None:
-        return [[[f(x) for x in t] for t in lay] for lay in a]
-    return [[[f(x, y) for x, y in zip(t, u)] for t, u in zip(lay, lb)] for lay, lb in zip(a, b)]
 
 
 @register
@@ -135,9 +128,9 @@ class Shampoo(Method):
         for b in batches:
             g = net.grad(params, b.x, b.y, b.loss)
             s = [tensor_statistics(lay, gl, self.conv_modes) for lay, gl in zip(layers, g)]
-            total = s if total is None else _map3(lambda a, c: a + c, total, s)
+            total = s if total is None else map_modes(lambda a, c: a + c, total, s)
         n = len(batches)
-        return {**state, "stats": _map3(lambda a: a / n, total)}
+        return {**state, "stats": map_modes(lambda a: a / n, total)}
 
     def _root(self, D, p, where):
         """``D^{−1/p}`` by the chosen method; returns ``(root, NewtonReport or None, fell_back)``."""
@@ -163,15 +156,15 @@ class Shampoo(Method):
         if k % self.T_stats == 0:
             new = [tensor_statistics(lay, gl, self.conv_modes) for lay, gl in zip(layers, g)]
             b = self.beta
-            stats = new if stats is None else _map3(lambda S, Sn: b * S + (1 - b) * Sn, stats, new)
+            stats = new if stats is None else map_modes(lambda S, Sn: b * S + (1 - b) * Sn, stats, new)
         new_state = {**state, "k": k + 1, "m": m, "stats": stats}
         if k % self.T_inv == 0 or state["roots"] is None:
-            damped = _map3(lambda S: S + self.damping * xp_of(S).eye(S.shape[0], dtype=S.dtype), stats)
+            damped = map_modes(lambda S: S + self.damping * xp_of(S).eye(S.shape[0], dtype=S.dtype), stats)
             # (Ĝ^{(i)} + εI)^{−1/(2k)}, k = the tensor's order = its number of factors
             out = [[[self._root(D, 2 * len(factors), f"layer {li}, tensor {ti}, mode {i}")
                      for i, D in enumerate(factors)] for ti, factors in enumerate(lay)]
                    for li, lay in enumerate(damped)]
-            new_state.update(damped=damped, roots=_map3(lambda o: o[0], out), newton=_map3(lambda o: o[1], out),
+            new_state.update(damped=damped, roots=map_modes(lambda o: o[0], out), newton=map_modes(lambda o: o[1], out),
                              fallbacks=state["fallbacks"] + sum(o[2] for lay in out for t in lay for o in t))
         return m, new_state
 

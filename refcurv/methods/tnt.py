@@ -76,7 +76,7 @@ from ..backend import xp_of
 from ..errors import HyperParameterError
 from ..linalg.tensor import contraction, kron_apply
 from ..linalg.woodbury import spd_solve
-from ._tensors import from_tensors, to_tensors
+from ._tensors import from_tensors, map_modes, to_tensors
 from .base import Method, check_choice, check_int, check_nonnegative, check_positive, check_unit
 from .registry import register
 
@@ -131,11 +131,6 @@ def f_tnt(factors):
     """Dense ``F_TNT = (Ũ_1+εI) ⊗ ⋯ ⊗ (Ũ_k+εI)`` in row-major ``vec̄`` order (Lemma 10,
     Proposition 1)."""
     return reduce(xp_of(factors[0]).kron, factors)
-
-
-def _map3(f, *nested):
-    """Apply ``f`` to matching leaves of per-layer / per-tensor / per-mode nested lists."""
-    return [[[f(*leaf) for leaf in zip(*modes)] for modes in zip(*tensors)] for tensors in zip(*nested)]
 
 
 @register
@@ -210,8 +205,8 @@ class TNT(Method):
             if self.fisher == "mc":
                 labels = b.loss.sample(net.forward(params, b.x), n_samples=1, seed=rng)[0]
             S = self.batch_statistics(net, params, b, labels)
-            acc = S if acc is None else _map3(lambda a, s: a + s, acc, S)
-        return {**state, "stats": _map3(lambda a: a / len(batches), acc)}
+            acc = S if acc is None else map_modes(lambda a, s: a + s, acc, S)
+        return {**state, "stats": map_modes(lambda a: a / len(batches), acc)}
 
     def _update(self, state, net, params, batch, draws):
         """Shared by both forms (Algorithm 15 lines 5-17): momentum, statistics EMA, and at
@@ -223,11 +218,11 @@ class TNT(Method):
         if self._refresh_stats(state):
             new = self.batch_statistics(net, params, batch, draws["labels"])
             b = self.beta
-            stats = new if stats is None else _map3(lambda s, n: b * s + (1 - b) * n, stats, new)
+            stats = new if stats is None else map_modes(lambda s, n: b * s + (1 - b) * n, stats, new)
         factors, inverses = state["factors"], state["inverses"]
         if inverses is None or k % self.T_inv == 0:
             factors = [[damped_factors(S, self.damping) for S in layer] for layer in stats]
-            inverses = _map3(lambda F: spd_solve(F, xp_of(F).eye(F.shape[0], dtype=F.dtype), "Ũ_i + εI"), factors)
+            inverses = map_modes(lambda F: spd_solve(F, xp_of(F).eye(F.shape[0], dtype=F.dtype), "Ũ_i + εI"), factors)
         return m, {"k": k + 1, "m": m, "stats": stats, "factors": factors, "inverses": inverses}
 
     def _direction(self, net, params, m, precondition):

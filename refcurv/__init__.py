@@ -1,21 +1,26 @@
 """refcurv: a NumPy/SciPy reference and verification suite for curvature-based optimizers."""
-from . import backend, curvature, errors, nn, vec
+from . import backend, curvature, errors, linalg, methods, nn, operators, train, vec
 from .errors import (
     ArgumentTypeError,
+    DrawsError,
     EmptyBatchError,
     HyperParameterError,
     LabelError,
+    NewtonConvergenceError,
     NonFiniteError,
+    NotSPDError,
     RefcurvError,
     ShapeError,
+    StateError,
 )
 from .vec import flatten, from_order, permutation, to_order, unflatten
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "backend", "curvature", "errors", "nn", "vec",
+    "backend", "curvature", "errors", "linalg", "methods", "nn", "operators", "train", "vec",
     "flatten", "unflatten", "permutation", "to_order", "from_order",
     "RefcurvError", "ShapeError", "NonFiniteError", "EmptyBatchError", "LabelError",
-    "HyperParameterError", "ArgumentTypeError",
+    "HyperParameterError", "ArgumentTypeError", "NotSPDError", "NewtonConvergenceError",
+    "StateError", "DrawsError",
 ]

@@ -40,3 +40,13 @@ class NotSPDError(RefcurvError, ValueError):
 
 class NewtonConvergenceError(RefcurvError, ArithmeticError):
     """An iteration (the coupled Newton inverse root) stopped before reaching its tolerance."""
+
+
+class StateError(RefcurvError, TypeError):
+    """A method was handed a state it did not make: another method's, an empty one, ``None``,
+    or one missing a field. The message names the method and the missing fields."""
+
+
+class DrawsError(RefcurvError, TypeError):
+    """A step was handed random draws that do not fit it: made for another method, missing a
+    field the method consumes, or of the wrong shape. The message names the method and field."""

@@ -2,7 +2,8 @@
 from . import (  # noqa: F401  (registers)
     ginger, hessian_free, kbfgs, kbfgs_mlp, kfac, ngplus, qng, seng, sgd, shampoo, smw, tnt,
 )
-from .base import Batch, Method
+from . import diagnostics, vocabulary
+from .base import Batch, Draws, Method, State
 from .registry import REGISTRY, describe
 
-__all__ = ["Batch", "Method", "REGISTRY", "describe"]
+__all__ = ["Batch", "Draws", "Method", "State", "REGISTRY", "describe", "diagnostics", "vocabulary"]

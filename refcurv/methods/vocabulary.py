@@ -1,0 +1,108 @@
+"""One name per concept: every hyper-parameter of every registered method, with the paper's
+symbol and its meaning. The README's vocabulary table is this dictionary; tests/test_vocabulary.py
+checks that every method's hyper-parameters are listed here, that no retired alias is used,
+and that a state field name means one thing across methods.
+"""
+
+#: name → (paper symbol, meaning). Shared concepts first.
+HYPER_PARAMETERS = {
+    # shared concepts
+    "damping": ("λ (KFAC, K-BFGS, SENG, NG+, SMW), ε (TNT, Shampoo, NG+ (19) L₀ = εI), γ (Ginger)",
+                "damping added to the curvature (for LM methods: the initial λ_LM)"),
+    "damping_floor": ("τ (thesis (5.4))", "floor added to the LM damping: λ = λ_LM + τ"),
+    "rank": ("τ (QNG, Ginger), r (SENG)", "rank of a low-rank approximation"),
+    "beta": ("β (KFAC, TNT, Shampoo, K-BFGS, NG+ (11)/(12)), α (QNG, Ginger (7)), ζ (SENG 000 (24))",
+             "decay of the moving average (or geometric weighting) of curvature statistics"),
+    "momentum": ("μ", "decay of the gradient momentum buffer m"),
+    "momentum_form": ("", "'heavy_ball': m ← μ m + g;  'ema': m ← μ m + (1−μ) g"),
+    "T_stats": ("T₁ / T_stats", "refresh interval of the curvature statistics (steps)"),
+    "T_inv": ("T₂ / T_inv / 𝒯 (NG+) / T (SENG, K-BFGS)",
+              "refresh interval of the preconditioner: inverses, roots, factorizations, BFGS updates (steps)"),
+    "phase": ("", "refresh phase: 'k0' refreshes at 0-based k ≡ 0 (mod T); 'paper' the schedule the paper prints"),
+    "fisher": ("", "Fisher kind: 'exact' (closed-form expectation = GGN), 'mc' (sampled labels), 'empirical' (data labels)"),
+    "n_samples": ("S", "sampled labels per input for fisher='mc'"),
+    "weight_decay": ("γ (thesis Alg. 15/16), τ (K-BFGS code)", "decoupled weight decay added to the direction"),
+    "memory": ("p (L-BFGS, SENG history)", "number of past pairs / vectors kept"),
+    "sketch_size": ("q (SENG, NG+)", "number of sampled rows of a sketch"),
+    "blocks": ("", "block structure: 'full' (one block), 'layer', 'tensor'"),
+    "conv_modes": ("k", "a conv kernel as a 4-mode (out, c_in, kh, kw) or 3-mode (out, c_in, kh·kw) tensor"),
+    "variant": ("", "'paper' (the seed's definition) or 'authors' (the authors' published code, design §8)"),
+    "algorithm": ("", "which printed algorithm of the seed"),
+    "seed": ("", "seed of the method's own initialization (not of the per-step draws)"),
+    # KFAC
+    "split": ("π", "damping split between the Kronecker factors: 'pi' (Alg. 12 line 19) or 'sqrt' (π = 1)"),
+    "conv": ("", "KFAC conv factors: 'expand' (KFC) or 'reduce' (Eschenhagen et al. 2023)"),
+    # K-BFGS
+    "mu1": ("μ₁", "Powell damping parameter"),
+    "skip_factor": ("", "multiplier of the pair-skip threshold 1/μ₁ of Alg. 5 (2 gives the prose's 2/μ₁)"),
+    # TNT / Shampoo
+    "statistics": ("", "how the curvature statistics are estimated (TNT: 'per_sample' | 'batch_mean'; "
+                       "NG+: 'batch' | 'momentum' (11) | 'minibatch' (12))"),
+    "roots": ("", "inverse roots by 'newton' (coupled Newton) or 'eigh'"),
+    "newton_tol": ("", "stopping tolerance of the coupled Newton iteration"),
+    "newton_max_iter": ("", "iteration cap of the coupled Newton iteration"),
+    "on_newton_failure": ("", "'eigh' (fall back, warn, count) or 'raise'"),
+    # SENG
+    "sketch": ("", "explicit row sketch: 'uniform' or 'leverage'"),
+    "replace": ("", "sample sketch rows with replacement"),
+    "threshold": ("𝒯 (SENG)", "layer size n^l from which SENG uses the implicit path"),
+    "svd": ("", "'exact' or 'randomized' SVD for the implicit low-rank factors"),
+    "svd_of": ("", "factor whose SVD is taken: 'auto', 'G' or 'A'"),
+    "oversample": ("", "oversampling of the randomized SVD"),
+    "power_iter": ("", "power iterations of the randomized SVD"),
+    "sketch_size_A": ("ζ_A", "sampled rows of A_i (implicit path)"),
+    "sketch_size_G": ("ζ_G", "sampled rows of G_i (implicit path)"),
+    "uc": ("", "U c by 'cu' (23) or 'exact' (22)"),
+    "history": ("", "'none', 'decay' (000 (24)) or 'hybrid' (000 (25)) gradient history"),
+    "hybrid_v": ("v", "recent gradients always kept by the hybrid history"),
+    "workers": ("𝓜", "simulated workers (distributed SENG §4)"),
+    "normalization": ("", "distributed SENG: 'worker' or 'global' normalization of U"),
+    "block_capacitance": ("(26)", "distributed SENG: block-diagonal capacitance across workers"),
+    "delayed": ("(27)", "distributed SENG: delayed gradient"),
+    "sync_cu": ("(28)", "distributed SENG: synchronized C_U"),
+    # NG+
+    "side": ("", "GFIM side: 'left' (L), 'right' (R) or 'auto' (the smaller)"),
+    "stats_weight": ("γ (002 (12))", "weight of the new statistic in the mini-batch accumulation (12)"),
+    "stats_init": ("λ₀ (002 (12))", "initial statistic L̃₀ = λ₀ I of (12)"),
+    "gram": ("", "'exact' Gram products or 'sketch' (002 (17))"),
+    "block_size": ("(002 (18))", "size of the diagonal blocks of the block-diagonal approximation (18)"),
+    "solver": ("", "'cholesky', 'smw' (14), 'ls' (15) or 'sketch_ls' (16)"),
+    "alpha": ("α (002 (19))", "exp-concavity α of the online-Newton iteration (step 1/α)"),
+    "radius": ("𝒟/2", "radius of the Frobenius ball K of the online-Newton projection"),
+    "projection": ("", "online-Newton projection: 'L' (in the L_t norm) or 'euclidean'"),
+    # SMW / Hessian-free (thesis Ch.5 LM rule)
+    "boost": ("ω_boost", "LM damping growth factor (> 1)"),
+    "drop": ("ω_drop", "LM damping shrink factor (in (0, 1))"),
+    "lm_threshold": ("ε (thesis §5.2.3)", "ρ thresholds ε and 1 − ε of the LM rule"),
+    "n2": ("N₂", "size of the subset S₂ the curvature is built from (None: S₂ = S₁)"),
+    "accept_threshold": ("η (Theorem 6)", "a step with ρ < η is rejected (None: every step taken)"),
+    "form": ("", "SMW-GN: (5.6) 'spd', (5.7) 'singular' or 'auto'"),
+    "cg_max_iter": ("", "iteration cap of conjugate gradients"),
+    "cg_tol": ("", "relative residual tolerance of conjugate gradients"),
+    # QNG / Ginger
+    "u0": ("U₀", "initial basis: 'random' (semi-orthogonal, from seed) or 'eye'"),
+}
+
+#: retired names → the name that replaced them (CHANGELOG.md); none may be a hyper-parameter.
+RETIRED = {
+    "gamma": "damping (Ginger)",
+    "lam": "damping",
+    "lam_init": "damping (SMW, Hessian-free)",
+    "tau": "rank (QNG, Ginger) / damping_floor (SMW, Hessian-free)",
+    "epsilon": "damping (NG+ online Newton)",
+    "eps": "lm_threshold (SMW, Hessian-free)",
+    "T_update": "T_inv (K-BFGS)",
+    "update_freq": "T_inv (SENG, NG+)",
+    "decay": "beta (SENG)",
+    "mb_beta": "beta (NG+)",
+    "mb_gamma": "stats_weight (NG+)",
+    "mb_lambda0": "stats_init (NG+)",
+    "curvature": "gram (NG+); 'curvature' is the method Method.curvature(state)",
+    "max_iter": "cg_max_iter (Hessian-free)",
+    "tol": "cg_tol (Hessian-free)",
+    "n_iter": "power_iter (SENG)",
+    "block": "block_capacitance (SENG)",
+}
+
+#: the Fisher-kind words, the same in refcurv.curvature and every method
+FISHER_KINDS = ("exact", "mc", "empirical")

@@ -1,0 +1,346 @@
+"""Curvature operators: the matrix a method preconditions with, as an object to inspect.
+
+In the spirit of SciPy's ``LinearOperator`` and kfac-jax's curvature blocks. Every operator
+is a symmetric ``n × n`` matrix acting on vectors in refcurv's order (row-major ``vec`` per
+layer, layers concatenated; :func:`refcurv.flatten`) and offers
+
+* ``matvec(v)``   — ``C v`` for ``v`` of shape ``(n,)`` or ``(n, k)``;
+* ``solve(v)``    — ``C⁻¹ v`` (Cholesky of the small factors, never an explicit inverse
+  unless the operator *stores* an inverse, see :class:`Inverse`);
+* ``todense()``   — the ``n × n`` matrix (what a user compares a foreign implementation with);
+* ``eigvalsh()``  — the eigenvalues, ascending (from the factors' where the structure allows);
+* ``aslinearoperator()`` — a :class:`scipy.sparse.linalg.LinearOperator` (host arrays).
+
+Structures:
+
+==========================  ==============================================================
+:class:`ScaledIdentity`     ``c I``
+:class:`Dense`              an explicit symmetric matrix ``M``
+:class:`Kronecker`          ``F_1 ⊗ F_2 ⊗ ⋯ ⊗ F_k`` on the row-major ``vec̄`` of a tensor of
+                            shape ``(dim F_1, …, dim F_k)``. For a layer ``W ∈ R^{out×d}``,
+                            ``Kronecker(G, A)`` is the block ``G ⊗ A`` with
+                            ``(G ⊗ A) vec(W) = vec(G W Aᵀ)`` (row-major ``vec``; in the papers'
+                            column-major ``vec`` the same matrix reads ``A ⊗ G``)
+:class:`KroneckerSum`       ``A ⊕ B = A ⊗ I + I ⊗ B`` (row-major, ``A`` acts on rows)
+:class:`LowRankPlusIdentity` ``c I + U diag(K) Uᵀ``
+:class:`BlockDiagonal`      blocks over disjoint index sets of θ (by default consecutive:
+                            one per layer)
+:class:`Inverse`            ``B⁻¹`` of an operator ``B`` (methods that store an inverse,
+                            e.g. K-BFGS's ``H_g ⊗ H_a``)
+==========================  ==============================================================
+"""
+from __future__ import annotations
+
+from functools import reduce
+
+import numpy as np
+
+from .backend import eigh, to_numpy, xp_of
+from .errors import ArgumentTypeError, ShapeError
+from .linalg import _checks as C
+from .linalg.woodbury import spd_solve
+
+__all__ = ["Operator", "ScaledIdentity", "Dense", "Kronecker", "KroneckerSum", "LowRankPlusIdentity",
+           "BlockDiagonal", "Inverse"]
+
+
+class Operator:
+    """Base class: a symmetric ``n × n`` matrix. Subclasses implement ``_matvec``,
+    ``_solve``, ``todense`` and may override ``eigvalsh``."""
+
+    n: int
+    dtype = np.float64
+
+    @property
+    def shape(self):
+        return (self.n, self.n)
+
+    def _rhs(self, v):
+        v = C.finite(v, "v")
+        if v.ndim not in (1, 2) or v.shape[0] != self.n:
+            raise ShapeError(f"v must have {self.n} rows (shape (n,) or (n, k)), got shape {v.shape}")
+        return v
+
+    def matvec(self, v):
+        """``C v``."""
+        return self._matvec(self._rhs(v))
+
+    def solve(self, v):
+        """``C⁻¹ v``."""
+        return self._solve(self._rhs(v))
+
+    def todense(self):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def eigvalsh(self):
+        """Eigenvalues, ascending."""
+        return xp_of(self.todense()).linalg.eigvalsh(self.todense())
+
+    def inverse(self):
+        return Inverse(self)
+
+    def aslinearoperator(self):
+        """A SciPy ``LinearOperator`` (host NumPy arrays; symmetric, so ``rmatvec = matvec``)."""
+        from scipy.sparse.linalg import LinearOperator
+
+        def mv(v):
+            return to_numpy(self.matvec(np.asarray(v, dtype=self.dtype)))
+
+        return LinearOperator(self.shape, matvec=mv, rmatvec=mv, matmat=mv, rmatmat=mv, dtype=self.dtype)
+
+    def __repr__(self):
+        return f"{type(self).__name__}(n={self.n})"
+
+
+class ScaledIdentity(Operator):
+    """``c I`` (``c > 0``): SGD's curvature is ``I``."""
+
+    def __init__(self, n, c=1.0, dtype=np.float64):
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ArgumentTypeError(f"n must be an int >= 1, got {n!r}")
+        self.n, self.c, self.dtype = int(n), float(C.positive(c, "c")), np.dtype(dtype)
+
+    def _matvec(self, v):
+        return self.c * v
+
+    def _solve(self, v):
+        return v / self.c
+
+    def todense(self):
+        return self.c * np.eye(self.n, dtype=self.dtype)
+
+    def eigvalsh(self):
+        return np.full(self.n, self.c, dtype=self.dtype)
+
+
+class Dense(Operator):
+    """An explicit symmetric matrix ``M`` (solved by Cholesky, :func:`~refcurv.linalg.woodbury.spd_solve`)."""
+
+    def __init__(self, M, name="M"):
+        self.M = C.symmetric(M, name)
+        self.n, self.dtype, self.name = self.M.shape[0], self.M.dtype, name
+
+    def _matvec(self, v):
+        return self.M @ v
+
+    def _solve(self, v):
+        return spd_solve(self.M, v, self.name)
+
+    def todense(self):
+        return self.M
+
+
+def _factor(F, i):
+    return C.symmetric(F, f"factor {i}")
+
+
+class Kronecker(Operator):
+    """``F_1 ⊗ ⋯ ⊗ F_k`` applied by mode products (thesis Proposition 1) on the row-major
+    ``vec̄`` of a tensor of shape ``(dim F_1, …, dim F_k)``; solved factor by factor."""
+
+    def __init__(self, *factors):
+        if not factors:
+            raise ArgumentTypeError("Kronecker needs at least one factor")
+        self.factors = [_factor(F, i) for i, F in enumerate(factors)]
+        self.dims = tuple(F.shape[0] for F in self.factors)
+        self.n = int(np.prod(self.dims))
+        self.dtype = np.result_type(*[F.dtype for F in self.factors])
+
+    def _apply(self, v, fs):
+        xp = xp_of(v)
+        cols = v.reshape(self.n, -1)
+        X = cols.T.reshape((cols.shape[1],) + self.dims)  # leading axis: right-hand sides
+        for i, f in enumerate(fs):
+            X = xp.moveaxis(xp.tensordot(X, f, axes=([i + 1], [1])), -1, i + 1)
+        return X.reshape(cols.shape[1], self.n).T.reshape(v.shape)
+
+    def _matvec(self, v):
+        # (⊗ F_i) vec̄(X) = vec̄(X ×_1 F_1 ⋯ ×_k F_k): contract mode i with F_i's columns
+        return self._apply(v, self.factors)
+
+    def _solve(self, v):
+        # (⊗ F_i)⁻¹ = ⊗ F_i⁻¹: one small SPD solve per mode
+        xp = xp_of(v)
+        cols = v.reshape(self.n, -1)
+        X = cols.T.reshape((cols.shape[1],) + self.dims)
+        for i, F in enumerate(self.factors):
+            Xi = xp.moveaxis(X, i + 1, 0)
+            shp = Xi.shape
+            Xi = spd_solve(F, Xi.reshape(shp[0], -1), f"factor {i}").reshape(shp)
+            X = xp.moveaxis(Xi, 0, i + 1)
+        return X.reshape(cols.shape[1], self.n).T.reshape(v.shape)
+
+    def todense(self):
+        return reduce(xp_of(self.factors[0]).kron, self.factors)
+
+    def eigvalsh(self):
+        xp = xp_of(self.factors[0])
+        ev = reduce(lambda a, b: xp.multiply.outer(a, b).ravel(), [xp.linalg.eigvalsh(F) for F in self.factors])
+        return xp.sort(ev)
+
+
+class KroneckerSum(Operator):
+    """``A ⊕ B = A ⊗ I + I ⊗ B`` on the row-major ``vec`` of ``X ∈ R^{a×b}``:
+    ``(A ⊕ B) vec(X) = vec(A X + X Bᵀ)``. Solved in the eigenbases of ``A`` and ``B``
+    (Bartels–Stewart for symmetric factors)."""
+
+    def __init__(self, A, B):
+        self.A, self.B = _factor(A, 0), _factor(B, 1)
+        self.dims = (self.A.shape[0], self.B.shape[0])
+        self.n = self.dims[0] * self.dims[1]
+        self.dtype = np.result_type(self.A.dtype, self.B.dtype)
+
+    def _mats(self, v):
+        cols = v.reshape(self.n, -1)
+        return cols.T.reshape((cols.shape[1],) + self.dims), cols.shape[1]
+
+    def _matvec(self, v):
+        X, k = self._mats(v)
+        Y = self.A @ X + X @ self.B.T
+        return Y.reshape(k, self.n).T.reshape(v.shape)
+
+    def _solve(self, v):
+        X, k = self._mats(v)
+        wa, Qa = eigh(self.A)
+        wb, Qb = eigh(self.B)
+        D = wa[:, None] + wb[None, :]
+        if float(D.min()) <= 0:
+            from .errors import NotSPDError
+
+            raise NotSPDError(f"A ⊕ B is not positive definite (smallest eigenvalue {float(D.min()):.3e})")
+        Y = Qa @ ((Qa.T @ X @ Qb) / D) @ Qb.T
+        return Y.reshape(k, self.n).T.reshape(v.shape)
+
+    def todense(self):
+        xp = xp_of(self.A)
+        Ia, Ib = xp.eye(self.dims[0], dtype=self.dtype), xp.eye(self.dims[1], dtype=self.dtype)
+        return xp.kron(self.A, Ib) + xp.kron(Ia, self.B)
+
+    def eigvalsh(self):
+        xp = xp_of(self.A)
+        return xp.sort(xp.add.outer(xp.linalg.eigvalsh(self.A), xp.linalg.eigvalsh(self.B)).ravel())
+
+
+class LowRankPlusIdentity(Operator):
+    """``c I + U diag(K) Uᵀ`` (``U`` is ``n × r``, any rank; ``c > 0``; ``K`` may be
+    indefinite, e.g. Ginger's negative inverse correction, as long as the sum is SPD).
+    With the thin ``U = QR`` and ``R diag(K) Rᵀ = V diag(w) Vᵀ`` (an ``r × r`` problem), the
+    operator is ``P diag(c + w) Pᵀ + c (I − PPᵀ)`` with ``P = QV`` — the Woodbury identity in
+    the eigenbasis of the small core, which also gives ``eigvalsh`` without forming ``n × n``."""
+
+    def __init__(self, c, U, K):
+        self.c = float(C.positive(c, "c"))
+        self.U = C.finite(U, "U")
+        if self.U.ndim != 2:
+            raise ShapeError(f"U must be a matrix (n, r), got shape {self.U.shape}")
+        self.K = C.vector(K, "K", self.U.shape[1])
+        self.n, self.dtype = self.U.shape[0], self.U.dtype
+
+    def _core(self):
+        # C I + U K Uᵀ = Q (c I + R K Rᵀ) Qᵀ + c (I − QQᵀ) with U = QR (thin)
+        xp = xp_of(self.U)
+        Q, R = xp.linalg.qr(self.U)
+        w, V = eigh((R * self.K) @ R.T)
+        return Q @ V, w
+
+    def _matvec(self, v):
+        Kuv = self.K[:, None] * (self.U.T @ v.reshape(self.n, -1))
+        return (self.c * v.reshape(self.n, -1) + self.U @ Kuv).reshape(v.shape)
+
+    def _solve(self, v):
+        P, w = self._core()
+        lam = self.c + w
+        if float(lam.min()) <= 0:
+            from .errors import NotSPDError
+
+            raise NotSPDError(f"c I + U diag(K) Uᵀ is not positive definite (eigenvalue {float(lam.min()):.3e})")
+        V = v.reshape(self.n, -1)
+        Pv = P.T @ V
+        # on range(U): eigenvalues c + w; on its complement: c
+        X = (V - P @ Pv) / self.c + P @ (Pv / lam[:, None])
+        return X.reshape(v.shape)
+
+    def todense(self):
+        xp = xp_of(self.U)
+        return self.c * xp.eye(self.n, dtype=self.dtype) + (self.U * self.K) @ self.U.T
+
+    def eigvalsh(self):
+        xp = xp_of(self.U)
+        _, w = self._core()
+        rest = xp.full(self.n - w.shape[0], self.c, dtype=self.dtype)
+        return xp.sort(xp.concatenate([self.c + w, rest]))
+
+
+class BlockDiagonal(Operator):
+    """Blocks acting on disjoint index sets of θ. ``index=None``: consecutive blocks (one per
+    layer for a method's curvature); otherwise ``index[b]`` lists the entries of θ (in
+    refcurv's order) that block ``b`` acts on, in the block's own order — e.g. TNT's
+    weight tensor and bias tensor of one layer, or Ginger's ``blocks="tensor"``."""
+
+    def __init__(self, blocks, index=None):
+        blocks = list(blocks)
+        if not blocks or not all(isinstance(b, Operator) for b in blocks):
+            raise ArgumentTypeError("blocks must be a non-empty list of refcurv.operators.Operator")
+        self.blocks = blocks
+        sizes = [b.n for b in blocks]
+        self.n = int(sum(sizes))
+        if index is None:
+            stops = np.cumsum(sizes)
+            index = [np.arange(s - n, s) for s, n in zip(stops, sizes)]
+        index = [np.asarray(i) for i in index]
+        if len(index) != len(blocks) or any(i.shape != (b.n,) for i, b in zip(index, blocks)):
+            raise ShapeError("index must give one index array of length block.n per block")
+        allidx = np.concatenate(index)
+        if np.sort(allidx).tolist() != list(range(self.n)):
+            raise ShapeError(f"index must partition range({self.n})")
+        self.index = index
+        self.dtype = np.result_type(*[b.dtype for b in blocks])
+
+    def _map(self, v, f):
+        xp = xp_of(v)
+        out = xp.zeros(v.shape, dtype=np.result_type(v.dtype, self.dtype))
+        for b, i in zip(self.blocks, self.index):
+            out[i] = f(b, v[i])
+        return out
+
+    def _matvec(self, v):
+        return self._map(v, lambda b, x: b.matvec(x))
+
+    def _solve(self, v):
+        return self._map(v, lambda b, x: b.solve(x))
+
+    def todense(self):
+        dense = [b.todense() for b in self.blocks]
+        xp = xp_of(dense[0])
+        M = xp.zeros((self.n, self.n), dtype=self.dtype)
+        for D, i in zip(dense, self.index):
+            M[np.ix_(i, i)] = D
+        return M
+
+    def eigvalsh(self):
+        xp = xp_of(self.blocks[0].todense())
+        return xp.sort(xp.concatenate([b.eigvalsh() for b in self.blocks]))
+
+
+class Inverse(Operator):
+    """``B⁻¹`` for an operator ``B``: ``matvec`` is ``B.solve`` and ``solve`` is
+    ``B.matvec``. For a method that stores the *inverse* curvature ``H`` (K-BFGS's
+    ``H_g ⊗ H_a``, Ginger's damped inverse), ``Inverse(H)`` is the curvature itself."""
+
+    def __init__(self, B):
+        if not isinstance(B, Operator):
+            raise ArgumentTypeError(f"Inverse needs a refcurv.operators.Operator, got {type(B).__name__}")
+        self.B, self.n, self.dtype = B, B.n, B.dtype
+
+    def _matvec(self, v):
+        return self.B.solve(v)
+
+    def _solve(self, v):
+        return self.B.matvec(v)
+
+    def todense(self):
+        xp = xp_of(self.B.todense())
+        return self.B.solve(xp.eye(self.n, dtype=self.dtype))
+
+    def eigvalsh(self):
+        return 1.0 / self.B.eigvalsh()[::-1]

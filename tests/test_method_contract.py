@@ -1,0 +1,122 @@
+"""The contract every registered method passes (in the spirit of optax's shared optimizer
+tests): typed state and draws, draws injected = draws made inside (bit for bit), foreign or
+empty states and wrong draws refused, and ``curvature(state)`` reproducing the dense
+direction ``d = −C⁻¹ rhs(state, g)``."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+import refcurv as rc
+from refcurv.errors import DrawsError, StateError
+from refcurv.methods import REGISTRY, Batch, Draws, State
+from refcurv.nn import Conv2d, CrossEntropy, Flatten, Linear, Sequential, Tanh
+from refcurv.operators import Operator
+from refcurv.testing.tolerance import forward_tol
+
+NETS = {
+    "mlp": (Sequential([Linear(3, 4), Tanh(), Linear(4, 3)]), (6, 3)),
+    "cnn": (Sequential([Conv2d(1, 2, 2), Tanh(), Flatten(), Linear(8, 3)]), (6, 1, 3, 3)),
+}
+STEPS = 3
+
+
+def _setup(name, kind, seed=0):
+    net, xshape = NETS[kind]
+    method = REGISTRY[name]()
+    if kind == "cnn" and not method.supports_conv:
+        pytest.skip(f"{name} is defined for Linear layers only")
+    rng = np.random.default_rng(seed)
+    params = net.init(seed)
+    batches = [Batch(rng.standard_normal(xshape), rng.integers(0, 3, xshape[0]), CrossEntropy())
+               for _ in range(STEPS)]
+    return method, net, params, batches
+
+
+CASES = [(n, k) for n in sorted(REGISTRY) for k in sorted(NETS)]
+
+
+@pytest.mark.parametrize("name,kind", CASES)
+def test_state_is_typed_and_documented(name, kind):
+    method, net, params, batches = _setup(name, kind)
+    state = method.init(net, params)
+    assert type(state) is method.State and issubclass(method.State, State)
+    assert dataclasses.is_dataclass(state)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        state.k = 5
+    for f, doc in method.State.field_docs().items():
+        assert doc, f"{name}: state field {f!r} has no doc"
+    for dense in (False, True):
+        _, s = method.step(state, net, params, batches[0], rng=1, dense=dense)
+        assert type(s) is method.State and s.k == 1
+        assert isinstance(s.diagnostics, dict)
+
+
+@pytest.mark.parametrize("name,kind", CASES)
+@pytest.mark.parametrize("dense", [False, True], ids=["fast", "dense"])
+def test_injected_draws_are_bit_identical(name, kind, dense):
+    method, net, params, batches = _setup(name, kind)
+    runs = []
+    for inject in (False, True):
+        state, p, out = method.init(net, params), params, []
+        for k, b in enumerate(batches):
+            if inject:
+                draws = method.draw(np.random.default_rng(100 + k), state, net, p, b)
+                assert isinstance(draws, Draws) and draws.method == name
+                d, state = method.step(state, net, p, b, draws=draws, dense=dense)
+            else:
+                d, state = method.step(state, net, p, b, rng=100 + k, dense=dense)
+            out.append(d)
+            p = [W + 0.1 * D for W, D in zip(p, d)]
+        runs.append(out)
+    for da, db in zip(*runs):
+        for a, b in zip(da, db):
+            assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("name,kind", CASES)
+def test_foreign_empty_and_missing_states_are_refused(name, kind):
+    method, net, params, batches = _setup(name, kind)
+    other = next(n for n in sorted(REGISTRY) if REGISTRY[n].State is not method.State)
+    bad = [None, {}, State(), REGISTRY[other]().init(net, params), {"k": 0}]
+    for state in bad:
+        if type(state) is method.State:
+            continue
+        with pytest.raises(StateError, match=name):
+            method.step(state, net, params, batches[0], rng=0)
+
+
+@pytest.mark.parametrize("name,kind", CASES)
+def test_wrong_draws_are_refused(name, kind):
+    method, net, params, batches = _setup(name, kind)
+    state = method.init(net, params)
+    with pytest.raises(DrawsError, match=name):
+        method.step(state, net, params, batches[0], draws=Draws(method="not-" + name))
+    with pytest.raises(DrawsError, match=name):
+        method.step(state, net, params, batches[0], draws={"labels": None})
+    if method.draw_fields:
+        with pytest.raises(DrawsError, match=method.draw_fields[0]):
+            method.step(state, net, params, batches[0], draws=Draws(method=name))
+
+
+@pytest.mark.parametrize("name,kind", CASES)
+def test_curvature_reproduces_the_dense_direction(name, kind):
+    """``direction = −C⁻¹ v`` with ``C = method.curvature(new_state, …)`` and
+    ``v = method.rhs(new_state, g)``, for the dense form's direction, at every step of a short
+    run; tolerance: the forward error of a solve, ``C·n·eps·κ(C)``."""
+    method, net, params, batches = _setup(name, kind)
+    state, p = method.init(net, params), params
+    for k, b in enumerate(batches):
+        draws = method.draw(np.random.default_rng(100 + k), state, net, p, b)
+        d, new = method.step(state, net, p, b, draws=draws, dense=True)
+        C = method.curvature(new, net, p, b, draws)
+        assert isinstance(C, Operator) and C.shape == (net.n_params,) * 2
+        g = net.grad(p, b.x, b.y, b.loss)
+        v = rc.flatten(method.rhs(new, g))
+        ev = np.asarray(C.eigvalsh())
+        assert ev.min() > 0, f"{name}: curvature not positive definite (λ_min = {ev.min():.3e})"
+        tol = forward_tol(net.n_params, ev.max() / ev.min())
+        got, want = -C.solve(v), rc.flatten(d)
+        err = np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-300)
+        assert err <= tol, f"{name} step {k}: ‖−C⁻¹v − d‖/‖d‖ = {err:.2e} > {tol:.2e}"
+        state, p = new, [W + 0.1 * D for W, D in zip(p, d)]

@@ -20,4 +20,18 @@ SCHEMA = {
     "pairs_skipped": ("list[int], per layer", "curvature pairs (s, y) skipped so far"),
     "ratio_le_2": ("list[int], per layer", "pairs so far with yᵀHy / sᵀy ≤ 2/μ₁ (thesis §2.4)"),
     "newton_fallbacks": ("int", "coupled-Newton roots replaced by eigh roots so far"),
+    # ---- kfac
+
+    # ---- tnt / shampoo
+
+    # ---- kbfgs
+
+    # ---- seng
+
+    # ---- ngplus
+
+    # ---- smw / hessian_free
+
+    # ---- qng / ginger
+
 }

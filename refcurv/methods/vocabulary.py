@@ -81,6 +81,20 @@ HYPER_PARAMETERS = {
     "cg_tol": ("", "relative residual tolerance of conjugate gradients"),
     # QNG / Ginger
     "u0": ("U₀", "initial basis: 'random' (semi-orthogonal, from seed) or 'eye'"),
+    # ---- additions: kfac
+
+    # ---- additions: tnt / shampoo
+
+    # ---- additions: kbfgs
+
+    # ---- additions: seng
+
+    # ---- additions: ngplus
+
+    # ---- additions: smw / hessian_free
+
+    # ---- additions: qng / ginger
+
 }
 
 #: retired names → the name that replaced them (CHANGELOG.md); none may be a hyper-parameter.

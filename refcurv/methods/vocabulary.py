@@ -120,3 +120,18 @@ RETIRED = {
 
 #: the Fisher-kind words, the same in refcurv.curvature and every method
 FISHER_KINDS = ("exact", "mc", "empirical")
+
+
+def markdown_table():
+    """The README's vocabulary table: name | paper symbol | meaning | methods."""
+    from .registry import REGISTRY
+
+    users = {}
+    for name, cls in sorted(REGISTRY.items()):
+        for hp in cls.hyper_parameters():
+            users.setdefault(hp, []).append(name)
+    lines = ["| name | paper symbol | meaning | methods |", "|---|---|---|---|"]
+    for name, (symbol, meaning) in HYPER_PARAMETERS.items():
+        methods = ", ".join(f"`{m}`" for m in users.get(name, []))
+        lines.append(f"| `{name}` | {symbol or '—'} | {meaning.replace('|', chr(92) + '|')} | {methods} |")
+    return "\n".join(lines)

@@ -1,9 +1,15 @@
 import os
 import sys
 
-import numpy as np
-import pytest
-from hypothesis import HealthCheck, settings
+# One BLAS thread per test process (and per pytest-xdist worker): on a shared 2-core machine,
+# multithreaded OpenBLAS on these small matrices made the slowest tests ~4.5x slower and far
+# noisier. The environment covers BLAS libraries loaded later; threadpoolctl the loaded ones.
+for _v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_v, "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -14,6 +20,14 @@ settings.register_profile("dev", max_examples=5, **_common)
 settings.register_profile("ci", max_examples=40, derandomize=True, print_blob=True, **_common)
 settings.register_profile("thorough", max_examples=1000, print_blob=True, **_common)
 settings.load_profile(os.environ.get("REFCURV_HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_configure(config):
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return
+    config._refcurv_blas_limit = threadpool_limits(limits=1)
 
 
 def _cupy_ok():

@@ -1,4 +1,5 @@
-"""Tolerance model for comparisons with a reference (used by the tests).
+"""Tolerance model for comparisons with a float64 reference (used by the tests and the
+method contract; :func:`tolerance` is the one formula).
 
 Autodiff results from two exact algorithms (refcurv's batched backprop/R-op vs autograd's
 tracing) differ only by rounding: for these tiny networks (depth <= 4, widths <= 6,
@@ -29,13 +30,40 @@ def assert_close(a, b, rtol=AUTODIFF_RTOL, atol=1e-13, what=""):
     assert err <= bound, f"{what}: ‖a − b‖ = {err:.3e} > {bound:.3e} (‖b‖ = {np.linalg.norm(b):.3e})"
 
 
+def tolerance(n, cond=1.0, dtype=np.float64, kind="forward", C=100.0):
+    """Relative tolerance for a quantity computed in ``dtype`` against a float64 reference.
+
+    ``u`` is the unit roundoff of ``dtype`` (``finfo(dtype).eps``, the float64 value for
+    integer types), ``n`` the size of the system (the number of terms accumulated), ``κ``
+    ``cond`` its condition number:
+
+    * ``kind="forward"``: the forward error of a backward-stable algorithm (a solve, an
+      inverse, an inverse root, a direction ``−C⁻¹g``), ``C · n · u · κ`` relative to the
+      reference's norm (Higham, *Accuracy and Stability*, §7.1: backward error ``O(n u)``
+      times the condition number);
+    * ``kind="residual"``: a backward error or residual, ``C · n · u`` relative to the size of
+      the terms that cancel (``‖A‖ ‖x‖`` for ``Ax − b``), independent of κ.
+
+    ``C = 100`` absorbs the algorithm's constant (the bounds' ``γ_n = n u / (1 − n u)`` and
+    small-integer factors); the float64 reference's own error is added, so a float32 input
+    is judged at float32 accuracy and a float64 one at float64.
+    """
+    dt = np.dtype(dtype)
+    u = np.finfo(dt).eps if dt.kind in "fc" else EPS
+    if kind == "forward":
+        return C * n * (u + EPS) * cond
+    if kind == "residual":
+        return C * n * (u + EPS)
+    raise ValueError(f"kind must be 'forward' or 'residual', got {kind!r}")
+
+
 def forward_tol(n, cond, C=100.0):
-    """Forward error of a backward-stable solve/inverse/root: ``C · n · eps · κ`` relative."""
+    """Forward error of a backward-stable solve/inverse/root in float64: ``C · n · eps · κ``."""
     return C * n * EPS * cond
 
 
 def residual_tol(n, C=100.0):
-    """Residual/backward error: ``C · n · eps`` relative to ``‖A‖ ‖x‖``."""
+    """Residual/backward error in float64: ``C · n · eps`` relative to ``‖A‖ ‖x‖``."""
     return C * n * EPS
 
 

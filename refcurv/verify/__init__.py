@@ -1,0 +1,183 @@
+"""``refcurv verify``: run the registered checks (:mod:`refcurv.verify.checks`) and report.
+
+    from refcurv.verify import run, select
+    results = run(select(quick=True), seed=0, jobs=1)
+    all(r.passed for r in results)
+
+Each check runs on built-in problems with seeded data; ``jobs > 1`` runs them in a local
+process pool whose workers use one BLAS thread each (small matrices are slower and far
+noisier with multithreaded OpenBLAS on a shared machine).
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+
+from .checks import all_checks
+
+__all__ = ["Result", "run", "select", "environment"]
+
+#: environment variables that pin BLAS/OpenMP to one thread in worker processes
+ONE_THREAD = {v: "1" for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                               "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")}
+
+
+@dataclass(frozen=True)
+class Result:
+    id: str
+    area: str
+    method: str
+    check: str
+    problem: str
+    error: float
+    tolerance: float
+    passed: bool
+    detail: str
+    seconds: float
+
+    def asdict(self):
+        return asdict(self)
+
+
+def select(method=None, check=None, quick=False, area=None):
+    """The checks to run: all, or those whose method / check name / area contains the given
+    substrings (case-insensitive); ``quick`` keeps the quick tier."""
+    out = []
+    for c in all_checks():
+        if quick and not c.quick:
+            continue
+        if method and method.lower() not in c.method.lower():
+            continue
+        if check and check.lower() not in c.name.lower():
+            continue
+        if area and area != c.area:
+            continue
+        out.append(c)
+    return out
+
+
+def _one_blas_thread():
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # the worker's environment (ONE_THREAD) is the fallback
+        import contextlib
+
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1)
+
+
+def run_one(check_id, seed, backend="numpy", one_thread=False):
+    """Run the check with this id (looked up in the registry, so that it can be sent to a
+    worker process or a Dask worker by name); ``one_thread`` limits BLAS to one thread."""
+    if one_thread:
+        with _one_blas_thread():
+            return run_one(check_id, seed, backend)
+    check = next(c for c in all_checks() if c.id == check_id)
+    t0 = time.perf_counter()
+    try:
+        err, tol, detail = check.fn(check.problem, seed, backend)
+        err, tol = float(err), float(tol)
+        passed = bool(err <= tol)
+    except Exception as e:  # a check that raises has failed; say why
+        err, tol, passed, detail = float("nan"), float("nan"), False, f"raised {type(e).__name__}: {e}"
+    return Result(check.id, check.area, check.method, check.name, check.problem, err, tol, passed,
+                  detail, time.perf_counter() - t0)
+
+
+def run(checks, seed=0, jobs=1, progress=None, backend="numpy", dask=None):
+    """Run ``checks``; ``progress(result)`` is called as each finishes. Returns the results in
+    the order of ``checks``. ``jobs > 1``: a local process pool; ``dask``: the address of an
+    existing Dask scheduler (or a ``distributed.Client``), each check one task."""
+    ids = [c.id for c in checks]
+    if dask is not None:
+        return _run_dask(ids, seed, backend, dask, progress)
+    if jobs <= 1 or len(ids) <= 1:
+        results = []
+        for i in ids:
+            r = run_one(i, seed, backend)
+            results.append(r)
+            if progress:
+                progress(r)
+        return results
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    saved = {k: os.environ.get(k) for k in ONE_THREAD}
+    os.environ.update(ONE_THREAD)  # inherited by the spawned workers before they import NumPy
+    try:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(run_one, i, seed, backend, True): i for i in ids}
+            done = {}
+            for f in as_completed(futures):
+                r = f.result()
+                done[r.id] = r
+                if progress:
+                    progress(r)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return [done[i] for i in ids]
+
+
+def _run_dask(ids, seed, backend, dask, progress):
+    try:
+        from distributed import Client, as_completed
+    except ImportError:
+        from ..errors import ArgumentTypeError
+
+        raise ArgumentTypeError("--dask needs the 'distributed' extra: pip install 'refcurv[distributed]'") from None
+    client = dask if isinstance(dask, Client) else Client(dask)
+    try:
+        futures = [client.submit(run_one, i, seed, backend, True, key=f"refcurv-verify-{seed}-{i}", pure=False)
+                   for i in ids]
+        done = {}
+        for f in as_completed(futures):
+            r = f.result()
+            done[r.id] = r
+            if progress:
+                progress(r)
+    finally:
+        if client is not dask:
+            client.close()
+    return [done[i] for i in ids]
+
+
+def environment(seed=None, backend="numpy", jobs=1):
+    """Versions, BLAS and its threads, CPU/GPU and the seed, for the JSON report."""
+    import platform
+    import sys
+
+    import numpy as np
+    import scipy
+
+    from .. import __version__
+
+    env = {
+        "refcurv": __version__, "python": sys.version.split()[0], "numpy": np.__version__,
+        "scipy": scipy.__version__, "platform": platform.platform(), "machine": platform.machine(),
+        "cpu_count": os.cpu_count(), "seed": seed, "backend": backend, "jobs": jobs,
+        "thread_env": {k: os.environ.get(k) for k in ONE_THREAD if os.environ.get(k) is not None},
+    }
+    try:
+        cfg = np.show_config(mode="dicts")
+        env["blas"] = cfg.get("Build Dependencies", {}).get("blas", {})
+    except Exception:  # older NumPy
+        env["blas"] = None
+    try:
+        from threadpoolctl import threadpool_info
+
+        env["threadpools"] = [{k: d.get(k) for k in ("internal_api", "num_threads", "version")}
+                              for d in threadpool_info()]
+    except ImportError:
+        env["threadpools"] = None
+    try:
+        import cupy
+
+        env["gpu"] = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode() if cupy.is_available() else None
+    except Exception:
+        env["gpu"] = None
+    return env

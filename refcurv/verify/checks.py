@@ -1,0 +1,346 @@
+"""The one registry of checks that ``refcurv verify`` runs and the test suite draws on
+(tests/test_verify.py runs every check of the quick tier), so the two can never disagree about
+what "holds" means.
+
+A check is a pure function ``fn(problem, seed) -> (error, tolerance, detail)`` over a
+built-in problem; it holds iff ``error ≤ tolerance``. Errors are relative (the norm of the
+difference over the norm of the reference) unless the check says otherwise; tolerances come
+from :func:`refcurv.testing.tolerance.tolerance` (unit roundoff × size × conditioning).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from ..backend import asarray_like
+from ..testing.tolerance import EPS, tolerance
+
+#: built-in problems: (network, input shape, loss); N = 6 samples, 3 outputs
+PROBLEMS = ("mlp-ce", "mlp-mse", "mlp-bce", "cnn-ce", "cnn-mse", "cnn-bce")
+QUICK_PROBLEMS = ("mlp-ce", "cnn-mse")
+
+
+def build_problem(problem, seed, backend="numpy", dtype=np.float64):
+    """``(net, params, x, y, loss)`` for a built-in problem, seeded (drawn on the host, then
+    moved to ``backend``)."""
+    from ..backend import get_xp
+    from ..nn import BCE, MSE, Conv2d, CrossEntropy, Flatten, Linear, Sequential, Tanh
+
+    arch, loss_name = problem.split("-")
+    rng = np.random.default_rng(seed)
+    if arch == "mlp":
+        net, xshape = Sequential([Linear(3, 4), Tanh(), Linear(4, 3)]), (6, 3)
+    else:
+        net, xshape = Sequential([Conv2d(1, 2, 2), Tanh(), Flatten(), Linear(8, 3)]), (6, 1, 3, 3)
+    params = [W.astype(dtype) for W in net.init(seed)]
+    x = rng.standard_normal(xshape).astype(dtype)
+    loss = {"ce": CrossEntropy, "mse": MSE, "bce": BCE}[loss_name]()
+    if loss_name == "ce":
+        y = rng.integers(0, 3, xshape[0])
+    elif loss_name == "mse":
+        y = rng.standard_normal((xshape[0], 3))
+    else:
+        y = rng.integers(0, 2, (xshape[0], 3)).astype(float)
+    xp = get_xp(backend)
+    return net, [xp.asarray(W) for W in params], xp.asarray(x), xp.asarray(y), loss
+
+
+@dataclass(frozen=True)
+class Check:
+    """One verifiable claim on one problem."""
+
+    area: str  # "foundation" | "linalg" | "method"
+    method: str  # registry name, or "-"
+    name: str
+    problem: str
+    fn: Callable
+    quick: bool = False
+
+    @property
+    def id(self):
+        return f"{self.area}/{self.method}/{self.name}/{self.problem}"
+
+
+def _host(a):
+    from ..backend import to_numpy
+
+    return np.asarray(to_numpy(a), dtype=float)
+
+
+def _rel(a, b):
+    a, b = _host(a), _host(b)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+# ---------------------------------------------------------------- foundation
+def _richardson(f, h):
+    """Central difference with one Richardson step: error O(h⁴) (autograd's ``check_grads``
+    style, on directional derivatives)."""
+    d = lambda t: (f(t) - f(-t)) / (2 * t)  # noqa: E731
+    return (4 * d(h / 2) - d(h)) / 3
+
+
+#: step of the finite differences: ε^{1/5} balances the O(h⁴) truncation against the
+#: O(ε/h) rounding; the tolerance is C·ε^{4/5} times the scale of the function
+FD_STEP = EPS ** 0.2
+FD_C = 1e3
+
+
+def grad_vs_fd(problem, seed, backend="numpy"):
+    """``∇Ψ·v`` against finite differences of ``Ψ(θ + t v)`` (Richardson)."""
+    from .. import flatten
+
+    net, params, x, y, loss = build_problem(problem, seed, backend)
+    v = [np.random.default_rng(seed + 1).standard_normal(W.shape) for W in params]
+    v = [asarray_like(V, W) for V, W in zip(v, params)]
+    f = lambda t: float(net.loss([W + t * V for W, V in zip(params, v)], x, y, loss))  # noqa: E731
+    exact = float(flatten(net.grad(params, x, y, loss)) @ flatten(v))
+    fd = _richardson(f, FD_STEP)
+    scale = abs(f(0.0)) + abs(exact) + 1.0
+    return abs(fd - exact) / scale, FD_C * EPS ** 0.8, "|Δ| / (|Ψ| + |∇Ψ·v| + 1)"
+
+
+def jvp_vs_fd(problem, seed, backend="numpy"):
+    """``J v`` (forward mode) against finite differences of the outputs."""
+    net, params, x, y, loss = build_problem(problem, seed, backend)
+    v = [np.random.default_rng(seed + 1).standard_normal(W.shape) for W in params]
+    v = [asarray_like(V, W) for V, W in zip(v, params)]
+    exact = net.jvp(params, x, v)
+    f = lambda t: net.forward([W + t * V for W, V in zip(params, v)], x)  # noqa: E731
+    fd = _richardson(f, FD_STEP)
+    fd, exact, f0 = _host(fd), _host(exact), _host(f(0.0))
+    scale = np.linalg.norm(f0) + np.linalg.norm(exact) + 1.0
+    return float(np.linalg.norm(fd - exact) / scale), FD_C * EPS ** 0.8, "‖Δ‖ / (‖f‖ + ‖Jv‖ + 1)"
+
+
+def ggn_is_exact_fisher(problem, seed, backend="numpy"):
+    """GGN = exact Fisher for the canonical-link losses (thesis §1.2.2): two independent
+    computations (output Hessian vs expectation over labels)."""
+    from .. import curvature as cv
+
+    net, params, x, y, loss = build_problem(problem, seed, backend)
+    G = cv.ggn(net, params, x, y, loss)
+    F = cv.fisher(net, params, x, y, loss, kind="exact")
+    return _rel(F, G), tolerance(net.n_params, kind="residual"), "‖F − GGN‖ / ‖GGN‖"
+
+
+def curvature_symmetric_psd(problem, seed, backend="numpy"):
+    """Hessian symmetric; GGN, exact Fisher and empirical Fisher symmetric PSD."""
+    from .. import curvature as cv
+
+    net, params, x, y, loss = build_problem(problem, seed, backend)
+    n = net.n_params
+    worst = 0.0
+    H = _host(cv.hessian(net, params, x, y, loss))
+    worst = max(worst, _rel(H, H.T))
+    for M in (_host(cv.ggn(net, params, x, y, loss)), _host(cv.empirical_fisher(net, params, x, y, loss))):
+        worst = max(worst, _rel(M, M.T))
+        ev = np.linalg.eigvalsh((M + M.T) / 2)
+        worst = max(worst, max(0.0, -ev.min()) / max(ev.max(), 1e-300))
+    return worst, tolerance(n, kind="residual"), "max(asymmetry, −λ_min/λ_max)"
+
+
+def kronecker_exact_batch_of_one(problem, seed, backend="numpy"):
+    """KFAC is exact for one sample on a Linear layer: the GGN block of each Linear layer
+    equals ``G ⊗ A`` (row-major) with the exact-Fisher factors of one input."""
+    from .. import curvature as cv
+
+    net, params, x, y, loss = build_problem(problem, seed, backend)
+    x1, y1 = x[:1], y[:1]
+    blocks = cv.ggn(net, params, x1, y1, loss, blocks=True)
+    facs = cv.kfac_factors(net, params, x1, y1, loss, kind="exact")
+    worst = 0.0
+    for layer, B, (A, G) in zip(net.layers_trainable, blocks, facs):
+        if type(layer).__name__ == "Linear":
+            worst = max(worst, _rel(np.kron(_host(G), _host(A)), B))
+    return worst, tolerance(net.n_params, kind="residual"), "‖G ⊗ A − GGN block‖ / ‖GGN block‖"
+
+
+# ---------------------------------------------------------------- linalg
+def _spd(rng, n, log_cond):
+    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    w = np.logspace(0, log_cond, n)
+    return (Q * w) @ Q.T, w.max() / w.min()
+
+
+def woodbury(problem, seed, backend="numpy"):
+    """``(λI + UUᵀ)⁻¹ B`` by SMW (SENG (8)-(9)) against a dense solve."""
+    from ..linalg.woodbury import lowrank_solve
+
+    rng = np.random.default_rng(seed)
+    n, r, lam = 30, 5, 1e-2
+    U, B = rng.standard_normal((n, r)), rng.standard_normal((n, 2))
+    M = lam * np.eye(n) + U @ U.T
+    x = np.linalg.solve(M, B)
+    return _rel(lowrank_solve(lam, U, B), x), tolerance(n, np.linalg.cond(M)), "forward error"
+
+
+def theorem1(problem, seed, backend="numpy"):
+    """Thesis Theorem 1: Hessian-action BFGS (s = Ha, y = A⁺s) equals Sherman–Morrison."""
+    from ..linalg.quasi_newton import bfgs_update_H
+    from ..linalg.woodbury import sherman_morrison
+
+    rng = np.random.default_rng(seed)
+    n = 8
+    A, kA = _spd(rng, n, 2)
+    a = rng.standard_normal(n) * 10
+    H = np.linalg.inv(A)
+    Aplus = A + np.outer(a, a)
+    s = H @ a
+    err = _rel(bfgs_update_H(H, s, Aplus @ s), sherman_morrison(H, a))
+    return err, tolerance(n, np.linalg.cond(Aplus) * kA), "‖BFGS − SM‖ / ‖SM‖"
+
+
+def powell_invariant(problem, seed, backend="numpy"):
+    """Powell damping on H (thesis (2.12)): ``s̃ᵀy ≥ μ yᵀHy`` after damping."""
+    from ..linalg.damping import powell_H
+
+    rng = np.random.default_rng(seed)
+    n, mu = 8, 0.2
+    H, _ = _spd(rng, n, 2)
+    y = rng.standard_normal(n)
+    s = -H @ y * 0.5 + 0.01 * rng.standard_normal(n)  # a pair with sᵀy < μ yᵀHy
+    s_t, _ = powell_H(s, y, H, mu)[:2]
+    yHy = float(y @ H @ y)
+    shortfall = max(0.0, mu * yHy - float(s_t @ y)) / yHy
+    return shortfall, tolerance(n, kind="residual"), "max(0, μ yᵀHy − s̃ᵀy) / yᵀHy"
+
+
+def roots_newton_vs_eigh(problem, seed, backend="numpy"):
+    """Coupled-Newton inverse roots against eigh within the Newton stopping tolerance."""
+    from ..linalg.roots import inv_root_eigh, inv_root_newton
+
+    rng = np.random.default_rng(seed)
+    n, p = 6, 4
+    A, k = _spd(rng, n, 2)
+    X, rep = inv_root_newton(A, p, tol=1e-10, max_iter=200)
+    R = inv_root_eigh(A, p)
+    return _rel(X, R), 10 * 1e-10 * k + tolerance(n, k), "‖Newton − eigh‖ / ‖eigh‖"
+
+
+def brand_vs_eigh(problem, seed, backend="numpy"):
+    """Brand rank-one update of ``U diag(K) Uᵀ`` (untruncated) against dense eigh."""
+    from ..linalg.lowrank import brand_update
+
+    rng = np.random.default_rng(seed)
+    n, r = 10, 3
+    U, _ = np.linalg.qr(rng.standard_normal((n, r)))
+    K = np.array([3.0, 2.0, 1.0])
+    h = rng.standard_normal(n)
+    U2, K2 = brand_update(U, K, h, 1.0, rank=r + 1)[:2]
+    M = (U * K) @ U.T + np.outer(h, h)
+    return _rel((U2 * K2) @ U2.T, M), tolerance(n, kind="residual") * 10, "‖U K Uᵀ − M‖ / ‖M‖"
+
+
+# ---------------------------------------------------------------- methods
+STEPS = 3
+
+
+def _method_run(name, problem, seed, backend="numpy"):
+    """Fast and dense forms over ``STEPS`` steps on the same draws, and the curvature of each
+    dense step; returns per-step (fast, dense, C, v)."""
+    from .. import flatten
+    from ..methods import REGISTRY, Batch
+
+    net, params, x, y, loss = build_problem(problem, seed, backend)
+    method = REGISTRY[name]()
+    batch = Batch(x, y, loss)
+    s_fast = s_dense = method.init(net, params)
+    p = params
+    out = []
+    for k in range(STEPS):
+        draws = method.draw(np.random.default_rng(seed + 100 + k), s_dense, net, p, batch)
+        d_fast, s_fast = method.step(s_fast, net, p, batch, draws=draws)
+        d_dense, s_next = method.step(s_dense, net, p, batch, draws=draws, dense=True)
+        C = method.curvature(s_next, net, p, batch, draws)
+        v = flatten(method.rhs(s_next, net.grad(p, x, y, loss)))
+        out.append((flatten(d_fast), flatten(d_dense), C, v))
+        s_dense, p = s_next, [W + 0.1 * D for W, D in zip(p, d_dense)]
+    return net, method, out
+
+
+def _cond(C):
+    ev = _host(C.eigvalsh())
+    return float(ev.max() / ev.min()) if ev.min() > 0 else np.inf
+
+
+#: fast forms that approximate their dense definition, with the bound that relates them:
+#: ``name -> f(method, κ) -> relative tolerance``
+APPROXIMATE = {
+    # CG stops at a relative residual cg_tol: forward error ≤ κ · cg_tol
+    "hessian_free": lambda m, kappa: kappa * m.cg_tol,
+}
+
+
+def fast_equals_dense(name):
+    def fn(problem, seed, backend="numpy"):
+        net, method, out = _method_run(name, problem, seed, backend)
+        err = tol = 0.0
+        ratio = -1.0
+        for d_fast, d_dense, C, _ in out:
+            e = _rel(d_fast, d_dense)
+            kappa = _cond(C)
+            t = APPROXIMATE[name](method, kappa) if name in APPROXIMATE else tolerance(net.n_params, kappa)
+            if e / t > ratio:
+                ratio, err, tol = e / t, e, t
+        return err, tol, f"worst of {STEPS} steps: ‖d_fast − d_dense‖ / ‖d_dense‖"
+
+    fn.__doc__ = f"{name}: fast form = dense form over {STEPS} steps on the same draws"
+    return fn
+
+
+def curvature_reproduces_dense(name):
+    def fn(problem, seed, backend="numpy"):
+        net, method, out = _method_run(name, problem, seed, backend)
+        err = tol = 0.0
+        ratio = -1.0
+        for _, d_dense, C, v in out:
+            e = _rel(-C.solve(v), d_dense)
+            t = tolerance(net.n_params, _cond(C))
+            if e / t > ratio:
+                ratio, err, tol = e / t, e, t
+        return err, tol, "worst step: ‖−C⁻¹v − d_dense‖ / ‖d_dense‖"
+
+    fn.__doc__ = f"{name}: direction = −C⁻¹ rhs with C = curvature(state)"
+    return fn
+
+
+# ---------------------------------------------------------------- the registry
+FOUNDATION = [
+    ("gradient = finite differences", grad_vs_fd),
+    ("JVP = finite differences", jvp_vs_fd),
+    ("GGN = exact Fisher", ggn_is_exact_fisher),
+    ("curvature symmetric PSD", curvature_symmetric_psd),
+    ("KFAC exact for one sample", kronecker_exact_batch_of_one),
+]
+LINALG = [
+    ("Woodbury (SENG (8)-(9))", woodbury),
+    ("Theorem 1: BFGS = Sherman–Morrison", theorem1),
+    ("Powell damping on H", powell_invariant),
+    ("coupled Newton = eigh roots", roots_newton_vs_eigh),
+    ("Brand update = eigh", brand_vs_eigh),
+]
+
+
+def all_checks():
+    """Every registered check (recomputed so that methods registered later are included)."""
+    from ..methods import REGISTRY
+
+    checks = []
+    for name, fn in FOUNDATION:
+        for prob in PROBLEMS:
+            checks.append(Check("foundation", "-", name, prob, fn, quick=prob in QUICK_PROBLEMS))
+    for name, fn in LINALG:
+        checks.append(Check("linalg", "-", name, "-", fn, quick=True))
+    for m in sorted(REGISTRY):
+        conv = REGISTRY[m].supports_conv
+        for prob in ("mlp-ce", "mlp-mse", "cnn-ce", "cnn-mse"):
+            if prob.startswith("cnn") and not conv:
+                continue
+            quick = prob == "mlp-ce"
+            checks.append(Check("method", m, "fast = dense", prob, fast_equals_dense(m), quick=quick))
+            checks.append(Check("method", m, "curvature reproduces dense", prob,
+                                curvature_reproduces_dense(m), quick=quick))
+    return checks

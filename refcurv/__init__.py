@@ -2,6 +2,7 @@
 from . import backend, curvature, errors, linalg, methods, nn, operators, train, vec
 from .errors import (
     ArgumentTypeError,
+    DivergenceError,
     DrawsError,
     EmptyBatchError,
     HyperParameterError,
@@ -12,6 +13,7 @@ from .errors import (
     RefcurvError,
     ShapeError,
     StateError,
+    UnknownMethodError,
 )
 from .vec import flatten, from_order, permutation, to_order, unflatten
 
@@ -22,5 +24,5 @@ __all__ = [
     "flatten", "unflatten", "permutation", "to_order", "from_order",
     "RefcurvError", "ShapeError", "NonFiniteError", "EmptyBatchError", "LabelError",
     "HyperParameterError", "ArgumentTypeError", "NotSPDError", "NewtonConvergenceError",
-    "StateError", "DrawsError",
+    "StateError", "DrawsError", "UnknownMethodError", "DivergenceError",
 ]

@@ -64,10 +64,23 @@ def default_float(a):
 
 
 def rng_of(seed) -> np.random.Generator:
-    """A host NumPy ``Generator`` from a seed, a ``SeedSequence`` or a ``Generator``."""
+    """A host NumPy ``Generator`` from ``None``, a non-negative int seed, a ``SeedSequence``
+    or a ``Generator``; anything else is an :class:`~refcurv.errors.ArgumentTypeError`
+    (NumPy would accept arrays and floats with surprising meanings)."""
     if isinstance(seed, np.random.Generator):
         return seed
-    return np.random.default_rng(seed)
+    if seed is None or isinstance(seed, np.random.SeedSequence):
+        return np.random.default_rng(seed)
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+        if seed < 0:
+            from .errors import HyperParameterError
+
+            raise HyperParameterError(f"seed must be a non-negative int, got {seed!r}")
+        return np.random.default_rng(int(seed))
+    from .errors import ArgumentTypeError
+
+    raise ArgumentTypeError(
+        f"seed must be None, a non-negative int, a numpy SeedSequence or Generator, got {type(seed).__name__}")
 
 
 # ---------------------------------------------------------------- factorizations

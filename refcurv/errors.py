@@ -50,3 +50,15 @@ class StateError(RefcurvError, TypeError):
 class DrawsError(RefcurvError, TypeError):
     """A step was handed random draws that do not fit it: made for another method, missing a
     field the method consumes, or of the wrong shape. The message names the method and field."""
+
+
+class UnknownMethodError(RefcurvError, KeyError):
+    """A method name that is not registered; the message lists the registered names."""
+
+    def __str__(self):  # KeyError would print the repr of the message
+        return str(self.args[0]) if self.args else ""
+
+
+class DivergenceError(RefcurvError, ArithmeticError):
+    """A training run diverged: the loss or the parameters became non-finite. The message
+    names the step."""

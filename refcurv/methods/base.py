@@ -188,8 +188,16 @@ class Method:
         """One step: ``(direction, new_state)``. Pass either ``rng`` (the draws are made by
         :meth:`draw`) or ``draws`` (replayed exactly), not both."""
         self.check_state(state)
+        from ..nn import Sequential
+
+        if not isinstance(net, Sequential):
+            raise ArgumentTypeError(f"{self.name}: net must be a refcurv.nn.Sequential, got {type(net).__name__}")
         if not isinstance(batch, Batch):
             raise ArgumentTypeError(f"batch must be a refcurv.methods.Batch, got {type(batch).__name__}")
+        if not all(hasattr(batch.loss, a) for a in ("grad", "hvp", "check_targets", "sample")):
+            raise ArgumentTypeError(
+                f"{self.name}: batch.loss must be a refcurv loss (refcurv.nn.MSE, CrossEntropy, BCE), "
+                f"got {type(batch.loss).__name__}")
         if not self.supports_conv and any(isinstance(m, Conv2d) for m in net.layers_trainable):
             raise ArgumentTypeError(f"{self.name} is defined for Linear layers only; the network has Conv2d layers")
         if draws is None:

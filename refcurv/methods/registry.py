@@ -2,7 +2,17 @@
 The CLI and the notebooks read it."""
 from __future__ import annotations
 
-REGISTRY = {}
+class _Registry(dict):
+    """``{name: Method class}``; an unknown name is an :class:`~refcurv.errors.UnknownMethodError`
+    (a ``KeyError`` too) that lists the valid names."""
+
+    def __missing__(self, name):
+        from ..errors import UnknownMethodError
+
+        raise UnknownMethodError(f"unknown method {name!r}; registered: {', '.join(sorted(self))}")
+
+
+REGISTRY = _Registry()
 
 
 def register(cls):

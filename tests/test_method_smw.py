@@ -58,14 +58,20 @@ def _setup(pb, n2, method_cls, lam=None, **kw):
     params, x, y = pb.data()
     net, loss = pb.net, pb.loss_fn
     if lam is not None:
-        kw.update(lam_init=lam / 2, tau=lam / 2)
+        kw.update(damping=lam / 2, damping_floor=lam / 2)
     M = method_cls(n2=min(n2, x.shape[0]), **kw)
     state = M.init(net, params)
     return M, state, net, params, x, y, loss
 
 
-def _labels2(M, draws, y):
-    return draws["y2"] if getattr(M, "fisher", "empirical") == "mc" else y[draws["idx2"]]
+def _s2(M, draws, x, y):
+    """``(x₂, y₂)`` the curvature is built from, rebuilt from the draws here: ``S₂`` with its
+    data labels, or for ``fisher="mc"`` the ``S N₂`` pairs ``(x_i, ŷ_is)`` ordered ``(s, i)``."""
+    idx = draws.sketches["subset"]
+    if getattr(M, "fisher", "empirical") != "mc":
+        return x[idx], y[idx]
+    S, N2 = draws.labels.shape[:2]
+    return np.concatenate([x[idx]] * S), draws.labels.reshape((S * N2,) + draws.labels.shape[2:])
 
 
 def _gamma(U):
@@ -78,9 +84,8 @@ def _gamma(U):
 
 def _smw_tol(M, net, params, x, y, loss, draws, lam):
     """C (m + n) eps (ρ_g κ̂^{3/2} + γ κ̂) of the module docstring, from dense quantities."""
-    idx = draws["idx2"]
-    x2, y2 = x[idx], _labels2(M, draws, y)
-    N2 = len(idx)
+    x2, y2 = _s2(M, draws, x, y)
+    N2 = x2.shape[0]
     n = net.n_params
     U1 = cv.per_sample_grads(net, params, x, y, loss)
     if isinstance(M, SMWGN):
@@ -147,10 +152,11 @@ def test_fast_equals_dense(pb, lam, n2, seed):
         d_dense, s_dense = M.step(state, net, params, batch, rng=seed, dense=True)
         a, b = rc.flatten(d_fast), rc.flatten(d_dense)
         draws = M.draw(np.random.default_rng(seed), state, net, params, batch)
-        tol = _smw_tol(M, net, params, x, y, loss, draws, state["lam"])
+        tol = _smw_tol(M, net, params, x, y, loss, draws, state.damping)
         err = np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300)
         assert err <= tol, f"{M.name} {kw}: rel. error {err:.3e} > {tol:.3e}"
-        assert set(s_fast) == set(s_dense)
+        assert type(s_fast) is type(s_dense) is M.State
+        assert set(s_fast.diagnostics) == set(s_dense.diagnostics)
 
 
 @given(problems(), dampings(-3, 1), st.integers(1, 5), st.integers(0, 2**31 - 1))
@@ -162,11 +168,10 @@ def test_capacitance_D_equals_dense_J_Jt(pb, lam, n2, seed):
     ``‖ΔD‖ ≤ C (n + m) eps (‖J‖_F² ‖H‖ / N₂ + λ ‖H⁻¹‖ κ(H))``."""
     for cls, kw in _method_cases(pb):
         M, state, net, params, x, y, loss = _setup(pb, n2, cls, lam=lam, **kw)
-        lam = state["lam"]
+        lam = state.damping
         draws = M.draw(np.random.default_rng(seed), state, net, params, Batch(x, y, loss))
-        idx = draws["idx2"]
-        x2, y2 = x[idx], _labels2(M, draws, y)
-        N2, n = len(idx), net.n_params
+        x2, y2 = _s2(M, draws, x, y)
+        N2, n = x2.shape[0], net.n_params
         D = M.capacitance(net, params, x2, y2, loss, lam)
         if cls is SMWGN:
             D, form = D
@@ -222,7 +227,7 @@ def test_sample_major_order_matters():
     assert np.linalg.norm(smw57(Js, Js) - dense) <= 1e-10 * np.linalg.norm(dense)
     mixed = smw57(Jc, Js)  # class-major Gram, sample-major everything else
     assert np.linalg.norm(mixed - dense) > 1e-3 * np.linalg.norm(dense)
-    M = SMWGN(lam_init=lam - TAU)
+    M = SMWGN(damping=lam - TAU)
     d, _ = M.step(M.init(net, params), net, params, Batch(x, y, loss), rng=0)
     assert np.linalg.norm(rc.flatten(d) - dense) <= 1e-10 * np.linalg.norm(dense)
 
@@ -243,13 +248,13 @@ def test_lm_rule_scripted_trajectory():
     np.testing.assert_allclose(got, expected_lm, rtol=16 * EPS, atol=0)
     # the method's copy of the rule, and λ = λ_LM + τ in the state
     M = SMWNG()
-    lam_lm = M.init(None, None)["lam_lm"]
-    assert M.init(None, None)["lam"] == 1.0 + 0.001
+    lam_lm = M.init(None, None).damping_lm
+    assert M.init(None, None).damping == 1.0 + 0.001 and M.init(None, None).damping_used is None
     for rho, want in zip(rhos, expected_lm[1:]):
         lam_lm = M.lm(lam_lm, rho)
         assert abs(lam_lm - want) <= 16 * EPS * want
     # non-default hyper-parameters are used, not the defaults
-    M2 = SMWGN(boost=2.0, drop=0.5, eps=0.1)
+    M2 = SMWGN(boost=2.0, drop=0.5, lm_threshold=0.1)
     assert [M2.lm(1.0, r) for r in (0.05, 0.1, 0.5, 0.9, 0.95)] == [2.0, 1.0, 1.0, 1.0, 0.5]
 
 
@@ -296,7 +301,7 @@ def test_step_rho_is_55_and_lambda_follows_rule(pb, n2, seed):
         M, state, net, params, x, y, loss = _setup(pb, n2, cls, **kw)
         batch = Batch(x, y, loss)
         draws = M.draw(np.random.default_rng(seed), state, net, params, batch)
-        x2, y2 = x[draws["idx2"]], _labels2(M, draws, y)
+        x2, y2 = _s2(M, draws, x, y)
         B = _dense_B(M, net, params, x2, y2, loss)
         U1 = cv.per_sample_grads(net, params, x, y, loss)
         g = U1.mean(axis=0)
@@ -304,7 +309,7 @@ def test_step_rho_is_55_and_lambda_follows_rule(pb, n2, seed):
             d, s = M.step(state, net, params, batch, rng=seed, dense=dense)
             p = rc.flatten(d)
             if not np.any(g):  # e.g. dead ReLUs without biases: p = 0, no information, λ kept
-                assert not np.any(p) and np.isnan(s["rho"]) and s["lam_lm"] == 1.0
+                assert not np.any(p) and np.isnan(s.diagnostics["rho"]) and s.damping_lm == 1.0
                 continue
             f0 = float(net.loss(params, x, y, loss))
             f1 = float(net.loss([W + P for W, P in zip(params, d)], x, y, loss))
@@ -312,10 +317,11 @@ def test_step_rho_is_55_and_lambda_follows_rule(pb, n2, seed):
             rho = (f0 - f1) / pred
             slack = residual_tol(net.n_params + x.shape[0]) * (
                 _gamma(U1) * np.linalg.norm(g) * np.linalg.norm(p) + abs(g @ p) + p @ B @ p)
-            assert abs(s["rho"] - rho) <= abs(rho) * slack / pred + 1e-300, (M.name, dense)
-            assert s["lam_lm"] == _expected_lm(1.0, s["rho"])
-            assert s["lam"] == s["lam_lm"] + TAU
-            assert s["k"] == 1 and s["accepted"] is True
+            assert abs(s.diagnostics["rho"] - rho) <= abs(rho) * slack / pred + 1e-300, (M.name, dense)
+            assert s.damping_lm == _expected_lm(1.0, s.diagnostics["rho"])
+            assert s.damping == s.damping_lm + TAU
+            assert s.damping_used == state.damping == s.diagnostics["damping"]
+            assert s.k == 1 and s.diagnostics["accepted"] is True
 
 
 @given(problems(), st.integers(1, 5), st.integers(0, 2**31 - 1))
@@ -331,9 +337,9 @@ def test_direction_is_descent_and_lambda_stays_in_bounds(pb, n2, seed):
             assert repr(state) == before
             g = cv.grad(net, params, x, y, loss)
             assert g @ rc.flatten(d) < 0 or not np.any(g)
-            assert new["lam"] >= M.tau
-            lo, hi = M.lam_init * M.drop**t, M.lam_init * M.boost**t
-            assert lo * (1 - 8 * EPS) <= new["lam_lm"] <= hi * (1 + 8 * EPS)
+            assert new.damping >= M.damping_floor
+            lo, hi = M.damping * M.drop**t, M.damping * M.boost**t
+            assert lo * (1 - 8 * EPS) <= new.damping_lm <= hi * (1 + 8 * EPS)
             params = [W + 0.5 * D for W, D in zip(params, d)]
             state = new
 
@@ -346,16 +352,16 @@ def test_draw_s2_subset_of_s1():
     net, loss = pb.net, pb.loss_fn
     M = SMWNG(n2=4)
     st0 = M.init(net, params)
-    idx = M.draw(np.random.default_rng(5), st0, net, params, Batch(x, y, loss))["idx2"]
+    idx = M.draw(np.random.default_rng(5), st0, net, params, Batch(x, y, loss)).sketches["subset"]
     assert len(idx) == 4 and len(set(idx.tolist())) == 4 and idx.min() >= 0 and idx.max() < 10
-    assert np.array_equal(idx, M.draw(np.random.default_rng(5), st0, net, params, Batch(x, y, loss))["idx2"])
-    assert np.array_equal(SMWNG().draw(np.random.default_rng(5), st0, net, params, Batch(x, y, loss))["idx2"],
+    assert np.array_equal(idx, M.draw(np.random.default_rng(5), st0, net, params, Batch(x, y, loss)).sketches["subset"])
+    assert np.array_equal(SMWNG().draw(np.random.default_rng(5), st0, net, params, Batch(x, y, loss)).sketches["subset"],
                           np.arange(10))
     # the direction depends on S₂ only through the subset drawn: reproduce it by hand
     d, _ = M.step(st0, net, params, Batch(x, y, loss), rng=5)
     B = cv.empirical_fisher(net, params, x[idx], y[idx], loss)
     g = cv.grad(net, params, x, y, loss)
-    ref = -np.linalg.solve(B + st0["lam"] * np.eye(net.n_params), g)
+    ref = -np.linalg.solve(B + st0.damping * np.eye(net.n_params), g)
     assert np.linalg.norm(rc.flatten(d) - ref) <= 1e-10 * np.linalg.norm(ref)
     with pytest.raises(HyperParameterError, match="n2"):
         SMWNG(n2=11).step(st0, net, params, Batch(x, y, loss), rng=0)
@@ -372,14 +378,14 @@ def test_theorem6_variant_never_increases_the_loss():
     y = rng.standard_normal((16, 2))
     loss = MSE()
     for cls in (SMWGN, SMWNG, SMWNGBD):
-        M = cls(lam_init=1e-4, accept_threshold=0.1, boost=3.0, drop=0.5)
+        M = cls(damping=1e-4, accept_threshold=0.1, boost=3.0, drop=0.5)
         state, p = M.init(net, params), params
         losses, rejected = [float(net.loss(p, x, y, loss))], 0
         for _ in range(25):
             d, state = M.step(state, net, p, Batch(x, y, loss), rng=0)
-            rejected += not state["accepted"]
-            if not state["accepted"]:
-                assert all(not np.any(D) for D in d) and state["rho"] < 0.1
+            rejected += not state.diagnostics["accepted"]
+            if not state.diagnostics["accepted"]:
+                assert all(not np.any(D) for D in d) and state.diagnostics["rho"] < 0.1
             p = [W + D for W, D in zip(p, d)]
             losses.append(float(net.loss(p, x, y, loss)))
         assert all(b <= a for a, b in itertools.pairwise(losses)), cls.name
@@ -387,22 +393,24 @@ def test_theorem6_variant_never_increases_the_loss():
 
 
 # ------------------------------------------------------------------ hyper-parameters
-_COMMON_BAD = [("lam_init", 0.0), ("lam_init", -1.0), ("lam_init", np.nan), ("boost", 1.0), ("boost", 0.5),
-               ("drop", 1.0), ("drop", 0.0), ("drop", 1.5), ("eps", 0.0), ("eps", 0.5), ("eps", 0.7),
-               ("tau", 0.0), ("tau", -1e-3), ("n2", 0), ("n2", 2.5), ("n2", True),
+_COMMON_BAD = [("damping", 0.0), ("damping", -1.0), ("damping", np.nan), ("boost", 1.0), ("boost", 0.5),
+               ("drop", 1.0), ("drop", 0.0), ("drop", 1.5), ("lm_threshold", 0.0), ("lm_threshold", 0.5),
+               ("lm_threshold", 0.7), ("lm_threshold", "0.25"), ("damping_floor", 0.0), ("damping_floor", -1e-3), ("n2", 0), ("n2", 2.5), ("n2", True),
                ("accept_threshold", 0.0), ("accept_threshold", 0.25), ("accept_threshold", 0.4)]
 
 
 @pytest.mark.parametrize("cls,extra", [(SMWGN, [("form", "cholesky"), ("form", None)]),
-                                       (SMWNG, [("fisher", "exact"), ("fisher", "sampled")]),
-                                       (SMWNGBD, [("fisher", "exact"), ("fisher", 1)])])
+                                       (SMWNG, [("fisher", "exact"), ("fisher", "sampled"), ("n_samples", 0),
+                                                ("n_samples", 2)]),
+                                       (SMWNGBD, [("fisher", "exact"), ("fisher", 1), ("n_samples", 1.5)])])
 def test_bad_hyper_parameters(cls, extra):
     for arg, value in _COMMON_BAD + extra:
         with pytest.raises(HyperParameterError, match=arg):
             cls(**{arg: value})
     assert issubclass(cls, LMMethod)
     defaults = cls.hyper_parameters()
-    assert (defaults["lam_init"], defaults["boost"], defaults["drop"], defaults["eps"], defaults["tau"]) == (
+    assert (defaults["damping"], defaults["boost"], defaults["drop"], defaults["lm_threshold"],
+            defaults["damping_floor"]) == (
         1.0, 1.01, 0.99, 0.25, 1e-3)  # thesis §5.8
 
 

@@ -26,6 +26,7 @@ error is ``c n eps γ`` with the cancellation factor ``γ = mean_i‖u_i‖/‖g
 
 — a bound, not a fit: the ``3/2`` power comes from the cancellation ``(g − correction)/λ``.
 """
+import dataclasses
 import itertools
 
 import numpy as np
@@ -436,3 +437,194 @@ def test_smoke_training_decreases_loss(cls, loss_name):
     net = Sequential([Linear(4, 8), Tanh(), Linear(8, 3)])
     _, hist = train(cls(n2=16), net, net.init(seed=1), x, y, loss, steps=20, lr=1.0, batch_size=32, seed=0)
     assert hist["loss"][-1] < 0.25 * hist["loss"][0], hist["loss"]
+
+
+# ------------------------------------------------------------------ typed state, draws, curvature
+from refcurv.errors import ArgumentTypeError, DrawsError, StateError  # noqa: E402
+from refcurv.methods import Draws  # noqa: E402
+from refcurv.methods.diagnostics import SCHEMA  # noqa: E402
+from refcurv.methods.hessian_free import HessianFree  # noqa: E402
+from refcurv.methods.smw import LMState, reduction_ratio  # noqa: E402
+from refcurv.operators import BlockDiagonal, Dense  # noqa: E402
+
+
+def test_reduction_ratio_kernel():
+    """(5.5) with the undamped model: ``ρ = (f0 − f1)/(−gᵀp − ½pᵀBp)``; a non-finite trial loss
+    gives −∞, a non-positive model reduction NaN (the LM rule then keeps λ)."""
+    assert reduction_ratio(2.0, 1.0, -3.0, 2.0) == 1.0 / 2.0
+    assert reduction_ratio(1.0, 1.5, -1.0, 1.0) == -1.0
+    assert reduction_ratio(1.0, np.inf, -1.0, 1.0) == -np.inf
+    assert reduction_ratio(1.0, np.nan, -1.0, 1.0) == -np.inf
+    assert np.isnan(reduction_ratio(1.0, 1.0, 0.0, 0.0))
+    assert np.isnan(reduction_ratio(1.0, 0.5, 1.0, 0.0))
+    assert lm_update(2.0, reduction_ratio(1.0, 1.0, 0.0, 0.0)) == 2.0
+
+
+def _tiny(loss_name="cross_entropy", N=6):
+    pb = Problem((("linear", 3, 4, True), ("act", "tanh"), ("linear", 4, 3, True)), (3,), 3, loss_name, N, 1)
+    params, x, y = pb.data()
+    return pb.net, params, Batch(x, y, pb.loss_fn)
+
+
+@pytest.mark.parametrize("cls", [SMWGN, SMWNG, SMWNGBD, HessianFree])
+def test_state_fields_and_diagnostics(cls):
+    """One frozen state type per method (refused by the others), documented fields; λ of the
+    next step, λ the last step used and λ_LM; diagnostics keys from the schema, the same in
+    both forms."""
+    net, params, batch = _tiny()
+    M = cls(n2=4)
+    s0 = M.init(net, params)
+    assert isinstance(s0, LMState) and type(s0) is cls.State and cls.State is not LMState
+    assert s0.damping_used is None and s0.damping == s0.damping_lm + M.damping_floor and s0.diagnostics == {}
+    assert all(cls.State.field_docs().values())
+    for dense in (False, True):
+        d, s1 = M.step(s0, net, params, batch, rng=0, dense=dense)
+        assert s1.damping_used == s0.damping == s1.diagnostics["damping"]
+        assert s1.damping == s1.damping_lm + M.damping_floor
+        assert set(s1.diagnostics) <= set(SCHEMA)
+        want = {"damping", "rho", "accepted"} | ({"smw_form"} if cls is SMWGN else set()) | (
+            {"cg_iters", "cg_residual", "cg_converged"} if cls is HessianFree else set())
+        assert set(s1.diagnostics) == want
+    for other in {SMWGN, SMWNG, SMWNGBD, HessianFree} - {cls}:
+        with pytest.raises(StateError, match=other.name):
+            other().step(s0, net, params, batch, rng=0)
+
+
+@pytest.mark.parametrize("cls,kw", [(SMWGN, {}), (SMWNG, {}), (SMWNG, {"fisher": "mc", "n_samples": 3}),
+                                    (SMWNGBD, {"fisher": "mc"}), (HessianFree, {})])
+def test_draws_are_typed_and_shape_checked(cls, kw):
+    """``sketches["subset"]``: N₂ distinct integer indices into S₁; ``labels`` ``(n_samples, N₂, …)``
+    only for ``fisher="mc"``. Every violation is a DrawsError naming the method and the field."""
+    net, params, batch = _tiny()
+    M = cls(n2=4, **kw)
+    s0 = M.init(net, params)
+    draws = M.draw(np.random.default_rng(0), s0, net, params, batch)
+    subset = draws.sketches["subset"]
+    assert draws.method == M.name and subset.shape == (4,) and subset.dtype.kind == "i"
+    mc = kw.get("fisher") == "mc"
+    assert M.draw_fields == (("sketches", "labels") if mc else ("sketches",))
+    if mc:
+        assert draws.labels.shape == (kw.get("n_samples", 1), 4) and isinstance(draws.labels, np.ndarray)
+    else:
+        assert draws.labels is None
+
+    def bad(**change):
+        return dataclasses.replace(draws, **change)
+
+    cases = [
+        (bad(sketches={}), "sketches"),
+        (bad(sketches={"S2": subset}), "subset"),
+        (bad(sketches={"subset": subset[:3]}), "subset"),
+        (bad(sketches={"subset": subset.astype(float)}), "subset"),
+        (bad(sketches={"subset": np.array([0, 0, 1, 2])}), "subset"),
+        (bad(sketches={"subset": np.array([0, 1, 2, 6])}), "subset"),
+        (bad(sketches={"subset": subset[None]}), "subset"),
+    ]
+    if mc:
+        cases += [(bad(labels=draws.labels[:, :3]), "labels"), (bad(labels=draws.labels[0]), "labels"),
+                  (bad(labels=None), "labels")]
+    else:
+        cases += [(bad(labels=np.zeros((1, 4), dtype=int)), "labels")]
+    for d, field in cases:
+        with pytest.raises(DrawsError, match=rf"{M.name}.*{field}"):
+            M.step(s0, net, params, batch, draws=d)
+
+
+@pytest.mark.parametrize("cls", [SMWNG, SMWNGBD])
+@pytest.mark.parametrize("dense", [False, True])
+def test_injected_labels_are_consumed_exactly(cls, dense):
+    """Labels drawn elsewhere (here: a permutation of classes nobody would sample) are the
+    labels the Fisher is built from: the direction equals the dense solve with the empirical
+    Fisher of those (input, label) pairs, and differs from the one with the method's own draws."""
+    net, params, batch = _tiny(N=6)
+    M = cls(fisher="mc", n_samples=2, n2=4)
+    s0 = M.init(net, params)
+    own = M.draw(np.random.default_rng(3), s0, net, params, batch)
+    labels = (own.labels + 1) % 3
+    d, s1 = M.step(s0, net, params, batch, draws=dataclasses.replace(own, labels=labels), dense=dense)
+    idx = own.sketches["subset"]
+    x2 = np.concatenate([batch.x[idx]] * 2)
+    if cls is SMWNG:
+        B = cv.empirical_fisher(net, params, x2, labels.reshape(-1), batch.loss)
+    else:
+        B = scipy.linalg.block_diag(*cv.empirical_fisher(net, params, x2, labels.reshape(-1), batch.loss, blocks=True))
+    A = B + s0.damping * np.eye(net.n_params)
+    g = cv.grad(net, params, batch.x, batch.y, batch.loss)
+    ref = -np.linalg.solve(A, g)
+    injected = dataclasses.replace(own, labels=labels)
+    tol = forward_tol(net.n_params, np.linalg.cond(A)) if dense else _smw_tol(
+        M, net, params, batch.x, batch.y, batch.loss, injected, s0.damping)
+    assert np.linalg.norm(rc.flatten(d) - ref) <= tol * np.linalg.norm(ref)
+    d_own, _ = M.step(s0, net, params, batch, draws=own, dense=dense)
+    assert np.linalg.norm(rc.flatten(d_own) - ref) > 1e-6 * np.linalg.norm(ref)
+
+
+@pytest.mark.parametrize("cls", [SMWNG, SMWNGBD])
+def test_mc_fisher_curvature_is_the_sampled_fisher(cls):
+    """With ``n2 = None`` the draws are the labels alone, drawn as
+    :func:`refcurv.curvature.fisher` (``kind="mc"``) draws them: the curvature operator's
+    ``B = C − λI`` equals ``cv.fisher(kind="mc", n_samples=S, seed)`` for the same seed (an
+    independent construction: per-sample sampled-label gradients there, the draws here)."""
+    net, params, batch = _tiny(N=5)
+    M = cls(fisher="mc", n_samples=3)
+    s0 = M.init(net, params)
+    draws = M.draw(np.random.default_rng(11), s0, net, params, batch)
+    _, s1 = M.step(s0, net, params, batch, draws=draws, dense=True)
+    C = M.curvature(s1, net, params, batch, draws)
+    F = cv.fisher(net, params, batch.x, loss=batch.loss, kind="mc", n_samples=3, seed=11,
+                  blocks=cls is SMWNGBD)
+    if cls is SMWNGBD:
+        assert isinstance(C, BlockDiagonal)
+        F = scipy.linalg.block_diag(*F)
+    want = F + s1.damping_used * np.eye(net.n_params)
+    assert np.linalg.norm(C.todense() - want) <= residual_tol(net.n_params) * np.linalg.norm(F)
+
+
+@pytest.mark.parametrize("cls,kw", [(SMWGN, {"n2": 3}), (SMWGN, {"form": "general"}), (SMWNG, {"n2": 4}),
+                                    (SMWNG, {"fisher": "mc", "n_samples": 2}), (SMWNGBD, {"n2": 5}),
+                                    (HessianFree, {"n2": 4})])
+@pytest.mark.parametrize("loss_name", ["mse", "cross_entropy"])
+def test_curvature_operator_reproduces_the_dense_direction(cls, kw, loss_name):
+    """``C = curvature(new_state, net, params, batch, draws)`` is ``B + λI`` (5.4) with
+    ``λ = new_state.damping_used`` (the λ both forms used; Dense, BlockDiagonal of per-layer
+    Dense blocks for SMW-NG-BD) and ``−C⁻¹g`` is the dense direction (forward error), over
+    three chained steps, for variants the contract test's defaults do not reach (``S₂ ⊊ S₁``,
+    (5.7), sampled labels, MSE). The fast form equals the dense one by test_fast_equals_dense."""
+    net, params, batch = _tiny(loss_name, N=6)
+    M = cls(**kw)
+    state, p = M.init(net, params), params
+    for k in range(3):
+        draws = M.draw(np.random.default_rng(k), state, net, p, batch)
+        d_dense, new = M.step(state, net, p, batch, draws=draws, dense=True)
+        _, new_fast = M.step(state, net, p, batch, draws=draws)
+        C = M.curvature(new, net, p, batch, draws)
+        assert isinstance(C, BlockDiagonal if cls is SMWNGBD else Dense)
+        assert new.damping_used == new_fast.damping_used == state.damping
+        g = cv.grad(net, p, batch.x, batch.y, batch.loss)
+        ev = C.eigvalsh()
+        assert ev.min() >= new.damping_used * (1 - 1e-12)
+        got = -C.solve(g)
+        want = rc.flatten(d_dense)
+        assert np.linalg.norm(got - want) <= forward_tol(net.n_params, ev.max() / ev.min()) * np.linalg.norm(want)
+        assert np.allclose(C.todense(), C.todense().T, rtol=0, atol=0)
+        state, p = new, [W + 0.1 * D for W, D in zip(p, d_dense)]
+
+
+def test_curvature_needs_the_steps_batch_and_a_stepped_state():
+    """C is built from the step's mini-batch: each missing argument is named; the initial state
+    (no step taken, ``damping_used`` None) and another method's state are refused."""
+    net, params, batch = _tiny()
+    M = SMWNG()
+    s0 = M.init(net, params)
+    draws = M.draw(np.random.default_rng(0), s0, net, params, batch)
+    _, s1 = M.step(s0, net, params, batch, draws=draws)
+    full = dict(net=net, params=params, batch=batch, draws=draws)
+    for missing in full:
+        with pytest.raises(ArgumentTypeError, match=missing):
+            M.curvature(s1, **{k: v for k, v in full.items() if k != missing})
+    with pytest.raises(StateError, match="damping_used"):
+        M.curvature(s0, **full)
+    with pytest.raises(StateError, match="smw_ng"):
+        M.curvature(SMWGN().init(net, params), **full)
+    with pytest.raises(DrawsError, match="smw_ng"):
+        M.curvature(s1, net, params, batch, Draws(method="smw_gn", sketches=draws.sketches))

@@ -37,9 +37,13 @@ from hypothesis import strategies as st
 
 import refcurv as rc
 from refcurv import curvature as cv
-from refcurv.errors import HyperParameterError
+from refcurv.errors import ArgumentTypeError, DrawsError, HyperParameterError, StateError
+from refcurv.methods import Draws
 from refcurv.methods.base import Batch
-from refcurv.methods.smw import SMWGN, SMWNG, SMWNGBD, LMMethod, lm_update
+from refcurv.methods.diagnostics import SCHEMA
+from refcurv.methods.hessian_free import HessianFree
+from refcurv.methods.smw import SMWGN, SMWNG, SMWNGBD, LMMethod, LMState, lm_update, reduction_ratio
+from refcurv.operators import BlockDiagonal, Dense
 from refcurv.nn import MSE, CrossEntropy, Linear, Sequential, Tanh
 from refcurv.testing.strategies import Problem, dampings, problems
 from refcurv.testing.tolerance import EPS, forward_tol, residual_tol
@@ -440,12 +444,6 @@ def test_smoke_training_decreases_loss(cls, loss_name):
 
 
 # ------------------------------------------------------------------ typed state, draws, curvature
-from refcurv.errors import ArgumentTypeError, DrawsError, StateError  # noqa: E402
-from refcurv.methods import Draws  # noqa: E402
-from refcurv.methods.diagnostics import SCHEMA  # noqa: E402
-from refcurv.methods.hessian_free import HessianFree  # noqa: E402
-from refcurv.methods.smw import LMState, reduction_ratio  # noqa: E402
-from refcurv.operators import BlockDiagonal, Dense  # noqa: E402
 
 
 def test_reduction_ratio_kernel():

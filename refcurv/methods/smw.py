@@ -91,11 +91,9 @@ from ..curvature import OutputJacobian, ef_gram, ef_products, ef_transpose, grad
 from ..errors import ArgumentTypeError, DrawsError, HyperParameterError, StateError
 from ..linalg.woodbury import spd_solve
 from ..operators import BlockDiagonal, Dense
-from ..vec import flatten, layer_slices, unflatten
+from ..vec import layer_slices, unflatten
 from .base import Draws, Method, State, check_choice, check_int, check_positive, state_field
 from .registry import register
-
-F64 = np.float64
 
 #: losses whose output Hessian is SPD (diagonal with positive entries): (5.6) applies
 SPD_OUTPUT_HESSIAN = ("mse", "bce")

@@ -40,6 +40,14 @@ M = [
     ("refcurv/methods/shampoo.py", "K = reduce(xp.kron, [inv_root_eigh(Di, 2 * T.ndim) for Di in Ds])", "K = reduce(xp.kron, [inv_root_eigh(Di, T.ndim) for Di in Ds])", "tests/test_method_shampoo.py"),
     ("refcurv/methods/qng.py", "return (1.0 - alpha) / (math.sqrt(alpha) + math.sqrt(alpha + (1.0 - alpha) * s))", "return (1.0 - alpha) / (math.sqrt(alpha) + math.sqrt(alpha + s))", "tests/test_method_qng.py"),
     ("refcurv/methods/ginger.py", "return b / (1.0 + b * float(q @ d))", "return 1.0 / (1.0 + b * float(q @ d))", "tests/test_method_ginger.py"),
+    # smw / hessian_free (thesis 003 Ch.5) and the per-layer Gram kernels of refcurv.curvature
+    ("refcurv/curvature.py", 'KG = xp.einsum("iot,jos->ijts", g, g)', 'KG = xp.einsum("iot,jos->ijst", g, g)', "tests/test_curvature_grams.py"),
+    ("refcurv/curvature.py", 'return [xp.einsum("iot,od,idt->i", g, w, a) for', 'return [xp.einsum("iot,od,idt->i", g, w, a) * 1.000001 for', "tests/test_curvature_grams.py"),
+    ("refcurv/methods/smw.py", "return drop * damping_lm", "return boost * damping_lm", "tests/test_method_smw.py"),
+    ("refcurv/methods/smw.py", "pred = -float(gTp) - 0.5 * float(pBp)", "pred = -float(gTp) - float(pBp)", "tests/test_method_smw.py"),
+    ("refcurv/methods/smw.py", 'w = xp.einsum("icd,id->ic", H, xp.linalg.solve(D, Jg).reshape(N, C))', 'w = xp.linalg.solve(D, Jg).reshape(N, C)', "tests/test_method_smw.py"),
+    ("refcurv/methods/smw.py", "return x2, labels.reshape((S * N2,) + tuple(labels.shape[2:]))", "return x2, labels.reshape((S * N2,) + tuple(labels.shape[2:]))[::-1]", "tests/test_method_smw.py"),
+    ("refcurv/methods/hessian_free.py", "d = r + (rs_new / rs) * d", "d = r", "tests/test_method_hessian_free.py"),
     ("refcurv/linalg/tensor.py", "xp.moveaxis(xp.tensordot(U, A, axes=(1, i)), 0, i)", "xp.moveaxis(xp.tensordot(U, A, axes=(1, i)), 0, -1)", "tests/test_roots_lowrank_tensor.py"),
 ]
 survived = 0

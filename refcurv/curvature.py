@@ -232,3 +232,135 @@ def gfim(net, params, x, y, loss, side="auto"):
         else:
             out.append(xp.einsum("nji,njk->ik", g, g) / g.shape[0])
     return out
+
+
+# ======================================================================================
+# Per-layer Gram matrices and matrix-free products (thesis 003 Ch.5 §5.3, Algorithms 17-22)
+# ======================================================================================
+#
+# Kernels of the fast forms of SMW-GN / SMW-NG / SMW-NG-BD and Hessian-free, public so that a
+# user can check them against the dense definitions above (tests/test_curvature_grams.py).
+# Unlike the dense ground truth above they run in the input dtype and never form a
+# per-sample gradient or Jacobian. They take the *factors* of :meth:`Sequential.factors`:
+# per trainable layer ``l`` the patches ``A_l`` ``(N, d, T)`` (ones row included, ``T``
+# locations; ``T = 1`` for Linear) and the pre-activation gradients ``G_l`` ``(N, out, T)``,
+# so that the per-sample gradient of layer ``l`` is
+#
+#     ∇_{W_l} ψ_i = Σ_t g_{i,t} a_{i,t}ᵀ = G_l[i] A_l[i]ᵀ          (thesis (2.1), Algorithm 18)
+#
+# and ``u_i = ∇ψ_i`` stacks these over layers (row-major, :mod:`refcurv.vec`).
+
+from .operators import Operator  # noqa: E402  (this section's; operators does not import curvature)
+from .linalg.woodbury import spd_solve  # noqa: E402
+from .vec import unflatten  # noqa: E402
+
+
+def grad_from_factors(A, G):
+    """Mini-batch gradient ``(1/N) Σ_i G_i A_iᵀ`` per layer (thesis (2.1), Algorithm 18), a
+    list of ``(out, d)``, from the factors without forming per-sample gradients. Equals
+    :func:`grad` (unflattened)."""
+    xp = xp_of(*A)
+    return [xp.einsum("not,ndt->od", g, a) / a.shape[0] for a, g in zip(A, G)]
+
+
+def ef_gram(A, G, blocks=False):
+    """Gram matrix of the per-sample gradients, ``K_{ij} = u_iᵀ u_j`` ``(N, N)`` (thesis 003
+    §5.3.3, the ``J Jᵀ`` of SMW-NG's ``D_t`` in (5.6) with ``H = I``; erratum SMW-1), from the
+    factors by the Kronecker structure of each layer's gradient:
+
+        u_iᵀ u_j = Σ_l Σ_{t,t'} (a_{i,t}ᵀ a_{j,t'}) (g_{i,t}ᵀ g_{j,t'})
+
+    — ``(g_iᵀg_j)(v_iᵀv_j)`` per layer for Linear (``T = 1``, bias in the ones row of ``a``).
+    ``blocks=True``: the per-layer Grams ``K^l_{ij} = (∇_{W_l}ψ_i)ᵀ ∇_{W_l}ψ_j`` as a list (the
+    ``D_l`` of SMW-NG-BD, §5.8); their sum is the full Gram. Dense definition:
+    ``U Uᵀ`` with ``U =`` :func:`per_sample_grads`."""
+    xp = xp_of(*A)
+    out = []
+    for a, g in zip(A, G):
+        KA = xp.einsum("idt,jds->ijts", a, a)
+        KG = xp.einsum("iot,jos->ijts", g, g)
+        out.append((KA * KG).sum(axis=(-2, -1)))
+    return out if blocks else sum(out)
+
+
+def ef_products(A, G, v):
+    """``(∇_{W_l}ψ_iᵀ v_l)_i`` per layer: a list of ``(N,)`` with
+    ``∇_{W_l}ψ_iᵀ v_l = Σ_t g_{i,t}ᵀ V_l a_{i,t}`` (``v`` per layer ``(out, d)``); their sum over
+    layers is ``U v`` (``J g`` and ``J p`` of SMW-NG, thesis (5.6) with ``J = U``)."""
+    xp = xp_of(*A)
+    return [xp.einsum("iot,od,idt->i", g, w, a) for a, g, w in zip(A, G, v)]
+
+
+def ef_transpose(A, G, z):
+    """``Σ_i z_i ∇_{W_l}ψ_i = Σ_i z_i G_l[i] A_l[i]ᵀ`` per layer (``Uᵀ z``; the ``Jᵀ D⁻¹ J g``
+    correction of (5.6) for SMW-NG). ``z``: ``(N,)`` for every layer, or a per-layer list
+    (SMW-NG-BD: one ``z_l`` per block)."""
+    xp = xp_of(*A)
+    zs = z if isinstance(z, (list, tuple)) else [z] * len(A)
+    return [xp.einsum("i,iot,idt->od", zi, g, a) for a, g, zi in zip(A, G, zs)]
+
+
+class OutputJacobian:
+    """The output Jacobian ``J`` of one batch as products (thesis Algorithms 17, 19, 21):
+    ``J v = (J_i v)_i`` ``(N, C)`` by one forward-mode pass and ``Jᵀ w = Σ_i J_iᵀ w_i`` (per
+    layer ``(out, d)``) by one backward pass, sharing one forward pass; ``Jᵀ w`` contracts the
+    back-propagated ``G_i(w)`` with the patches, without per-sample gradients. Input dtype.
+    Dense definition: :func:`jacobian`."""
+
+    def __init__(self, net, params, x):
+        self.net = net
+        self.params, x = net._prepare(params, x)
+        self.tr = net._forward(self.params, x)
+        self.f = self.tr.out
+
+    def jvp(self, v):
+        """``v``: per-layer ``(out, d)`` → ``J v`` ``(N, C)``."""
+        _, df = self.net._push(self.params, self.tr, [t[None] for t in v])
+        return df[0]
+
+    def vjp(self, w):
+        """``w`` ``(N, C)`` → ``Σ_i J_iᵀ w_i`` per layer ``(out, d)``."""
+        xp = xp_of(w)
+        G = self.net._pull(self.params, self.tr, w)
+        return [xp.einsum("not,ndt->od", g, self.tr.A[k]) for k, g in zip(self.net.trainable_index, G)]
+
+
+class GGNOperator(Operator):
+    """``C = B + λI`` with the mini-batch GGN ``B = (1/N) Σ_i J_iᵀ H_i J_i`` (thesis (5.2)) as a
+    matrix-free :class:`refcurv.operators.Operator` on flat θ (refcurv order): ``B v`` is one
+    forward-mode pass (``J v``, Algorithm 19), the output Hessian-vector product
+    (``loss.hvp``) and one backward pass (``Jᵀ w``, Algorithm 21), all vectors of a block
+    ``(n, k)`` at once; no matrix is formed and the input dtype is kept (Hessian-free's
+    products). ``todense`` applies it to ``I``; ``solve`` factorizes that (for inspection;
+    Hessian-free itself solves by CG). Dense definition: :func:`ggn` ``+ λI``."""
+
+    def __init__(self, net, params, x, loss, damping=0.0):
+        self.net = net
+        self.J = OutputJacobian(net, params, x)
+        self.loss = loss
+        self.N = x.shape[0]
+        self.damping = float(damping)
+        self.n, self.dtype = net.n_params, self.J.f.dtype
+
+    def ggn(self, v):
+        """``B v`` (no damping, no input checks: for inner loops such as CG), ``v`` of shape
+        ``(n,)`` or ``(n, k)``."""
+        J = self.J
+        V = v[None] if v.ndim == 1 else v.T  # (K, n): the K tangents of one batched pass
+        _, df = self.net._push(J.params, J.tr, unflatten(V, self.net))  # (K, N, C): J v
+        w = self.loss.hvp(J.f, df)  # H_i J_i v
+        G = self.net._pull(J.params, J.tr, w)  # list of (K, N, out, T)
+        xp = xp_of(df)
+        out = self.net._flat([xp.einsum("knot,ndt->kod", g, J.tr.A[k])
+                              for k, g in zip(self.net.trainable_index, G)]) / self.N
+        return out[0] if v.ndim == 1 else out.T
+
+    def _matvec(self, v):
+        return self.ggn(v) + self.damping * v
+
+    def _solve(self, v):
+        return spd_solve(self.todense(), v, "B + λI")
+
+    def todense(self):
+        M = self._matvec(xp_of(self.J.f).eye(self.n, dtype=self.dtype))
+        return (M + M.T) / 2

@@ -31,6 +31,7 @@ SCHEMA = {
     # ---- ngplus
 
     # ---- smw / hessian_free
+    "smw_form": ("str", "SMW-GN: the SMW form of the step, 'symmetric' ((5.6)), 'general' ((5.7)) or 'dense' (dense form)"),
 
     # ---- qng / ginger
 

@@ -76,7 +76,7 @@ HYPER_PARAMETERS = {
     "lm_threshold": ("ε (thesis §5.2.3)", "ρ thresholds ε and 1 − ε of the LM rule"),
     "n2": ("N₂", "size of the subset S₂ the curvature is built from (None: S₂ = S₁)"),
     "accept_threshold": ("η (Theorem 6)", "a step with ρ < η is rejected (None: every step taken)"),
-    "form": ("", "SMW-GN: (5.6) 'spd', (5.7) 'singular' or 'auto'"),
+    "form": ("", "SMW-GN: 'symmetric' (5.6, SPD H), 'general' (5.7, singular H) or 'auto'"),
     "cg_max_iter": ("", "iteration cap of conjugate gradients"),
     "cg_tol": ("", "relative residual tolerance of conjugate gradients"),
     # QNG / Ginger

@@ -310,3 +310,71 @@ def test_training_smoke_decreases_loss_on_a_cnn():
     _, hist = train(Shampoo(damping=1e-2, conv_modes=3, T_inv=3), net, net.init(0), x, y, CrossEntropy(), steps=30,
                     lr=0.02, batch_size=32, seed=1)
     assert hist["loss"][-1] < 0.6 * hist["loss"][0]
+
+
+# ------------------------------------------------ issue 9: typed state, phase, curvature
+from refcurv.methods.shampoo import ShampooState  # noqa: E402
+
+
+def test_phase_paper_is_a_literal_replay_of_algorithm_16():
+    """phase="paper": line 8 (statistics) and line 11 (roots) at the printed t ≡ 0 (mod T),
+    t = k + 1, after the warm start of line 2; the roots line 14 needs before t = T_2 are
+    computed once at t = 1 from the warm-start statistics. Replayed: Ĝ, m̂, the roots and the
+    direction (eigh roots, so to rounding) at every t."""
+    net = _cnn()
+    params = net.init(1)
+    T1, T2, beta, mu, eps = 2, 3, 0.7, 0.5, 0.03
+    method = Shampoo(T_stats=T1, T_inv=T2, beta=beta, momentum=mu, damping=eps, roots="eigh", phase="paper")
+    warm, batches = _cnn_batches(2, seed=1), _cnn_batches(7, seed=3)
+    state = method.warm_start(method.init(net, params), net, params, warm)
+    G = [[[sum(c) / 2 for c in zip(*[_contractions(T) for T in ts])] for ts in zip(*[to_tensors(lay, gl) for gl in gls])]
+         for lay, gls in zip(net.layers_trainable, zip(*[net.grad(params, b.x, b.y, b.loss) for b in warm]))]
+    m, R = None, None
+    for t, b in enumerate(batches, start=1):
+        d, state = method.step(state, net, params, b)
+        g = net.grad(params, b.x, b.y, b.loss)
+        m = g if m is None else [mu * a + c for a, c in zip(m, g)]                           # line 7
+        if t % T1 == 0:                                                                         # lines 8-9
+            new = [[_contractions(T) for T in to_tensors(lay, gl)] for lay, gl in zip(net.layers_trainable, g)]
+            G = [[[beta * S + (1 - beta) * Sn for S, Sn in zip(a, c)] for a, c in zip(A, C)] for A, C in zip(G, new)]
+        if t % T2 == 0 or R is None:                                                            # lines 11-12
+            R = [[[np.real(fractional_matrix_power(S + eps * np.eye(len(S)), -1 / (2 * len(ts)))) for S in ts]
+                  for ts in lay] for lay in G]
+        assert state.diagnostics == {"refreshed": t % T2 == 0 or t == 1, "stats_refreshed": t % T1 == 0,
+                                     "newton_fallbacks": 0}
+        for S, Sref in zip(_leaves(state.G_hat), _leaves(G)):
+            assert_close(S, Sref, rtol=1e-13, atol=0, what=f"t = {t}")
+        for lay, ml, dl, Rl in zip(net.layers_trainable, m, d, R):                              # line 14
+            for M, D, Rs in zip(to_tensors(lay, ml), to_tensors(lay, dl), Rl):
+                ref = -(reduce_kron(Rs) @ M.ravel())
+                kappa = max(np.linalg.cond(r) for r in Rs) ** len(Rs)
+                assert_close(D.ravel(), ref, rtol=forward_tol(ref.size, kappa), atol=0, what=f"t = {t}")
+
+
+def reduce_kron(Rs):
+    out = Rs[0]
+    for r in Rs[1:]:
+        out = np.kron(out, r)
+    return out
+
+
+def test_state_curvature_and_momentum_form():
+    """ShampooState fields; curvature = BlockDiagonal of Inverse(⊗R_i) per tensor: −C⁻¹m is the
+    fast direction; newton_fallbacks in the state and diagnostics; momentum_form="ema"."""
+    net = _cnn()
+    params = net.init(3)
+    (b,) = _cnn_batches(1, seed=7)
+    method = Shampoo(roots="eigh")
+    d, st = method.step(method.init(net, params), net, params, b)
+    assert type(st) is ShampooState and st.newton_fallbacks == 0 and st.diagnostics["newton_fallbacks"] == 0
+    from refcurv import flatten
+    C = method.curvature(st)
+    assert_close(-C.solve(flatten(st.m)), flatten(d), rtol=residual_tol(net.n_params))
+    P = np.linalg.inv(C.todense())
+    assert_close(-P @ flatten(st.m), flatten(d), rtol=forward_tol(net.n_params, np.linalg.cond(P)))
+    ema = Shampoo(momentum_form="ema", momentum=0.8, roots="eigh")
+    _, se = ema.step(ema.init(net, params), net, params, b)
+    for a, g in zip(se.m, net.grad(params, b.x, b.y, b.loss)):
+        assert_close(a, 0.2 * g, rtol=1e-15)
+    with pytest.raises(HyperParameterError, match="phase"):
+        Shampoo(phase="t1")

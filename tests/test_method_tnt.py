@@ -14,10 +14,11 @@ from refcurv.errors import HyperParameterError
 from refcurv.linalg.tensor import kron_apply
 from refcurv.methods._tensors import to_tensors
 from refcurv.methods.base import Batch
-from refcurv.methods.tnt import TNT, damped_factors, f_tnt, normalize, sample_statistics
+from refcurv.linalg.kronecker import damped_factors, f_tnt, normalized_factors as normalize
+from refcurv.methods.tnt import TNT, sample_statistics
 from refcurv.nn import MSE, Conv2d, CrossEntropy, Flatten, Linear, Sequential, Tanh
 from refcurv.testing.strategies import problems
-from refcurv.testing.tolerance import EPS, assert_close, forward_tol, rel_err
+from refcurv.testing.tolerance import EPS, assert_close, forward_tol, rel_err, residual_tol
 from refcurv.train import train
 
 
@@ -32,11 +33,19 @@ def _leaves(nested):
     return [a for layer in nested for tensor in layer for a in tensor]
 
 
-def _same_state(a, b):
-    assert a["k"] == b["k"]
-    for key in ("stats", "factors", "inverses"):
-        assert all(np.array_equal(x, y) for x, y in zip(_leaves(a[key]), _leaves(b[key]))), key
-    assert all(np.array_equal(x, y) for x, y in zip(a["m"], b["m"]))
+def _same_state(a, b, n_terms):
+    """Fast and dense states: the same schedule, the same momentum (bit for bit: both are means
+    of the same per-sample gradients); statistics and factors equal to rounding. The dense form
+    computes them by an independent route (partial traces of the tensor's second moment from
+    refcurv.curvature), so each entry is the same sum of ``n_terms`` products (≤ N·S·n) in
+    another order: a backward error of C·n_terms·eps relative to the PSD sum's norm (the
+    (4.10) scaling and +εI add O(eps))."""
+    assert type(a) is type(b) and a.k == b.k and a.diagnostics == b.diagnostics
+    for key in ("G_hat", "factors"):
+        for x, y in zip(_leaves(getattr(a, key)), _leaves(getattr(b, key))):
+            assert_close(x, y, rtol=residual_tol(n_terms), atol=0, what=key)
+    for x, y in zip(a.m, b.m):
+        np.testing.assert_array_equal(x, y)
 
 
 # ------------------------------------------------------------------ independent reference
@@ -85,8 +94,8 @@ def test_fast_equals_dense_F_TNT_solve_step_by_step(pb, conv_modes, statistics, 
         _, batch = _batch(pb, shift=k)
         df, state_f = method.step(state_f, net, params, batch, rng=k)
         dd, state_d = method.step(state_d, net, params, batch, rng=k, dense=True)
-        _same_state(state_f, state_d)
-        for a, b, W, facs in zip(df, dd, params, state_d["factors"]):
+        _same_state(state_f, state_d, batch.x.shape[0] * net.n_params)
+        for a, b, W, facs in zip(df, dd, params, state_d.factors):
             kappa = max(np.prod([np.linalg.cond(F) for F in fs]) for fs in facs)
             p = -b - wd * W
             assert_close(a, b, rtol=0, atol=forward_tol(a.size, kappa) * np.linalg.norm(p), what=f"step {k}")
@@ -106,8 +115,8 @@ def test_first_direction_equals_loop_built_definition(conv_modes, statistics):
     method = TNT(damping=eps, conv_modes=conv_modes, statistics=statistics)
     d, state = method.step(method.init(net, params), net, params, batch, rng=11)
     draws = method.draw(np.random.default_rng(11), method.init(net, params), net, params, batch)
-    S_ref = _ref_stats(net, params, batch, draws["labels"], conv_modes, statistics)
-    for S, R in zip(_leaves(state["stats"]), _leaves(S_ref)):
+    S_ref = _ref_stats(net, params, batch, draws.labels[0], conv_modes, statistics)
+    for S, R in zip(_leaves(state.G_hat), _leaves(S_ref)):
         assert_close(S, R, rtol=1e-12, atol=0)
     g = net.grad(params, batch.x, batch.y, batch.loss)
     for layer, gl, dl, S_layer in zip(net.layers_trainable, g, d, S_ref):
@@ -139,7 +148,7 @@ def test_proposition_1_in_method_context(conv_modes, seed, mom):
         b = Batch(rng.standard_normal((5, 2, 3, 4)), rng.integers(0, 2, 5), CrossEntropy())
         _, state = method.step(state, net, params, b, rng=rng)
     orders = set()
-    for layer, m, invs, facs in zip(net.layers_trainable, state["m"], state["inverses"], state["factors"]):
+    for layer, m, invs, facs in zip(net.layers_trainable, state.m, state.inverses, state.factors):
         for M, H, F in zip(to_tensors(layer, m, conv_modes), invs, facs):
             orders.add(M.ndim)
             K = reduce(np.kron, H)
@@ -170,7 +179,7 @@ def test_normalization_4_10(Gs, statistics, s, eps):
     (4.2) holds exactly with c = 1: Ĝ^{(i)} = Ũ_i Π_{j≠i} tr(Ũ_j); hence tr(⊗Ũ_i) = tr Ĝ.
     Homogeneity Ũ(sS) = s^{1/k} Ũ(S) gives ⊗(Ũ(S/N)+εI) = N⁻¹⊗(Ũ(S)+N^{1/k}εI) (errata TNT-1),
     and a permutation of the modes permutes the direction (order of the conv modes is moot)."""
-    S = sample_statistics(Gs, statistics)
+    S = sample_statistics(Gs[None], statistics)
     U = normalize(S)
     k, dims = len(S), [len(a) for a in S]
     c0 = (np.trace(S[0]) / np.prod(dims)) ** (1 / k)
@@ -188,7 +197,7 @@ def test_normalization_4_10(Gs, statistics, s, eps):
     Gp = Gs.transpose((0,) + tuple(1 + perm))
     M = Gs[0]
     H = [np.linalg.inv(F) for F in damped_factors(S, eps)]
-    Hp = [np.linalg.inv(F) for F in damped_factors(sample_statistics(Gp, statistics), eps)]
+    Hp = [np.linalg.inv(F) for F in damped_factors(sample_statistics(Gp[None], statistics), eps)]
     assert_close(kron_apply(Hp, M.transpose(perm)), kron_apply(H, M).transpose(perm), rtol=1e-10, atol=0)
 
 
@@ -203,14 +212,14 @@ def test_normalization_in_method_state_and_zero_gradient_tensor():
     method = TNT(damping=eps, momentum=0.0, conv_modes=4)
     b = Batch(rng.standard_normal((4, 1, 3, 3)), rng.integers(0, 3, 4), CrossEntropy())
     _, state = method.step(method.init(net, params), net, params, b, rng=0)
-    for fs in [f for layer in state["factors"] for f in layer]:
+    for fs in [f for layer in state.factors for f in layer]:
         avg = [np.trace(F - eps * np.eye(len(F))) / len(F) for F in fs]
         assert np.ptp(avg) <= 1e-13 * max(avg)
     dead = [params[0], np.zeros_like(params[1])]  # zero last layer ⇒ no gradient reaches the conv layer
     method = TNT(damping=eps, momentum=0.0, weight_decay=0.1)
     d, state = method.step(method.init(net, dead), net, dead, b, rng=0)
     assert np.all(net.grad(dead, b.x, b.y, b.loss)[0] == 0)
-    for fs, invs in zip(state["factors"][0], state["inverses"][0]):
+    for fs, invs in zip(state.factors[0], state.inverses[0]):
         for F, H in zip(fs, invs):
             np.testing.assert_array_equal(F, eps * np.eye(len(F)))
             assert_close(H, np.eye(len(H)) / eps, rtol=1e-15)
@@ -234,7 +243,7 @@ def test_lemma_9_and_10_bounds(pb, conv_modes, statistics, eps, beta):
     for k in range(3):
         _, batch = _batch(pb, shift=k)
         draws = method.draw(np.random.default_rng(k), state, net, params, batch)
-        U = net.per_sample_grads(params, batch.x, draws["labels"], batch.loss)
+        U = net.per_sample_grads(params, batch.x, draws.labels[0], batch.loss)
         new = []
         for layer, u in zip(net.layers_trainable, U):
             per = [to_tensors(layer, u[n], conv_modes) for n in range(len(u))]
@@ -244,7 +253,7 @@ def test_lemma_9_and_10_bounds(pb, conv_modes, statistics, eps, beta):
                 new.append(V.T @ V / len(V))
         Sigma = new if Sigma is None else [beta * a + (1 - beta) * b for a, b in zip(Sigma, new)]
         _, state = method.step(state, net, params, batch, rng=k)
-        tensors = [(S, F) for Sl, Fl in zip(state["stats"], state["factors"]) for S, F in zip(Sl, Fl)]
+        tensors = [(S, F) for Sl, Fl in zip(state.G_hat, state.factors) for S, F in zip(Sl, Fl)]
         for (S, F), Sig in zip(tensors, Sigma):
             kk, dims = len(S), [len(a) for a in S]
             D = np.prod(dims)
@@ -276,25 +285,26 @@ def test_statistics_and_inverses_refresh_exactly_at_T1_T2():
     hist, refreshed_at = [], None
     for t, b in enumerate(batches):
         draws = method.draw(np.random.default_rng(t), state, net, params, b)
-        assert (draws["labels"] is not None) == (t % 2 == 0)
+        assert (draws.labels is not None) == (t % 2 == 0)
+        assert state.diagnostics == {} if t == 0 else True
         prev = state
         d, state = method.step(state, net, params, b, rng=t)
         if t % 2 == 0:
-            new = _ref_stats(net, params, b, draws["labels"], 4, "per_sample")
+            new = _ref_stats(net, params, b, draws.labels[0], 4, "per_sample")
             want = new if t == 0 else [[[beta * s + (1 - beta) * n for s, n in zip(a, c)] for a, c in zip(A, C)]
-                                       for A, C in zip(prev["stats"], new)]
-            for x, y in zip(_leaves(state["stats"]), _leaves(want)):
+                                       for A, C in zip(prev.G_hat, new)]
+            for x, y in zip(_leaves(state.G_hat), _leaves(want)):
                 assert_close(x, y, rtol=1e-12, atol=0)
         else:
-            assert all(x is y for x, y in zip(_leaves(state["stats"]), _leaves(prev["stats"])))
+            assert all(x is y for x, y in zip(_leaves(state.G_hat), _leaves(prev.G_hat)))
         if t in (0, 3, 6):
-            refreshed_at = state["stats"]
+            refreshed_at = state.G_hat
             if t > 0:
-                pairs = zip(_leaves(state["inverses"]), _leaves(prev["inverses"]))
+                pairs = zip(_leaves(state.inverses), _leaves(prev.inverses))
                 assert not any(np.array_equal(x, y) for x, y in pairs)
         else:
-            assert all(x is y for x, y in zip(_leaves(state["inverses"]), _leaves(prev["inverses"])))
-        for layer_f, layer_S in zip(state["factors"], refreshed_at):
+            assert all(x is y for x, y in zip(_leaves(state.inverses), _leaves(prev.inverses)))
+        for layer_f, layer_S in zip(state.factors, refreshed_at):
             for fs, S in zip(layer_f, layer_S):
                 for F, U in zip(fs, _ref_normalize(S)):
                     assert_close(F, U + eps * np.eye(len(U)), rtol=1e-13, atol=0)
@@ -317,18 +327,18 @@ def test_warm_start_and_momentum_and_weight_decay():
     gen = np.random.default_rng(3)
     refs = [_ref_stats(net, params, b, b.loss.sample(net.forward(params, b.x), 1, seed=gen)[0], 4, "per_sample")
             for b in bs[:2]]
-    for x, a, c in zip(_leaves(st0["stats"]), _leaves(refs[0]), _leaves(refs[1])):
+    for x, a, c in zip(_leaves(st0.G_hat), _leaves(refs[0]), _leaves(refs[1])):
         assert_close(x, (a + c) / 2, rtol=1e-12, atol=0)
     draws = method.draw(np.random.default_rng(0), st0, net, params, bs[2])
     _, s1 = method.step(st0, net, params, bs[2], rng=0)
-    new = _ref_stats(net, params, bs[2], draws["labels"], 4, "per_sample")
-    for x, a, c in zip(_leaves(s1["stats"]), _leaves(st0["stats"]), _leaves(new)):
+    new = _ref_stats(net, params, bs[2], draws.labels[0], 4, "per_sample")
+    for x, a, c in zip(_leaves(s1.G_hat), _leaves(st0.G_hat), _leaves(new)):
         assert_close(x, method.beta * a + (1 - method.beta) * c, rtol=1e-12, atol=0)
-    assert s1["inverses"] is not None
+    assert s1.inverses is not None
     _, s2 = method.step(s1, net, params, bs[0], rng=1)
-    assert all(x is y for x, y in zip(_leaves(s2["stats"]), _leaves(s1["stats"])))
+    assert all(x is y for x, y in zip(_leaves(s2.G_hat), _leaves(s1.G_hat)))
     g1, g2 = (net.grad(params, b.x, b.y, b.loss) for b in (bs[2], bs[0]))
-    for m, a, c in zip(s2["m"], g1, g2):
+    for m, a, c in zip(s2.m, g1, g2):
         assert_close(m, 0.8 * a + c, rtol=1e-14)
     wd = TNT(T_stats=2, momentum=0.8, weight_decay=0.3)
     d0, _ = method.step(s1, net, params, bs[0], rng=1)
@@ -350,20 +360,22 @@ def test_sampled_labels_reproducible_and_shared_by_both_forms():
     s0 = method.init(net, params)
     d1 = method.draw(np.random.default_rng(42), s0, net, params, b)
     d2 = method.draw(np.random.default_rng(42), s0, net, params, b)
-    np.testing.assert_array_equal(d1["labels"], d2["labels"])
-    want = b.loss.sample(net.forward(params, b.x), n_samples=1, seed=d1["seed"])[0]
-    np.testing.assert_array_equal(d1["labels"], want)
+    np.testing.assert_array_equal(d1.labels[0], d2.labels[0])
+    seed = int(np.random.default_rng(42).integers(2**63 - 1))  # the step's seed, then the labels
+    want = b.loss.sample(net.forward(params, b.x), n_samples=1, seed=seed)
+    assert d1.labels.shape == (1, 30)
+    np.testing.assert_array_equal(d1.labels, want)
     d3 = method.draw(np.random.default_rng(43), s0, net, params, b)
-    assert not np.array_equal(d1["labels"], d3["labels"])
+    assert not np.array_equal(d1.labels[0], d3.labels[0])
     _, sf = method.step(s0, net, params, b, rng=42)
     _, sd = method.step(s0, net, params, b, rng=42, dense=True)
-    _same_state(sf, sd)
-    for x, y in zip(_leaves(sf["stats"]), _leaves(_ref_stats(net, params, b, d1["labels"], 4, "per_sample"))):
+    _same_state(sf, sd, b.x.shape[0] * net.n_params)
+    for x, y in zip(_leaves(sf.G_hat), _leaves(_ref_stats(net, params, b, d1.labels[0], 4, "per_sample"))):
         assert_close(x, y, rtol=1e-12, atol=0)
     emp = TNT(fisher="empirical")
-    assert emp.draw(np.random.default_rng(42), s0, net, params, b)["labels"] is None
+    assert emp.draw(np.random.default_rng(42), s0, net, params, b).labels is None
     _, se = emp.step(s0, net, params, b, rng=42)
-    for x, y in zip(_leaves(se["stats"]), _leaves(_ref_stats(net, params, b, b.y, 4, "per_sample"))):
+    for x, y in zip(_leaves(se.G_hat), _leaves(_ref_stats(net, params, b, b.y, 4, "per_sample"))):
         assert_close(x, y, rtol=1e-12, atol=0)
 
 
@@ -437,7 +449,7 @@ def test_tnt_ef_batch_mean_statistics_are_shampoo_statistics(conv_modes):
         b = Batch(rng.standard_normal((5, 2, 3, 4)), rng.integers(0, 3, 5), CrossEntropy())
         _, st_t = tnt.step(st_t, net, params, b, rng=k)
         _, st_s = sh.step(st_s, net, params, b)
-        for x, y in zip(_leaves(st_t["stats"]), _leaves(st_s["stats"])):
+        for x, y in zip(_leaves(st_t.G_hat), _leaves(st_s.G_hat)):
             assert_close(x, y, rtol=1e-12, atol=0, what=f"step {k}")
 
 
@@ -450,3 +462,150 @@ def test_training_smoke_cnn_decreases_loss(conv_modes):
     _, hist = train(TNT(damping=0.1, conv_modes=conv_modes, momentum=0.5, T_inv=2), net, net.init(0), x, y,
                     CrossEntropy(), steps=30, lr=0.1, batch_size=16, seed=1)
     assert hist["loss"][-1] < 0.4 * hist["loss"][0]
+
+
+# ------------------------------------------------ issue 9: typed state, draws, phase, curvature
+from refcurv.errors import DrawsError  # noqa: E402
+from refcurv.methods import Draws  # noqa: E402
+from refcurv.methods.tnt import TNTState  # noqa: E402
+
+
+def _mlp_setup(seed=0, n=6):
+    net = Sequential([Linear(3, 4), Tanh(), Linear(4, 2)])
+    rng = np.random.default_rng(seed)
+    params = net.init(seed)
+    return net, params, [Batch(rng.standard_normal((5, 3)), rng.integers(0, 2, 5), CrossEntropy()) for _ in range(n)]
+
+
+def test_phase_paper_is_a_literal_replay_of_algorithm_15():
+    """phase="paper": lines 6/11 (statistics) and 14 (inverses) at the printed t ≡ 0 (mod T),
+    t = k + 1, after the warm start of line 2; the inverses that line 18 needs before
+    t = T_2 are computed once from the warm-start statistics at t = 1 (errata TNT-2).
+    Replayed literally: Ĝ, m and the direction at every t from the printed lines."""
+    net, params, bs = _mlp_setup(3, 7)
+    T1, T2, beta, mu, eps = 2, 3, 0.6, 0.5, 0.2
+    method = TNT(damping=eps, T_stats=T1, T_inv=T2, beta=beta, momentum=mu, phase="paper")
+    state = method.warm_start(method.init(net, params), net, params, bs[:2], seed=9)
+    G_hat, m, inv = state.G_hat, None, None
+    for t, b in enumerate(bs, start=1):
+        draws = method.draw(np.random.default_rng(t), state, net, params, b)
+        d, state = method.step(state, net, params, b, draws=draws)
+        g = net.grad(params, b.x, b.y, b.loss)
+        m = g if m is None else [mu * a + c for a, c in zip(m, g)]                      # line 10
+        if t % T1 == 0:                                                                    # lines 6, 11-12
+            new = _ref_stats(net, params, b, draws.labels[0], 4, "per_sample")
+            G_hat = [[[beta * s + (1 - beta) * n for s, n in zip(A, C)] for A, C in zip(LA, LC)]
+                     for LA, LC in zip(G_hat, new)]
+        else:
+            assert draws.labels is None
+        if t % T2 == 0 or inv is None:                                                     # lines 14-16
+            inv = [[[np.linalg.inv(U + eps * np.eye(len(U))) for U in _ref_normalize(S)] for S in L] for L in G_hat]
+        assert state.diagnostics == {"refreshed": t % T2 == 0 or t == 1, "stats_refreshed": t % T1 == 0}
+        for x, y in zip(_leaves(state.G_hat), _leaves(G_hat)):
+            assert_close(x, y, rtol=1e-12, atol=0, what=f"t = {t}")
+        for layer, ml, dl, Hs in zip(net.layers_trainable, m, d, inv):                    # line 18
+            for M, D, H in zip(to_tensors(layer, ml), to_tensors(layer, dl), Hs):
+                ref = -reduce(np.kron, H) @ M.ravel()
+                kappa = np.prod([np.linalg.cond(h) for h in H])
+                assert_close(D.ravel(), ref, rtol=forward_tol(ref.size, kappa), atol=0, what=f"t = {t}")
+
+
+def test_phase_k0_and_paper_differ_only_in_the_schedule():
+    net, params, bs = _mlp_setup(1, 5)
+    for phase, want in (("k0", [0, 3]), ("paper", [0, 2])):  # paper: t = 3 (k = 2); k = 0 builds the missing inverses
+        method = TNT(T_inv=3, phase=phase)
+        state, got = method.init(net, params), []
+        for k, b in enumerate(bs):
+            _, state = method.step(state, net, params, b, rng=k)
+            if state.diagnostics["refreshed"]:
+                got.append(k)
+        assert got == want, phase
+
+
+def test_draws_labels_are_consumed_exactly_and_checked():
+    """Labels drawn elsewhere (here: all class 1, shape (n_samples, N)) are what the statistic
+    is computed from; wrong shapes, missing labels and labels at a step that samples none are
+    DrawsErrors naming the field."""
+    net, params, bs = _mlp_setup(2, 2)
+    b = bs[0]
+    for S in (1, 3):
+        method = TNT(n_samples=S, momentum=0.0)
+        s0 = method.init(net, params)
+        labels = np.stack([np.full(5, s % 2) for s in range(S)])
+        _, st = method.step(s0, net, params, b, draws=Draws(method="tnt", labels=labels))
+        refs = [_ref_stats(net, params, b, y, 4, "per_sample") for y in labels]
+        for x, *r in zip(_leaves(st.G_hat), *[_leaves(q) for q in refs]):
+            assert_close(x, sum(r) / S, rtol=1e-12, atol=0)
+        for bad in (labels[0], np.zeros((S + 1, 5), int), np.zeros((S, 4), int)):
+            with pytest.raises(DrawsError, match="labels"):
+                method.step(s0, net, params, b, draws=Draws(method="tnt", labels=bad))
+        with pytest.raises(DrawsError, match="labels"):
+            method.step(s0, net, params, b, draws=Draws(method="tnt"))
+    method = TNT(T_stats=2)
+    _, s1 = method.step(method.init(net, params), net, params, b, rng=0)
+    assert method.draw(np.random.default_rng(0), s1, net, params, bs[1]).labels is None
+    with pytest.raises(DrawsError, match="labels"):
+        method.step(s1, net, params, bs[1], draws=Draws(method="tnt", labels=np.zeros((1, 5), int)))
+    for fisher in ("empirical", "exact"):
+        m = TNT(fisher=fisher)
+        assert m.draw_fields == () and m.draw(np.random.default_rng(0), m.init(net, params), net, params, b).labels is None
+
+
+@pytest.mark.parametrize("statistics", ["per_sample", "batch_mean"])
+def test_fisher_exact_is_the_expectation_over_labels(statistics):
+    """fisher="exact": the statistic equals the expectation of the "mc" statistic over the
+    model's labels, computed by enumerating all C^N label vectors with their probabilities
+    (independent of the B_n B_nᵀ = F_n route of the fast form and of curvature.fisher of the
+    dense form); both forms agree."""
+    net = Sequential([Linear(3, 2), Tanh(), Linear(2, 3)])
+    x = np.random.default_rng(0).standard_normal((3, 3))
+    params = [2 * W for W in net.init(4)]
+    loss = CrossEntropy()
+    b = Batch(x, np.zeros(3, int), loss)
+    P = loss.probs(net.forward(params, x))
+    mc, ex = TNT(statistics=statistics), TNT(statistics=statistics, fisher="exact")
+    E = 0
+    for y in itertools.product(range(3), repeat=3):
+        w = np.prod(P[np.arange(3), list(y)])
+        E = E + w * np.concatenate([a.ravel() for a in _leaves(mc.batch_statistics(net, params, b, np.array([y])))])
+    got = np.concatenate([a.ravel() for a in _leaves(ex.batch_statistics(net, params, b, None))])
+    dense = np.concatenate([a.ravel() for a in _leaves(ex.dense_statistics(net, params, b, None))])
+    assert_close(got, E, rtol=1e-12)
+    assert_close(dense, E, rtol=1e-12)
+
+
+def test_state_fields_curvature_and_momentum_form():
+    """TNTState fields; curvature = BlockDiagonal of ⊗(Ũ_i+εI) per tensor at the tensors'
+    positions in θ: its todense equals the per-tensor F_TNT scattered by tensor_index, and
+    −C⁻¹m is the fast direction; momentum_form="ema" gives m = (1−μ)g at the first step."""
+    from refcurv.methods._tensors import tensor_index
+
+    net = Sequential([Conv2d(1, 2, 2), Tanh(), Flatten(), Linear(8, 3)])
+    rng = np.random.default_rng(0)
+    params = net.init(0)
+    b = Batch(rng.standard_normal((4, 1, 3, 3)), rng.integers(0, 3, 4), CrossEntropy())
+    method = TNT(conv_modes=3)
+    d, st = method.step(method.init(net, params), net, params, b, rng=0)
+    assert type(st) is TNTState and set(TNTState.field_docs()) >= {"k", "m", "G_hat", "factors", "inverses",
+                                                                     "diagnostics"}
+    C = method.curvature(st)
+    want, off = np.zeros((net.n_params,) * 2), 0
+    for layer, fl in zip(net.layers_trainable, st.factors):
+        for idx, fs in zip(tensor_index(layer, 3), fl):
+            pos = off + idx.ravel()
+            want[np.ix_(pos, pos)] = reduce(np.kron, fs)
+        off += int(np.prod(layer.param_shape))
+    np.testing.assert_array_equal(C.todense(), want)
+    from refcurv import flatten
+    got = -C.solve(flatten(st.m))
+    assert_close(got, flatten(d), rtol=forward_tol(net.n_params, np.linalg.cond(want)))
+    ema = TNT(momentum_form="ema", momentum=0.8)
+    _, se = ema.step(ema.init(net, params), net, params, b, rng=0)
+    for a, g in zip(se.m, net.grad(params, b.x, b.y, b.loss)):
+        assert_close(a, 0.2 * g, rtol=1e-15)
+    with pytest.raises(HyperParameterError, match="momentum_form"):
+        TNT(momentum_form="nesterov")
+    with pytest.raises(HyperParameterError, match="phase"):
+        TNT(phase="t1")
+    with pytest.raises(HyperParameterError, match="n_samples"):
+        TNT(n_samples=0)

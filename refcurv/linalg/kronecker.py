@@ -13,3 +13,77 @@ from __future__ import annotations
 # ---------------------------------------------------------------- K-BFGS (kbfgs)
 
 # ---------------------------------------------------------------- TNT / Shampoo (tntsh)
+#
+# Tensor-normal factors (thesis 003 §4.2-4.3) and the damped Kronecker factors of TNT and
+# Shampoo (Algorithms 15/16). A parameter tensor W ∈ R^{d_1×⋯×d_k} is vectorized row-major
+# (vec̄, §4.2.1); its curvature block is ⊗_i F_i on vec̄(W) (Proposition 1, (4.9)).
+# (imports kept in this section so that the per-family sections merge independently)
+from functools import reduce  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from ..backend import xp_of  # noqa: E402
+from ..errors import ShapeError  # noqa: E402
+
+
+def _dims(S):
+    return [int(s.shape[0]) for s in S]
+
+
+def normalized_factors(S):
+    """Thesis 003 (4.10), the ``c = 1`` representation with equal average eigenvalues:
+    ``Ũ_i = S_i / (c_0^{k−1} Π_{j≠i} d_j)``, ``c_0 = (tr S_1 / Π_j d_j)^{1/k}``, from the
+    mode statistics ``S = [E[G^{(1)}], …, E[G^{(k)}]]`` of one tensor.
+
+    Then ``tr(Ũ_i)/d_i = c_0`` for every ``i`` and ``S_i = Ũ_i Π_{j≠i} tr Ũ_j`` ((4.2) holds
+    with ``U = Ũ``). ``tr S_i = E‖G‖²`` is the same for every mode, so ``c_0`` is computed
+    from mode 1 (errata TNT-4). If ``tr S_1 = 0`` (a tensor whose gradient is always zero)
+    every ``Ũ_i = 0``, the limit of (4.10). (4.10) is positively homogeneous of degree
+    ``1/k``: ``Ũ_i(sS) = s^{1/k} Ũ_i(S)`` (errata TNT-1)."""
+    k = len(S)
+    dims = _dims(S)
+    D = float(np.prod(dims))
+    tr = float(xp_of(S[0]).trace(S[0]))
+    if tr <= 0:
+        return [0 * s for s in S]
+    c0 = (tr / D) ** (1.0 / k)
+    return [s / (c0 ** (k - 1) * (D / d)) for s, d in zip(S, dims)]
+
+
+def add_damping(factors, damping):
+    """``[F_i + εI]``: ε added in full to each factor (TNT §4.3.3 / Algorithm 15 line 16 on
+    ``Ũ_i``; Shampoo Algorithm 16 line 12 on ``Ĝ^{(i)}`` before the root)."""
+    xp = xp_of(factors[0])
+    return [F + damping * xp.eye(F.shape[0], dtype=F.dtype) for F in factors]
+
+
+def damped_factors(S, damping):
+    """TNT's factors ``[Ũ_i + εI]`` (thesis 003 §4.3.3, (4.10), Algorithm 15 lines 15-16,
+    Lemma 10): :func:`normalized_factors` then :func:`add_damping`."""
+    return add_damping(normalized_factors(S), damping)
+
+
+def f_tnt(factors):
+    """Dense ``F_TNT = (Ũ_1+εI) ⊗ ⋯ ⊗ (Ũ_k+εI)`` in row-major ``vec̄`` order (thesis 003
+    Lemma 10, Proposition 1 (4.9)). ``ε^k I ⪯ F_TNT`` (errata TNT-3)."""
+    return reduce(xp_of(factors[0]).kron, factors)
+
+
+def mode_marginal(Sigma, dims, i):
+    """The mode-``i`` statistic of a tensor's second moment, by definition (thesis 003
+    §4.2.1, (4.2)): for ``Σ = E[vec̄(G) vec̄(G)ᵀ]`` (``n × n``, ``n = Π d_j``, row-major
+    ``vec̄`` of ``G ∈ R^{d_1×⋯×d_k}``), ``E[G^{(i)}] = E[mat_i(G) mat_i(G)ᵀ]`` is the partial
+    trace of ``Σ`` over every mode but ``i``:
+    ``E[G^{(i)}]_{ab} = Σ_{j_{¬i}} Σ[(…a…), (…b…)]``. The dense forms of TNT and Shampoo
+    compute their statistics this way, from the full block ``Σ`` (``refcurv.curvature``)."""
+    dims = tuple(int(d) for d in dims)
+    k = len(dims)
+    if Sigma.shape != (int(np.prod(dims)),) * 2 or not 0 <= i < k:
+        raise ShapeError(f"Sigma must be ({int(np.prod(dims))},)*2 and 0 <= i < {k}, got {Sigma.shape}, i = {i}")
+    T = Sigma.reshape(dims + dims)
+    # move the two copies of mode i first, then sum the matched diagonal of every other mode
+    xp = xp_of(Sigma)
+    T = xp.moveaxis(T, (i, k + i), (0, 1))
+    rest = int(np.prod(dims)) // dims[i]
+    T = T.reshape(dims[i], dims[i], rest, rest)
+    return xp.trace(T, axis1=2, axis2=3)

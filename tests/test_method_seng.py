@@ -20,12 +20,13 @@ from refcurv import curvature as cv
 from refcurv.errors import HyperParameterError
 from refcurv.linalg.lowrank import randomized_svd
 from refcurv.methods.base import Batch
+from refcurv.linalg.batched import randomized_svd_batched
 from refcurv.methods.seng import (
     SENG,
     SENGDistributed,
     cu,
     lowrank_factors,
-    randomized_svd_batched,
+    sketch_from_draws,
     sketched_UtU,
     sketched_Utz,
     uc_exact,
@@ -76,13 +77,13 @@ def _assert_definition(d, M, g, lam, n_extra=0, what=""):
 
 @given(problems(), dampings(-3, 1))
 def test_U_is_the_scaled_efim_factor(pb, lam):
-    """(4)–(5): the state keeps Uᵀ (rows ϱ^{-1/2}u_iᵀ), so U Uᵀ = M^l, the EF block of refcurv.curvature."""
+    """(4)–(5): the state keeps U (columns ϱ^{-1/2}u_i), so U Uᵀ = M^l, the EF block of refcurv.curvature."""
     params, batch = _batch(pb)
     net = pb.net
     _, state = SENG(damping=lam).step(SENG(damping=lam).init(net, params), net, params, batch)
-    for Ut, M in zip(state["U"], _efim_blocks(net, params, batch)):
-        assert Ut.shape[0] == pb.N
-        assert_close(Ut.T @ Ut, M, rtol=1e-12, atol=1e-15 * max(np.abs(M).max(), 1))
+    for U, M in zip(state.U, _efim_blocks(net, params, batch)):
+        assert U.shape == (M.shape[0], pb.N)
+        assert_close(U @ U.T, M, rtol=1e-12, atol=1e-15 * max(np.abs(M).max(), 1))
 
 
 @given(problems(), dampings(-4, 2))
@@ -199,10 +200,11 @@ def configs(draw):
         sketch_size_A=draw(opt(st.integers(1, 8))),
         sketch_size_G=draw(opt(st.integers(1, 4))),
         uc=draw(st.sampled_from(["cu", "exact"])),
-        update_freq=draw(st.integers(1, 2)),
+        T_inv=draw(st.integers(1, 2)),
+        phase=draw(st.sampled_from(["k0", "paper"])),
         workers=draw(st.sampled_from(_divisors(pb.N))),
         normalization=draw(st.sampled_from(["global", "worker"])),
-        block=draw(st.booleans()),
+        block_capacitance=draw(st.booleans()),
         delayed=draw(st.booleans()),
         sync_cu=draw(st.booleans()),
     )
@@ -222,33 +224,36 @@ def test_fast_equals_dense_every_configuration(cfg):
     params, _ = _batch(pb)
     state = m.init(net, params)
     lam = kw["damping"]
-    blocks = kw["workers"] if kw["block"] else 1
+    blocks = kw["workers"] if kw["block_capacitance"] else 1
     cu_workers = kw["workers"] if (kw["sync_cu"] and kw["workers"] > 1) else 1
-    c = kw["workers"] if (kw["normalization"] == "worker" and kw["block"]) else 1
+    c = kw["workers"] if (kw["normalization"] == "worker" and kw["block_capacitance"]) else 1
     for k in range(3):
         _, batch = _batch(pb, shift=k)
-        df, sf = m.step(state, net, params, batch, rng=k)
-        dd, sd = m.step(state, net, params, batch, rng=k, dense=True)
+        draws = m.draw(np.random.default_rng(k), state, net, params, batch)
+        df, sf = m.step(state, net, params, batch, draws=draws)
+        dd, sd = m.step(state, net, params, batch, draws=draws, dense=True)
         g = _grads(net, params, batch)
-        gp = g if (not kw["delayed"] or state["g"] is None) else [x.ravel() for x in state["g"]]
+        gp = g if (not kw["delayed"] or state.g is None) else [x.ravel() for x in state.g]
+        assert sf.diagnostics["storage"] == sd.diagnostics["storage"]
+        assert sf.diagnostics["refreshed"] == sd.diagnostics["refreshed"]
         for j, (a, b) in enumerate(zip(df, dd)):
-            inf_f, inf_d = sf["info"][j], sd["info"][j]
-            assert inf_f["path"] == inf_d["path"]
-            if inf_d["path"] == "explicit":
-                Ut = sd["U"][j]
-                sk = inf_d["omega"]
+            path, b_fast = sd.diagnostics["storage"][j], np.asarray(sf.diagnostics["b_hat"][j])
+            if path == "explicit":
+                Ut = sd.U[j].T
+                sk = sketch_from_draws(draws, "Omega", j, Ut.shape[1])
                 S = None if sk is None else sk.gram()
-                tol = _tolerance(lam, Ut, S, g[j], gp[j], blocks, inf_f["b"], c=c)
+                tol = _tolerance(lam, Ut, S, g[j], gp[j], blocks, b_fast, c=c)
             else:
-                Gf, Af = sd["factors"][j]
+                Gf, Af = sd.factors[j]
                 rho, nG, nA = Gf.shape[0], Gf.shape[1], Af.shape[1]
                 Ut = np.einsum("igr,iar->iga", Gf, Af).reshape(rho, -1) / math.sqrt(rho)
-                SG = np.eye(nG) if inf_d["omega_G"] is None else inf_d["omega_G"].gram()
-                SA = np.eye(nA) if inf_d["omega_A"] is None else inf_d["omega_A"].gram()
-                tol = _tolerance(lam, Ut, np.kron(SG, SA), g[j], gp[j], blocks, inf_f["b"],
+                skG, skA = sketch_from_draws(draws, "Omega_G", j, nG), sketch_from_draws(draws, "Omega_A", j, nA)
+                SG = np.eye(nG) if skG is None else skG.gram()
+                SA = np.eye(nA) if skA is None else skA.gram()
+                tol = _tolerance(lam, Ut, np.kron(SG, SA), g[j], gp[j], blocks, b_fast,
                                  uc=kw["uc"], factors=(Gf, Af), cu_workers=cu_workers, c=c)
             err = np.linalg.norm(a - b)
-            assert err <= tol, f"step {k} layer {j} ({inf_d['path']}): ‖fast − dense‖ = {err:.3e} > {tol:.3e}"
+            assert err <= tol, f"step {k} layer {j} ({path}): ‖fast − dense‖ = {err:.3e} > {tol:.3e}"
         state = sf
 
 
@@ -264,9 +269,11 @@ def test_identity_sketch_is_exact(pb, lam, leverage):
     params, batch = _batch(pb)
     net = pb.net
     m = SENG(damping=lam, sketch="leverage" if leverage else "uniform", sketch_size=10**6, replace=False)
-    d, state = m.step(m.init(net, params), net, params, batch, rng=0)
+    state = m.init(net, params)
+    draws = m.draw(np.random.default_rng(0), state, net, params, batch)
+    d, state = m.step(state, net, params, batch, draws=draws)
     for j, (dj, M, g) in enumerate(zip(d, _efim_blocks(net, params, batch), _grads(net, params, batch))):
-        sk = state["info"][j]["omega"]
+        sk = sketch_from_draws(draws, "Omega", j, M.shape[0])
         assert np.allclose(sk.weight, 1.0, rtol=1e-12, atol=0)
         if not leverage:
             assert sorted(sk.index.tolist()) == list(range(M.shape[0]))
@@ -289,14 +296,16 @@ def _check_lemma5(pb, lam, q, leverage, replace):
     params, batch = _batch(pb)
     net = pb.net
     m = SENG(damping=lam, sketch="leverage" if leverage else "uniform", sketch_size=q, replace=replace)
-    d_hat, state = m.step(m.init(net, params), net, params, batch, rng=pb.seed)
+    state = m.init(net, params)
+    draws = m.draw(np.random.default_rng(pb.seed), state, net, params, batch)
+    d_hat, state = m.step(state, net, params, batch, draws=draws)
     d_ex, _ = SENG(damping=lam).step(SENG(damping=lam).init(net, params), net, params, batch)
     checked = 0
     for j, g in enumerate(_grads(net, params, batch)):
-        U = state["U"][j].T
+        U = state.U[j]
         rho, n = U.shape[1], U.shape[0]
-        Om = state["info"][j]["omega"].to_dense()
-        b_hat = state["info"][j]["b"]
+        Om = sketch_from_draws(draws, "Omega", j, n).to_dense()
+        b_hat = np.asarray(state.diagnostics["b_hat"][j])
         eta, eps = _eta_eps(Om, U, g)
         if not eta < 1:
             continue
@@ -340,7 +349,9 @@ def test_leverage_scores_are_row_norms(replace):
     params, batch = _batch(CONV)
     m = SENG(sketch="leverage", sketch_size=7, replace=replace, threshold=60.0, rank=2,
              sketch_size_A=5, sketch_size_G=2)
-    _, state = m.step(m.init(net, params), net, params, batch, rng=3)
+    state = m.init(net, params)
+    draws = m.draw(np.random.default_rng(3), state, net, params, batch)
+    _, state = m.step(state, net, params, batch, draws=draws)
 
     def check(sk, X):
         rows = (X.reshape(X.shape[0], -1) ** 2).sum(axis=1)
@@ -352,11 +363,11 @@ def test_leverage_scores_are_row_norms(replace):
             assert_close(sk.weight, 1 / np.sqrt(pi[sk.index]), rtol=1e-12)
         assert np.all(p[sk.index] > 0)
 
-    assert [i["path"] for i in state["info"]] == ["explicit", "implicit"]  # n^l = 57 < 𝒯 = 60 ≤ 147
-    Gf, Af = state["factors"][1]
-    check(state["info"][1]["omega_A"], Af.swapaxes(0, 1))
-    check(state["info"][1]["omega_G"], Gf.swapaxes(0, 1))
-    check(state["info"][0]["omega"], state["U"][0].T)
+    assert state.diagnostics["storage"] == ["explicit", "implicit"]  # n^l = 57 < 𝒯 = 60 ≤ 147
+    Gf, Af = state.factors[1]
+    check(sketch_from_draws(draws, "Omega_A", 1, Af.shape[1]), Af.swapaxes(0, 1))
+    check(sketch_from_draws(draws, "Omega_G", 1, Gf.shape[1]), Gf.swapaxes(0, 1))
+    check(sketch_from_draws(draws, "Omega", 0, state.U[0].shape[0]), state.U[0])
 
 
 # ------------------------------------------------------- implicit storage (15)–(24), (19)/(21)
@@ -366,8 +377,10 @@ def _implicit_state(pb, **kw):
     params, batch = _batch(pb)
     net = pb.net
     m = SENG(threshold=0.0, **kw)
-    d, state = m.step(m.init(net, params), net, params, batch, rng=pb.seed)
-    return net, params, batch, d, state
+    state = m.init(net, params)
+    draws = m.draw(np.random.default_rng(pb.seed), state, net, params, batch)
+    d, state = m.step(state, net, params, batch, draws=draws)
+    return net, params, batch, d, state, draws
 
 
 @pytest.mark.parametrize("kind", ["uniform", "leverage"])
@@ -377,13 +390,13 @@ def test_19_21_equal_the_kronecker_sketch(kind, replace):
     Ω_G)u_j) with the papers' column-major vec — refcurv's row-major vec needs Ω_G ⊗ Ω_A — and
     the method's b̂ is (12) with Ω = Ω_A ⊗ Ω_G and U = ϱ^{-1/2}[vec(G_i A_iᵀ)]."""
     lam = 0.3
-    net, params, batch, _, state = _implicit_state(CONV, damping=lam, rank=2, sketch=kind, replace=replace,
+    net, params, batch, _, state, draws = _implicit_state(CONV, damping=lam, rank=2, sketch=kind, replace=replace,
                                                    sketch_size_A=9, sketch_size_G=2)
     rng = np.random.default_rng(0)
     for j, (o, dd) in enumerate(net.param_shapes):
-        Gf, Af = state["factors"][j]
-        info = state["info"][j]
-        OA, OG = info["omega_A"].to_dense(), info["omega_G"].to_dense()
+        Gf, Af = state.factors[j]
+        OA = sketch_from_draws(draws, "Omega_A", j, Af.shape[1]).to_dense()
+        OG = sketch_from_draws(draws, "Omega_G", j, Gf.shape[1]).to_dense()
         K_col, K_row = np.kron(OA, OG), np.kron(OG, OA)
         Z = rng.standard_normal((o, dd))
         XiA, XiG = np.einsum("za,iar->izr", OA, Af), np.einsum("zg,igr->izr", OG, Gf)  # (17)
@@ -409,14 +422,14 @@ def test_19_21_equal_the_kronecker_sketch(kind, replace):
         cap = lam * np.eye(len(ui)) + Xi.T @ Xi
         b12 = np.linalg.solve(cap, Xi.T @ xi)
         cancel = 1 + np.linalg.norm(Xi) * np.linalg.norm(xi) / (lam * np.linalg.norm(b12))
-        assert_close(info["b"], b12, rtol=forward_tol(Z.size, np.linalg.cond(cap)) * cancel, atol=0)
+        assert_close(np.asarray(state.diagnostics["b_hat"][j]), b12, rtol=forward_tol(Z.size, np.linalg.cond(cap)) * cancel, atol=0)
 
 
 def test_implicit_state_stores_low_rank_factors():
     """Memory of the implicit storage (000 Table 1 / 001 Table 2, SENG-4): the state holds
     G̃, Ã with (n_A + n_G)·r·ϱ numbers instead of U's ϱ·n."""
-    net, params, batch, _, state = _implicit_state(CONV, rank=2)
-    for (o, d), (Gf, Af), U in zip(net.param_shapes, state["factors"], state["U"]):
+    net, params, batch, _, state, _draws = _implicit_state(CONV, rank=2)
+    for (o, d), (Gf, Af), U in zip(net.param_shapes, state.factors, state.U):
         r = Gf.shape[2]
         assert U is None and Gf.shape == (CONV.N, o, r) and Af.shape == (CONV.N, d, r) and r <= 2
         assert Gf.size + Af.size == (o + d) * r * CONV.N
@@ -452,7 +465,7 @@ def test_randomized_svd_batched_equals_lowrank_randomized_svd():
     seeds = [11, 12, 13, 14]
     k = min(3 + 2, 7, 9)
     Om = np.stack([np.random.default_rng(s).standard_normal((9, k)) for s in seeds])
-    U, s, Vt = randomized_svd_batched(X, 3, oversample=2, n_iter=1, Omega=Om)
+    U, s, Vt = randomized_svd_batched(X, 3, oversample=2, power_iter=1, Omega=Om)
     for i, sd in enumerate(seeds):  # test-side loop over the stack
         U1, s1, Vt1 = randomized_svd(X[i], 3, oversample=2, n_iter=1, seed=sd)
         assert_close(s[i], s1, rtol=1e-12)
@@ -496,8 +509,8 @@ def test_implicit_with_full_sketches_and_exact_uc_is_the_definition(rank):
     params, batch = _batch(CONV)
     kw = dict(damping=lam, uc="exact", sketch_size_A=10**6, sketch_size_G=10**6, svd_of="A",
               rank=None if rank is None else 16)  # κ = 16 (conv), clamped to κ = 1 (linear)
-    _, _, _, d, state = _implicit_state(CONV, **kw)
-    assert [f[0].shape[2] for f in state["factors"]] == [16, 1]
+    _, _, _, d, state, _draws = _implicit_state(CONV, **kw)
+    assert [f[0].shape[2] for f in state.factors] == [16, 1]
     for dj, M, g in zip(d, _efim_blocks(net, params, batch), _grads(net, params, batch)):
         _assert_definition(dj, M, g, lam, CONV.N, "implicit exact")
 
@@ -510,11 +523,11 @@ def test_seng1_24_needs_a_on_C_U():
     (24) −a g + a C_U(b̂) is (7); the printed −(1/λ)g + C_U(b̂) is not (λ ≠ 1)."""
     lam = 0.1
     pb = Problem(CONV.spec, CONV.input_shape, 3, "cross_entropy", 1, 4)
-    net, params, batch, d, state = _implicit_state(pb, damping=lam, sketch_size_A=10**6, sketch_size_G=10**6)
+    net, params, batch, d, state, _draws = _implicit_state(pb, damping=lam, sketch_size_A=10**6, sketch_size_G=10**6)
     for j, (M, g) in enumerate(zip(_efim_blocks(net, params, batch), _grads(net, params, batch))):
         _assert_definition(d[j], M, g, lam, 1, "(24) corrected")
-        Gf, Af = state["factors"][j]
-        printed = -g / lam + cu(state["info"][j]["b"], Gf, Af).ravel()
+        Gf, Af = state.factors[j]
+        printed = -g / lam + cu(np.asarray(state.diagnostics["b_hat"][j]), Gf, Af).ravel()
         assert np.linalg.norm(printed - _definition(M, g, lam)) > 1e-2 * np.linalg.norm(_definition(M, g, lam))
 
 
@@ -522,9 +535,9 @@ def test_seng2_printed_19_21_23_scalings_give_the_summed_efim():
     """SENG-2: (19), (21), (22) are per-sample quantities (u_iᵀz, u_iᵀu_j, Σc_iu_i); used
     unscaled as Uᵀz, UᵀU, Uc they give −(Σ_i u_iu_iᵀ + λI)⁻¹g = −(ϱM + λI)⁻¹g, not (7)."""
     lam = 0.2
-    net, params, batch, d, state = _implicit_state(CONV, damping=lam, uc="exact")
+    net, params, batch, d, state, _draws = _implicit_state(CONV, damping=lam, uc="exact")
     for j, (M, g) in enumerate(zip(_efim_blocks(net, params, batch), _grads(net, params, batch))):
-        Gf, Af = state["factors"][j]
+        Gf, Af = state.factors[j]
         _assert_definition(d[j], M, g, lam, CONV.N, "scaled")
         o, dd = net.param_shapes[j]
         Zg = g.reshape(o, dd)
@@ -556,12 +569,12 @@ def test_distributed_full_coupling_is_seng_and_one_worker_is_seng(M):
     params, batch = _batch(pb)
     net = pb.net
     for thr in (math.inf, 0.0):
-        d_full, state = SENGDistributed(damping=lam, workers=M, block=False, threshold=thr, uc="exact").step(
+        d_full, state = SENGDistributed(damping=lam, workers=M, block_capacitance=False, threshold=thr, uc="exact").step(
             SENGDistributed(workers=M).init(net, params), net, params, batch)
         for j, (Mb, g) in enumerate(zip(_efim_blocks(net, params, batch), _grads(net, params, batch))):
             _assert_definition(d_full[j], Mb, g, lam, pb.N, f"full coupling, 𝓜={M}")
             if thr == math.inf and M > 1:
-                U = state["U"][j].T
+                U = state.U[j]
                 b = np.linalg.solve(lam * np.eye(pb.N) + U.T @ U, U.T @ g)
                 printed = -g / lam + (U @ b) / (lam * M)  # (25) as printed, global blocks
                 Uw = math.sqrt(M) * U  # per-worker normalized U_{S_w} (5)
@@ -611,7 +624,7 @@ def test_block_diagonal_26_is_exact_for_orthogonal_workers():
         SENGDistributed().init(net, params), net, params, batch)
     M, g = _efim_blocks(net, params, batch)[0], _grads(net, params, batch)[0]
     _assert_definition(d[0], M, g, lam, 4, "(26), orthogonal workers")
-    U = state["U"][0].T
+    U = state.U[0]
     b = np.concatenate([np.linalg.solve(lam * np.eye(2) + Uw.T @ Uw, Uw.T @ g) for Uw in (U[:, :2], U[:, 2:])])
     printed = -g / lam + (U @ b) / (2 * lam)
     assert np.linalg.norm(printed - _definition(M, g, lam)) > 1e-2 * np.linalg.norm(_definition(M, g, lam))
@@ -663,10 +676,10 @@ def test_distributed_implicit_C_U_is_28(sync_cu):
     """Implicit layers on 𝓜 = 2 workers (block (26)): Uc is (28) (sync_cu=True) or (23),
     i.e. d = (ϱ^{-1/2}·(28 or 23)(b̂) − g)/λ with (28) written out here per worker."""
     lam = 0.3
-    net, params, batch, d, state = _implicit_state(CONV, damping=lam, workers=2, sync_cu=sync_cu)
+    net, params, batch, d, state, _draws = _implicit_state(CONV, damping=lam, workers=2, sync_cu=sync_cu)
     for j, g in enumerate(_grads(net, params, batch)):
-        Gf, Af = state["factors"][j]
-        b = state["info"][j]["b"]
+        Gf, Af = state.factors[j]
+        b = np.asarray(state.diagnostics["b_hat"][j])
         rho = len(b)
         if sync_cu:
             parts = [(b[w * 2:w * 2 + 2], Gf[w * 2:w * 2 + 2], Af[w * 2:w * 2 + 2])
@@ -721,7 +734,7 @@ def test_update_frequency_reuses_stale_U(threshold):
     pb = Problem((("linear", 3, 4, True), ("act", "tanh"), ("linear", 4, 2, True)), (3,), 2, "cross_entropy", 5, 6)
     net = pb.net
     params, _ = _batch(pb)
-    m = SENG(damping=lam, update_freq=T, threshold=threshold, uc="exact")
+    m = SENG(damping=lam, T_inv=T, threshold=threshold, uc="exact")
     state = m.init(net, params)
     Ms = None
     for k in range(5):
@@ -746,7 +759,7 @@ def test_history_decay_000_24_equals_definition(p, zeta, lam):
     """000 (24): U_k = p^{-1/2}[ζ^{p−1}g_{k−p+1}, …, ζ^0 g_k] (missing columns zero);
     d = −(U_kU_kᵀ + λI)⁻¹g_k. Fast and dense forms, 6 steps."""
     pb = Problem((("linear", 3, 4, True), ("act", "tanh"), ("linear", 4, 2, True)), (3,), 2, "mse", 3, 8)
-    m = SENG(damping=lam, history="decay", memory=p, decay=zeta)
+    m = SENG(damping=lam, history="decay", memory=p, beta=zeta)
     gs = []
     net = pb.net
     params, _ = _batch(pb)
@@ -781,7 +794,7 @@ def test_history_hybrid_000_25_equals_definition(p, data, lam):
     for k in range(5):
         prm = [(1 + 0.05 * k) * W for W in params]
         _, batch = _batch(pb, shift=k)
-        idx = m.draw(np.random.default_rng(k), state, net, prm, batch)["hybrid"]
+        idx = m.draw(np.random.default_rng(k), state, net, prm, batch).sketches["hybrid"]
         d, new = m.step(state, net, prm, batch, rng=k)
         dd, _ = m.step(state, net, prm, batch, rng=k, dense=True)
         state = new
@@ -805,12 +818,13 @@ def test_bad_hyper_parameters():
                           ({"threshold": -1.0}, "threshold"), ({"rank": 0}, "rank"), ({"svd": "qr"}, "svd"),
                           ({"svd_of": "both"}, "svd_of"), ({"sketch_size_A": 0}, "sketch_size_A"),
                           ({"sketch_size_G": 1.5}, "sketch_size_G"), ({"uc": "sum"}, "uc"),
-                          ({"update_freq": 0}, "update_freq"), ({"history": "all"}, "history"),
-                          ({"decay": 0.0}, "decay"), ({"decay": 1.5}, "decay"),
+                          ({"T_inv": 0}, "T_inv"), ({"history": "all"}, "history"),
+                          ({"beta": 0.0}, "beta"), ({"beta": 1.5}, "beta"), ({"phase": "k1"}, "phase"),
+                          ({"power_iter": -1}, "power_iter"),
                           ({"history": "hybrid", "memory": 3, "hybrid_v": 3}, "hybrid_v"),
                           ({"history": "hybrid", "memory": 3, "hybrid_v": 1}, "hybrid_v"),
                           ({"workers": 0}, "workers"), ({"workers": 2, "history": "decay"}, "workers"),
-                          ({"block": 1}, "block"), ({"oversample": -1}, "oversample"),
+                          ({"block_capacitance": 1}, "block_capacitance"), ({"oversample": -1}, "oversample"),
                           ({"normalization": "local"}, "normalization")]:
         with pytest.raises(HyperParameterError, match=match):
             SENG(**kwargs)
@@ -831,8 +845,8 @@ SMOKE = {
     "sketched leverage": SENG(damping=0.05, sketch="leverage", sketch_size=24, replace=True),
     "implicit C_U": SENG(damping=0.05, threshold=40, rank=1, sketch_size_A=6),
     "distributed (26)": SENGDistributed(damping=0.05, workers=4),
-    "distributed (27), T = 2": SENGDistributed(damping=0.05, workers=4, delayed=True, update_freq=2),
-    "history (24)": SENG(damping=0.05, history="decay", memory=4, decay=0.9),
+    "distributed (27), T = 2": SENGDistributed(damping=0.05, workers=4, delayed=True, T_inv=2),
+    "history (24)": SENG(damping=0.05, history="decay", memory=4, beta=0.9),
 }
 
 

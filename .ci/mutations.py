@@ -40,6 +40,10 @@ M = [
     ("refcurv/methods/shampoo.py", "K = reduce(xp.kron, [inv_root_eigh(Di, 2 * T.ndim) for Di in Ds])", "K = reduce(xp.kron, [inv_root_eigh(Di, T.ndim) for Di in Ds])", "tests/test_method_shampoo.py"),
     ("refcurv/methods/qng.py", "return (1.0 - alpha) / (math.sqrt(alpha) + math.sqrt(alpha + (1.0 - alpha) * s))", "return (1.0 - alpha) / (math.sqrt(alpha) + math.sqrt(alpha + s))", "tests/test_method_qng.py"),
     ("refcurv/methods/ginger.py", "return b / (1.0 + b * float(q @ d))", "return 1.0 / (1.0 + b * float(q @ d))", "tests/test_method_ginger.py"),
+    ("refcurv/methods/seng.py", "return (Uc - g) / lam, b  # (24)", "return Uc - g / lam, b  # (24)", "tests/test_method_seng.py"),
+    ("refcurv/methods/seng.py", "else refresh_due(k + 1, T)", "else refresh_due(k, T)", "tests/test_method_seng.py"),
+    ("refcurv/methods/seng.py", "cap = scale * xp.einsum(\"qwi,qwj->wij\", Xw, Xw)", "cap = xp.einsum(\"qwi,qwj->wij\", Xw, Xw)", "tests/test_method_seng.py"),
+    ("refcurv/linalg/batched.py", "return (Q @ Ub)[..., :rank], s[..., :rank]", "return Q[..., :rank], s[..., :rank]", "tests/test_linalg_batched.py"),
     ("refcurv/linalg/tensor.py", "xp.moveaxis(xp.tensordot(U, A, axes=(1, i)), 0, i)", "xp.moveaxis(xp.tensordot(U, A, axes=(1, i)), 0, -1)", "tests/test_roots_lowrank_tensor.py"),
 ]
 survived = 0

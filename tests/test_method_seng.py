@@ -18,9 +18,7 @@ from hypothesis import strategies as st
 import refcurv as rc
 from refcurv import curvature as cv
 from refcurv.errors import HyperParameterError
-from refcurv.linalg.lowrank import randomized_svd
 from refcurv.methods.base import Batch
-from refcurv.linalg.batched import randomized_svd_batched
 from refcurv.methods.seng import (
     SENG,
     SENGDistributed,
@@ -458,20 +456,6 @@ def test_rank_kappa_factors_are_exact(svd, svd_of):
             assert_close(Gf @ Af.swapaxes(1, 2), ref, rtol=1e-12, atol=0)
 
 
-def test_randomized_svd_batched_equals_lowrank_randomized_svd():
-    """The batched helper runs refcurv.linalg.lowrank.randomized_svd's algorithm on a stack."""
-    rng = np.random.default_rng(0)
-    X = rng.standard_normal((4, 7, 9))
-    seeds = [11, 12, 13, 14]
-    k = min(3 + 2, 7, 9)
-    Om = np.stack([np.random.default_rng(s).standard_normal((9, k)) for s in seeds])
-    U, s, Vt = randomized_svd_batched(X, 3, oversample=2, power_iter=1, Omega=Om)
-    for i, sd in enumerate(seeds):  # test-side loop over the stack
-        U1, s1, Vt1 = randomized_svd(X[i], 3, oversample=2, n_iter=1, seed=sd)
-        assert_close(s[i], s1, rtol=1e-12)
-        assert_close((U[i] * s[i]) @ Vt[i], (U1 * s1) @ Vt1, rtol=1e-12)
-
-
 def test_cu_23_and_28():
     """C_U (23): exact when one c_i ≠ 0; C_U(0) = 0; positively homogeneous; (28) with 𝓜 = 1
     is (23), with 𝓜 > 1 equals its definition (written here with loops), and is exact for
@@ -870,3 +854,352 @@ def test_global_block_normalization_diverges_on_the_smoke_problem():
     grows (ascent directions along the workers' shared gradient direction)."""
     loss = _smoke(SENGDistributed(damping=0.5, workers=4, normalization="global"))
     assert loss[-1] > 10 * loss[0], loss
+
+
+# ------------------------------------------------------------- refresh phase (Algorithm 1, 2)
+
+
+@pytest.mark.parametrize("T", [1, 2, 3])
+def test_phase_paper_is_a_literal_replay_of_algorithms_1_and_2(T):
+    """phase="paper": Algorithm 2 loops k = 1, 2, … and Algorithm 1 constructs U_k iff
+    k mod T = 0, else U_k = U_{k−1} — replayed literally here (U_0 does not exist, so the first
+    step constructs it). phase="k0" (default) refreshes at 0-based k ≡ 0 (mod T); both are (7)
+    with the U of their schedule."""
+    lam, K = 0.1, 7
+    pb = Problem((("linear", 3, 4, True), ("act", "tanh"), ("linear", 4, 2, True)), (3,), 2, "cross_entropy", 5, 6)
+    net = pb.net
+    params, _ = _batch(pb)
+    for phase in ("paper", "k0"):
+        m = SENG(damping=lam, T_inv=T, phase=phase)
+        state = m.init(net, params)
+        Ms = None
+        for k in range(1, K + 1):  # Algorithm 2's 1-based k
+            prm = [(1 + 0.1 * k) * W for W in params]
+            _, batch = _batch(pb, shift=k)
+            construct = (k % T == 0 or Ms is None) if phase == "paper" else ((k - 1) % T == 0)
+            if construct:
+                Ms = _efim_blocks(net, prm, batch)
+            d, state = m.step(state, net, prm, batch)
+            assert state.diagnostics["refreshed"] == construct, (phase, k)
+            for dj, M, g in zip(d, Ms, _grads(net, prm, batch)):
+                _assert_definition(dj, M, g, lam, pb.N, f"{phase} step {k}")
+    if T > 1:  # the two schedules differ (the replay can tell them apart)
+        sched = {ph: [SENG(T_inv=T, phase=ph)._due(k) for k in range(K)] for ph in ("paper", "k0")}
+        assert sched["paper"] != sched["k0"]
+
+
+def test_refresh_step_schedules():
+    from refcurv.methods.seng import refresh_step
+
+    assert [refresh_step(k, 3) for k in range(7)] == [True, False, False, True, False, False, True]
+    assert [refresh_step(k, 3, "paper") for k in range(7)] == [False, False, True, False, False, True, False]
+    assert all(refresh_step(k, 1, ph) for k in range(4) for ph in ("k0", "paper"))
+
+
+# ----------------------------------------------------------------------- draws: injection, errors
+
+
+def _two_layer():
+    pb = Problem((("linear", 3, 4, True), ("act", "tanh"), ("linear", 4, 2, True)), (3,), 2, "mse", 5, 12)
+    params, batch = _batch(pb)
+    return pb, pb.net, params, batch
+
+
+def test_injected_explicit_sketch_is_consumed_exactly():
+    """A sketch drawn elsewhere (hand-written rows, repeated index, arbitrary weights) is the Ω
+    of (10)–(13): d = −(λI + M ΩᵀΩ)⁻¹g with M the EFIM block of refcurv.curvature."""
+    from refcurv.methods import Draws
+
+    lam = 0.2
+    pb, net, params, batch = _two_layer()
+    m = SENG(damping=lam, sketch_size=4)
+    idx = [np.array([0, 2, 2, 5]), np.array([1, 3, 7, 9])]
+    wts = [np.array([1.5, 0.5, 0.7, 2.0]), np.array([0.3, 1.0, 1.2, 0.9])]
+    sk = {}
+    for j in range(2):
+        sk[f"Omega/{j}/index"], sk[f"Omega/{j}/weight"] = idx[j], wts[j]
+    draws = Draws(method="seng", sketches=sk)
+    for dense in (False, True):
+        d, state = m.step(m.init(net, params), net, params, batch, draws=draws, dense=dense)
+        for j, (M, g) in enumerate(zip(_efim_blocks(net, params, batch), _grads(net, params, batch))):
+            Om = np.zeros((4, M.shape[0]))
+            Om[np.arange(4), idx[j]] = wts[j]
+            A = lam * np.eye(M.shape[0]) + M @ Om.T @ Om
+            ref = -np.linalg.solve(A, g)
+            assert_close(d[j].ravel(), ref, rtol=forward_tol(M.shape[0] + pb.N, np.linalg.cond(A)) *
+                         (1 + np.linalg.norm(g) / (lam * np.linalg.norm(ref))), atol=0)
+
+
+def test_injected_implicit_sketches_and_hybrid_indices_are_consumed_exactly():
+    """Ω_A, Ω_G injected into an implicit layer give implicit_direction with those sketches
+    bit for bit; injected hybrid indices are the ∇ψ_i columns of 000 (25)."""
+    from refcurv.linalg.sketch import RowSketch
+    from refcurv.methods import Draws
+    from refcurv.methods.seng import implicit_direction
+
+    lam = 0.3
+    net = CONV.net
+    params, batch = _batch(CONV)
+    m = SENG(damping=lam, threshold=0.0, rank=2, sketch_size_A=3, sketch_size_G=2)
+    sk = {}
+    for j, (o, d_in) in enumerate(net.param_shapes):
+        sk[f"Omega_A/{j}/index"], sk[f"Omega_A/{j}/weight"] = np.array([d_in - 1, 0, 1]), np.array([1.0, 2.0, 0.5])
+        sk[f"Omega_G/{j}/index"], sk[f"Omega_G/{j}/weight"] = np.array([o - 1, 0]), np.array([0.7, 1.1])
+    draws = Draws(method="seng", sketches=sk)
+    d, state = m.step(m.init(net, params), net, params, batch, draws=draws)
+    g = net.grad(params, batch.x, batch.y, batch.loss)
+    for j, (o, d_in) in enumerate(net.param_shapes):
+        Gf, Af = state.factors[j]
+        skA = RowSketch(n=d_in, index=sk[f"Omega_A/{j}/index"], weight=sk[f"Omega_A/{j}/weight"])
+        skG = RowSketch(n=o, index=sk[f"Omega_G/{j}/index"], weight=sk[f"Omega_G/{j}/weight"])
+        ref, _ = implicit_direction(Gf, Af, g[j], g[j], lam, skA, skG)
+        assert np.array_equal(d[j], ref)
+    # hybrid: p = 4, v = 2, indices (4, 1) chosen by the caller
+    pb, net, params, batch = _two_layer()
+    m = SENG(damping=lam, history="hybrid", memory=4, hybrid_v=2)
+    idx = np.array([4, 1])
+    for dense in (False, True):
+        d, _ = m.step(m.init(net, params), net, params, batch, draws=Draws(method="seng", sketches={"hybrid": idx}),
+                      dense=dense)
+        Ups = cv.per_sample_grads(net, params, batch.x, batch.y, batch.loss)
+        for j, (sl, g) in enumerate(zip(_layer_slices(net), _grads(net, params, batch))):
+            U = np.stack([0 * g, 0 * g] + [Ups[i, sl] for i in idx], axis=1) / 2.0
+            _assert_definition(d[j], U @ U.T, g, lam, 4, f"hybrid injected, dense={dense}")
+
+
+def test_wrong_draws_are_refused_with_the_field_named():
+    from refcurv.errors import DrawsError
+    from refcurv.methods import Draws
+
+    pb, net, params, batch = _two_layer()
+    m = SENG(sketch_size=3)
+    state = m.init(net, params)
+    good = m.draw(np.random.default_rng(0), state, net, params, batch)
+
+    def bad(**changes):
+        sk = dict(good.sketches)
+        for k, v in changes.items():
+            if v is None:
+                sk.pop(k)
+            else:
+                sk[k] = v
+        return Draws(method="seng", sketches=sk, seeds=dict(good.seeds))
+
+    cases = [({"Omega/1/index": None}, "Omega/1/index"), ({"Omega/0/weight": None}, "Omega/0/weight"),
+             ({"Omega/0/index": np.array([0.0, 1.0, 2.0])}, "Omega/0/index"),
+             ({"Omega/0/index": np.array([0, 1, 16])}, r"Omega/0/index.*\[0, 16\)"),
+             ({"Omega/0/index": np.array([[0, 1, 2]])}, "Omega/0/index"),
+             ({"Omega/1/weight": np.array([1.0, 1.0])}, "Omega/1/weight"),
+             ({"Omega/1/weight": np.array([1.0, -1.0, 1.0])}, "Omega/1/weight")]
+    for change, match in cases:
+        with pytest.raises(DrawsError, match="seng") as e:
+            m.step(state, net, params, batch, draws=bad(**change))
+        assert e.match(match)
+    mh = SENG(history="hybrid", memory=4, hybrid_v=2)
+    sh = mh.init(net, params)
+    for h in (np.array([1]), np.array([1, 1]), np.array([0, 5]), np.array([0.0, 1.0])):
+        with pytest.raises(DrawsError, match="hybrid"):
+            mh.step(sh, net, params, batch, draws=Draws(method="seng", sketches={"hybrid": h}))
+    mr = SENG(threshold=0.0, rank=1, svd="randomized")
+    assert mr.draw_fields == ("seeds",)
+    with pytest.raises(DrawsError, match="seeds"):
+        mr.step(mr.init(net, params), net, params, batch, draws=Draws(method="seng"))
+    with pytest.raises(DrawsError, match="svd/1"):
+        mr.step(mr.init(net, params), net, params, batch, draws=Draws(method="seng", seeds={"svd/0": 3}))
+
+
+def test_draw_fields_and_sketch_arrays():
+    """draw() returns the sketches as arrays (not seeds): explicit Ω per explicit layer,
+    Ω_A / Ω_G per implicit layer, the hybrid indices; seeds only for the randomized SVD."""
+    net = CONV.net
+    params, batch = _batch(CONV)
+    m = SENG(sketch_size=5, threshold=60.0, rank=2, svd="randomized", sketch_size_A=4)
+    dr = m.draw(np.random.default_rng(0), m.init(net, params), net, params, batch)
+    assert sorted(dr.sketches) == ["Omega/0/index", "Omega/0/weight", "Omega_A/1/index", "Omega_A/1/weight"]
+    assert list(dr.seeds) == ["svd/1"] and isinstance(dr.seeds["svd/1"], int)
+    assert dr.sketches["Omega/0/index"].shape == (5,) and dr.sketches["Omega_A/1/index"].max() < net.param_shapes[1][1] == 49
+    assert SENG().draw_fields == () and SENG(sketch_size=3).draw_fields == ("sketches",)
+    assert SENG(sketch_size=3, threshold=10.0).draw_fields == ()  # depends on the network: check_draws
+
+
+def test_float32_leverage_sketch_runs_and_matches_float64_shape():
+    """Leverage probabilities are normalized in float64 on the host (float32 used to miss
+    Σp = 1 and be rejected by row_sampling)."""
+    pb, net, params, batch = _two_layer()
+    m = SENG(damping=0.1, sketch="leverage", sketch_size=7, replace=True)
+    p32 = [W.astype(np.float32) for W in params]
+    b32 = Batch(batch.x.astype(np.float32), batch.y.astype(np.float32), batch.loss)
+    d, state = m.step(m.init(net, p32), net, p32, b32, rng=0)
+    assert all(x.dtype == np.float32 for x in d) and all(np.isfinite(x).all() for x in d)
+
+
+# ------------------------------------------------------------------- pure functions, one by one
+
+
+def test_capacitance_solve_is_the_block_diagonal_12_26():
+    from refcurv.methods.seng import capacitance_solve
+
+    rng = np.random.default_rng(3)
+    Xi, xi, lam = rng.standard_normal((7, 6)), rng.standard_normal(7), 0.3
+    for blocks, scale in ((1, 1), (2, 1), (3, 3), (2, 2)):
+        m = 6 // blocks
+        ref = np.concatenate([np.linalg.solve(lam * np.eye(m) + scale * Xi[:, w * m:(w + 1) * m].T @
+                                              Xi[:, w * m:(w + 1) * m], Xi[:, w * m:(w + 1) * m].T @ xi)
+                              for w in range(blocks)])
+        assert_close(capacitance_solve(lam, Xi, xi, blocks, scale), ref, rtol=forward_tol(7, 1e3))
+
+
+def test_smw_direction_is_7():
+    """(8): with b = (λI + UᵀU)⁻¹Uᵀg, (Ub − g)/λ = −(λI + UUᵀ)⁻¹g."""
+    from refcurv.methods.seng import smw_direction
+
+    rng = np.random.default_rng(4)
+    U, g, lam = rng.standard_normal((6, 3)), rng.standard_normal((2, 3)), 0.5
+    b = np.linalg.solve(lam * np.eye(3) + U.T @ U, U.T @ g.ravel())
+    d = smw_direction(U, b, g, lam)
+    assert d.shape == g.shape
+    _assert_definition(d, U @ U.T, g.ravel(), lam, 3, "smw")
+
+
+def test_apply_sketch_and_row_sketch():
+    from refcurv.methods.seng import apply_sketch, row_sketch
+
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((6, 4, 2))
+    sk = row_sketch(4, 3, "uniform", False, None, 7)
+    assert sk.q == 3 and np.allclose(sk.weight, math.sqrt(4 / 3))
+    Om = sk.to_dense()
+    assert np.array_equal(apply_sketch(sk, X, 1), np.einsum("qa,iar->iqr", Om, X))
+    assert apply_sketch(None, X, 1) is X and row_sketch(4, None, "uniform", False, None, 0) is None
+    lev = row_sketch(4, 10, "leverage", False, np.array([[1.0], [0.0], [2.0], [0.0]]), 0)
+    assert lev.index.tolist() == [0, 2] and np.array_equal(lev.weight, [1.0, 1.0])  # every non-zero row, weight 1
+
+
+def test_history_kernels_are_000_24_25():
+    from refcurv.methods.seng import history_decay, history_hybrid
+
+    rng = np.random.default_rng(6)
+    buf, g = rng.standard_normal((3, 2, 2)), rng.standard_normal((2, 2))
+    nb, U = history_decay(buf, g, 0.5)
+    assert np.array_equal(nb, np.stack([buf[1], buf[2], g]))
+    assert_close(U, np.stack([0.25 * buf[1].ravel(), 0.5 * buf[2].ravel(), g.ravel()], axis=1) / math.sqrt(3),
+                 rtol=1e-15)
+    us = rng.standard_normal((2, 2, 2))
+    nb, U = history_hybrid(buf[:2], g, us, 4)
+    assert np.array_equal(nb, np.stack([buf[1], g]))
+    assert_close(U, np.stack([buf[0].ravel(), buf[1].ravel(), us[0].ravel(), us[1].ravel()], axis=1) / 2,
+                 rtol=1e-15)
+
+
+def test_dense_block_direction_formula():
+    """(𝓜_b g'/c − g)/λ − (1/c)Σ_w(λI + cM_w S)⁻¹g' against its terms; one block, S = I,
+    g' = g: (7)."""
+    from refcurv.methods.seng import dense_block_direction
+
+    rng = np.random.default_rng(7)
+    n, lam = 4, 0.2
+    Ms = [(lambda B: B @ B.T)(rng.standard_normal((n, 2))) for _ in range(3)]
+    g, gp = rng.standard_normal(n), rng.standard_normal(n)
+    S = np.diag(rng.uniform(0.5, 2, n))
+    for c in (1, 3):
+        ref = (3 * gp / c - g) / lam - sum(np.linalg.solve(lam * np.eye(n) + c * M @ S, gp) for M in Ms) / c
+        assert_close(dense_block_direction(Ms, S, g, gp, lam, c), ref, rtol=1e-10)
+    _assert_definition(dense_block_direction(Ms[:1], None, g, g, lam), Ms[0], g, lam, 2, "one block")
+
+
+def test_implicit_direction_with_exact_factors_and_uc_is_7():
+    """(16)–(24) with r = κ, no sketches, (22): the implicit kernel is (7) on the EFIM block."""
+    from refcurv.methods.seng import implicit_direction
+
+    net = CONV.net
+    params, batch = _batch(CONV)
+    A_hat, G_hat = net.factors(params, batch.x, batch.y, batch.loss)
+    lam = 0.4
+    for Ah, Gh, M, g in zip(A_hat, G_hat, _efim_blocks(net, params, batch), _grads(net, params, batch)):
+        d, b = implicit_direction(Gh, Ah, g.reshape(Gh.shape[1], Ah.shape[1]), g.reshape(Gh.shape[1], -1), lam,
+                                  uc="exact")
+        assert b.shape == (CONV.N,)
+        _assert_definition(d, M, g, lam, CONV.N, "implicit kernel")
+
+
+# ------------------------------------------------------------------------ curvature operator
+
+
+def _curvature_case(m, net, params, batch, steps=2):
+    """Run ``steps`` dense steps; at each, −C⁻¹g = d (C from the returned state)."""
+    from refcurv.operators import Operator
+
+    state, p = m.init(net, params), params
+    for k in range(steps):
+        _, b = _batch_like(batch, k)
+        draws = m.draw(np.random.default_rng(k), state, net, p, b)
+        d, state = m.step(state, net, p, b, draws=draws, dense=True)
+        C = m.curvature(state, net, p, b, draws)
+        assert isinstance(C, Operator) and C.shape == (net.n_params,) * 2
+        g = rc.flatten(net.grad(p, b.x, b.y, b.loss))
+        want = rc.flatten(d)
+        got = -C.solve(g)
+        ev = np.abs(np.asarray(C.eigvalsh()))
+        tol = forward_tol(net.n_params, ev.max() / ev.min())
+        assert np.linalg.norm(got - want) <= tol * np.linalg.norm(want), (m, k)
+        p = [W + 0.1 * D for W, D in zip(p, d)]
+    return C, state
+
+
+def _batch_like(batch, k):
+    x = batch.x + 0.3 * k * np.sin(np.arange(batch.x.size)).reshape(batch.x.shape)
+    return None, Batch(x, batch.y, batch.loss)
+
+
+def test_curvature_is_lambda_I_plus_UUt_explicit():
+    """C = blockdiag_l(λI + M_l) (7), M_l the EFIM block of refcurv.curvature (T_inv = 1)."""
+    from refcurv.operators import BlockDiagonal, LowRankPlusIdentity
+
+    pb, net, params, batch = _two_layer()
+    lam = 0.3
+    C, state = _curvature_case(SENG(damping=lam), net, params, batch, steps=1)
+    assert isinstance(C, BlockDiagonal) and all(isinstance(B, LowRankPlusIdentity) for B in C.blocks)
+    ref = [lam * np.eye(M.shape[0]) + M for M in _efim_blocks(net, params, _batch_like(batch, 0)[1])]
+    for B, R in zip(C.blocks, ref):
+        assert_close(B.todense(), R, rtol=1e-12, atol=1e-14 * np.abs(R).max())
+
+
+@pytest.mark.parametrize("kw", [dict(T_inv=2), dict(history="decay", memory=3, beta=0.8),
+                                dict(history="hybrid", memory=4, hybrid_v=2),
+                                dict(threshold=0.0, uc="exact"), dict(threshold=0.0, uc="exact", rank=1),
+                                dict(workers=5, block_capacitance=False)])
+def test_curvature_reproduces_the_dense_direction(kw):
+    pb, net, params, batch = _two_layer()
+    _curvature_case(SENG(damping=0.2, **kw), net, params, batch, steps=3)
+
+
+@pytest.mark.parametrize("normalization", ["worker", "global"])
+def test_curvature_of_the_block_capacitance_26(normalization):
+    """(26): C = H⁻¹, H = (1/λ)(I − U B⁻¹Uᵀ), B = blockdiag_w(λI + cU_wᵀU_w); for "worker"
+    H = (1/𝓜)Σ_w(λI + M_{S_w})⁻¹ (the worker average, SPD)."""
+    from refcurv.operators import Inverse
+
+    pb = _even_batch(Problem((("linear", 3, 4, True), ("act", "tanh"), ("linear", 4, 2, True)), (3,), 2, "mse", 3, 2))
+    params, batch = _batch(pb)
+    net = pb.net
+    lam = 0.5 if normalization == "worker" else 5.0  # "global" is SPD only for λ large enough here
+    C, state = _curvature_case(SENGDistributed(damping=lam, workers=2, normalization=normalization),
+                               net, params, batch, steps=2)
+    assert all(isinstance(B, Inverse) for B in C.blocks)
+    if normalization == "worker":
+        for B, U in zip(C.blocks, state.U):
+            Us = [math.sqrt(2) * U[:, :3], math.sqrt(2) * U[:, 3:]]  # U_{S_w} (5)
+            H = sum(np.linalg.inv(lam * np.eye(U.shape[0]) + W @ W.T) for W in Us) / 2
+            assert_close(B.todense(), np.linalg.inv(H), rtol=1e-10)
+
+
+def test_curvature_refused_where_there_is_no_symmetric_matrix():
+    pb, net, params, batch = _two_layer()
+    with pytest.raises(rc.errors.StateError, match="seng"):
+        SENG().curvature(SENG().init(net, params))
+    for m, match in [(SENG(sketch_size=3), "sketch_size"), (SENGDistributed(delayed=True), "delayed"),
+                     (SENG(threshold=0.0), "uc"), (SENG(threshold=0.0, uc="exact", sketch_size_G=1), "sketch_size_A/G")]:
+        b = Batch(batch.x[:4], batch.y[:4], batch.loss)
+        _, s = m.step(m.init(net, params), net, params, b, rng=0)
+        with pytest.raises(HyperParameterError, match=match):
+            m.curvature(s, net, params, b)

@@ -48,6 +48,10 @@ M = [
     ("refcurv/methods/smw.py", 'w = xp.einsum("icd,id->ic", H, xp.linalg.solve(D, Jg).reshape(N, C))', 'w = xp.linalg.solve(D, Jg).reshape(N, C)', "tests/test_method_smw.py"),
     ("refcurv/methods/smw.py", "return x2, labels.reshape((S * N2,) + tuple(labels.shape[2:]))", "return x2, labels.reshape((S * N2,) + tuple(labels.shape[2:]))[::-1]", "tests/test_method_smw.py"),
     ("refcurv/methods/hessian_free.py", "d = r + (rs_new / rs) * d", "d = r", "tests/test_method_hessian_free.py"),
+    ("refcurv/methods/seng.py", "return (Uc - g) / lam, b  # (24)", "return Uc - g / lam, b  # (24)", "tests/test_method_seng.py"),
+    ("refcurv/methods/seng.py", "else refresh_due(k + 1, T)", "else refresh_due(k, T)", "tests/test_method_seng.py"),
+    ("refcurv/methods/seng.py", "cap = scale * xp.einsum(\"qwi,qwj->wij\", Xw, Xw)", "cap = xp.einsum(\"qwi,qwj->wij\", Xw, Xw)", "tests/test_method_seng.py"),
+    ("refcurv/linalg/batched.py", "return (Q @ Ub)[..., :rank], s[..., :rank]", "return Q[..., :rank], s[..., :rank]", "tests/test_linalg_batched.py"),
     ("refcurv/linalg/tensor.py", "xp.moveaxis(xp.tensordot(U, A, axes=(1, i)), 0, i)", "xp.moveaxis(xp.tensordot(U, A, axes=(1, i)), 0, -1)", "tests/test_roots_lowrank_tensor.py"),
 ]
 survived = 0

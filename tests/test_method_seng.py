@@ -18,14 +18,13 @@ from hypothesis import strategies as st
 import refcurv as rc
 from refcurv import curvature as cv
 from refcurv.errors import HyperParameterError
-from refcurv.linalg.lowrank import randomized_svd
 from refcurv.methods.base import Batch
 from refcurv.methods.seng import (
     SENG,
     SENGDistributed,
     cu,
     lowrank_factors,
-    randomized_svd_batched,
+    sketch_from_draws,
     sketched_UtU,
     sketched_Utz,
     uc_exact,
@@ -76,13 +75,13 @@ def _assert_definition(d, M, g, lam, n_extra=0, what=""):
 
 @given(problems(), dampings(-3, 1))
 def test_U_is_the_scaled_efim_factor(pb, lam):
-    """(4)–(5): the state keeps Uᵀ (rows ϱ^{-1/2}u_iᵀ), so U Uᵀ = M^l, the EF block of refcurv.curvature."""
+    """(4)–(5): the state keeps U (columns ϱ^{-1/2}u_i), so U Uᵀ = M^l, the EF block of refcurv.curvature."""
     params, batch = _batch(pb)
     net = pb.net
     _, state = SENG(damping=lam).step(SENG(damping=lam).init(net, params), net, params, batch)
-    for Ut, M in zip(state["U"], _efim_blocks(net, params, batch)):
-        assert Ut.shape[0] == pb.N
-        assert_close(Ut.T @ Ut, M, rtol=1e-12, atol=1e-15 * max(np.abs(M).max(), 1))
+    for U, M in zip(state.U, _efim_blocks(net, params, batch)):
+        assert U.shape == (M.shape[0], pb.N)
+        assert_close(U @ U.T, M, rtol=1e-12, atol=1e-15 * max(np.abs(M).max(), 1))
 
 
 @given(problems(), dampings(-4, 2))
@@ -199,10 +198,11 @@ def configs(draw):
         sketch_size_A=draw(opt(st.integers(1, 8))),
         sketch_size_G=draw(opt(st.integers(1, 4))),
         uc=draw(st.sampled_from(["cu", "exact"])),
-        update_freq=draw(st.integers(1, 2)),
+        T_inv=draw(st.integers(1, 2)),
+        phase=draw(st.sampled_from(["k0", "paper"])),
         workers=draw(st.sampled_from(_divisors(pb.N))),
         normalization=draw(st.sampled_from(["global", "worker"])),
-        block=draw(st.booleans()),
+        block_capacitance=draw(st.booleans()),
         delayed=draw(st.booleans()),
         sync_cu=draw(st.booleans()),
     )
@@ -222,33 +222,36 @@ def test_fast_equals_dense_every_configuration(cfg):
     params, _ = _batch(pb)
     state = m.init(net, params)
     lam = kw["damping"]
-    blocks = kw["workers"] if kw["block"] else 1
+    blocks = kw["workers"] if kw["block_capacitance"] else 1
     cu_workers = kw["workers"] if (kw["sync_cu"] and kw["workers"] > 1) else 1
-    c = kw["workers"] if (kw["normalization"] == "worker" and kw["block"]) else 1
+    c = kw["workers"] if (kw["normalization"] == "worker" and kw["block_capacitance"]) else 1
     for k in range(3):
         _, batch = _batch(pb, shift=k)
-        df, sf = m.step(state, net, params, batch, rng=k)
-        dd, sd = m.step(state, net, params, batch, rng=k, dense=True)
+        draws = m.draw(np.random.default_rng(k), state, net, params, batch)
+        df, sf = m.step(state, net, params, batch, draws=draws)
+        dd, sd = m.step(state, net, params, batch, draws=draws, dense=True)
         g = _grads(net, params, batch)
-        gp = g if (not kw["delayed"] or state["g"] is None) else [x.ravel() for x in state["g"]]
+        gp = g if (not kw["delayed"] or state.g is None) else [x.ravel() for x in state.g]
+        assert sf.diagnostics["storage"] == sd.diagnostics["storage"]
+        assert sf.diagnostics["refreshed"] == sd.diagnostics["refreshed"]
         for j, (a, b) in enumerate(zip(df, dd)):
-            inf_f, inf_d = sf["info"][j], sd["info"][j]
-            assert inf_f["path"] == inf_d["path"]
-            if inf_d["path"] == "explicit":
-                Ut = sd["U"][j]
-                sk = inf_d["omega"]
+            path, b_fast = sd.diagnostics["storage"][j], np.asarray(sf.diagnostics["b_hat"][j])
+            if path == "explicit":
+                Ut = sd.U[j].T
+                sk = sketch_from_draws(draws, "Omega", j, Ut.shape[1])
                 S = None if sk is None else sk.gram()
-                tol = _tolerance(lam, Ut, S, g[j], gp[j], blocks, inf_f["b"], c=c)
+                tol = _tolerance(lam, Ut, S, g[j], gp[j], blocks, b_fast, c=c)
             else:
-                Gf, Af = sd["factors"][j]
+                Gf, Af = sd.factors[j]
                 rho, nG, nA = Gf.shape[0], Gf.shape[1], Af.shape[1]
                 Ut = np.einsum("igr,iar->iga", Gf, Af).reshape(rho, -1) / math.sqrt(rho)
-                SG = np.eye(nG) if inf_d["omega_G"] is None else inf_d["omega_G"].gram()
-                SA = np.eye(nA) if inf_d["omega_A"] is None else inf_d["omega_A"].gram()
-                tol = _tolerance(lam, Ut, np.kron(SG, SA), g[j], gp[j], blocks, inf_f["b"],
+                skG, skA = sketch_from_draws(draws, "Omega_G", j, nG), sketch_from_draws(draws, "Omega_A", j, nA)
+                SG = np.eye(nG) if skG is None else skG.gram()
+                SA = np.eye(nA) if skA is None else skA.gram()
+                tol = _tolerance(lam, Ut, np.kron(SG, SA), g[j], gp[j], blocks, b_fast,
                                  uc=kw["uc"], factors=(Gf, Af), cu_workers=cu_workers, c=c)
             err = np.linalg.norm(a - b)
-            assert err <= tol, f"step {k} layer {j} ({inf_d['path']}): ‖fast − dense‖ = {err:.3e} > {tol:.3e}"
+            assert err <= tol, f"step {k} layer {j} ({path}): ‖fast − dense‖ = {err:.3e} > {tol:.3e}"
         state = sf
 
 
@@ -264,9 +267,11 @@ def test_identity_sketch_is_exact(pb, lam, leverage):
     params, batch = _batch(pb)
     net = pb.net
     m = SENG(damping=lam, sketch="leverage" if leverage else "uniform", sketch_size=10**6, replace=False)
-    d, state = m.step(m.init(net, params), net, params, batch, rng=0)
+    state = m.init(net, params)
+    draws = m.draw(np.random.default_rng(0), state, net, params, batch)
+    d, state = m.step(state, net, params, batch, draws=draws)
     for j, (dj, M, g) in enumerate(zip(d, _efim_blocks(net, params, batch), _grads(net, params, batch))):
-        sk = state["info"][j]["omega"]
+        sk = sketch_from_draws(draws, "Omega", j, M.shape[0])
         assert np.allclose(sk.weight, 1.0, rtol=1e-12, atol=0)
         if not leverage:
             assert sorted(sk.index.tolist()) == list(range(M.shape[0]))
@@ -289,14 +294,16 @@ def _check_lemma5(pb, lam, q, leverage, replace):
     params, batch = _batch(pb)
     net = pb.net
     m = SENG(damping=lam, sketch="leverage" if leverage else "uniform", sketch_size=q, replace=replace)
-    d_hat, state = m.step(m.init(net, params), net, params, batch, rng=pb.seed)
+    state = m.init(net, params)
+    draws = m.draw(np.random.default_rng(pb.seed), state, net, params, batch)
+    d_hat, state = m.step(state, net, params, batch, draws=draws)
     d_ex, _ = SENG(damping=lam).step(SENG(damping=lam).init(net, params), net, params, batch)
     checked = 0
     for j, g in enumerate(_grads(net, params, batch)):
-        U = state["U"][j].T
+        U = state.U[j]
         rho, n = U.shape[1], U.shape[0]
-        Om = state["info"][j]["omega"].to_dense()
-        b_hat = state["info"][j]["b"]
+        Om = sketch_from_draws(draws, "Omega", j, n).to_dense()
+        b_hat = np.asarray(state.diagnostics["b_hat"][j])
         eta, eps = _eta_eps(Om, U, g)
         if not eta < 1:
             continue
@@ -340,7 +347,9 @@ def test_leverage_scores_are_row_norms(replace):
     params, batch = _batch(CONV)
     m = SENG(sketch="leverage", sketch_size=7, replace=replace, threshold=60.0, rank=2,
              sketch_size_A=5, sketch_size_G=2)
-    _, state = m.step(m.init(net, params), net, params, batch, rng=3)
+    state = m.init(net, params)
+    draws = m.draw(np.random.default_rng(3), state, net, params, batch)
+    _, state = m.step(state, net, params, batch, draws=draws)
 
     def check(sk, X):
         rows = (X.reshape(X.shape[0], -1) ** 2).sum(axis=1)
@@ -352,11 +361,11 @@ def test_leverage_scores_are_row_norms(replace):
             assert_close(sk.weight, 1 / np.sqrt(pi[sk.index]), rtol=1e-12)
         assert np.all(p[sk.index] > 0)
 
-    assert [i["path"] for i in state["info"]] == ["explicit", "implicit"]  # n^l = 57 < 𝒯 = 60 ≤ 147
-    Gf, Af = state["factors"][1]
-    check(state["info"][1]["omega_A"], Af.swapaxes(0, 1))
-    check(state["info"][1]["omega_G"], Gf.swapaxes(0, 1))
-    check(state["info"][0]["omega"], state["U"][0].T)
+    assert state.diagnostics["storage"] == ["explicit", "implicit"]  # n^l = 57 < 𝒯 = 60 ≤ 147
+    Gf, Af = state.factors[1]
+    check(sketch_from_draws(draws, "Omega_A", 1, Af.shape[1]), Af.swapaxes(0, 1))
+    check(sketch_from_draws(draws, "Omega_G", 1, Gf.shape[1]), Gf.swapaxes(0, 1))
+    check(sketch_from_draws(draws, "Omega", 0, state.U[0].shape[0]), state.U[0])
 
 
 # ------------------------------------------------------- implicit storage (15)–(24), (19)/(21)
@@ -366,8 +375,10 @@ def _implicit_state(pb, **kw):
     params, batch = _batch(pb)
     net = pb.net
     m = SENG(threshold=0.0, **kw)
-    d, state = m.step(m.init(net, params), net, params, batch, rng=pb.seed)
-    return net, params, batch, d, state
+    state = m.init(net, params)
+    draws = m.draw(np.random.default_rng(pb.seed), state, net, params, batch)
+    d, state = m.step(state, net, params, batch, draws=draws)
+    return net, params, batch, d, state, draws
 
 
 @pytest.mark.parametrize("kind", ["uniform", "leverage"])
@@ -377,13 +388,13 @@ def test_19_21_equal_the_kronecker_sketch(kind, replace):
     Ω_G)u_j) with the papers' column-major vec — refcurv's row-major vec needs Ω_G ⊗ Ω_A — and
     the method's b̂ is (12) with Ω = Ω_A ⊗ Ω_G and U = ϱ^{-1/2}[vec(G_i A_iᵀ)]."""
     lam = 0.3
-    net, params, batch, _, state = _implicit_state(CONV, damping=lam, rank=2, sketch=kind, replace=replace,
+    net, params, batch, _, state, draws = _implicit_state(CONV, damping=lam, rank=2, sketch=kind, replace=replace,
                                                    sketch_size_A=9, sketch_size_G=2)
     rng = np.random.default_rng(0)
     for j, (o, dd) in enumerate(net.param_shapes):
-        Gf, Af = state["factors"][j]
-        info = state["info"][j]
-        OA, OG = info["omega_A"].to_dense(), info["omega_G"].to_dense()
+        Gf, Af = state.factors[j]
+        OA = sketch_from_draws(draws, "Omega_A", j, Af.shape[1]).to_dense()
+        OG = sketch_from_draws(draws, "Omega_G", j, Gf.shape[1]).to_dense()
         K_col, K_row = np.kron(OA, OG), np.kron(OG, OA)
         Z = rng.standard_normal((o, dd))
         XiA, XiG = np.einsum("za,iar->izr", OA, Af), np.einsum("zg,igr->izr", OG, Gf)  # (17)
@@ -409,14 +420,14 @@ def test_19_21_equal_the_kronecker_sketch(kind, replace):
         cap = lam * np.eye(len(ui)) + Xi.T @ Xi
         b12 = np.linalg.solve(cap, Xi.T @ xi)
         cancel = 1 + np.linalg.norm(Xi) * np.linalg.norm(xi) / (lam * np.linalg.norm(b12))
-        assert_close(info["b"], b12, rtol=forward_tol(Z.size, np.linalg.cond(cap)) * cancel, atol=0)
+        assert_close(np.asarray(state.diagnostics["b_hat"][j]), b12, rtol=forward_tol(Z.size, np.linalg.cond(cap)) * cancel, atol=0)
 
 
 def test_implicit_state_stores_low_rank_factors():
     """Memory of the implicit storage (000 Table 1 / 001 Table 2, SENG-4): the state holds
     G̃, Ã with (n_A + n_G)·r·ϱ numbers instead of U's ϱ·n."""
-    net, params, batch, _, state = _implicit_state(CONV, rank=2)
-    for (o, d), (Gf, Af), U in zip(net.param_shapes, state["factors"], state["U"]):
+    net, params, batch, _, state, _draws = _implicit_state(CONV, rank=2)
+    for (o, d), (Gf, Af), U in zip(net.param_shapes, state.factors, state.U):
         r = Gf.shape[2]
         assert U is None and Gf.shape == (CONV.N, o, r) and Af.shape == (CONV.N, d, r) and r <= 2
         assert Gf.size + Af.size == (o + d) * r * CONV.N
@@ -443,20 +454,6 @@ def test_rank_kappa_factors_are_exact(svd, svd_of):
             Gf, Af = lowrank_factors(Ah, Gh, rank=r, svd=svd, svd_of="auto", seed=5)
             assert Gf.shape[2] == r and r < kappa
             assert_close(Gf @ Af.swapaxes(1, 2), ref, rtol=1e-12, atol=0)
-
-
-def test_randomized_svd_batched_equals_lowrank_randomized_svd():
-    """The batched helper runs refcurv.linalg.lowrank.randomized_svd's algorithm on a stack."""
-    rng = np.random.default_rng(0)
-    X = rng.standard_normal((4, 7, 9))
-    seeds = [11, 12, 13, 14]
-    k = min(3 + 2, 7, 9)
-    Om = np.stack([np.random.default_rng(s).standard_normal((9, k)) for s in seeds])
-    U, s, Vt = randomized_svd_batched(X, 3, oversample=2, n_iter=1, Omega=Om)
-    for i, sd in enumerate(seeds):  # test-side loop over the stack
-        U1, s1, Vt1 = randomized_svd(X[i], 3, oversample=2, n_iter=1, seed=sd)
-        assert_close(s[i], s1, rtol=1e-12)
-        assert_close((U[i] * s[i]) @ Vt[i], (U1 * s1) @ Vt1, rtol=1e-12)
 
 
 def test_cu_23_and_28():
@@ -496,8 +493,8 @@ def test_implicit_with_full_sketches_and_exact_uc_is_the_definition(rank):
     params, batch = _batch(CONV)
     kw = dict(damping=lam, uc="exact", sketch_size_A=10**6, sketch_size_G=10**6, svd_of="A",
               rank=None if rank is None else 16)  # κ = 16 (conv), clamped to κ = 1 (linear)
-    _, _, _, d, state = _implicit_state(CONV, **kw)
-    assert [f[0].shape[2] for f in state["factors"]] == [16, 1]
+    _, _, _, d, state, _draws = _implicit_state(CONV, **kw)
+    assert [f[0].shape[2] for f in state.factors] == [16, 1]
     for dj, M, g in zip(d, _efim_blocks(net, params, batch), _grads(net, params, batch)):
         _assert_definition(dj, M, g, lam, CONV.N, "implicit exact")
 
@@ -510,11 +507,11 @@ def test_seng1_24_needs_a_on_C_U():
     (24) −a g + a C_U(b̂) is (7); the printed −(1/λ)g + C_U(b̂) is not (λ ≠ 1)."""
     lam = 0.1
     pb = Problem(CONV.spec, CONV.input_shape, 3, "cross_entropy", 1, 4)
-    net, params, batch, d, state = _implicit_state(pb, damping=lam, sketch_size_A=10**6, sketch_size_G=10**6)
+    net, params, batch, d, state, _draws = _implicit_state(pb, damping=lam, sketch_size_A=10**6, sketch_size_G=10**6)
     for j, (M, g) in enumerate(zip(_efim_blocks(net, params, batch), _grads(net, params, batch))):
         _assert_definition(d[j], M, g, lam, 1, "(24) corrected")
-        Gf, Af = state["factors"][j]
-        printed = -g / lam + cu(state["info"][j]["b"], Gf, Af).ravel()
+        Gf, Af = state.factors[j]
+        printed = -g / lam + cu(np.asarray(state.diagnostics["b_hat"][j]), Gf, Af).ravel()
         assert np.linalg.norm(printed - _definition(M, g, lam)) > 1e-2 * np.linalg.norm(_definition(M, g, lam))
 
 
@@ -522,9 +519,9 @@ def test_seng2_printed_19_21_23_scalings_give_the_summed_efim():
     """SENG-2: (19), (21), (22) are per-sample quantities (u_iᵀz, u_iᵀu_j, Σc_iu_i); used
     unscaled as Uᵀz, UᵀU, Uc they give −(Σ_i u_iu_iᵀ + λI)⁻¹g = −(ϱM + λI)⁻¹g, not (7)."""
     lam = 0.2
-    net, params, batch, d, state = _implicit_state(CONV, damping=lam, uc="exact")
+    net, params, batch, d, state, _draws = _implicit_state(CONV, damping=lam, uc="exact")
     for j, (M, g) in enumerate(zip(_efim_blocks(net, params, batch), _grads(net, params, batch))):
-        Gf, Af = state["factors"][j]
+        Gf, Af = state.factors[j]
         _assert_definition(d[j], M, g, lam, CONV.N, "scaled")
         o, dd = net.param_shapes[j]
         Zg = g.reshape(o, dd)
@@ -556,12 +553,12 @@ def test_distributed_full_coupling_is_seng_and_one_worker_is_seng(M):
     params, batch = _batch(pb)
     net = pb.net
     for thr in (math.inf, 0.0):
-        d_full, state = SENGDistributed(damping=lam, workers=M, block=False, threshold=thr, uc="exact").step(
+        d_full, state = SENGDistributed(damping=lam, workers=M, block_capacitance=False, threshold=thr, uc="exact").step(
             SENGDistributed(workers=M).init(net, params), net, params, batch)
         for j, (Mb, g) in enumerate(zip(_efim_blocks(net, params, batch), _grads(net, params, batch))):
             _assert_definition(d_full[j], Mb, g, lam, pb.N, f"full coupling, 𝓜={M}")
             if thr == math.inf and M > 1:
-                U = state["U"][j].T
+                U = state.U[j]
                 b = np.linalg.solve(lam * np.eye(pb.N) + U.T @ U, U.T @ g)
                 printed = -g / lam + (U @ b) / (lam * M)  # (25) as printed, global blocks
                 Uw = math.sqrt(M) * U  # per-worker normalized U_{S_w} (5)
@@ -611,7 +608,7 @@ def test_block_diagonal_26_is_exact_for_orthogonal_workers():
         SENGDistributed().init(net, params), net, params, batch)
     M, g = _efim_blocks(net, params, batch)[0], _grads(net, params, batch)[0]
     _assert_definition(d[0], M, g, lam, 4, "(26), orthogonal workers")
-    U = state["U"][0].T
+    U = state.U[0]
     b = np.concatenate([np.linalg.solve(lam * np.eye(2) + Uw.T @ Uw, Uw.T @ g) for Uw in (U[:, :2], U[:, 2:])])
     printed = -g / lam + (U @ b) / (2 * lam)
     assert np.linalg.norm(printed - _definition(M, g, lam)) > 1e-2 * np.linalg.norm(_definition(M, g, lam))
@@ -663,10 +660,10 @@ def test_distributed_implicit_C_U_is_28(sync_cu):
     """Implicit layers on 𝓜 = 2 workers (block (26)): Uc is (28) (sync_cu=True) or (23),
     i.e. d = (ϱ^{-1/2}·(28 or 23)(b̂) − g)/λ with (28) written out here per worker."""
     lam = 0.3
-    net, params, batch, d, state = _implicit_state(CONV, damping=lam, workers=2, sync_cu=sync_cu)
+    net, params, batch, d, state, _draws = _implicit_state(CONV, damping=lam, workers=2, sync_cu=sync_cu)
     for j, g in enumerate(_grads(net, params, batch)):
-        Gf, Af = state["factors"][j]
-        b = state["info"][j]["b"]
+        Gf, Af = state.factors[j]
+        b = np.asarray(state.diagnostics["b_hat"][j])
         rho = len(b)
         if sync_cu:
             parts = [(b[w * 2:w * 2 + 2], Gf[w * 2:w * 2 + 2], Af[w * 2:w * 2 + 2])
@@ -721,7 +718,7 @@ def test_update_frequency_reuses_stale_U(threshold):
     pb = Problem((("linear", 3, 4, True), ("act", "tanh"), ("linear", 4, 2, True)), (3,), 2, "cross_entropy", 5, 6)
     net = pb.net
     params, _ = _batch(pb)
-    m = SENG(damping=lam, update_freq=T, threshold=threshold, uc="exact")
+    m = SENG(damping=lam, T_inv=T, threshold=threshold, uc="exact")
     state = m.init(net, params)
     Ms = None
     for k in range(5):
@@ -746,7 +743,7 @@ def test_history_decay_000_24_equals_definition(p, zeta, lam):
     """000 (24): U_k = p^{-1/2}[ζ^{p−1}g_{k−p+1}, …, ζ^0 g_k] (missing columns zero);
     d = −(U_kU_kᵀ + λI)⁻¹g_k. Fast and dense forms, 6 steps."""
     pb = Problem((("linear", 3, 4, True), ("act", "tanh"), ("linear", 4, 2, True)), (3,), 2, "mse", 3, 8)
-    m = SENG(damping=lam, history="decay", memory=p, decay=zeta)
+    m = SENG(damping=lam, history="decay", memory=p, beta=zeta)
     gs = []
     net = pb.net
     params, _ = _batch(pb)
@@ -781,7 +778,7 @@ def test_history_hybrid_000_25_equals_definition(p, data, lam):
     for k in range(5):
         prm = [(1 + 0.05 * k) * W for W in params]
         _, batch = _batch(pb, shift=k)
-        idx = m.draw(np.random.default_rng(k), state, net, prm, batch)["hybrid"]
+        idx = m.draw(np.random.default_rng(k), state, net, prm, batch).sketches["hybrid"]
         d, new = m.step(state, net, prm, batch, rng=k)
         dd, _ = m.step(state, net, prm, batch, rng=k, dense=True)
         state = new
@@ -805,12 +802,13 @@ def test_bad_hyper_parameters():
                           ({"threshold": -1.0}, "threshold"), ({"rank": 0}, "rank"), ({"svd": "qr"}, "svd"),
                           ({"svd_of": "both"}, "svd_of"), ({"sketch_size_A": 0}, "sketch_size_A"),
                           ({"sketch_size_G": 1.5}, "sketch_size_G"), ({"uc": "sum"}, "uc"),
-                          ({"update_freq": 0}, "update_freq"), ({"history": "all"}, "history"),
-                          ({"decay": 0.0}, "decay"), ({"decay": 1.5}, "decay"),
+                          ({"T_inv": 0}, "T_inv"), ({"history": "all"}, "history"),
+                          ({"beta": 0.0}, "beta"), ({"beta": 1.5}, "beta"), ({"phase": "k1"}, "phase"),
+                          ({"power_iter": -1}, "power_iter"),
                           ({"history": "hybrid", "memory": 3, "hybrid_v": 3}, "hybrid_v"),
                           ({"history": "hybrid", "memory": 3, "hybrid_v": 1}, "hybrid_v"),
                           ({"workers": 0}, "workers"), ({"workers": 2, "history": "decay"}, "workers"),
-                          ({"block": 1}, "block"), ({"oversample": -1}, "oversample"),
+                          ({"block_capacitance": 1}, "block_capacitance"), ({"oversample": -1}, "oversample"),
                           ({"normalization": "local"}, "normalization")]:
         with pytest.raises(HyperParameterError, match=match):
             SENG(**kwargs)
@@ -831,8 +829,8 @@ SMOKE = {
     "sketched leverage": SENG(damping=0.05, sketch="leverage", sketch_size=24, replace=True),
     "implicit C_U": SENG(damping=0.05, threshold=40, rank=1, sketch_size_A=6),
     "distributed (26)": SENGDistributed(damping=0.05, workers=4),
-    "distributed (27), T = 2": SENGDistributed(damping=0.05, workers=4, delayed=True, update_freq=2),
-    "history (24)": SENG(damping=0.05, history="decay", memory=4, decay=0.9),
+    "distributed (27), T = 2": SENGDistributed(damping=0.05, workers=4, delayed=True, T_inv=2),
+    "history (24)": SENG(damping=0.05, history="decay", memory=4, beta=0.9),
 }
 
 
@@ -856,3 +854,352 @@ def test_global_block_normalization_diverges_on_the_smoke_problem():
     grows (ascent directions along the workers' shared gradient direction)."""
     loss = _smoke(SENGDistributed(damping=0.5, workers=4, normalization="global"))
     assert loss[-1] > 10 * loss[0], loss
+
+
+# ------------------------------------------------------------- refresh phase (Algorithm 1, 2)
+
+
+@pytest.mark.parametrize("T", [1, 2, 3])
+def test_phase_paper_is_a_literal_replay_of_algorithms_1_and_2(T):
+    """phase="paper": Algorithm 2 loops k = 1, 2, … and Algorithm 1 constructs U_k iff
+    k mod T = 0, else U_k = U_{k−1} — replayed literally here (U_0 does not exist, so the first
+    step constructs it). phase="k0" (default) refreshes at 0-based k ≡ 0 (mod T); both are (7)
+    with the U of their schedule."""
+    lam, K = 0.1, 7
+    pb = Problem((("linear", 3, 4, True), ("act", "tanh"), ("linear", 4, 2, True)), (3,), 2, "cross_entropy", 5, 6)
+    net = pb.net
+    params, _ = _batch(pb)
+    for phase in ("paper", "k0"):
+        m = SENG(damping=lam, T_inv=T, phase=phase)
+        state = m.init(net, params)
+        Ms = None
+        for k in range(1, K + 1):  # Algorithm 2's 1-based k
+            prm = [(1 + 0.1 * k) * W for W in params]
+            _, batch = _batch(pb, shift=k)
+            construct = (k % T == 0 or Ms is None) if phase == "paper" else ((k - 1) % T == 0)
+            if construct:
+                Ms = _efim_blocks(net, prm, batch)
+            d, state = m.step(state, net, prm, batch)
+            assert state.diagnostics["refreshed"] == construct, (phase, k)
+            for dj, M, g in zip(d, Ms, _grads(net, prm, batch)):
+                _assert_definition(dj, M, g, lam, pb.N, f"{phase} step {k}")
+    if T > 1:  # the two schedules differ (the replay can tell them apart)
+        sched = {ph: [SENG(T_inv=T, phase=ph)._due(k) for k in range(K)] for ph in ("paper", "k0")}
+        assert sched["paper"] != sched["k0"]
+
+
+def test_refresh_step_schedules():
+    from refcurv.methods.seng import refresh_step
+
+    assert [refresh_step(k, 3) for k in range(7)] == [True, False, False, True, False, False, True]
+    assert [refresh_step(k, 3, "paper") for k in range(7)] == [False, False, True, False, False, True, False]
+    assert all(refresh_step(k, 1, ph) for k in range(4) for ph in ("k0", "paper"))
+
+
+# ----------------------------------------------------------------------- draws: injection, errors
+
+
+def _two_layer():
+    pb = Problem((("linear", 3, 4, True), ("act", "tanh"), ("linear", 4, 2, True)), (3,), 2, "mse", 5, 12)
+    params, batch = _batch(pb)
+    return pb, pb.net, params, batch
+
+
+def test_injected_explicit_sketch_is_consumed_exactly():
+    """A sketch drawn elsewhere (hand-written rows, repeated index, arbitrary weights) is the Ω
+    of (10)–(13): d = −(λI + M ΩᵀΩ)⁻¹g with M the EFIM block of refcurv.curvature."""
+    from refcurv.methods import Draws
+
+    lam = 0.2
+    pb, net, params, batch = _two_layer()
+    m = SENG(damping=lam, sketch_size=4)
+    idx = [np.array([0, 2, 2, 5]), np.array([1, 3, 7, 9])]
+    wts = [np.array([1.5, 0.5, 0.7, 2.0]), np.array([0.3, 1.0, 1.2, 0.9])]
+    sk = {}
+    for j in range(2):
+        sk[f"Omega/{j}/index"], sk[f"Omega/{j}/weight"] = idx[j], wts[j]
+    draws = Draws(method="seng", sketches=sk)
+    for dense in (False, True):
+        d, state = m.step(m.init(net, params), net, params, batch, draws=draws, dense=dense)
+        for j, (M, g) in enumerate(zip(_efim_blocks(net, params, batch), _grads(net, params, batch))):
+            Om = np.zeros((4, M.shape[0]))
+            Om[np.arange(4), idx[j]] = wts[j]
+            A = lam * np.eye(M.shape[0]) + M @ Om.T @ Om
+            ref = -np.linalg.solve(A, g)
+            assert_close(d[j].ravel(), ref, rtol=forward_tol(M.shape[0] + pb.N, np.linalg.cond(A)) *
+                         (1 + np.linalg.norm(g) / (lam * np.linalg.norm(ref))), atol=0)
+
+
+def test_injected_implicit_sketches_and_hybrid_indices_are_consumed_exactly():
+    """Ω_A, Ω_G injected into an implicit layer give implicit_direction with those sketches
+    bit for bit; injected hybrid indices are the ∇ψ_i columns of 000 (25)."""
+    from refcurv.linalg.sketch import RowSketch
+    from refcurv.methods import Draws
+    from refcurv.methods.seng import implicit_direction
+
+    lam = 0.3
+    net = CONV.net
+    params, batch = _batch(CONV)
+    m = SENG(damping=lam, threshold=0.0, rank=2, sketch_size_A=3, sketch_size_G=2)
+    sk = {}
+    for j, (o, d_in) in enumerate(net.param_shapes):
+        sk[f"Omega_A/{j}/index"], sk[f"Omega_A/{j}/weight"] = np.array([d_in - 1, 0, 1]), np.array([1.0, 2.0, 0.5])
+        sk[f"Omega_G/{j}/index"], sk[f"Omega_G/{j}/weight"] = np.array([o - 1, 0]), np.array([0.7, 1.1])
+    draws = Draws(method="seng", sketches=sk)
+    d, state = m.step(m.init(net, params), net, params, batch, draws=draws)
+    g = net.grad(params, batch.x, batch.y, batch.loss)
+    for j, (o, d_in) in enumerate(net.param_shapes):
+        Gf, Af = state.factors[j]
+        skA = RowSketch(n=d_in, index=sk[f"Omega_A/{j}/index"], weight=sk[f"Omega_A/{j}/weight"])
+        skG = RowSketch(n=o, index=sk[f"Omega_G/{j}/index"], weight=sk[f"Omega_G/{j}/weight"])
+        ref, _ = implicit_direction(Gf, Af, g[j], g[j], lam, skA, skG)
+        assert np.array_equal(d[j], ref)
+    # hybrid: p = 4, v = 2, indices (4, 1) chosen by the caller
+    pb, net, params, batch = _two_layer()
+    m = SENG(damping=lam, history="hybrid", memory=4, hybrid_v=2)
+    idx = np.array([4, 1])
+    for dense in (False, True):
+        d, _ = m.step(m.init(net, params), net, params, batch, draws=Draws(method="seng", sketches={"hybrid": idx}),
+                      dense=dense)
+        Ups = cv.per_sample_grads(net, params, batch.x, batch.y, batch.loss)
+        for j, (sl, g) in enumerate(zip(_layer_slices(net), _grads(net, params, batch))):
+            U = np.stack([0 * g, 0 * g] + [Ups[i, sl] for i in idx], axis=1) / 2.0
+            _assert_definition(d[j], U @ U.T, g, lam, 4, f"hybrid injected, dense={dense}")
+
+
+def test_wrong_draws_are_refused_with_the_field_named():
+    from refcurv.errors import DrawsError
+    from refcurv.methods import Draws
+
+    pb, net, params, batch = _two_layer()
+    m = SENG(sketch_size=3)
+    state = m.init(net, params)
+    good = m.draw(np.random.default_rng(0), state, net, params, batch)
+
+    def bad(**changes):
+        sk = dict(good.sketches)
+        for k, v in changes.items():
+            if v is None:
+                sk.pop(k)
+            else:
+                sk[k] = v
+        return Draws(method="seng", sketches=sk, seeds=dict(good.seeds))
+
+    cases = [({"Omega/1/index": None}, "Omega/1/index"), ({"Omega/0/weight": None}, "Omega/0/weight"),
+             ({"Omega/0/index": np.array([0.0, 1.0, 2.0])}, "Omega/0/index"),
+             ({"Omega/0/index": np.array([0, 1, 16])}, r"Omega/0/index.*\[0, 16\)"),
+             ({"Omega/0/index": np.array([[0, 1, 2]])}, "Omega/0/index"),
+             ({"Omega/1/weight": np.array([1.0, 1.0])}, "Omega/1/weight"),
+             ({"Omega/1/weight": np.array([1.0, -1.0, 1.0])}, "Omega/1/weight")]
+    for change, match in cases:
+        with pytest.raises(DrawsError, match="seng") as e:
+            m.step(state, net, params, batch, draws=bad(**change))
+        assert e.match(match)
+    mh = SENG(history="hybrid", memory=4, hybrid_v=2)
+    sh = mh.init(net, params)
+    for h in (np.array([1]), np.array([1, 1]), np.array([0, 5]), np.array([0.0, 1.0])):
+        with pytest.raises(DrawsError, match="hybrid"):
+            mh.step(sh, net, params, batch, draws=Draws(method="seng", sketches={"hybrid": h}))
+    mr = SENG(threshold=0.0, rank=1, svd="randomized")
+    assert mr.draw_fields == ("seeds",)
+    with pytest.raises(DrawsError, match="seeds"):
+        mr.step(mr.init(net, params), net, params, batch, draws=Draws(method="seng"))
+    with pytest.raises(DrawsError, match="svd/1"):
+        mr.step(mr.init(net, params), net, params, batch, draws=Draws(method="seng", seeds={"svd/0": 3}))
+
+
+def test_draw_fields_and_sketch_arrays():
+    """draw() returns the sketches as arrays (not seeds): explicit Ω per explicit layer,
+    Ω_A / Ω_G per implicit layer, the hybrid indices; seeds only for the randomized SVD."""
+    net = CONV.net
+    params, batch = _batch(CONV)
+    m = SENG(sketch_size=5, threshold=60.0, rank=2, svd="randomized", sketch_size_A=4)
+    dr = m.draw(np.random.default_rng(0), m.init(net, params), net, params, batch)
+    assert sorted(dr.sketches) == ["Omega/0/index", "Omega/0/weight", "Omega_A/1/index", "Omega_A/1/weight"]
+    assert list(dr.seeds) == ["svd/1"] and isinstance(dr.seeds["svd/1"], int)
+    assert dr.sketches["Omega/0/index"].shape == (5,) and dr.sketches["Omega_A/1/index"].max() < net.param_shapes[1][1] == 49
+    assert SENG().draw_fields == () and SENG(sketch_size=3).draw_fields == ("sketches",)
+    assert SENG(sketch_size=3, threshold=10.0).draw_fields == ()  # depends on the network: check_draws
+
+
+def test_float32_leverage_sketch_runs_and_matches_float64_shape():
+    """Leverage probabilities are normalized in float64 on the host (float32 used to miss
+    Σp = 1 and be rejected by row_sampling)."""
+    pb, net, params, batch = _two_layer()
+    m = SENG(damping=0.1, sketch="leverage", sketch_size=7, replace=True)
+    p32 = [W.astype(np.float32) for W in params]
+    b32 = Batch(batch.x.astype(np.float32), batch.y.astype(np.float32), batch.loss)
+    d, state = m.step(m.init(net, p32), net, p32, b32, rng=0)
+    assert all(x.dtype == np.float32 for x in d) and all(np.isfinite(x).all() for x in d)
+
+
+# ------------------------------------------------------------------- pure functions, one by one
+
+
+def test_capacitance_solve_is_the_block_diagonal_12_26():
+    from refcurv.methods.seng import capacitance_solve
+
+    rng = np.random.default_rng(3)
+    Xi, xi, lam = rng.standard_normal((7, 6)), rng.standard_normal(7), 0.3
+    for blocks, scale in ((1, 1), (2, 1), (3, 3), (2, 2)):
+        m = 6 // blocks
+        ref = np.concatenate([np.linalg.solve(lam * np.eye(m) + scale * Xi[:, w * m:(w + 1) * m].T @
+                                              Xi[:, w * m:(w + 1) * m], Xi[:, w * m:(w + 1) * m].T @ xi)
+                              for w in range(blocks)])
+        assert_close(capacitance_solve(lam, Xi, xi, blocks, scale), ref, rtol=forward_tol(7, 1e3))
+
+
+def test_smw_direction_is_7():
+    """(8): with b = (λI + UᵀU)⁻¹Uᵀg, (Ub − g)/λ = −(λI + UUᵀ)⁻¹g."""
+    from refcurv.methods.seng import smw_direction
+
+    rng = np.random.default_rng(4)
+    U, g, lam = rng.standard_normal((6, 3)), rng.standard_normal((2, 3)), 0.5
+    b = np.linalg.solve(lam * np.eye(3) + U.T @ U, U.T @ g.ravel())
+    d = smw_direction(U, b, g, lam)
+    assert d.shape == g.shape
+    _assert_definition(d, U @ U.T, g.ravel(), lam, 3, "smw")
+
+
+def test_apply_sketch_and_row_sketch():
+    from refcurv.methods.seng import apply_sketch, row_sketch
+
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((6, 4, 2))
+    sk = row_sketch(4, 3, "uniform", False, None, 7)
+    assert sk.q == 3 and np.allclose(sk.weight, math.sqrt(4 / 3))
+    Om = sk.to_dense()
+    assert np.array_equal(apply_sketch(sk, X, 1), np.einsum("qa,iar->iqr", Om, X))
+    assert apply_sketch(None, X, 1) is X and row_sketch(4, None, "uniform", False, None, 0) is None
+    lev = row_sketch(4, 10, "leverage", False, np.array([[1.0], [0.0], [2.0], [0.0]]), 0)
+    assert lev.index.tolist() == [0, 2] and np.array_equal(lev.weight, [1.0, 1.0])  # every non-zero row, weight 1
+
+
+def test_history_kernels_are_000_24_25():
+    from refcurv.methods.seng import history_decay, history_hybrid
+
+    rng = np.random.default_rng(6)
+    buf, g = rng.standard_normal((3, 2, 2)), rng.standard_normal((2, 2))
+    nb, U = history_decay(buf, g, 0.5)
+    assert np.array_equal(nb, np.stack([buf[1], buf[2], g]))
+    assert_close(U, np.stack([0.25 * buf[1].ravel(), 0.5 * buf[2].ravel(), g.ravel()], axis=1) / math.sqrt(3),
+                 rtol=1e-15)
+    us = rng.standard_normal((2, 2, 2))
+    nb, U = history_hybrid(buf[:2], g, us, 4)
+    assert np.array_equal(nb, np.stack([buf[1], g]))
+    assert_close(U, np.stack([buf[0].ravel(), buf[1].ravel(), us[0].ravel(), us[1].ravel()], axis=1) / 2,
+                 rtol=1e-15)
+
+
+def test_dense_block_direction_formula():
+    """(𝓜_b g'/c − g)/λ − (1/c)Σ_w(λI + cM_w S)⁻¹g' against its terms; one block, S = I,
+    g' = g: (7)."""
+    from refcurv.methods.seng import dense_block_direction
+
+    rng = np.random.default_rng(7)
+    n, lam = 4, 0.2
+    Ms = [(lambda B: B @ B.T)(rng.standard_normal((n, 2))) for _ in range(3)]
+    g, gp = rng.standard_normal(n), rng.standard_normal(n)
+    S = np.diag(rng.uniform(0.5, 2, n))
+    for c in (1, 3):
+        ref = (3 * gp / c - g) / lam - sum(np.linalg.solve(lam * np.eye(n) + c * M @ S, gp) for M in Ms) / c
+        assert_close(dense_block_direction(Ms, S, g, gp, lam, c), ref, rtol=1e-10)
+    _assert_definition(dense_block_direction(Ms[:1], None, g, g, lam), Ms[0], g, lam, 2, "one block")
+
+
+def test_implicit_direction_with_exact_factors_and_uc_is_7():
+    """(16)–(24) with r = κ, no sketches, (22): the implicit kernel is (7) on the EFIM block."""
+    from refcurv.methods.seng import implicit_direction
+
+    net = CONV.net
+    params, batch = _batch(CONV)
+    A_hat, G_hat = net.factors(params, batch.x, batch.y, batch.loss)
+    lam = 0.4
+    for Ah, Gh, M, g in zip(A_hat, G_hat, _efim_blocks(net, params, batch), _grads(net, params, batch)):
+        d, b = implicit_direction(Gh, Ah, g.reshape(Gh.shape[1], Ah.shape[1]), g.reshape(Gh.shape[1], -1), lam,
+                                  uc="exact")
+        assert b.shape == (CONV.N,)
+        _assert_definition(d, M, g, lam, CONV.N, "implicit kernel")
+
+
+# ------------------------------------------------------------------------ curvature operator
+
+
+def _curvature_case(m, net, params, batch, steps=2):
+    """Run ``steps`` dense steps; at each, −C⁻¹g = d (C from the returned state)."""
+    from refcurv.operators import Operator
+
+    state, p = m.init(net, params), params
+    for k in range(steps):
+        _, b = _batch_like(batch, k)
+        draws = m.draw(np.random.default_rng(k), state, net, p, b)
+        d, state = m.step(state, net, p, b, draws=draws, dense=True)
+        C = m.curvature(state, net, p, b, draws)
+        assert isinstance(C, Operator) and C.shape == (net.n_params,) * 2
+        g = rc.flatten(net.grad(p, b.x, b.y, b.loss))
+        want = rc.flatten(d)
+        got = -C.solve(g)
+        ev = np.abs(np.asarray(C.eigvalsh()))
+        tol = forward_tol(net.n_params, ev.max() / ev.min())
+        assert np.linalg.norm(got - want) <= tol * np.linalg.norm(want), (m, k)
+        p = [W + 0.1 * D for W, D in zip(p, d)]
+    return C, state
+
+
+def _batch_like(batch, k):
+    x = batch.x + 0.3 * k * np.sin(np.arange(batch.x.size)).reshape(batch.x.shape)
+    return None, Batch(x, batch.y, batch.loss)
+
+
+def test_curvature_is_lambda_I_plus_UUt_explicit():
+    """C = blockdiag_l(λI + M_l) (7), M_l the EFIM block of refcurv.curvature (T_inv = 1)."""
+    from refcurv.operators import BlockDiagonal, LowRankPlusIdentity
+
+    pb, net, params, batch = _two_layer()
+    lam = 0.3
+    C, state = _curvature_case(SENG(damping=lam), net, params, batch, steps=1)
+    assert isinstance(C, BlockDiagonal) and all(isinstance(B, LowRankPlusIdentity) for B in C.blocks)
+    ref = [lam * np.eye(M.shape[0]) + M for M in _efim_blocks(net, params, _batch_like(batch, 0)[1])]
+    for B, R in zip(C.blocks, ref):
+        assert_close(B.todense(), R, rtol=1e-12, atol=1e-14 * np.abs(R).max())
+
+
+@pytest.mark.parametrize("kw", [dict(T_inv=2), dict(history="decay", memory=3, beta=0.8),
+                                dict(history="hybrid", memory=4, hybrid_v=2),
+                                dict(threshold=0.0, uc="exact"), dict(threshold=0.0, uc="exact", rank=1),
+                                dict(workers=5, block_capacitance=False)])
+def test_curvature_reproduces_the_dense_direction(kw):
+    pb, net, params, batch = _two_layer()
+    _curvature_case(SENG(damping=0.2, **kw), net, params, batch, steps=3)
+
+
+@pytest.mark.parametrize("normalization", ["worker", "global"])
+def test_curvature_of_the_block_capacitance_26(normalization):
+    """(26): C = H⁻¹, H = (1/λ)(I − U B⁻¹Uᵀ), B = blockdiag_w(λI + cU_wᵀU_w); for "worker"
+    H = (1/𝓜)Σ_w(λI + M_{S_w})⁻¹ (the worker average, SPD)."""
+    from refcurv.operators import Inverse
+
+    pb = _even_batch(Problem((("linear", 3, 4, True), ("act", "tanh"), ("linear", 4, 2, True)), (3,), 2, "mse", 3, 2))
+    params, batch = _batch(pb)
+    net = pb.net
+    lam = 0.5 if normalization == "worker" else 5.0  # "global" is SPD only for λ large enough here
+    C, state = _curvature_case(SENGDistributed(damping=lam, workers=2, normalization=normalization),
+                               net, params, batch, steps=2)
+    assert all(isinstance(B, Inverse) for B in C.blocks)
+    if normalization == "worker":
+        for B, U in zip(C.blocks, state.U):
+            Us = [math.sqrt(2) * U[:, :3], math.sqrt(2) * U[:, 3:]]  # U_{S_w} (5)
+            H = sum(np.linalg.inv(lam * np.eye(U.shape[0]) + W @ W.T) for W in Us) / 2
+            assert_close(B.todense(), np.linalg.inv(H), rtol=1e-10)
+
+
+def test_curvature_refused_where_there_is_no_symmetric_matrix():
+    pb, net, params, batch = _two_layer()
+    with pytest.raises(rc.errors.StateError, match="seng"):
+        SENG().curvature(SENG().init(net, params))
+    for m, match in [(SENG(sketch_size=3), "sketch_size"), (SENGDistributed(delayed=True), "delayed"),
+                     (SENG(threshold=0.0), "uc"), (SENG(threshold=0.0, uc="exact", sketch_size_G=1), "sketch_size_A/G")]:
+        b = Batch(batch.x[:4], batch.y[:4], batch.loss)
+        _, s = m.step(m.init(net, params), net, params, b, rng=0)
+        with pytest.raises(HyperParameterError, match=match):
+            m.curvature(s, net, params, b)

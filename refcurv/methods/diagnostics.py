@@ -27,6 +27,11 @@ SCHEMA = {
     # ---- kbfgs
 
     # ---- seng
+    "storage": ("list[str], per layer", "SENG: 'explicit' (U of (4)-(5) stored, n^l < 𝒯) or 'implicit' "
+                                        "(low-rank factors (15)-(16), n^l ≥ 𝒯) — Algorithm 1's test"),
+    "b_hat": ("list[list[float] | None], per layer",
+              "SENG: the capacitance solution b̂ of (9)/(12)/(24)/(26) (None where the dense form solves the "
+              "n × n system instead)"),
 
     # ---- ngplus
 

@@ -541,3 +541,27 @@ def test_training_smoke_decreases_loss(cls, algorithm):
     _, hist = train(cls(algorithm=algorithm), net, net.init(0), x, y, CrossEntropy(), steps=40, lr=0.1,
                     batch_size=32, seed=1)
     assert hist["loss"][-1] < 0.7 * hist["loss"][0]
+
+
+# ------------------------------------------------ (9) kernels shared by the two forms
+def test_shared_kernels_bfgs_product_form_and_layer_gradient():
+    """bfgs_product_form (the dense forms' literal (2.6)/(3.11)) satisfies the secant condition
+    H⁺y = s and equals the expanded bfgs_update_H of the fast forms; layer_gradient (the fast
+    forms' ∇W from the factors, Theorem 3 (i)) equals net.grad for conv and linear layers."""
+    from refcurv.methods.kbfgs import bfgs_product_form, layer_gradient
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((5, 5))
+    H = X @ X.T + np.eye(5)
+    s, y = rng.standard_normal(5), rng.standard_normal(5)
+    y = y if s @ y > 0 else -y
+    Hp = bfgs_product_form(H, s, y)
+    assert_close(Hp @ y, s, rtol=forward_tol(5, np.linalg.cond(Hp)))
+    assert_close(Hp, bfgs_update_H(H, s, y), rtol=forward_tol(5, np.linalg.cond(Hp)))
+    assert np.array_equal(Hp, Hp.T)
+    for net in (_small_cnn(), _small_mlp()):
+        x, yb = _data(net, N=6)
+        params = net.init(0)
+        P, G = net.factors(params, x, yb, CrossEntropy())
+        for a, b in zip([layer_gradient(Pl, Gl) for Pl, Gl in zip(P, G)], net.grad(params, x, yb, CrossEntropy())):
+            assert_close(a, b, rtol=1e-12)

@@ -846,3 +846,53 @@ def test_authors_bad_hyper_parameters():
             with pytest.raises(HyperParameterError, match=match):
                 cls(**kwargs)
     assert KBFGSMLP(variant="authors", weight_decay=0.0).effective_weight_decay == 0.0 and KBFGSMLP(weight_decay=0.0).effective_weight_decay == 0.0
+
+
+# ------------------------------------------ (10) shared vocabulary with Chapter 3
+def test_momentum_is_separate_from_beta_and_its_forms_differ_by_a_learning_rate_factor():
+    """momentum μ only enters m (line 8): with m₀ = 0, "ema" (m ← μm + (1−μ)g, the default as
+    §2.5.2 prints) is (1−μ) times "heavy_ball" (m ← μm + g, Chapter 3), so "heavy_ball" with
+    lr·(1−μ) reproduces "ema" with lr; changing μ alone changes the run, and beta (A, s_g,
+    y_g) is untouched by it."""
+    x, y = _classification()
+    net = Sequential([Linear(4, 5), Tanh(), Linear(5, 3)])
+    mu = 0.8
+    runs = [train(KBFGSMLP(momentum=mu, momentum_form=f), net, net.init(0), x, y, CrossEntropy(), steps=6,
+                  lr=lr, batch_size=16, seed=2)[0] for f, lr in (("ema", 0.3), ("heavy_ball", 0.3 * (1 - mu)))]
+    for a, b in zip(*runs):
+        assert_close(a, b, rtol=1e-10)
+    assert KBFGSMLP.hyper_parameters()["momentum_form"] == "ema"
+    other = train(KBFGSMLP(momentum=0.5), net, net.init(0), x, y, CrossEntropy(), steps=6, lr=0.3, batch_size=16,
+                  seed=2)[0]
+    assert max(rel_err(a, b) for a, b in zip(other, runs[0])) > 1e-3
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("algorithm", ["alg4", "alg5"])
+def test_curvature_operator_and_rhs_reproduce_the_direction(variant, algorithm):
+    """curvature(state) = ⊕_l (H_g ⊗ H_a)⁻¹ with H_a = state.H_a_used (before the step's H_a
+    update) and H_g dense (the recursion (2.12) for L-BFGS); rhs(state) = m (= ∇f̄ for alg5).
+    −C⁻¹ m equals the fast form's direction at forward error C·n·eps·κ(H_g)κ(H_a)."""
+    import refcurv as rc
+
+    x, y = _classification()
+    net = Sequential([Linear(4, 5), Tanh(), Linear(5, 3)])
+    method = _method(variant, algorithm=algorithm, memory=2, damping=0.05)
+    params, rng = net.init(0), np.random.default_rng(3)
+    state = method.init(net, params)
+    for k in range(4):
+        idx = rng.choice(len(x), 16, replace=False)
+        prev = state
+        d, state = method.step(state, net, params, Batch(x[idx], y[idx], CrossEntropy()))
+        assert all(a is b for a, b in zip(state.H_a_used, prev.H_a if k else state.H_a_used))
+        C = method.curvature(state)
+        n = net.n_params
+        kappa = max(_cond(_Hg(method, state, j)) * _cond(state.H_a_used[j]) for j in range(len(params)))
+        got = -C.solve(rc.flatten(method.rhs(state, None)))
+        assert_close(got, rc.flatten(d), rtol=forward_tol(n, kappa))
+        o = 0
+        for j, W in enumerate(params):
+            K = np.kron(_Hg(method, state, j), state.H_a_used[j])
+            assert_close(C.todense()[o:o + W.size, o:o + W.size], np.linalg.inv(K), rtol=forward_tol(W.size, _cond(K)))
+            o += W.size
+        params = [W + 0.3 * D for W, D in zip(params, d)]

@@ -4,7 +4,8 @@ Thesis 003 §2.3 / §3.5 report that on their problems at least 90% of the pairs
 (2.8)-(2.10) on ``H_g`` needs it, and DD does not guarantee it). This script trains a few
 small synthetic problems with every K-BFGS variant and prints, per layer, the fraction of
 ``H_g``/``H_G`` pairs with the ratio ≤ 2/μ₁ (and ≤ 1/μ₁ for Chapter 2, Algorithm 5's skip
-threshold), read from each method's ``state["diagnostics"]``.
+threshold), read from each method's ``state.diagnostics`` (the same keys in all four
+methods; degenerate pairs, ``s̃ᵀỹ ≤ 0``, have no ratio and are left out of the fraction).
 
     python benchmarks/kbfgs_pair_ratios.py [--steps 200] [--seed 0]
 """
@@ -41,7 +42,7 @@ def run(name, net, x, y, loss, steps, lr, batch_size, seed):
         idx = rng.choice(len(x), size=batch_size, replace=False)
         d, state = method.step(state, net, params, Batch(x[idx], y[idx], loss), rng)
         params = [W + lr * D for W, D in zip(params, d)]
-    return state["diagnostics"], start, float(net.loss(params, x, y, loss))
+    return state.diagnostics, start, float(net.loss(params, x, y, loss))
 
 
 def main(argv=None):
@@ -58,7 +59,8 @@ def main(argv=None):
             if has_conv and not REGISTRY[name].supports_conv:
                 continue
             diag, start, final = run(name, net, x, y, loss, args.steps, args.lr, args.batch_size, args.seed)
-            frac = [f"{w / n:.3f} ({n})" if n else "– (0)" for n, w in zip(diag["pairs"], diag["ratio_le_2"])]
+            frac = [f"{w / (n - z):.3f} ({n - z})" if n - z else "– (0)"
+                    for n, z, w in zip(diag["pairs"], diag["pairs_degenerate"], diag["ratio_le_2"])]
             print(f"{title:<48} {name:<12} {start:>8.4f} → {final:<7.4f}  " + ", ".join(frac))
 
 

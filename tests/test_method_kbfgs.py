@@ -12,9 +12,8 @@ from refcurv.errors import HyperParameterError
 from refcurv.linalg.damping import dp_dlm, dpi_dlm
 from refcurv.linalg.quasi_newton import bfgs_update_H, lbfgs_dense
 from refcurv.methods.base import Batch
-from refcurv.methods.kbfgs import (
-    KBFGS, KBFGSL, factor_A, hessian_action, lemma6_bounds, ratio_fraction,
-)
+from refcurv.linalg.kronecker import factor_A, hessian_action
+from refcurv.methods.kbfgs import KBFGS, KBFGSL, lemma6_bounds, ratio_fraction
 from refcurv.nn import Conv2d, CrossEntropy, Flatten, Linear, Sequential, Tanh
 from refcurv.testing.strategies import dampings, problems
 from refcurv.testing.tolerance import EPS, assert_close, forward_tol, rel_err, residual_tol
@@ -45,10 +44,10 @@ def _data(net, N=40, seed=0):
 
 def _dense_HG(state, l):
     """H_G of layer l as a matrix, built here independently of the method's forms."""
-    if state["HG"] is not None:
-        return state["HG"][l]
-    S, Y = state["memory"][l]
-    gamma = 1.0 / state["lambdas"][l][1]
+    if isinstance(state, KBFGS.State):
+        return state.H_g[l]
+    S, Y = state.S[l], state.Y[l]
+    gamma = 1.0 / state.lambda_G[l]
     return gamma * np.eye(S.shape[1]) if S.shape[0] == 0 else lbfgs_dense(S, Y, gamma)
 
 
@@ -98,13 +97,13 @@ def _kappa_G(state, l, fallback=None):
     """Effective condition number of H_G for error bounds: κ(H) for BFGS; for L-BFGS in
     compact form H = γI + W M Wᵀ, whose rounding errors scale with γ + ‖W M Wᵀ‖ ≤ 2γ + ‖H‖,
     (2γ + ‖H‖)/λ_min(H)."""
-    if state["sG"] is None:
+    if state.s_g is None:
         return fallback
     H = _dense_HG(state, l)
     w = np.linalg.eigvalsh(H)
-    if state["HG"] is not None:
+    if isinstance(state, KBFGS.State):
         return w[-1] / w[0]
-    return (2 / state["lambdas"][l][1] + w[-1]) / w[0]
+    return (2 / state.lambda_G[l] + w[-1]) / w[0]
 
 
 def _compare_step(method, state, net, params, batch):
@@ -118,17 +117,17 @@ def _compare_step(method, state, net, params, batch):
     df, sf = method.step(state, net, params, batch)
     dd, sd = method.step(state, net, params, batch, dense=True)
     for l, (a, b) in enumerate(zip(df, dd)):
-        HA = sf["HA"][l]
-        kA0 = np.linalg.cond(state["HA"][l]) if state["HA"] is not None else np.linalg.cond(HA)
+        HA = sf.H_a[l]
+        kA0 = np.linalg.cond(state.H_a[l]) if state.H_a is not None else np.linalg.cond(HA)
         kG_new = _kappa_G(sd, l)
         kG = kG_new * _kappa_G(state, l, fallback=1.0) / method.mu1
         assert_close(a, b, rtol=forward_tol(a.size, kG * kA0), atol=0, what=f"direction {l}")
-        assert_close(sf["HA"][l], sd["HA"][l], rtol=forward_tol(HA.shape[0], kA0 * np.linalg.cond(HA)),
+        assert_close(sf.H_a[l], sd.H_a[l], rtol=forward_tol(HA.shape[0], kA0 * np.linalg.cond(HA)),
                      atol=0, what=f"H_A {l}")
         HG = _dense_HG(sd, l)
         assert_close(_dense_HG(sf, l), HG, rtol=forward_tol(HG.shape[0], kG), atol=0, what=f"H_G {l}")
-    if sf["pending"] is not None:
-        for u, v in zip(sf["pending"]["h"] + sf["pending"]["dh"], sd["pending"]["h"] + sd["pending"]["dh"]):
+    if sf.pending is not None:
+        for u, v in zip(sf.pending.h_bar + sf.pending.g_bar, sd.pending.h_bar + sd.pending.g_bar):
             assert np.array_equal(u, v)
     return df, sf
 
@@ -143,8 +142,9 @@ def _run_lockstep(method, net, params, batches, step=0.1):
 
 
 @given(problems(max_batch=4), st.sampled_from(sorted(VARIANTS)), st.sampled_from(["alg9", "alg10"]),
-       st.integers(1, 2), st.integers(1, 3), dampings(-2, 0.5), st.sampled_from(["heavy_ball", "ema"]))
-def test_fast_equals_dense_step_by_step(pb, variant, algorithm, T, p, lam, form):
+       st.integers(1, 2), st.integers(1, 3), dampings(-2, 0.5), st.sampled_from(["heavy_ball", "ema"]),
+       st.sampled_from(["k0", "paper"]))
+def test_fast_equals_dense_step_by_step(pb, variant, algorithm, T, p, lam, form, phase):
     params, x, y = pb.data()
     net = pb.net
     rng = np.random.default_rng(pb.seed)
@@ -152,7 +152,7 @@ def test_fast_equals_dense_step_by_step(pb, variant, algorithm, T, p, lam, form)
     for _ in range(10):
         xs = x + 0.3 * rng.standard_normal(x.shape)
         batches.append(Batch(xs, y, pb.loss_fn))
-    method = _method(variant, damping=lam, algorithm=algorithm, T_update=T, memory=p, momentum_form=form)
+    method = _method(variant, damping=lam, algorithm=algorithm, T_inv=T, phase=phase, memory=p, momentum_form=form)
     _run_lockstep(method, net, params, batches)
 
 
@@ -168,9 +168,10 @@ def test_fast_equals_dense_over_a_training_run(variant, algorithm, kind):
     batches = [Batch(x[i], y[i], CrossEntropy()) for i in (rng.choice(40, 8, replace=False) for _ in range(12))]
     method = _method(variant, damping=0.05, algorithm=algorithm, memory=3)
     state = _run_lockstep(method, net, net.init(0), batches)
-    assert sum(state["diagnostics"]["pairs"]) == 11 * len(state["HA"])  # every deferred update made
+    assert sum(state.diagnostics["pairs"]) == 11 * len(state.H_a)  # every deferred update made
+    assert state.diagnostics["pairs_used"] == state.diagnostics["pairs"]  # Ch.3 skips none
     if variant == "kbfgs-l":
-        assert all(S.shape[0] == 3 for S, _ in state["memory"])
+        assert all(S.shape[0] == 3 for S in state.S)
 
 
 def test_lbfgs_with_enough_memory_is_kbfgs():
@@ -190,16 +191,17 @@ def test_kronecker_direction_in_row_major_vec():
     net = _small_cnn()
     x, y = _data(net, N=8)
     params = net.init(0)
-    method = KBFGS(damping=0.1, beta=0.5)
+    method = KBFGS(damping=0.1, momentum=0.5, beta=0.5)
     state = method.init(net, params)
     b = Batch(x, y, CrossEntropy())
     for _ in range(2):
         prev = state
         d, state = method.step(state, net, params, b)
         params = [W + 0.1 * di for W, di in zip(params, d)]
-    for l, (mi, di) in enumerate(zip(state["m"], d)):
-        HG = state["HG"][l]  # updated at the start of this step, before the direction
-        HA = prev["HA"][l]   # H_A used by the direction is the one from before this step's update
+    for l, (mi, di) in enumerate(zip(state.m, d)):
+        HG = state.H_g[l]  # updated at the start of this step, before the direction
+        HA = prev.H_a[l]   # H_A used by the direction is the one from before this step's update
+        assert state.H_a_used[l] is HA
         K = np.kron(HG, HA)
         tol = 100 * mi.size * EPS * np.linalg.norm(HG, 2) * np.linalg.norm(mi) * np.linalg.norm(HA, 2)
         assert_close(K @ mi.ravel(), -di.ravel(), rtol=0, atol=tol)
@@ -236,12 +238,12 @@ def test_damped_pairs_satisfy_their_invariants(variant, algorithm):
     method = _method(variant, damping=0.05, algorithm=algorithm, memory=4, mu1=mu1)
     checked = 0
     for prev, new in _trajectory(method, _small_cnn(), 16):
-        for l, pair in enumerate(new["last_pairs"] or []):
-            if pair is None or pair["k"] != prev["k"]:
+        for l, pair in enumerate(new.last_pairs or []):
+            if pair is None or pair.k != prev.k or not pair.used:
                 continue
             checked += 1
-            lam_G = new["lambdas"][l][1]
-            y, st_, yt = pair["y"], pair["s_damped"], pair["y_damped"]
+            lam_G = new.lambda_G[l]
+            y, st_, yt = pair.y, pair.s_t, pair.y_t
             assert_close(yt, y + lam_G * st_, rtol=1e-15, atol=0)
             if algorithm == "alg9":
                 H = _dense_HG(prev, l)
@@ -253,10 +255,10 @@ def test_damped_pairs_satisfy_their_invariants(variant, algorithm):
                 sy = st_ @ yt
                 assert (st_ @ st_) / sy <= (1 / lam_G) * (1 + 1e-12)
                 assert (yt @ yt) / sy <= (1 / mu3) * (1 + 1e-12)
-        if algorithm == "alg10" and new["sG"] is not None:
-            for l in range(len(new["HA"])):
-                lam_G = new["lambdas"][l][1]
-                n = new["memory"][l][0].shape[0] if variant == "kbfgs-l" else new["diagnostics"]["pairs"][l]
+        if algorithm == "alg10" and new.s_g is not None:
+            for l in range(len(new.H_a)):
+                lam_G = new.lambda_G[l]
+                n = new.S[l].shape[0] if variant == "kbfgs-l" else new.diagnostics["pairs_used"][l]
                 mu2, mu3 = lam_G, mu1 / (lam_G * (1 + 2 * mu1))
                 mu_hat = (1 + 1 / np.sqrt(mu2 * mu3)) ** 2
                 lo, hi = 1 / (lam_G + n / mu3), mu_hat**n / lam_G + (mu_hat**n - 1) / (mu_hat - 1) / mu2
@@ -276,23 +278,24 @@ def test_ratio_diagnostic_counts_and_report(variant):
     counts = None
     traj = _trajectory(method, _small_cnn(), 60, seed=2)
     for prev, new in traj:
-        if new["last_pairs"] is None:
+        if new.last_pairs is None:
             continue
-        counts = counts or [[0, 0] for _ in new["HA"]]
-        for l, pair in enumerate(new["last_pairs"]):
-            if pair is None or pair["k"] != prev["k"]:
+        counts = counts or [[0, 0] for _ in new.H_a]
+        for l, pair in enumerate(new.last_pairs):
+            if pair is None or pair.k != prev.k:
                 continue
             H = _dense_HG(prev, l)
-            yt, st_ = pair["y_damped"], pair["s_damped"]
+            yt, st_ = pair.y_t, pair.s_t
             r = (yt @ H @ yt) / (st_ @ yt)
-            assert r == pytest.approx(pair["ratio"], rel=1e-10)
+            assert r == pytest.approx(pair.ratio, rel=1e-10)
             counts[l][0] += 1
             counts[l][1] += int(r <= 2 / mu1)
     final = traj[-1][1]
-    assert final["diagnostics"]["pairs"] == [c[0] for c in counts]
-    assert final["diagnostics"]["ratio_le_2"] == [c[1] for c in counts]
+    assert final.diagnostics["pairs"] == [c[0] for c in counts]
+    assert final.diagnostics["pairs_degenerate"] == [0] * len(counts)
+    assert final.diagnostics["ratio_le_2"] == [c[1] for c in counts]
     print(f"\n{variant}: fraction of pairs with yᵀHy/sᵀy ≤ 2/μ₁ per layer:",
-          [f"{f:.3f}" for f in ratio_fraction(final)], "pairs:", final["diagnostics"]["pairs"])
+          [f"{f:.3f}" for f in ratio_fraction(final)], "pairs:", final.diagnostics["pairs"])
 
 
 # ------------------------------------------------------------ (5) damping split
@@ -317,24 +320,24 @@ def test_damping_rebalancing_per_layer():
     g = net.grad(params, x, y, CrossEntropy())
     for l, (T, P) in enumerate(zip(T_hand, A_list)):
         lA, lG = np.sqrt(T) * np.sqrt(lam), np.sqrt(lam) / np.sqrt(T)
-        assert st1["lambdas"][l] == pytest.approx((lA, lG), rel=1e-15)
-        assert_close(st1["HG"][l], np.eye(params[l].shape[0]) / lG, rtol=1e-15)
+        assert (st1.lambda_A[l], st1.lambda_G[l]) == pytest.approx((lA, lG), rel=1e-15)
+        assert_close(st1.H_g[l], np.eye(params[l].shape[0]) / lG, rtol=1e-15)
         M = _loop_A(P) + lA * np.eye(P.shape[1])
         assert_close(d[l], -np.linalg.solve(M, g[l].T).T / lG, rtol=forward_tol(M.shape[0], np.linalg.cond(M)))
     # LM damping of the H_G pair uses μ₂ = λ_G
     d2, st2 = method.step(st1, net, [W + 0.1 * di for W, di in zip(params, d)], b)
     for l, T in enumerate(T_hand):
-        pair = st2["last_pairs"][l]
-        assert_close(pair["y_damped"] - pair["y"], np.sqrt(lam) / np.sqrt(T) * pair["s_damped"], rtol=1e-13,
+        pair = st2.last_pairs[l]
+        assert_close(pair.y_t - pair.y, np.sqrt(lam) / np.sqrt(T) * pair.s_t, rtol=1e-13,
                      atol=1e-300)
     # Hessian action with λ_A after a warm start on other data
     sw = method.warm_start(method.init(net, params), net, params, Batch(xw, rng.integers(0, 3, 11), CrossEntropy()))
     _, sw1 = method.step(sw, net, params, b)
     for l, (T, P) in enumerate(zip(T_hand, A_list)):
         lA = np.sqrt(T) * np.sqrt(lam)
-        s_A = sw["HA"][l] @ P.mean(axis=(0, 2))
-        expect = bfgs_update_H(sw["HA"][l], s_A, _loop_A(P) @ s_A + lA * s_A)
-        assert_close(sw1["HA"][l], expect, rtol=forward_tol(P.shape[1], np.linalg.cond(expect) ** 2))
+        s_A = sw.H_a[l] @ P.mean(axis=(0, 2))
+        expect = bfgs_update_H(sw.H_a[l], s_A, _loop_A(P) @ s_A + lA * s_A)
+        assert_close(sw1.H_a[l], expect, rtol=forward_tol(P.shape[1], np.linalg.cond(expect) ** 2))
 
 
 def test_first_curvature_step_keeps_exact_inverse():
@@ -347,15 +350,17 @@ def test_first_curvature_step_keeps_exact_inverse():
     method = KBFGS(damping=0.2)
     _, st1 = method.step(method.init(net, params), net, params, Batch(x, y, CrossEntropy()))
     A_list, _ = net.factors(params, x, y, CrossEntropy())
-    for (lA, _), P, HA in zip(st1["lambdas"], A_list, st1["HA"]):
+    for lA, P, HA in zip(st1.lambda_A, A_list, st1.H_a):
         M = _loop_A(P) + lA * np.eye(P.shape[1])
         assert_close(HA, np.linalg.inv(M), rtol=forward_tol(M.shape[0], np.linalg.cond(M) ** 2))
 
 
 # ----------------------------------------------- (6) explicit Algorithm 9 / 10
-def _explicit(variant, algorithm, net, params, batches, lr, lam, beta, mu1, T, p, init_batch):
+def _explicit(variant, algorithm, net, params, batches, lr, lam, beta, mu1, T, p, init_batch, phase="paper"):
     """Algorithm 9 (algorithm="alg9") / Algorithm 10 ("alg10") as printed, with the learning
-    rate known and the second pass made immediately after the update (lines 10-13)."""
+    rate known and the second pass made immediately after the update (lines 10-13). Line 12
+    as printed (1-based k ≡ 0 mod T) for phase="paper"; the library phase ("k0") refreshes at
+    1-based k ≡ 1 (mod T), i.e. 0-based k ≡ 0."""
     L = len(params)
     A0, _ = net.factors(params, init_batch.x, init_batch.y, init_batch.loss)
     Ts = [P.shape[-1] for P in A0]
@@ -376,7 +381,7 @@ def _explicit(variant, algorithm, net, params, batches, lr, lam, beta, mu1, T, p
         Hg = HG if variant == "kbfgs" else [
             np.eye(out[l]) / lamG[l] if S[l].shape[0] == 0 else lbfgs_dense(S[l], Y[l], 1 / lamG[l]) for l in range(L)]
         new = [W - lr * (Hg[l] @ mom[l] @ HA[l]) for l, W in enumerate(params)]
-        if k % T == 0:
+        if (k % T == 0) if phase == "paper" else ((k - 1) % T == 0):
             A2, G2 = net.factors(new, b.x, b.y, b.loss)
             for l in range(L):
                 A = _loop_A(Ak[l])
@@ -404,17 +409,19 @@ def _explicit(variant, algorithm, net, params, batches, lr, lam, beta, mu1, T, p
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("algorithm", ["alg9", "alg10"])
 @pytest.mark.parametrize("warm", [False, True])
-def test_deferred_equals_explicit_algorithm_9(variant, algorithm, warm):
+@pytest.mark.parametrize("phase", ["paper", "k0"])
+def test_deferred_equals_explicit_algorithm_9(variant, algorithm, warm, phase):
     """The deferred second pass (module docstring) gives the parameters of the explicit
     algorithm over 7 steps with T = 2 (curvature and plain steps both occur; p = 2 so the
     L-BFGS memory wraps). Without a warm start both initialize A from the first mini-batch
     (through refcurv.train.train); with one, from the whole data set (manual loop). The two
     differ only by rounding (different evaluation orders, ~1e-14 measured); an ordering error
-    (wrong batch, wrong weights, H_G update after the direction) changes the result at O(lr)."""
+    (wrong batch, wrong weights, H_G update after the direction) changes the result at O(lr).
+    phase="paper" is line 12 as printed; phase="k0" the library convention (refresh_due)."""
     net = _small_cnn()
     x, y = _data(net)
     lr, lam, seed, steps = 0.05, 0.1, 4, 7
-    method = _method(variant, damping=lam, algorithm=algorithm, T_update=2, memory=2)
+    method = _method(variant, damping=lam, algorithm=algorithm, T_inv=2, phase=phase, memory=2)
     rng = np.random.default_rng(seed)
     batches = [Batch(x[i], y[i], CrossEntropy()) for i in (rng.choice(len(x), 8, replace=False) for _ in range(steps))]
     params0 = net.init(1)
@@ -429,11 +436,64 @@ def test_deferred_equals_explicit_algorithm_9(variant, algorithm, warm):
     else:
         got, _ = train(method, net, params0, x, y, CrossEntropy(), steps=steps, lr=lr, batch_size=8, seed=seed)
         init_batch = batches[0]
-    want = _explicit(variant, algorithm, net, params0, batches, lr, lam, 0.9, 0.2, 2, 2, init_batch)
+    want = _explicit(variant, algorithm, net, params0, batches, lr, lam, 0.9, 0.2, 2, 2, init_batch, phase)
     moved = max(rel_err(w, p0) for w, p0 in zip(want, params0))
     assert moved > 1e-2  # the run does move the parameters
     for a, b in zip(got, want):
         assert_close(a, b, rtol=1e-10)
+
+
+def test_phases_differ_when_T_inv_exceeds_one_and_coincide_for_one():
+    """phase="k0" refreshes at 0-based k = 0, T, 2T, …; phase="paper" at k = T−1, 2T−1, …
+    (Algorithm 9 line 12, 1-based). Read from the schedule and from the runs: with T_inv = 3
+    the two trajectories differ at O(lr); with T_inv = 1 they are bit-identical."""
+    assert [k for k in range(9) if KBFGS(T_inv=3)._curvature_due(k)] == [0, 3, 6]
+    assert [k for k in range(9) if KBFGS(T_inv=3, phase="paper")._curvature_due(k)] == [2, 5, 8]
+    net = _small_cnn()
+    x, y = _data(net)
+    for T, same in ((1, True), (3, False)):
+        runs = [train(KBFGS(T_inv=T, phase=ph, damping=0.1), net, net.init(0), x, y, CrossEntropy(), steps=6,
+                      lr=0.05, batch_size=8, seed=2)[0] for ph in ("k0", "paper")]
+        if same:
+            assert all(np.array_equal(a, b) for a, b in zip(*runs))
+        else:
+            assert max(rel_err(a, b) for a, b in zip(*runs)) > 1e-4
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_curvature_operator_is_the_inverse_kronecker_of_the_state(variant):
+    """curvature(state) = ⊕_l (H_G ⊗ H_A)⁻¹ with H_A = state.H_a_used (the direction's, before
+    the step's H_A update) and H_G the dense BFGS / L-BFGS matrix; its todense() is the
+    block-diagonal inverse written here, and −C⁻¹ rhs(state) is the fast form's direction
+    (forward error C·n·eps·κ(H_G)κ(H_A)). T_inv = 2 so that refresh and plain steps occur."""
+    import refcurv as rc
+
+    net = _small_cnn()
+    x, y = _data(net)
+    method = _method(variant, damping=0.1, memory=2, T_inv=2)
+    params = net.init(0)
+    state = method.init(net, params)
+    with pytest.raises(rc.errors.StateError, match=variant):
+        method.curvature(state)
+    rng = np.random.default_rng(0)
+    for k in range(5):
+        idx = rng.choice(len(x), 8, replace=False)
+        d, state = method.step(state, net, params, Batch(x[idx], y[idx], CrossEntropy()))
+        C = method.curvature(state)
+        blocks = [np.kron(_dense_HG(state, l), state.H_a_used[l]) for l in range(len(params))]
+        n = sum(B.shape[0] for B in blocks)
+        H = np.zeros((n, n))
+        o = 0
+        for B in blocks:
+            H[o:o + len(B), o:o + len(B)] = B
+            o += len(B)
+        kappa = np.linalg.cond(H)
+        assert_close(C.todense(), np.linalg.inv(H), rtol=forward_tol(n, kappa))
+        got = -C.solve(rc.flatten(method.rhs(state, None)))
+        assert_close(got, rc.flatten(d), rtol=forward_tol(n, kappa))
+        if k % 2 == 1:  # plain step: H_A not updated, so the state's H_A is the one used
+            assert all(a is b for a, b in zip(state.H_a, state.H_a_used))
+        params = [W + 0.05 * di for W, di in zip(params, d)]
 
 
 def test_momentum_forms_differ_by_a_learning_rate_factor():
@@ -443,11 +503,11 @@ def test_momentum_forms_differ_by_a_learning_rate_factor():
     net = _small_cnn()
     x, y = _data(net)
     beta = 0.8
-    runs = [train(KBFGS(beta=beta, momentum_form=f, damping=0.1), net, net.init(0), x, y, CrossEntropy(), steps=6,
+    runs = [train(KBFGS(momentum=beta, beta=beta, momentum_form=f, damping=0.1), net, net.init(0), x, y, CrossEntropy(), steps=6,
                   lr=lr, batch_size=8, seed=2)[0] for f, lr in (("heavy_ball", 0.02), ("ema", 0.02 / (1 - beta)))]
     for a, b in zip(*runs):
         assert_close(a, b, rtol=1e-10)
-    other = train(KBFGS(beta=beta, momentum_form="ema", damping=0.1), net, net.init(0), x, y, CrossEntropy(),
+    other = train(KBFGS(momentum=beta, beta=beta, momentum_form="ema", damping=0.1), net, net.init(0), x, y, CrossEntropy(),
                   steps=6, lr=0.02, batch_size=8, seed=2)[0]
     assert max(rel_err(a, b) for a, b in zip(other, runs[0])) > 1e-3
 
@@ -455,8 +515,9 @@ def test_momentum_forms_differ_by_a_learning_rate_factor():
 # --------------------------------------------------------- (7) hyper-parameters
 def test_bad_hyper_parameters():
     cases = [({"damping": 0.0}, "damping"), ({"damping": float("nan")}, "damping"), ({"beta": 1.0}, "beta"),
-             ({"beta": 0.0}, "beta"), ({"mu1": 1.0}, "mu1"), ({"mu1": 0.0}, "mu1"), ({"T_update": 0}, "T_update"),
-             ({"T_update": 1.5}, "T_update"), ({"algorithm": "alg8"}, "algorithm"),
+             ({"beta": 0.0}, "beta"), ({"mu1": 1.0}, "mu1"), ({"mu1": 0.0}, "mu1"), ({"T_inv": 0}, "T_inv"),
+             ({"T_inv": 1.5}, "T_inv"), ({"phase": "k1"}, "phase"), ({"momentum": 1.0}, "momentum"),
+             ({"momentum": -0.1}, "momentum"), ({"algorithm": "alg8"}, "algorithm"),
              ({"momentum_form": "nesterov"}, "momentum_form"), ({"damping": "1"}, "damping")]
     for cls in (KBFGS, KBFGSL):
         for kwargs, match in cases:
@@ -480,3 +541,27 @@ def test_training_smoke_decreases_loss(cls, algorithm):
     _, hist = train(cls(algorithm=algorithm), net, net.init(0), x, y, CrossEntropy(), steps=40, lr=0.1,
                     batch_size=32, seed=1)
     assert hist["loss"][-1] < 0.7 * hist["loss"][0]
+
+
+# ------------------------------------------------ (9) kernels shared by the two forms
+def test_shared_kernels_bfgs_product_form_and_layer_gradient():
+    """bfgs_product_form (the dense forms' literal (2.6)/(3.11)) satisfies the secant condition
+    H⁺y = s and equals the expanded bfgs_update_H of the fast forms; layer_gradient (the fast
+    forms' ∇W from the factors, Theorem 3 (i)) equals net.grad for conv and linear layers."""
+    from refcurv.methods.kbfgs import bfgs_product_form, layer_gradient
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((5, 5))
+    H = X @ X.T + np.eye(5)
+    s, y = rng.standard_normal(5), rng.standard_normal(5)
+    y = y if s @ y > 0 else -y
+    Hp = bfgs_product_form(H, s, y)
+    assert_close(Hp @ y, s, rtol=forward_tol(5, np.linalg.cond(Hp)))
+    assert_close(Hp, bfgs_update_H(H, s, y), rtol=forward_tol(5, np.linalg.cond(Hp)))
+    assert np.array_equal(Hp, Hp.T)
+    for net in (_small_cnn(), _small_mlp()):
+        x, yb = _data(net, N=6)
+        params = net.init(0)
+        P, G = net.factors(params, x, yb, CrossEntropy())
+        for a, b in zip([layer_gradient(Pl, Gl) for Pl, Gl in zip(P, G)], net.grad(params, x, yb, CrossEntropy())):
+            assert_close(a, b, rtol=1e-12)

@@ -40,9 +40,9 @@ def _batches(pb, n):
 def _Hg(method, state, j):
     """Dense H_g of layer j from a state (L-BFGS: the recursion from H_0 = I)."""
     if method.limited:
-        S, Y = state["S"][j], state["Y"][j]
+        S, Y = state.S[j], state.Y[j]
         return np.eye(S.shape[1]) if S.shape[0] == 0 else lbfgs_dense(S, Y)
-    return state["Hg"][j]
+    return state.H_g[j]
 
 
 def _cond(M):
@@ -72,14 +72,14 @@ def test_fast_equals_dense_direction_and_state_over_a_run(pb, variant, algorithm
         df, sf = method.step(sf, net, params, batch)
         dd, sd = method.step(sd, net, params, batch, dense=True)
         for j, (a, b) in enumerate(zip(df, dd)):
-            kappa = _cond(_Hg(method, sd, j)) * _cond(sd["Ha"][j])
+            kappa = _cond(_Hg(method, sd, j)) * _cond(sd.H_a[j])
             tol = forward_tol(sum(W.size for W in params), kappa)
             assert_close(a, b, rtol=tol, atol=1e-13, what=f"direction step {k} layer {j}")
-            assert_close(sf["Ha"][j], sd["Ha"][j], rtol=tol, what=f"H_a step {k}")
+            assert_close(sf.H_a[j], sd.H_a[j], rtol=tol, what=f"H_a step {k}")
             assert_close(_Hg(method, sf, j), _Hg(method, sd, j), rtol=tol, what=f"H_g step {k}")
-            for key in ("A", "m", "sg", "yg"):
-                assert_close(sf[key][j], sd[key][j], rtol=tol, what=f"{key} step {k}")
-        assert sf["diagnostics"] == sd["diagnostics"]
+            for key in ("A", "m", "s_g", "y_g"):
+                assert_close(getattr(sf, key)[j], getattr(sd, key)[j], rtol=tol, what=f"{key} step {k}")
+        assert sf.diagnostics == sd.diagnostics
         params = [W + 0.05 * D for W, D in zip(params, df)]
 
 
@@ -111,11 +111,11 @@ def test_compact_lbfgs_equals_dense_recursion_and_two_loop_in_the_method():
         d, state = method.step(state, net, params, Batch(x[idx], y[idx], CrossEntropy()))
         params = [W + 0.5 * D for W, D in zip(params, d)]
     for j, dj in enumerate(d):
-        S, Y = state["S"][j], state["Y"][j]
+        S, Y = state.S[j], state.Y[j]
         assert S.shape[0] == 4  # the window slid
-        V = state["m"][j] @ prev["Ha"][j]  # direction at step k uses H_a before its update
+        V = state.m[j] @ prev.H_a[j]  # direction at step k uses H_a before its update
         H = lbfgs_dense(S, Y)
-        tol = forward_tol(V.size, _cond(H) * _cond(prev["Ha"][j]))
+        tol = forward_tol(V.size, _cond(H) * _cond(prev.H_a[j]))
         for HV in (lbfgs_compact_apply(S, Y, V), lbfgs_two_loop(S, Y, V)):
             assert_close(HV, H @ V, rtol=tol)
         assert_close(-dj, H @ V, rtol=tol)
@@ -129,16 +129,16 @@ def _check_damping_along_a_run(method, net, params, batches, lr):
     ‖H⁺‖ ≤ (‖H‖^{1/2} + (r₁r₂)^{1/2})² + r₂ with r₁ = ỹᵀHỹ/s̃ᵀỹ, r₂ = s̃ᵀs̃/s̃ᵀỹ, and their
     μ-forms ‖B‖(1 + 1/μ₁), (‖H‖^{1/2} + 1/√(μ₁μ₂))² + 1/μ₂ whenever r₁ ≤ 1/μ₁.
     Returns how often each damping step was active and how often the μ-forms were checked."""
-    mu1, mu2 = method.mu1, method.lam
+    mu1, mu2 = method.mu1, np.sqrt(method.damping)
     state = method.init(net, params)
     counts = {"theta1<1": 0, "theta2<1": 0, "mu_bounds": 0}
     for batch in batches:
         prev = state
         d, state = method.step(state, net, params, batch)
         params = [W + lr * D for W, D in zip(params, d)]
-        for j, rec in enumerate(state["dd"] or []):
+        for j, rec in enumerate(state.last_pairs or []):
             H = _Hg(method, prev, j)
-            s, y, s_t, y_t = rec["s"], rec["y"], rec["s_t"], rec["y_t"]
+            s, y, s_t, y_t = rec.s, rec.y, rec.s_t, rec.y_t
             yHy, nH = float(y @ H @ y), np.linalg.norm(H, 2)
             # rounding scale of s̃ᵀy = θ₁sᵀy + (1−θ₁)yᵀHy and of Hy; the compact form computes
             # Hy = y + W M Wᵀ y, whose rounding is eps·(1 + ‖H‖)‖y‖ even when ‖H‖ ≪ 1
@@ -148,18 +148,18 @@ def _check_damping_along_a_run(method, net, params, batches, lr):
             assert float(s_t @ y) >= mu1 * yHy - slack * ny * (np.linalg.norm(s) + nHc * ny)
             assert float(s_t @ y_t) >= mu2 * float(s_t @ s_t) - slack * (
                 np.linalg.norm(s_t) * np.linalg.norm(y_t) + float(s_t @ s_t))
-            assert 0 < rec["theta1"] <= 1 and 0 <= rec["theta2"] <= 1
-            counts["theta1<1"] += rec["theta1"] < 1
-            counts["theta2<1"] += rec["theta2"] < 1
+            assert 0 < rec.theta1 <= 1 and 0 <= rec.theta2 <= 1
+            counts["theta1<1"] += rec.theta1 < 1
+            counts["theta2<1"] += rec.theta2 < 1
             Hn = _Hg(method, state, j)
             assert np.linalg.eigvalsh(Hn).min() > 0
-            if not rec["used"]:
+            if not rec.used:
                 assert float(s_t @ y_t) <= 0 or method.algorithm == "alg5"
                 continue
             sty = float(s_t @ y_t)
             r1, r2 = float(y_t @ H @ y_t) / sty, float(s_t @ s_t) / sty
             # the method applies its own H (compact form for L-BFGS): error ~ eps(1 + ‖H‖)‖ỹ‖²
-            assert abs(rec["ratio"] - r1) <= 1e-9 * r1 + slack * nHc * float(y_t @ y_t) / sty
+            assert abs(rec.ratio - r1) <= 1e-9 * r1 + slack * nHc * float(y_t @ y_t) / sty
             assert r2 <= 1 / mu2 * (1 + 1e-9)
             if method.limited:
                 continue
@@ -209,24 +209,23 @@ def test_theorem1_hessian_action_bfgs_inverts_a_rank_one_update(variant, beta):
     net = Sequential([Linear(3, 4), Tanh(), Linear(4, 2)])
     params = net.init(1)
     batch = Batch(rng.standard_normal((6, 3)), rng.integers(0, 2, 6), CrossEntropy())
-    method = _method(variant, beta=beta, damping=0.09)
-    lam = method.lam
+    method = _method(variant, momentum=beta, beta=beta, damping=0.09)
+    lam = np.sqrt(method.damping)
     stats = layer_statistics(net, params, batch)
     cov = [a.T @ a / len(a) - np.outer(a.mean(0), a.mean(0)) for a, _ in stats]
-    state = {**method.init(net, params), "A": cov,
-             "Ha": [np.linalg.inv(C + lam * np.eye(len(C))) for C in cov]}
+    state = method.init(net, params).replace(A=cov, H_a=[np.linalg.inv(C + lam * np.eye(len(C))) for C in cov])
     _, new = method.step(state, net, params, batch)
-    for (a, _), C, A1, H1 in zip(stats, cov, new["A"], new["Ha"]):
+    for (a, _), C, A1, H1 in zip(stats, cov, new.A, new.H_a):
         abar = a.mean(0)
         assert_close(A1, C + (1 - beta) * np.outer(abar, abar), rtol=1e-13)
         ALM = A1 + lam * np.eye(len(A1))
         assert_close(H1, np.linalg.inv(ALM), rtol=forward_tol(ALM.size, _cond(ALM)))
     # caveat: a generic A (here 2I) with momentum → H_a⁺ ≠ (A⁺ + λ_A I)⁻¹
     if beta > 0:
-        state = {**method.init(net, params), "A": [2 * np.eye(len(C)) for C in cov],
-                 "Ha": [np.eye(len(C)) / (2 + lam) for C in cov]}
+        state = method.init(net, params).replace(A=[2 * np.eye(len(C)) for C in cov],
+                                                 H_a=[np.eye(len(C)) / (2 + lam) for C in cov])
         _, new = method.step(state, net, params, batch)
-        gaps = [rel_err(H1, np.linalg.inv(A1 + lam * np.eye(len(A1)))) for A1, H1 in zip(new["A"], new["Ha"])]
+        gaps = [rel_err(H1, np.linalg.inv(A1 + lam * np.eye(len(A1)))) for A1, H1 in zip(new.A, new.H_a)]
         assert min(gaps) > 1e-2
 
 
@@ -245,11 +244,11 @@ def test_hessian_action_keeps_the_exact_inverse_while_A_is_unchanged():
         params = [W + 0.5 * D for W, D in zip(params, d)]
     a = np.concatenate([batch.x, np.ones((7, 1))], axis=1)
     A = a.T @ a / 7
-    assert_close(state["A"][0], A, rtol=1e-13)
-    ALM = A + method.lam * np.eye(4)
-    assert_close(state["Ha"][0], np.linalg.inv(ALM), rtol=forward_tol(16, _cond(ALM)) * 6)
-    ALM1 = state["A"][1] + method.lam * np.eye(5)
-    assert rel_err(state["Ha"][1], np.linalg.inv(ALM1)) > 1e-4
+    assert_close(state.A[0], A, rtol=1e-13)
+    ALM = A + np.sqrt(method.damping) * np.eye(4)
+    assert_close(state.H_a[0], np.linalg.inv(ALM), rtol=forward_tol(16, _cond(ALM)) * 6)
+    ALM1 = state.A[1] + np.sqrt(method.damping) * np.eye(5)
+    assert rel_err(state.H_a[1], np.linalg.inv(ALM1)) > 1e-4
 
 
 def test_momentum_caveat_scaling_by_one_over_beta_is_exact_only_without_lm_damping():
@@ -291,26 +290,26 @@ def test_algorithm5_skips_pairs_and_inverts_A_exactly(variant):
         d, state = method.step(state, net, params, Batch(x[idx], y[idx], CrossEntropy()))
         params = [W + 0.1 * D for W, D in zip(params, d)]
         for j in range(len(params)):
-            ALM = state["A"][j] + method.lam * np.eye(len(state["A"][j]))
-            assert_close(state["Ha"][j], np.linalg.inv(ALM), rtol=forward_tol(ALM.size, _cond(ALM)))
-            assert_close(state["m"][j], g[j], rtol=1e-12)  # line 8: m = ∇f̄
-        for j, rec in enumerate(state["dd"] or []):
+            ALM = state.A[j] + np.sqrt(method.damping) * np.eye(len(state.A[j]))
+            assert_close(state.H_a[j], np.linalg.inv(ALM), rtol=forward_tol(ALM.size, _cond(ALM)))
+            assert_close(state.m[j], g[j], rtol=1e-12)  # line 8: m = ∇f̄
+        for j, rec in enumerate(state.last_pairs or []):
             H = _Hg(method, prev, j)
-            sty = float(rec["s_t"] @ rec["y_t"])
-            ratio = float(rec["y_t"] @ H @ rec["y_t"]) / sty
+            sty = float(rec.s_t @ rec.y_t)
+            ratio = float(rec.y_t @ H @ rec.y_t) / sty
             # ratio = 1/μ₁ exactly whenever Powell on H acts and the B = I step does not:
             # equality means "use" (line 17 is ≥); compare with a rounding slack
             if ratio <= (1 + 1e-10) / method.mu1:
-                assert rec["used"]
+                assert rec.used
             elif ratio > (1 + 1e-6) / method.mu1:
-                assert not rec["used"]
-            if not rec["used"]:
+                assert not rec.used
+            if not rec.used:
                 assert_close(_Hg(method, state, j), H, rtol=0, atol=0)
-    diag = state["diagnostics"]
+    diag = state.diagnostics
     for j in range(len(params)):
-        assert diag["pairs"][j] == 59 == diag["used"][j] + diag["skipped"][j] + diag["degenerate"][j]
-        assert diag["used"][j] == diag["ratio_le_1"][j]
-    assert sum(diag["skipped"]) > 0
+        assert diag["pairs"][j] == 59 == diag["pairs_used"][j] + diag["pairs_skipped"][j] + diag["pairs_degenerate"][j]
+        assert diag["pairs_used"][j] == diag["ratio_le_1"][j]
+    assert sum(diag["pairs_skipped"]) > 0
 
 
 def test_algorithm5_uses_the_mini_batch_gradient():
@@ -326,7 +325,7 @@ def test_algorithm5_uses_the_mini_batch_gradient():
         d, st_ = method.step(method.init(net, params), net, params, b)
         for gj, dj, (a, _) in zip(g, d, layer_statistics(net, params, b)):
             A = a.T @ a / len(a)
-            assert_close(dj, -scale * gj @ np.linalg.inv(A + method.lam * np.eye(len(A))), rtol=1e-10)
+            assert_close(dj, -scale * gj @ np.linalg.inv(A + np.sqrt(method.damping) * np.eye(len(A))), rtol=1e-10)
 
 
 # ------------------------------------------------ (6) deferred pass = Algorithm 4
@@ -335,7 +334,7 @@ def _explicit_algorithm(method, net, params, x, y, loss, steps, lr, batch_size, 
     a known learning rate: the second forward/backward pass (line 13) runs right after the
     weight update (line 11). Written independently of the module: h̄ as the mean of the
     per-sample h_i = W a_i, ∇f̄ from net.grad, H_g of K-BFGS(L) by the two-loop recursion."""
-    lam, b, mu1 = np.sqrt(method.damping), method.beta, method.mu1
+    lam, b, mu1, mu = np.sqrt(method.damping), method.beta, method.mu1, method.momentum
     alg5 = method.algorithm == "alg5"
     rng = np.random.default_rng(seed)  # the same stream train() draws its batches from
     L = len(params)
@@ -365,7 +364,7 @@ def _explicit_algorithm(method, net, params, x, y, loss, steps, lr, batch_size, 
             Ha = [np.linalg.inv(Al + lam * np.eye(len(Al))) for Al in A]
         new = []
         for l in range(L):
-            m[l] = grad[l] if alg5 else b * m[l] + (1 - b) * grad[l]  # line 8 (errata)
+            m[l] = grad[l] if alg5 else mu * m[l] + (1 - mu) * grad[l]  # line 8 (errata)
             p = Hg_apply(l, m[l] @ Ha[l])  # lines 9–10
             new.append(params[l] - lr * p)  # line 11
         _, gp, hbar_p = pass_(new, xb, yb)  # line 13
@@ -425,9 +424,9 @@ def test_per_sample_g_makes_yg_equal_sg_for_linear_mse(variant):
         b = Batch(rng.standard_normal((8, 3)), rng.standard_normal((8, 2)), MSE())
         d, state = method.step(state, net, params, b)
         params = [W + 0.3 * D for W, D in zip(params, d)]
-    assert_close(state["yg"][0], state["sg"][0], rtol=1e-12)
-    assert np.linalg.norm(state["sg"][0]) > 1e-3
-    assert state["diagnostics"]["used"] == [4]
+    assert_close(state.y_g[0], state.s_g[0], rtol=1e-12)
+    assert np.linalg.norm(state.s_g[0]) > 1e-3
+    assert state.diagnostics["pairs_used"] == [4]
     assert_close(_Hg(method, state, 0), np.eye(2), rtol=0, atol=1e-12)
 
 
@@ -439,10 +438,10 @@ def test_warm_start_initializes_A_and_Ha_and_momentum_follows_section_2_5_2():
     net = Sequential([Linear(3, 4), Tanh(), Linear(4, 2)])
     params = net.init(0)
     data = Batch(rng.standard_normal((20, 3)), rng.integers(0, 2, 20), CrossEntropy())
-    method = KBFGSLMLP(damping=0.1, beta=0.8)
+    method = KBFGSLMLP(damping=0.1, momentum=0.8, beta=0.8)
     state = method.warm_start(method.init(net, params), net, params, data)
     Hw = []
-    for (a, _), A, Ha in zip(layer_statistics(net, params, data), state["A"], state["Ha"]):
+    for (a, _), A, Ha in zip(layer_statistics(net, params, data), state.A, state.H_a):
         assert_close(A, a.T @ a / 20, rtol=1e-14)
         Hw.append(np.linalg.inv(A + np.sqrt(0.1) * np.eye(len(A))))
         assert_close(Ha, Hw[-1], rtol=1e-12)
@@ -452,7 +451,7 @@ def test_warm_start_initializes_A_and_Ha_and_momentum_follows_section_2_5_2():
         g = net.grad(params, b.x, b.y, b.loss)
         d, state = method.step(state, net, params, b)
         ms = [0.8 * mj + 0.2 * gj for mj, gj in zip(ms, g)] if ms else [0.2 * gj for gj in g]
-        for mj, sm in zip(ms, state["m"]):
+        for mj, sm in zip(ms, state.m):
             assert_close(sm, mj, rtol=1e-12)
         if k == 0:
             for dj, mj, H in zip(d, ms, Hw):
@@ -487,7 +486,7 @@ def test_bad_hyper_parameters():
     for bad in (0, 2.5, -1, True):
         with pytest.raises(HyperParameterError, match="memory"):
             KBFGSLMLP(memory=bad)
-    assert KBFGSMLP(damping=1.0).lam == 1.0  # λ = 1 allowed: μ₂ = 1 is the edge of DD's (0, 1]
+    assert KBFGSMLP(damping=1.0).damping == 1.0  # λ = 1 allowed: μ₂ = 1 is the edge of DD's (0, 1]
 
 
 def test_registered_for_linear_layers_only():
@@ -547,13 +546,13 @@ def test_authors_fast_equals_dense_over_a_run(pb, variant, memory, lam, tau):
         df, sf = method.step(sf, net, params, batch)
         dd, sd = method.step(sd, net, params, batch, dense=True)
         for j, (a, b) in enumerate(zip(df, dd)):
-            tol = forward_tol(sum(W.size for W in params), _cond(_Hg(method, sd, j)) * _cond(sd["Ha"][j]))
+            tol = forward_tol(sum(W.size for W in params), _cond(_Hg(method, sd, j)) * _cond(sd.H_a[j]))
             assert_close(a, b, rtol=tol, atol=1e-13, what=f"direction step {k} layer {j}")
-            assert_close(sf["Ha"][j], sd["Ha"][j], rtol=tol)
+            assert_close(sf.H_a[j], sd.H_a[j], rtol=tol)
             assert_close(_Hg(method, sf, j), _Hg(method, sd, j), rtol=tol)
-            for key in ("A", "m", "sg", "yg"):
-                assert_close(sf[key][j], sd[key][j], rtol=tol, what=f"{key} step {k}")
-        assert sf["diagnostics"] == sd["diagnostics"]
+            for key in ("A", "m", "s_g", "y_g"):
+                assert_close(getattr(sf, key)[j], getattr(sd, key)[j], rtol=tol, what=f"{key} step {k}")
+        assert sf.diagnostics == sd.diagnostics
         params = [W + 0.05 * D for W, D in zip(params, df)]
 
 
@@ -570,13 +569,13 @@ def test_authors_fast_equals_dense_with_skipped_pairs(variant):
         df, sf = method.step(sf, net, params, batch)
         dd, sd = method.step(sd, net, params, batch, dense=True)
         for j, (a, b) in enumerate(zip(df, dd)):
-            tol = forward_tol(sum(W.size for W in params), _cond(_Hg(method, sd, j)) * _cond(sd["Ha"][j]))
+            tol = forward_tol(sum(W.size for W in params), _cond(_Hg(method, sd, j)) * _cond(sd.H_a[j]))
             assert_close(a, b, rtol=tol, atol=1e-13, what=f"direction step {k} layer {j}")
             assert_close(_Hg(method, sf, j), _Hg(method, sd, j), rtol=tol)
-            assert_close(sf["Ha"][j], sd["Ha"][j], rtol=tol)
-        assert sf["diagnostics"] == sd["diagnostics"]
+            assert_close(sf.H_a[j], sd.H_a[j], rtol=tol)
+        assert sf.diagnostics == sd.diagnostics
         params = [W + 0.3 * D for W, D in zip(params, df)]
-    assert min(sf["diagnostics"]["skipped"]) > 0 and min(sf["diagnostics"]["used"]) > 0
+    assert min(sf.diagnostics["pairs_skipped"]) > 0 and min(sf.diagnostics["pairs_used"]) > 0
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -588,7 +587,7 @@ def test_authors_Hg_skip_rule_and_damping(variant):
     skipped one leaves it unchanged. The run has both outcomes in both layers."""
     x, y, net = _offset_regression()
     method = _make(variant, damping=0.01, memory=100, variant="authors")
-    mu1, mu2 = method.mu1, method.lam
+    mu1, mu2 = method.mu1, np.sqrt(method.damping)
     params, rng = net.init(0), np.random.default_rng(2)
     state = method.init(net, params)
     seen = {(j, u): 0 for j in range(2) for u in (True, False)}
@@ -598,32 +597,32 @@ def test_authors_Hg_skip_rule_and_damping(variant):
         batch = Batch(x[idx], y[idx], MSE())
         prev = state
         d, state = method.step(state, net, params, batch)
-        for j, rec in enumerate(state["dd"] or []):
+        for j, rec in enumerate(state.last_pairs or []):
             gbar = _gbar(net, *last)[j]
             H = _Hg(method, prev, j)
-            yv, s_t, y_t = rec["y"], rec["s_t"], rec["y_t"]
+            yv, s_t, y_t = rec.y, rec.s_t, rec.y_t
             sy_t, ss_t = float(s_t @ y_t), float(s_t @ s_t)
             assert float(s_t @ yv) >= mu1 * float(yv @ H @ yv) * (1 - 1e-10)
             assert sy_t >= mu2 * ss_t * (1 - 1e-10)
             thr = 1e-4 * ss_t * np.linalg.norm(gbar)
             assert abs(sy_t - thr) > 1e-8 * thr  # decisive: not a rounding tie
-            assert rec["used"] == (sy_t > thr)
-            seen[j, rec["used"]] += 1
+            assert rec.used == (sy_t > thr)
+            seen[j, rec.used] += 1
             if method.limited:
-                n = prev["S"][j].shape[0]
-                if rec["used"]:
-                    assert_close(state["S"][j][-1], s_t, rtol=0, atol=0)
-                    assert state["S"][j].shape[0] == n + 1
+                n = prev.S[j].shape[0]
+                if rec.used:
+                    assert_close(state.S[j][-1], s_t, rtol=0, atol=0)
+                    assert state.S[j].shape[0] == n + 1
                 else:
-                    assert_close(state["S"][j], prev["S"][j], rtol=0, atol=0)
+                    assert_close(state.S[j], prev.S[j], rtol=0, atol=0)
             else:
-                want = bfgs_update_H(H, s_t, y_t) if rec["used"] else H
-                assert_close(state["Hg"][j], want, rtol=1e-12 if rec["used"] else 0, atol=0)
+                want = bfgs_update_H(H, s_t, y_t) if rec.used else H
+                assert_close(state.H_g[j], want, rtol=1e-12 if rec.used else 0, atol=0)
         last = (params, batch)
         params = [W + 0.3 * D for W, D in zip(params, d)]
     assert min(seen.values()) > 0, seen
-    diag = state["diagnostics"]
-    assert [diag["used"][j] + diag["skipped"][j] for j in range(2)] == [11, 11]
+    diag = state.diagnostics
+    assert [diag["pairs_used"][j] + diag["pairs_skipped"][j] for j in range(2)] == [11, 11]
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -638,7 +637,7 @@ def test_authors_Ha_skip_rule_and_its_vector(variant):
     params = net.init(3)
     batch = Batch(5.0 + rng.standard_normal((6, 3)), rng.integers(0, 2, 6), CrossEntropy())
     method = _make(variant, damping=1e-10, variant="authors")
-    lam = method.lam
+    lam = np.sqrt(method.damping)
     h1 = np.tanh(batch.x @ params[0][:, :-1].T + params[0][:, -1])
     vs = [np.append(batch.x.mean(0), 1.0), np.append(h1.mean(0), 1.0)]
     Ms = []
@@ -648,14 +647,14 @@ def test_authors_Ha_skip_rule_and_its_vector(variant):
     for factor in (0.99, 1.01):
         cs = [factor * 1e-4 * np.linalg.norm(v) - lam for v in vs]
         assert min(cs) > 0
-        state = {**method.init(net, params), "A": [c * np.eye(len(v)) for c, v in zip(cs, vs)], "Ha": list(Ms)}
+        state = method.init(net, params).replace(A=[c * np.eye(len(v)) for c, v in zip(cs, vs)], H_a=list(Ms))
         _, new = method.step(state, net, params, batch)
         for j, (c, v, M) in enumerate(zip(cs, vs, Ms)):
-            assert_close(new["A"][j], c * np.eye(len(v)), rtol=0, atol=0)  # no moving average at k = 0
+            assert_close(new.A[j], c * np.eye(len(v)), rtol=0, atol=0)  # no moving average at k = 0
             s = M @ v
             want = bfgs_update_H(M, s, (c + lam) * s) if factor > 1 else M
-            assert_close(new["Ha"][j], want, rtol=1e-12, atol=0)
-        assert new["diagnostics"]["ha_skipped"] == ([0, 0] if factor > 1 else [1, 1])
+            assert_close(new.H_a[j], want, rtol=1e-12, atol=0)
+        assert new.diagnostics["ha_skipped"] == ([0, 0] if factor > 1 else [1, 1])
         assert rel_err(want, M) > 1e-3 or factor < 1
 
 
@@ -663,21 +662,21 @@ def test_authors_momentum_includes_weight_decay():
     """m ← βm + (1−β)(∇f̄ + τW), W with its bias column (the gradient of f̄ + (τ/2)‖θ‖²);
     with a warm start and H_g = I the first direction is −(1−β)(∇f̄ + τW)H_a; τ defaults to
     the authors' 1e-5."""
-    assert KBFGSMLP(variant="authors").tau == 1e-5 and KBFGSMLP().tau == 0.0
+    assert KBFGSMLP(variant="authors").effective_weight_decay == 1e-5 and KBFGSMLP().effective_weight_decay == 0.0
     rng = np.random.default_rng(8)
     net = Sequential([Linear(3, 4), Tanh(), Linear(4, 2)])
     params = net.init(0)
     data = Batch(rng.standard_normal((20, 3)), rng.integers(0, 2, 20), CrossEntropy())
-    method = KBFGSLMLP(variant="authors", weight_decay=0.05, beta=0.7, damping=0.2)
+    method = KBFGSLMLP(variant="authors", weight_decay=0.05, momentum=0.7, beta=0.7, damping=0.2)
     state = method.warm_start(method.init(net, params), net, params, data)
-    H0 = [np.linalg.inv(A + np.sqrt(0.2) * np.eye(len(A))) for A in state["A"]]
+    H0 = [np.linalg.inv(A + np.sqrt(0.2) * np.eye(len(A))) for A in state.A]
     ms = [np.zeros_like(W) for W in params]
     for k in range(4):
         b = Batch(rng.standard_normal((5, 3)), rng.integers(0, 2, 5), CrossEntropy())
         g = net.grad(params, b.x, b.y, b.loss)
         d, state = method.step(state, net, params, b)
         ms = [0.7 * mj + 0.3 * (gj + 0.05 * W) for mj, gj, W in zip(ms, g, params)]
-        for mj, sm in zip(ms, state["m"]):
+        for mj, sm in zip(ms, state.m):
             assert_close(sm, mj, rtol=1e-12)
         if k == 0:
             for dj, mj, H in zip(d, ms, H0):
@@ -697,7 +696,7 @@ def test_authors_keep_the_warm_start_A_at_the_first_step_and_directions_differ(v
     warm = Batch(x[:64], y[:64], CrossEntropy())
     methods = {v: _make(variant, variant=v) for v in ("paper", "authors")}
     states = {v: M.warm_start(M.init(net, params), net, params, warm) for v, M in methods.items()}
-    A0 = states["authors"]["A"]
+    A0 = states["authors"].A
     rng = np.random.default_rng(4)
     for k in range(3):
         idx = rng.choice(len(x), 16, replace=False)
@@ -708,11 +707,11 @@ def test_authors_keep_the_warm_start_A_at_the_first_step_and_directions_differ(v
         da, dp = out["authors"][0], out["paper"][0]
         for j, (a, _) in enumerate(layer_statistics(net, params, b)):
             batch_A = a.T @ a / len(a)
-            want = A0[j] if k == 0 else 0.9 * prev["A"][j] + 0.1 * batch_A
-            assert_close(states["authors"]["A"][j], want, rtol=1e-14 if k else 0, atol=0)
+            want = A0[j] if k == 0 else 0.9 * prev.A[j] + 0.1 * batch_A
+            assert_close(states["authors"].A[j], want, rtol=1e-14 if k else 0, atol=0)
             if k == 0:
-                assert_close(states["paper"]["A"][j], 0.9 * A0[j] + 0.1 * batch_A, rtol=1e-14)
-                assert_close(da[j] - dp[j], -0.1 * 1e-5 * params[j] @ prev["Ha"][j], rtol=1e-6, atol=1e-20)
+                assert_close(states["paper"].A[j], 0.9 * A0[j] + 0.1 * batch_A, rtol=1e-14)
+                assert_close(da[j] - dp[j], -0.1 * 1e-5 * params[j] @ prev.H_a[j], rtol=1e-6, atol=1e-20)
         if k >= 1:
             assert max(rel_err(a, p) for a, p in zip(da, dp)) > 1e-3
         params = [W + 0.3 * D for W, D in zip(params, dp)]
@@ -728,7 +727,8 @@ def _explicit_authors(method, net, params, x, y, loss, steps, lr, batch_size, se
     (1−μ₂)s̃ᵀs̃/(s̃ᵀs̃ − s̃ᵀy), ỹ = θ₂y + (1−θ₂)s̃; used iff s̃ᵀỹ > max(0, 1e-4 s̃ᵀs̃‖ḡ‖); L-BFGS by
     the two-loop recursion from H_0 = I; H_a by BFGS on (H_a v, A^{LM} H_a v), v = (mean
     input, 1), used iff s_aᵀy_a > 1e-4 s_aᵀs_a‖v‖. Returns (params, number of skipped pairs)."""
-    lam, b, mu1, tau = np.sqrt(method.damping), method.beta, method.mu1, method.tau
+    lam, b, mu1, tau = np.sqrt(method.damping), method.beta, method.mu1, method.effective_weight_decay
+    mu = method.momentum
     rng = np.random.default_rng(seed)
     outs = [W.shape[0] for W in params]
     m = [np.zeros_like(W) for W in params]
@@ -762,7 +762,7 @@ def _explicit_authors(method, net, params, x, y, loss, steps, lr, batch_size, se
             A = [b * Al + (1 - b) * ai.T @ ai / len(ai) for Al, ai in zip(A, a)]
         new = []
         for l, W in enumerate(params):
-            m[l] = b * m[l] + (1 - b) * (grad[l] + tau * W)
+            m[l] = mu * m[l] + (1 - mu) * (grad[l] + tau * W)
             new.append(W - lr * Hg_apply(l, m[l] @ Ha[l]))
         _, gbar_p, hbar_p = pass_(new, xb, yb)
         for l in range(len(params)):
@@ -845,4 +845,54 @@ def test_authors_bad_hyper_parameters():
                               ({"weight_decay": 1e-5}, "weight_decay")]:
             with pytest.raises(HyperParameterError, match=match):
                 cls(**kwargs)
-    assert KBFGSMLP(variant="authors", weight_decay=0.0).tau == 0.0 and KBFGSMLP(weight_decay=0.0).tau == 0.0
+    assert KBFGSMLP(variant="authors", weight_decay=0.0).effective_weight_decay == 0.0 and KBFGSMLP(weight_decay=0.0).effective_weight_decay == 0.0
+
+
+# ------------------------------------------ (10) shared vocabulary with Chapter 3
+def test_momentum_is_separate_from_beta_and_its_forms_differ_by_a_learning_rate_factor():
+    """momentum μ only enters m (line 8): with m₀ = 0, "ema" (m ← μm + (1−μ)g, the default as
+    §2.5.2 prints) is (1−μ) times "heavy_ball" (m ← μm + g, Chapter 3), so "heavy_ball" with
+    lr·(1−μ) reproduces "ema" with lr; changing μ alone changes the run, and beta (A, s_g,
+    y_g) is untouched by it."""
+    x, y = _classification()
+    net = Sequential([Linear(4, 5), Tanh(), Linear(5, 3)])
+    mu = 0.8
+    runs = [train(KBFGSMLP(momentum=mu, momentum_form=f), net, net.init(0), x, y, CrossEntropy(), steps=6,
+                  lr=lr, batch_size=16, seed=2)[0] for f, lr in (("ema", 0.3), ("heavy_ball", 0.3 * (1 - mu)))]
+    for a, b in zip(*runs):
+        assert_close(a, b, rtol=1e-10)
+    assert KBFGSMLP.hyper_parameters()["momentum_form"] == "ema"
+    other = train(KBFGSMLP(momentum=0.5), net, net.init(0), x, y, CrossEntropy(), steps=6, lr=0.3, batch_size=16,
+                  seed=2)[0]
+    assert max(rel_err(a, b) for a, b in zip(other, runs[0])) > 1e-3
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("algorithm", ["alg4", "alg5"])
+def test_curvature_operator_and_rhs_reproduce_the_direction(variant, algorithm):
+    """curvature(state) = ⊕_l (H_g ⊗ H_a)⁻¹ with H_a = state.H_a_used (before the step's H_a
+    update) and H_g dense (the recursion (2.12) for L-BFGS); rhs(state) = m (= ∇f̄ for alg5).
+    −C⁻¹ m equals the fast form's direction at forward error C·n·eps·κ(H_g)κ(H_a)."""
+    import refcurv as rc
+
+    x, y = _classification()
+    net = Sequential([Linear(4, 5), Tanh(), Linear(5, 3)])
+    method = _method(variant, algorithm=algorithm, memory=2, damping=0.05)
+    params, rng = net.init(0), np.random.default_rng(3)
+    state = method.init(net, params)
+    for k in range(4):
+        idx = rng.choice(len(x), 16, replace=False)
+        prev = state
+        d, state = method.step(state, net, params, Batch(x[idx], y[idx], CrossEntropy()))
+        assert all(a is b for a, b in zip(state.H_a_used, prev.H_a if k else state.H_a_used))
+        C = method.curvature(state)
+        n = net.n_params
+        kappa = max(_cond(_Hg(method, state, j)) * _cond(state.H_a_used[j]) for j in range(len(params)))
+        got = -C.solve(rc.flatten(method.rhs(state, None)))
+        assert_close(got, rc.flatten(d), rtol=forward_tol(n, kappa))
+        o = 0
+        for j, W in enumerate(params):
+            K = np.kron(_Hg(method, state, j), state.H_a_used[j])
+            assert_close(C.todense()[o:o + W.size, o:o + W.size], np.linalg.inv(K), rtol=forward_tol(W.size, _cond(K)))
+            o += W.size
+        params = [W + 0.3 * D for W, D in zip(params, d)]

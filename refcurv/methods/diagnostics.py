@@ -25,6 +25,9 @@ SCHEMA = {
     # ---- tnt / shampoo
 
     # ---- kbfgs
+    "pairs_degenerate": ("list[int], per layer", "K-BFGS: H_g pairs with s̃ᵀỹ ≤ 0 (only s_g = y_g = 0), not used, so far"),
+    "ratio_le_1": ("list[int], per layer", "K-BFGS: pairs so far with ỹᵀHỹ / s̃ᵀỹ ≤ 1/μ₁ (Algorithm 5 line 17's threshold)"),
+    "ha_skipped": ("list[int], per layer", "K-BFGS: Hessian-action pairs (s_a, y_a) of H_a not used so far"),
 
     # ---- seng
     "storage": ("list[str], per layer", "SENG: 'explicit' (U of (4)-(5) stored, n^l < 𝒯) or 'implicit' "

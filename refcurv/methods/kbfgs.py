@@ -19,9 +19,17 @@ Lemma 7 (i) (``Â ≤ (J|Δ|φ² + 1)|T| I``) is stated for this scaling.
 **Update.** ``W ← W − α H_G m H_A`` (3.10), i.e. the direction returned is
 ``−H_G m H_A = −vec⁻¹((H_G ⊗ H_A) vec(m))`` in row-major vec (``(H_A ⊗ H_G)`` in the
 thesis' column-major vec; ``H_A`` symmetric). ``m`` is the momentum gradient
-``m ← β m + g`` (Algorithm 9 line 8 read with §3.4.2's notation; errata KBFGS-2;
-``momentum_form="ema"`` gives Chapter 2's ``m ← β m + (1−β) g``, which is the same
-trajectory with the learning rate divided by ``1−β``); Algorithm 10 uses ``m = g``.
+``m ← μ m + g`` (Algorithm 9 line 8 read with §3.4.2's notation, where the thesis calls the
+decay β; errata KBFGS-2; hyper-parameter ``momentum`` = μ = 0.9, separate from the ``beta``
+of the ``(s_G, y_G)`` moving averages; ``momentum_form="ema"`` gives Chapter 2's
+``m ← μ m + (1−μ) g``, which is the same trajectory with the learning rate divided by
+``1−μ``); Algorithm 10 uses ``m = g`` (stored as ``state.m``).
+
+**Curvature operator.** ``curvature(state)`` is ``C = BlockDiagonal_l[(H_G ⊗ H_A)⁻¹]``
+(:class:`~refcurv.operators.Inverse` of :class:`~refcurv.operators.Kronecker`, row-major,
+``H_A = state.H_a_used``: the one the step's direction used, before the step's ``H_A``
+update; ``H_G`` dense — for K-BFGS(L) the L-BFGS recursion (3.16)), and
+``rhs(state, g) = state.m``: the step's direction is ``−C⁻¹ m``.
 
 **Damping split** (Algorithm 9 line 2, §3.4.3): ``λ_A = √|T| √λ``, ``λ_G = √λ / √|T|``
 per layer (so ``λ_A λ_G = λ``; ``√λ`` each for Linear layers).
@@ -52,9 +60,12 @@ applies L-BFGS (3.16) from ``H_0 = λ_G⁻¹ I`` in the compact ("non-loop", Byr
 (:func:`~refcurv.linalg.quasi_newton.lbfgs_compact_apply`); its dense form builds the matrix
 by the recursion (:func:`~refcurv.linalg.quasi_newton.lbfgs_dense`).
 
-**Curvature frequency** ``T_update`` (§3.4.3): with the thesis' 1-based counter ``k``, lines
-12-23 of Algorithm 9 run only when ``k ≡ 0 (mod T_update)``; here the 0-based ``state["k"]``
-is a curvature step when ``(k + 1) % T_update == 0``.
+**Curvature frequency** ``T_inv`` (the thesis' ``T``, §3.4.3) and its phase: with the
+library convention (``phase="k0"``, the default; :func:`~refcurv.methods.base.refresh_due`)
+the 0-based step ``k = state.k`` is a curvature step iff ``k ≡ 0 (mod T_inv)`` — the first
+step is one. ``phase="paper"`` is Algorithm 9 line 12 as printed: with the 1-based counter,
+``k ≡ 0 (mod T)``, i.e. 0-based ``(k + 1) ≡ 0 (mod T_inv)`` (tested against a literal replay
+of Algorithm 9). With ``T_inv = 1`` both are every step.
 
 **Deferred second pass (deviation from the pseudo-code forced by the interface; exactly
 equivalent).** ``step`` does not know the learning rate, so it cannot form ``θ_{k+1}`` itself.
@@ -73,73 +84,154 @@ start of the next call changes nothing that any direction uses: the parameters a
 The pending batch is a private copy of ``x`` and ``y`` (a caller may refill its batch buffer
 in place before the next call).
 
-State (same structure from both forms): ``k``; ``m`` (momentum, per layer); ``lambdas``
-(``(λ_A, λ_G)`` per layer); ``HA`` (dense ``d × d``); ``HG`` (dense ``out × out``, K-BFGS) or
-``memory`` (``(S, Y)``, ``(≤p, out)`` rows oldest first, K-BFGS(L)); ``sG``, ``yG`` (undamped
-moving averages); ``pending`` (batch, ``h̄``, ``Dh̄`` of the last curvature step, or None).
+State: :class:`KBFGSState` / :class:`KBFGSLState` (frozen; the same fields as Chapter 2's
+states, :mod:`refcurv.methods.kbfgs_mlp`, except ``A``, which Chapter 3 does not keep):
+``k``; ``m``; ``H_a`` (``d × d``), ``H_a_used``; ``H_g`` (``out × out``, K-BFGS) or ``S``,
+``Y`` (``(≤p, out)``, oldest first, K-BFGS(L)); ``s_g``, ``y_g`` (undamped moving averages);
+``lambda_A``, ``lambda_G``; ``pending`` (:class:`PendingPass`); ``last_pairs``
+(:class:`PairRecord` per layer). Both forms return the same state type.
 
-Diagnostics: ``state["diagnostics"]`` counts, per layer, the ``H_G`` pairs used and those with
-``ỹᵀ H ỹ / s̃ᵀỹ ≤ 2/μ₁`` (``H = H_G`` before the update; the quantity of thesis Figure 2.1,
-§2.3.1: Powell's step guarantees ``≤ 1/μ₁`` for ``(s̃, y)``, not for ``(s̃, ỹ)``);
-``state["last_pairs"]`` keeps the last pair of each layer. See ``docs/errata.md``.
+Diagnostics (``state.diagnostics``, per-layer counts since the first step, the same keys in
+the four K-BFGS methods): ``pairs`` (H_G pairs seen), ``pairs_used``, ``pairs_skipped`` (Ch.3
+skips none), ``pairs_degenerate`` (``s̃ᵀỹ ≤ 0``: only ``s_G = y_G = 0``), ``ratio_le_1`` /
+``ratio_le_2`` (``ỹᵀ H ỹ / s̃ᵀỹ ≤ 1/μ₁`` resp. ``2/μ₁``, ``H = H_G`` before the update; the
+quantity of thesis Figure 2.1, §2.3.1: Powell's step guarantees ``≤ 1/μ₁`` for ``(s̃, y)``,
+not for ``(s̃, ỹ)``), ``ha_skipped`` (Hessian-action pairs with ``s_Aᵀy_A ≤ 0``, unused).
+See ``docs/errata.md``.
+
+**The two forms and what they share.** One step skeleton (:class:`KBFGSCore`, shared with
+Chapter 2) runs both: the fast form in the input dtype with the minibatched Hessian action
+(3.15), the gradient from the factors, the two-sided product ``H_G (m H_A)``, the expanded
+BFGS formula and the compact L-BFGS form; the dense form in float64 with ``A`` formed, the
+gradient from :meth:`~refcurv.nn.Sequential.grad`, ``H_G ⊗ H_A`` formed, BFGS in the literal
+product form (3.11) and the L-BFGS recursion (3.16). Shared by both forms: the skeleton's
+order of operations, schedule and moving averages (pinned by the literal Algorithm 9/10
+replays in the tests, not by the fast-vs-dense comparison) and these kernels, each tested on
+its own: :func:`refcurv.linalg.kronecker.damping_split`, ``factor_A``, ``mean_patch``,
+``hessian_action_pair``; :func:`refcurv.linalg.damping.dp_dlm`, ``dpi_dlm``;
+:func:`refcurv.linalg.quasi_newton.lbfgs_dense`; ``net.factors`` (patches and
+pre-activation gradients).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 
 from ..backend import xp_of
-from ..errors import ArgumentTypeError
+from ..errors import ArgumentTypeError, StateError
 from ..linalg.damping import dp_dlm, dpi_dlm
-from ..linalg.quasi_newton import bfgs_update_H, lbfgs_compact_apply, lbfgs_dense
+from ..linalg.kronecker import damping_split, factor_A, hessian_action_pair, mean_patch
+from ..linalg.quasi_newton import bfgs_update_H, lbfgs_compact, lbfgs_dense
 from ..linalg.woodbury import spd_solve
-from .base import Batch, Method, check_choice, check_int, check_positive, check_unit
+from ..operators import BlockDiagonal, Inverse, Kronecker
+from .base import (
+    Batch, Method, State, check_choice, check_int, check_positive, check_unit, refresh_due, state_field,
+)
 from .registry import register
 
-
-# ----------------------------------------------------------------- building blocks
-def damping_split(damping, n_locations):
-    """``(λ_A, λ_G) = (√|T| √λ, √λ / √|T|)`` (Algorithm 9 line 2, §3.4.3)."""
-    r, t = np.sqrt(damping), np.sqrt(n_locations)
-    return float(t * r), float(r / t)
+#: ``state.diagnostics`` keys of every K-BFGS method (all per-layer counts since the first step)
+DIAGNOSTICS = ("pairs", "pairs_used", "pairs_skipped", "pairs_degenerate", "ratio_le_1", "ratio_le_2",
+               "ha_skipped")
 
 
-def factor_A(patches):
-    """Dense ``A = (1/N) Σ_n Σ_t a_t(n) a_t(n)ᵀ`` (3.9) from patches ``(N, d, |T|)``."""
-    xp = xp_of(patches)
-    return xp.einsum("ndt,net->de", patches, patches) / patches.shape[0]
+# ======================================================= shared by Chapters 2 and 3
+@dataclass(frozen=True)
+class PendingPass:
+    """What the deferred second pass of a curvature step needs (module docstring)."""
+
+    batch: Any  #: a private copy of the curvature step's mini-batch ``M_k``
+    h_bar: Any  #: per layer ``h̄ = W_k â`` (first pass at ``θ_k``; (2.5) / (3.12))
+    g_bar: Any  #: per layer ``ḡ = Dh̄`` (mean pre-activation gradient of the first pass)
 
 
-def hessian_action(patches, s):
-    """``A s = (1/N) Σ_n Σ_t (a_t(n)ᵀ s) a_t(n)`` (3.15) without forming ``A``: two einsums
-    over the patches ``(N, d, |T|)``, ``O(N d |T|)``."""
-    xp = xp_of(patches, s)
-    c = xp.einsum("ndt,d->nt", patches, s)
-    return xp.einsum("ndt,nt->d", patches, c) / patches.shape[0]
+@dataclass(frozen=True)
+class PairRecord:
+    """The ``H_g`` curvature pair of one layer at one (deferred) update."""
+
+    k: int          #: the step whose call made the update (0-based; the second pass runs at its start)
+    s: Any          #: undamped moving-average ``s_g``
+    y: Any          #: undamped moving-average ``y_g``
+    s_t: Any        #: damped ``s̃``
+    y_t: Any        #: damped ``ỹ``
+    theta1: float   #: Powell's θ on ``H`` (Algorithms 3, 8, 11)
+    theta2: Any     #: θ of the ``B = I`` Powell step of DD (Algorithm 3); None for ``D_LM``
+    ratio: float    #: ``ỹᵀHỹ / s̃ᵀỹ`` with ``H = H_g`` before the update (inf if ``s̃ᵀỹ ≤ 0``)
+    used: bool      #: the pair updated ``H_g``
 
 
-def mean_patch(patches):
-    """``â = E_n[(1/|T|) Σ_t a_t(n)]`` (3.14)."""
-    return patches.mean(axis=(0, 2))
+@dataclass(frozen=True, kw_only=True)
+class KBFGSStateBase(State):
+    """Fields shared by every K-BFGS state (thesis 003 Ch.2 and Ch.3; Ch.3 writes ``H_A``,
+    ``H_G`` for ``H_a``, ``H_g``)."""
+
+    m: Any = state_field("m")
+    H_a: Any = state_field(doc="H_a ≈ (A + λ_A I)⁻¹ per layer (d × d), after the last step's update "
+                               "(Ch.2 Alg. 4 lines 21-23; Ch.3 Alg. 9 lines 16-17); None before the first step")
+    H_a_used: Any = state_field(doc="the H_a the last step's direction −H_g m H_a used (before that step's "
+                                    "update); what curvature(state) reads")
+    s_g: Any = state_field(doc="undamped moving-average pair s_g per layer (Alg. 4 line 16 / Alg. 9 line 19)")
+    y_g: Any = state_field(doc="undamped moving-average pair y_g per layer (Alg. 4 line 16 / Alg. 9 line 19)")
+    lambda_A: Any = state_field(doc="λ_A per layer (Alg. 9 line 2: √|T|√λ; Alg. 4 line 2: √λ)")
+    lambda_G: Any = state_field(doc="λ_G per layer (Alg. 9 line 2: √λ/√|T|; Alg. 4 line 2: √λ); μ₂ of the damping")
+    pending: Any = state_field(doc="PendingPass of the last curvature step (batch copy, h̄, ḡ) whose second "
+                                   "pass and H_g update run at the start of the next step; None if none")
+    last_pairs: Any = state_field(doc="per layer the PairRecord of the last H_g update (None before the first)")
+
+
+_H_G_DOC = "dense BFGS H_g per layer (out × out)"
+_S_DOC = "L-BFGS memory: damped s̃ per layer, (≤ memory, out), oldest first"
+_Y_DOC = "L-BFGS memory: damped ỹ per layer, (≤ memory, out), oldest first"
+
+
+@dataclass(frozen=True, kw_only=True)
+class KBFGSState(KBFGSStateBase):
+    """State of ``"kbfgs"`` (thesis 003 Algorithm 9/10 with BFGS ``H_G``)."""
+
+    H_g: Any = state_field(doc=_H_G_DOC + ", from λ_G⁻¹ I (Alg. 9 line 3)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class KBFGSLState(KBFGSStateBase):
+    """State of ``"kbfgs-l"`` (thesis 003 Algorithm 9/10 with L-BFGS ``H_G`` from ``λ_G⁻¹ I``)."""
+
+    S: Any = state_field(doc=_S_DOC)
+    Y: Any = state_field(doc=_Y_DOC)
 
 
 def _inverse_spd(M, name):
-    """``M⁻¹`` by Cholesky, symmetrized (so that ``H ⊗ H_A`` and BFGS keep exact symmetry)."""
+    """``M⁻¹`` by Cholesky, symmetrized (so that ``H_g ⊗ H_a`` and BFGS keep exact symmetry)."""
     X = spd_solve(M, xp_of(M).eye(M.shape[0], dtype=M.dtype), name)
     return (X + X.T) / 2
 
 
-def _lbfgs_apply(S, Y, X, gamma):
-    """``H X`` with ``H`` the L-BFGS matrix of the memory, compact form (``γX`` if empty)."""
-    return gamma * X if S.shape[0] == 0 else lbfgs_compact_apply(S, Y, X, gamma)
+def bfgs_product_form(H, s, y):
+    """(2.6)/(3.11) written literally: ``H⁺ = (I − ρ s yᵀ) H (I − ρ y sᵀ) + ρ s sᵀ``,
+    ``ρ = 1/sᵀy`` (the dense forms' BFGS; symmetrized, as the product is only symmetric in
+    exact arithmetic). The fast forms use the expanded
+    :func:`~refcurv.linalg.quasi_newton.bfgs_update_H`."""
+    xp = xp_of(H)
+    rho = 1.0 / float(s @ y)
+    V = xp.eye(H.shape[0], dtype=H.dtype) - rho * xp.outer(y, s)
+    Hp = V.T @ H @ V + rho * xp.outer(s, s)
+    return (Hp + Hp.T) / 2
 
 
-def _lbfgs_matrix(S, Y, gamma):
-    """Dense L-BFGS matrix by the recursion (3.16) from ``γI``."""
-    if S.shape[0] == 0:
-        return gamma * xp_of(S).eye(S.shape[1], dtype=S.dtype)
-    return lbfgs_dense(S, Y, gamma)
+def layer_gradient(patches, G):
+    """``∇W = (1/N) Σ_n Σ_t Dh_t(n) a_t(n)ᵀ`` (Theorem 3 (i); (2.1) for ``|T| = 1``) from the
+    first pass's patches ``(N, d, |T|)`` and pre-activation gradients ``(N, out, |T|)``."""
+    N = patches.shape[0]
+    if patches.shape[-1] == 1:
+        return G[..., 0].T @ patches[..., 0] / N
+    return xp_of(patches).einsum("not,ndt->od", G, patches) / N
+
+
+def ratio_fraction(state):
+    """Per layer, the fraction of non-degenerate ``H_g`` pairs with ``ỹᵀHỹ / s̃ᵀỹ ≤ 2/μ₁``
+    (thesis §2.3.1, Figure 2.1; None if none)."""
+    d = state.diagnostics
+    return [w / (n - z) if n - z else None for n, z, w in zip(d["pairs"], d["pairs_degenerate"], d["ratio_le_2"])]
 
 
 def lemma6_bounds(lam_G, mu1, n_pairs):
@@ -155,182 +247,236 @@ def lemma6_bounds(lam_G, mu1, n_pairs):
     return lower, upper
 
 
-def ratio_fraction(state):
-    """Per layer, the fraction of ``H_G`` pairs with ``ỹᵀHỹ / s̃ᵀỹ ≤ 2/μ₁`` (None if none)."""
-    d = state["diagnostics"]
-    return [w / n if n else None for n, w in zip(d["pairs"], d["ratio_le_2"])]
+def _apply(H, v):
+    return H(v) if callable(H) else H @ v
 
 
-# ----------------------------------------------------------------------- method
-@dataclass(frozen=True)
-class _KBFGSBase(Method):
-    damping: float = 0.3
-    beta: float = 0.9
-    mu1: float = 0.2
-    T_update: int = 1
-    algorithm: str = "alg9"
-    momentum_form: str = "heavy_ball"
+class KBFGSCore(Method):
+    """The step both chapters share (thesis 003 Algorithms 4/5 and 9/10 have the same
+    skeleton): deferred second pass → damped (L-)BFGS update of ``H_g``; first pass →
+    momentum → direction ``−H_g m H_a``; on a curvature step the ``H_a`` update and the stash
+    of the batch for the next second pass. Chapter hooks: ``_h0_scale`` (``H_0`` of ``H_g``),
+    ``_damp`` (DD or ``D_P D_LM``), ``_accept`` / ``_accept_Ha`` (skip rules),
+    ``_curvature_due`` (schedule), ``_A_next`` (Ch.2's moving average of ``A``),
+    ``_gradient`` (the authors' weight decay).
 
-    limited = False
+    ``curvature(state)`` is ``BlockDiagonal`` over layers of ``Inverse(Kronecker(H_g, H_a))``
+    (row-major ``vec``: ``(H_g ⊗ H_a) vec(m) = vec(H_g m H_a)``) with ``H_a = state.H_a_used``
+    and ``H_g`` as a dense matrix (the L-BFGS recursion (3.16) for the L variants);
+    ``rhs(state, g) = state.m``."""
 
-    def _check(self):
-        check_positive(self.damping, "damping")
-        check_unit(self.beta, "beta", closed_low=False)
-        check_unit(self.mu1, "mu1", closed_low=False)
-        check_int(self.T_update, "T_update")
-        check_choice(self.algorithm, "algorithm", ("alg9", "alg10"))
-        check_choice(self.momentum_form, "momentum_form", ("heavy_ball", "ema"))
+    limited = False       # True: H_g by L-BFGS
+    exact_algorithms = ()  # algorithms with exact H_a = (A + λ_A I)⁻¹ and no gradient momentum
 
-    def __post_init__(self):
-        self._check()
+    # ------------------------------------------------------------ hooks (chapter)
+    def _h0_scale(self, lambda_G):  # pragma: no cover - abstract
+        raise NotImplementedError
 
+    def _damp(self, s, y, H, lambda_G):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _accept(self, ratio, s_t, y_t, g_bar):
+        return True
+
+    def _accept_Ha(self, s, y, abar):
+        return float(s @ y) > 0
+
+    def _curvature_due(self, k):
+        return True
+
+    def _A_next(self, state, l, P):
+        """The ``A`` the ``H_a`` update uses, if the method keeps one (Ch.2); None (Ch.3)."""
+        return None
+
+    def _gradient(self, g, W):
+        return g
+
+    @property
+    def _exact(self):
+        return self.algorithm in self.exact_algorithms
+
+    # ------------------------------------------------------------ state
     def init(self, net, params):
-        return {"k": 0, "m": None, "lambdas": None, "HA": None, "HG": None, "memory": None,
-                "sG": None, "yG": None, "pending": None, "last_pairs": None,
-                "diagnostics": {"pairs": None, "ratio_le_2": None}}
+        return self.State(diagnostics={key: [0] * len(params) for key in DIAGNOSTICS})
+
+    def _has(self, name):
+        return name in {f.name for f in fields(self.State)}
+
+    def _initial(self, patches, lambda_A):
+        """``A = (1/N) Σ_n Σ_t a aᵀ`` and ``H_a = (A + λ_A I)⁻¹`` (Alg. 4/9 line 3) per layer."""
+        A = [factor_A(P) for P in patches]
+        H = [_inverse_spd(Al + lA * xp_of(Al).eye(Al.shape[0], dtype=Al.dtype), "A + λ_A I")
+             for Al, lA in zip(A, lambda_A)]
+        return A, H
 
     def warm_start(self, state, net, params, batch):
-        """``A_l`` from ``batch`` (e.g. the whole data set, §3.4.3 / Algorithm 9 line 3) and
-        ``H_A = (A_l + λ_A I)⁻¹``."""
+        """``A`` from ``batch`` (e.g. the whole data set; Alg. 4 line 3, §2.8.2; Alg. 9 line 3,
+        §3.4.3) and ``H_a = (A + λ_A I)⁻¹``."""
+        self.check_state(state)
         if not isinstance(batch, Batch):
             raise ArgumentTypeError(f"batch must be a refcurv.methods.Batch, got {type(batch).__name__}")
-        A_list, _ = net.factors(params, batch.x, batch.y, batch.loss)
-        lambdas = [damping_split(self.damping, P.shape[-1]) for P in A_list]
-        return {**state, "lambdas": lambdas, "HA": self._initial_HA(A_list, lambdas)}
+        patches, _ = net.factors(params, batch.x, batch.y, batch.loss)
+        lam = [damping_split(self.damping, P.shape[-1]) for P in patches]
+        lambda_A, lambda_G = [a for a, _ in lam], [g for _, g in lam]
+        A, H = self._initial(patches, lambda_A)
+        extra = {"A": A} if self._has("A") else {}
+        return state.replace(lambda_A=lambda_A, lambda_G=lambda_G, H_a=H, **extra)
 
-    # ---- pieces
-    @staticmethod
-    def _initial_HA(A_list, lambdas):
-        out = []
-        for P, (lA, _) in zip(A_list, lambdas):
-            A = factor_A(P)
-            out.append(_inverse_spd(A + lA * xp_of(A).eye(A.shape[0], dtype=A.dtype), "A + λ_A I"))
-        return out
-
-    def _first_state(self, state, A_list, params):
-        """Fill what the first step creates: λ's, H_A (no warm start), H_G, EMAs, counters."""
-        state = dict(state)
-        if state["lambdas"] is None:
-            state["lambdas"] = [damping_split(self.damping, P.shape[-1]) for P in A_list]
-        if state["HA"] is None:
-            state["HA"] = self._initial_HA(A_list, state["lambdas"])
-        if state["sG"] is None:
-            xp = xp_of(params[0])
+    def _first_state(self, state, patches, params):
+        """What the first step creates if missing: λ's, ``A`` and ``H_a`` (no warm start),
+        ``H_g = H_0``, the zero pair ``(s_g, y_g)``."""
+        ch = {}
+        if state.lambda_A is None:
+            lam = [damping_split(self.damping, P.shape[-1]) for P in patches]
+            ch["lambda_A"], ch["lambda_G"] = [a for a, _ in lam], [g for _, g in lam]
+        lambda_A = ch.get("lambda_A", state.lambda_A)
+        lambda_G = ch.get("lambda_G", state.lambda_G)
+        if state.H_a is None:
+            A, ch["H_a"] = self._initial(patches, lambda_A)
+            if self._has("A") and state.A is None:
+                ch["A"] = A
+        if state.s_g is None:
+            xp, dt = xp_of(params[0]), params[0].dtype
             outs = [W.shape[0] for W in params]
-            dt = params[0].dtype
-            state["sG"] = [xp.zeros(o, dtype=dt) for o in outs]
-            state["yG"] = [xp.zeros(o, dtype=dt) for o in outs]
+            ch["s_g"] = [xp.zeros(o, dtype=dt) for o in outs]
+            ch["y_g"] = [xp.zeros(o, dtype=dt) for o in outs]
             if self.limited:
-                state["memory"] = [(xp.zeros((0, o), dtype=dt), xp.zeros((0, o), dtype=dt)) for o in outs]
+                ch["S"] = [xp.zeros((0, o), dtype=dt) for o in outs]
+                ch["Y"] = [xp.zeros((0, o), dtype=dt) for o in outs]
             else:
-                state["HG"] = [xp.eye(o, dtype=dt) / lG for o, (_, lG) in zip(outs, state["lambdas"])]
-            state["last_pairs"] = [None] * len(params)
-            state["diagnostics"] = {"pairs": [0] * len(params), "ratio_le_2": [0] * len(params)}
-        return state
+                ch["H_g"] = [self._h0_scale(lG) * xp.eye(o, dtype=dt) for o, lG in zip(outs, lambda_G)]
+        return state.replace(**ch) if ch else state
 
-    def _HG_operator(self, state, l, dense):
-        """``H_G`` of layer ``l`` as a matrix (BFGS; dense L-BFGS) or a callable (compact)."""
+    # ------------------------------------------------------------ H_g
+    def _hg_dense(self, state, l):
+        """``H_g`` of layer ``l`` as a matrix (L-BFGS: the recursion (2.12)/(3.16) from ``H_0``)."""
         if not self.limited:
-            return state["HG"][l]
-        S, Y = state["memory"][l]
-        gamma = 1.0 / state["lambdas"][l][1]
-        if dense:
-            return _lbfgs_matrix(S, Y, gamma)
-        return lambda v: _lbfgs_apply(S, Y, v, gamma)
+            return state.H_g[l]
+        S, Y = state.S[l], state.Y[l]
+        gamma = self._h0_scale(state.lambda_G[l])
+        if S.shape[0] == 0:
+            return gamma * xp_of(S).eye(S.shape[1], dtype=S.dtype)
+        return lbfgs_dense(S, Y, gamma)
 
-    @staticmethod
-    def _apply(H, v):
-        return H(v) if callable(H) else H @ v
+    def _hg_fast(self, state, l):
+        """``H_g`` of layer ``l``: the BFGS matrix, or (L-BFGS) the compact "non-loop" form
+        ``v ↦ γv + W(M(Wᵀv))`` (Byrd et al.; (W, M) built once per step)."""
+        if not self.limited:
+            return state.H_g[l]
+        S, Y = state.S[l], state.Y[l]
+        gamma = self._h0_scale(state.lambda_G[l])
+        if S.shape[0] == 0:
+            return lambda v: gamma * v
+        Wc, Mc = lbfgs_compact(S, Y, gamma)
+        return lambda v: gamma * v + Wc @ (Mc @ (Wc.T @ v))
 
-    def _update_HG(self, state, net, params, dense):
-        """Second pass on the pending batch at the current parameters, then the damped
-        (L-)BFGS update of every ``H_G`` (Algorithm 9 lines 13, 19-21 / Algorithm 10 14-16)."""
-        pend = state["pending"]
-        b = pend["batch"]
-        A_plus, G_plus = net.factors(params, b.x, b.y, b.loss)
-        beta = self.beta
-        sG, yG, HG, mem = list(state["sG"]), list(state["yG"]), state["HG"], state["memory"]
-        HG = None if HG is None else list(HG)
-        mem = None if mem is None else list(mem)
-        last = list(state["last_pairs"])
-        diag = {k: list(v) for k, v in state["diagnostics"].items()}
-        for l, (W, P, Gp) in enumerate(zip(params, A_plus, G_plus)):
-            h_plus = W @ mean_patch(P)                      # h̄⁺ = W⁺ â⁺ (mean over n and t)
-            dh_plus = Gp.mean(axis=(0, 2))                  # Dh̄⁺
-            sG[l] = beta * sG[l] + (1 - beta) * (h_plus - pend["h"][l])
-            yG[l] = beta * yG[l] + (1 - beta) * (dh_plus - pend["dh"][l])
-            lam_G = state["lambdas"][l][1]
-            H = self._HG_operator(state, l, dense)
-            if self.algorithm == "alg9":
-                s_t, y_t, theta = dp_dlm(sG[l], yG[l], H, self.mu1, lam_G)      # Algorithm 8
-            else:
-                s_t, y_t, theta = dpi_dlm(sG[l], yG[l], self.mu1, lam_G)        # Algorithm 11
-            sy = float(s_t @ y_t)
-            if not sy > 0:  # only s̃ = 0 (s_G = y_G = 0): no information, no update
-                last[l] = None
-                continue
-            ratio = float(y_t @ self._apply(H, y_t)) / sy
+    def _second_pass(self, state, net, params, dense):
+        """Second pass on the pending batch at the current parameters, then the moving-average
+        pair, its damping and the (L-)BFGS update of every ``H_g`` (Alg. 4 lines 13-18 / Alg. 5
+        lines 12-19; Alg. 9 lines 13, 19-21 / Alg. 10 lines 14-16)."""
+        pend, b = state.pending, self.beta
+        patches, G = net.factors(params, pend.batch.x, pend.batch.y, pend.batch.loss)
+        s_g, y_g, last = list(state.s_g), list(state.y_g), list(state.last_pairs or [None] * len(params))
+        H_g = None if self.limited else list(state.H_g)
+        S, Y = (list(state.S), list(state.Y)) if self.limited else (None, None)
+        diag = {key: list(v) for key, v in state.diagnostics.items()}
+        for l, (W, P, Gp) in enumerate(zip(params, patches, G)):
+            h_plus = W @ mean_patch(P)                                          # h̄⁺ = W⁺ â⁺
+            g_plus = Gp.mean(axis=(0, 2))                                       # ḡ⁺ = Dh̄⁺
+            s_g[l] = b * s_g[l] + (1 - b) * (h_plus - pend.h_bar[l])            # (2.5), Alg. 9 l. 19
+            y_g[l] = b * y_g[l] + (1 - b) * (g_plus - pend.g_bar[l])
+            H = self._hg_dense(state, l) if dense else self._hg_fast(state, l)
+            s_t, y_t, th1, th2 = self._damp(s_g[l], y_g[l], H, state.lambda_G[l])
+            sty = float(s_t @ y_t)
             diag["pairs"][l] += 1
-            diag["ratio_le_2"][l] += int(ratio <= 2 / self.mu1)
-            last[l] = {"s": sG[l], "y": yG[l], "s_damped": s_t, "y_damped": y_t, "theta": theta,
-                       "ratio": ratio, "k": state["k"]}
-            if self.limited:
-                S, Y = mem[l]
-                xp = xp_of(S)
-                mem[l] = (xp.concatenate([S, s_t[None]])[-self.memory:], xp.concatenate([Y, y_t[None]])[-self.memory:])
-            else:
-                HG[l] = bfgs_update_H(HG[l], s_t, y_t)                            # (3.11)
-        return {**state, "sG": sG, "yG": yG, "HG": HG, "memory": mem, "last_pairs": last,
-                "diagnostics": diag, "pending": None}
+            if sty > 0:
+                ratio = float(y_t @ _apply(H, y_t)) / sty
+                # ratio = 1/μ₁ holds with equality whenever Powell's damping on H acts and DD's
+                # B = I step does not (θ₁ < 1, θ₂ = 1): compare with a rounding slack
+                slack = 1 + np.sqrt(np.finfo(s_t.dtype).eps)
+                diag["ratio_le_1"][l] += int(ratio <= slack / self.mu1)
+                diag["ratio_le_2"][l] += int(ratio <= 2 * slack / self.mu1)
+                used = bool(self._accept(ratio, s_t, y_t, pend.g_bar[l]))
+                diag["pairs_used" if used else "pairs_skipped"][l] += 1
+            else:  # only s̃ = 0 (s_g = y_g = 0: the layer did not move): no information
+                ratio, used = float("inf"), False
+                diag["pairs_degenerate"][l] += 1
+            if used:
+                if self.limited:
+                    xp = xp_of(s_t)
+                    S[l] = xp.concatenate([S[l], s_t[None]])[-self.memory:]
+                    Y[l] = xp.concatenate([Y[l], y_t[None]])[-self.memory:]
+                else:
+                    H_g[l] = bfgs_product_form(H_g[l], s_t, y_t) if dense else bfgs_update_H(H_g[l], s_t, y_t)
+            last[l] = PairRecord(k=state.k, s=s_g[l], y=y_g[l], s_t=s_t, y_t=y_t, theta1=th1, theta2=th2,
+                                 ratio=ratio, used=used)
+        ch = {"S": S, "Y": Y} if self.limited else {"H_g": H_g}
+        return state.replace(s_g=s_g, y_g=y_g, last_pairs=last, diagnostics=diag, pending=None, **ch)
+
+    # ------------------------------------------------------------ one step
+    def _momentum(self, state, g, params):
+        """Alg. 4 line 8 (``"ema"``: ``m ← μm + (1−μ)g``) / Alg. 9 line 8 (``"heavy_ball"``:
+        ``m ← μm + g``); ``m = g`` for Algorithms 5 and 10."""
+        g = [self._gradient(gi, W) for gi, W in zip(g, params)]
+        if self._exact:
+            return g
+        c = 1.0 if self.momentum_form == "heavy_ball" else 1 - self.momentum
+        prev = state.m if state.m is not None else [0 * gi for gi in g]
+        return [self.momentum * a + c * gi for a, gi in zip(prev, g)]
 
     def _step(self, state, net, params, batch, dense):
-        # (1) deferred H_G update with the second pass of the previous curvature step
-        if state["pending"] is not None:
-            state = self._update_HG(state, net, params, dense)
-        # first forward-backward pass on M_k
-        A_list, G_list = net.factors(params, batch.x, batch.y, batch.loss)
-        state = self._first_state(state, A_list, params)
-        xp = xp_of(params[0])
-        N = A_list[0].shape[0]
-        g = [xp.einsum("not,ndt->od", G, P) / N for G, P in zip(G_list, A_list)]  # Theorem 3 i
-        # momentum (Algorithm 9 line 8; §3.4.2) — Algorithm 10 uses the mini-batch gradient
-        if self.algorithm == "alg10":
-            m = g
+        # (1) the deferred second pass of the previous curvature step
+        if state.pending is not None:
+            state = self._second_pass(state, net, params, dense)
+        # (2) first forward-backward pass on M_k, momentum, direction −H_g m H_a
+        patches, G = net.factors(params, batch.x, batch.y, batch.loss)
+        state = self._first_state(state, patches, params)
+        if dense:  # the gradient from refcurv's per-sample gradients, not from the factors
+            g = net.grad(params, batch.x, batch.y, batch.loss)
         else:
-            c = 1.0 if self.momentum_form == "heavy_ball" else 1 - self.beta
-            prev = state["m"] if state["m"] is not None else [0 * gi for gi in g]
-            m = [self.beta * a + c * b for a, b in zip(prev, g)]
-        # (2) direction −H_G m H_A
+            g = [layer_gradient(P, Gl) for P, Gl in zip(patches, G)]
+        m = self._momentum(state, g, params)
         direction = []
-        for l, mi in enumerate(m):
-            HA = state["HA"][l]
-            H = self._HG_operator(state, l, dense)
-            if dense:
-                K = xp.kron(H, HA)  # row-major vec: (H_G ⊗ H_A) vec(m) = vec(H_G m H_A), H_A = H_Aᵀ
-                direction.append(-(K @ mi.ravel()).reshape(mi.shape))
+        for l, ml in enumerate(m):
+            if dense:  # row-major vec: (H_g ⊗ H_a) vec(m) = vec(H_g m H_a), H_a = H_aᵀ
+                K = xp_of(ml).kron(self._hg_dense(state, l), state.H_a[l])
+                direction.append(-(K @ ml.ravel()).reshape(ml.shape))
             else:
-                direction.append(-self._apply(H, mi @ HA))
-        # (3) curvature step: H_A update from M_k, stash M_k for the deferred H_G update
-        k = state["k"]
-        HA_new, pending = state["HA"], None
-        if (k + 1) % self.T_update == 0:
-            HA_new = []
-            for l, (P, HA) in enumerate(zip(A_list, state["HA"])):
-                lam_A = state["lambdas"][l][0]
-                eye = xp.eye(HA.shape[0], dtype=HA.dtype)
-                if self.algorithm == "alg10":
-                    HA_new.append(_inverse_spd(factor_A(P) + lam_A * eye, "Â + λ_A I"))  # Alg. 10 line 12
-                    continue
-                s_A = HA @ mean_patch(P)                                                 # (3.14)
-                As = factor_A(P) @ s_A if dense else hessian_action(P, s_A)              # (3.15)
-                y_A = As + lam_A * s_A
-                HA_new.append(bfgs_update_H(HA, s_A, y_A) if float(s_A @ y_A) > 0 else HA)
-            pending = {"batch": batch.own_copy(),
-                       "h": [W @ mean_patch(P) for W, P in zip(params, A_list)],         # h̄ = W â
-                       "dh": [G.mean(axis=(0, 2)) for G in G_list]}                       # Dh̄
-        new_state = {**state, "k": k + 1, "m": m if self.algorithm == "alg9" else None,
-                     "HA": HA_new, "pending": pending}
-        return direction, new_state
+                direction.append(-_apply(self._hg_fast(state, l), ml @ state.H_a[l]))
+        # (3) curvature step: A (Ch.2), H_a from this pass's patches; stash M_k
+        ch = {"pending": None}
+        if self._curvature_due(state.k):
+            ch = self._curvature_update(state, patches, G, params, batch, dense)
+        new = state.replace(k=state.k + 1, m=m, H_a_used=state.H_a, **ch)
+        return direction, new
+
+    def _curvature_update(self, state, patches, G, params, batch, dense):
+        H_a, A = [], []
+        diag = {key: list(v) for key, v in state.diagnostics.items()}
+        for l, P in enumerate(patches):
+            lam_A, Hl = state.lambda_A[l], state.H_a[l]
+            A_l = self._A_next(state, l, P)
+            A.append(A_l)
+            if self._exact:  # Alg. 5 line 23 / Alg. 10 line 12: H_a = (A + λ_A I)⁻¹
+                M = A_l if A_l is not None else factor_A(P)
+                H_a.append(_inverse_spd(M + lam_A * xp_of(M).eye(M.shape[0], dtype=M.dtype), "A + λ_A I"))
+                continue
+            # Hessian-action BFGS (§2.4; (3.14)-(3.15)): the fast Ch.3 form never forms A
+            M = A_l if A_l is not None else (factor_A(P) if dense else P)
+            abar = mean_patch(P)
+            s_a, y_a = hessian_action_pair(Hl, abar, M, lam_A)
+            if self._accept_Ha(s_a, y_a, abar):
+                H_a.append(bfgs_product_form(Hl, s_a, y_a) if dense else bfgs_update_H(Hl, s_a, y_a))
+            else:
+                H_a.append(Hl)
+                diag["ha_skipped"][l] += 1
+        ch = {"H_a": H_a, "diagnostics": diag,
+              "pending": PendingPass(batch=batch.own_copy(),
+                                     h_bar=[W @ mean_patch(P) for W, P in zip(params, patches)],  # h̄ = W â
+                                     g_bar=[Gl.mean(axis=(0, 2)) for Gl in G])}                   # ḡ = Dh̄
+        if self._has("A"):
+            ch["A"] = A
+        return ch
 
     def _fast(self, state, net, params, batch, draws):
         return self._step(state, net, params, batch, dense=False)
@@ -338,26 +484,89 @@ class _KBFGSBase(Method):
     def _dense(self, state, net, params, batch, draws):
         return self._step(state, net, params, batch, dense=True)
 
+    # ------------------------------------------------------------ curvature
+    def curvature(self, state, net=None, params=None, batch=None, draws=None):
+        self.check_state(state)
+        if state.H_a_used is None:
+            raise StateError(f"{self.name}.curvature: the state has made no step yet (H_a_used is None)")
+        return BlockDiagonal([Inverse(Kronecker(self._hg_dense(state, l), Ha))
+                              for l, Ha in enumerate(state.H_a_used)])
+
+    def rhs(self, state, grads):
+        """The momentum buffer ``m`` (the mini-batch gradient for Algorithms 5 and 10)."""
+        return state.m
+
+
+# ============================================================== Chapter 3 (conv)
+@dataclass(frozen=True)
+class _KBFGSBase(KBFGSCore):
+    damping: float = 0.3
+    momentum: float = 0.9
+    beta: float = 0.9
+    mu1: float = 0.2
+    T_inv: int = 1
+    phase: str = "k0"
+    algorithm: str = "alg9"
+    momentum_form: str = "heavy_ball"
+
+    exact_algorithms = ("alg10",)
+
+    def _check(self):
+        check_positive(self.damping, "damping")
+        check_unit(self.momentum, "momentum")
+        check_unit(self.beta, "beta", closed_low=False)
+        check_unit(self.mu1, "mu1", closed_low=False)
+        check_int(self.T_inv, "T_inv")
+        check_choice(self.phase, "phase", ("k0", "paper"))
+        check_choice(self.algorithm, "algorithm", ("alg9", "alg10"))
+        check_choice(self.momentum_form, "momentum_form", ("heavy_ball", "ema"))
+
+    def __post_init__(self):
+        self._check()
+
+    def _h0_scale(self, lambda_G):
+        return 1.0 / lambda_G  # Alg. 9 line 3: H_G = λ_G⁻¹ I (also L-BFGS's H_0, line 9)
+
+    def _damp(self, s, y, H, lambda_G):
+        if self.algorithm == "alg9":
+            s_t, y_t, th = dp_dlm(s, y, H, self.mu1, lambda_G)   # Algorithm 8
+        else:
+            s_t, y_t, th = dpi_dlm(s, y, self.mu1, lambda_G)     # Algorithm 11
+        return s_t, y_t, th, None
+
+    def _curvature_due(self, k):
+        """``phase="k0"``: 0-based ``k ≡ 0 (mod T_inv)`` (:func:`refresh_due`); ``"paper"``:
+        Algorithm 9 line 12, 1-based ``k ≡ 0 (mod T)``, i.e. 0-based ``k ≡ T_inv − 1``."""
+        if self.phase == "paper":
+            return (k + 1) % self.T_inv == 0
+        return refresh_due(k, self.T_inv)
+
 
 @register
 @dataclass(frozen=True)
 class KBFGS(_KBFGSBase):
     """K-BFGS (thesis 003 Algorithm 9; Algorithm 10's variant with ``algorithm="alg10"``):
-    ``H_G`` a dense ``out × out`` BFGS matrix. Hyper-parameters: ``damping`` λ, ``beta``
-    (momentum and ``(s_G, y_G)`` averages), ``mu1`` (Powell), ``T_update`` (curvature
-    frequency), ``algorithm`` ("alg9" | "alg10"), ``momentum_form`` ("heavy_ball" | "ema")."""
+    ``H_g`` a dense ``out × out`` BFGS matrix. Hyper-parameters: ``damping`` λ, ``momentum``
+    μ (Alg. 9 line 8's β), ``beta`` (moving average of ``(s_g, y_g)``, line 19), ``mu1``
+    (Powell), ``T_inv`` (curvature frequency T), ``phase`` ("k0" | "paper"), ``algorithm``
+    ("alg9" | "alg10"), ``momentum_form`` ("heavy_ball" | "ema").
+
+    Curvature: ``C = ⊕_l (H_g ⊗ H_a)⁻¹`` (3.10), ``rhs = m`` (module docstring).
+    Shared by both forms: see the module docstring."""
 
     name = "kbfgs"
     seed_ref = "003 Ch.3 Alg. 8-11, (3.9)-(3.16)"
     summary = "Kronecker-factored BFGS (H_G by damped BFGS, H_A by minibatched Hessian action), conv + linear"
+    State = KBFGSState
 
 
 @register
 @dataclass(frozen=True)
 class KBFGSL(_KBFGSBase):
-    """K-BFGS(L) (thesis 003 Algorithms 9 and 10): ``H_G`` by L-BFGS with the last ``memory`` (thesis: ``p``) pairs
-    from ``H_0 = λ_G⁻¹ I``, applied in compact form. Hyper-parameters as :class:`KBFGS`, plus
-    the ``memory``."""
+    """K-BFGS(L) (thesis 003 Algorithms 9 and 10): ``H_g`` by L-BFGS with the last ``memory``
+    (thesis: ``p``) pairs from ``H_0 = λ_G⁻¹ I``, applied in compact form. Hyper-parameters as
+    :class:`KBFGS`, plus the ``memory``. Curvature: as :class:`KBFGS` with ``H_g`` the dense
+    L-BFGS matrix (3.16)."""
 
     memory: int = 100
 
@@ -365,6 +574,7 @@ class KBFGSL(_KBFGSBase):
     limited = True
     seed_ref = "003 Ch.3 Alg. 8-11, (3.9)-(3.16)"
     summary = "Kronecker-factored L-BFGS (H_G by damped L-BFGS, compact form), conv + linear"
+    State = KBFGSLState
 
     def __post_init__(self):
         self._check()

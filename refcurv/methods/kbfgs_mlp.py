@@ -22,9 +22,11 @@ Per layer ``l`` with weight ``W ∈ R^{d_o × d_i}`` (bias = last column, ``a = 
   double-damped (Algorithm 3) with ``H = H_g``, ``μ₁``, ``μ₂ = λ_G``, then used in BFGS (2.6)
   (or stored as the newest L-BFGS pair). ``s_g = y_g = 0`` initially.
 * direction ``−H_g m H_a`` (2.4, Algorithm 4 line 9) with the momentum gradient
-  ``m ← βm + (1−β)∇f̄`` (Algorithm 4 line 8 as §2.5.2 item 1 states it; the printed line
-  is garbled, see errata), ``m = 0`` initially; ``algorithm="alg5"`` uses ``m = ∇f̄``
-  (Algorithm 5 line 8).
+  ``m ← μm + (1−μ)∇f̄`` (``momentum_form="ema"``, the default: Algorithm 4 line 8 as §2.5.2
+  item 1 states it; the printed line is garbled, see errata; ``momentum`` μ = 0.9 is the β
+  of that line, separate from the ``beta`` of the moving averages of ``A`` and
+  ``(s_g, y_g)``), ``m = 0`` initially; ``momentum_form="heavy_ball"`` is Chapter 3's
+  ``m ← μm + ∇f̄``; ``algorithm="alg5"`` uses ``m = ∇f̄`` (Algorithm 5 line 8).
 * damping split ``λ_A = λ_G = √λ`` (Algorithm 4 line 2); ``λ ∈ (0, 1]`` so that
   ``μ₂ = √λ ∈ (0, 1]`` as DD requires (§2.3.1: ỹ is then a convex combination of y and s̃).
 
@@ -67,20 +69,39 @@ never performed (it would not change any parameter).
 
 Initialization (Algorithm 4 line 3): :meth:`warm_start` sets ``A`` from a forward pass over any
 data (the thesis uses the whole training set, §2.8.2) and ``H_a = (A + λ_A I)⁻¹``; without it
-the first step's mini-batch does. ``H_g = I``.
+the first step's mini-batch does. ``H_g = I``. Chapter 2 prints no curvature interval (every
+iteration updates ``A``, ``H_a`` and ``H_g``), so these methods have no ``T_inv``.
 
 Guards where the thesis is silent: a DD output with ``s̃ᵀỹ ≤ 0`` (only when
 ``s_g = y_g = 0``, e.g. a layer whose parameters did not move) is not used (counted as
 "degenerate"); the Hessian-action pair is not used when ``s_aᵀy_a ≤ 0`` (only when ``ā = 0``).
 
-Diagnostics. ``state["dd"]`` holds, per layer, the last DD record (``s, y`` before and ``s̃, ỹ``
-after damping, ``θ₁, θ₂``, ``ratio = ỹᵀHỹ/s̃ᵀỹ`` with the ``H_g`` used by DD, ``used``);
-``state["diagnostics"]`` counts per layer the pairs seen, used, skipped (``algorithm="alg5"``:
-``ratio > skip_factor/μ₁``, Algorithm 5 line 17), degenerate, and those with
-``ratio ≤ 1/μ₁`` and ``≤ 2/μ₁`` (the statistic of Figure 2.1). These comparisons carry a
-relative slack ``√eps``: when Powell's damping on H acts and the ``B = I`` step does not
-(``θ₁ < 1``, ``θ₂ = 1``), ``ratio = 1/μ₁`` holds with equality, and line 17's ``≥`` accepts it.
-``diagnostics["ha_skipped"]`` counts the Hessian-action pairs not used.
+State: :class:`KBFGSMLPState` / :class:`KBFGSLMLPState` (frozen), the fields of the
+Chapter 3 states (:class:`refcurv.methods.kbfgs.KBFGSStateBase`: ``m``, ``H_a``,
+``H_a_used``, ``s_g``, ``y_g``, ``lambda_A``, ``lambda_G``, ``pending``, ``last_pairs``; ``H_g``
+or ``S``, ``Y``) plus ``A``, the moving average of (2.3).
+
+Diagnostics. ``state.last_pairs`` holds, per layer, the last DD record
+(:class:`~refcurv.methods.kbfgs.PairRecord`: ``s, y`` before and ``s_t, y_t`` after damping,
+``θ₁, θ₂``, ``ratio = ỹᵀHỹ/s̃ᵀỹ`` with the ``H_g`` used by DD, ``used``; None before the first
+update); ``state.diagnostics`` counts per layer (keys shared with Chapter 3) the pairs seen
+(``pairs``), ``pairs_used``, ``pairs_skipped`` (``algorithm="alg5"``: ``ratio > skip_factor/μ₁``,
+Algorithm 5 line 17; the authors' test), ``pairs_degenerate``, and those with
+``ratio ≤ 1/μ₁`` and ``≤ 2/μ₁`` (``ratio_le_1``, ``ratio_le_2``; the statistic of Figure 2.1).
+These comparisons carry a relative slack ``√eps``: when Powell's damping on H acts and the
+``B = I`` step does not (``θ₁ < 1``, ``θ₂ = 1``), ``ratio = 1/μ₁`` holds with equality, and
+line 17's ``≥`` accepts it. ``ha_skipped`` counts the Hessian-action pairs not used.
+
+Curvature operator: as for Chapter 3, ``C = BlockDiagonal_l[(H_g ⊗ H_a)⁻¹]`` with
+``H_a = state.H_a_used`` and ``H_g`` dense (L-BFGS recursion (2.12)); ``rhs(state, g) =
+state.m``.
+
+The two forms share the step skeleton with Chapter 3
+(:class:`refcurv.methods.kbfgs.KBFGSCore`; its order of operations and moving averages are
+pinned by the explicit Algorithm 4/5 replays in the tests) and these kernels, each tested on
+its own: :func:`refcurv.linalg.kronecker.damping_split`, ``factor_A``, ``mean_patch``,
+``hessian_action_pair``; :func:`refcurv.linalg.damping.double_damping`;
+:func:`refcurv.linalg.quasi_newton.lbfgs_dense`; :func:`authors_accepts`; ``net.factors``.
 
 Authors' variant (``variant="authors"``, design §8; Algorithm 4 only). The authors' published
 code (github.com/renyiryry/kbfgs_neurips2020_public: ``training_function.py``,
@@ -91,7 +112,7 @@ undamped moving-average pair; ``A^{LM} = A + √λ I``; 0.9 for every moving ave
 correction; L-BFGS with ``p = 100`` pairs in compact form with ``H_0 = γI``, γ = 1; the second
 pass on the same mini-batch) is what the paper variant already does. The four departures:
 
-1. weight decay in the momentum: ``m ← βm + (1−β)(∇f̄ + τW)``, ``τ = weight_decay``
+1. weight decay in the momentum: ``m ← μm + (1−μ)(∇f̄ + τW)``, ``τ = weight_decay``
    (default ``1e-5``), ``W`` including the bias column (the gradient of
    ``f̄ + (τ/2)‖θ‖²``; the (s, y) passes use the unregularized loss);
 2. no moving average of ``A`` at the first iteration (``k = 0``): ``A`` stays at its warm-start
@@ -113,22 +134,16 @@ under ``(s, y) → (−s, −y)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from ..backend import xp_of
 from ..errors import HyperParameterError
 from ..linalg.damping import double_damping
-from ..linalg.quasi_newton import bfgs_update_H, lbfgs_compact, lbfgs_dense
-from ..linalg.woodbury import spd_solve
-from .base import (
-    Method,
-    check_choice,
-    check_int,
-    check_nonnegative,
-    check_positive,
-    check_unit,
-)
+from ..linalg.kronecker import factor_A
+from .base import check_choice, check_int, check_nonnegative, check_positive, check_unit, state_field
+from .kbfgs import _H_G_DOC, _S_DOC, _Y_DOC, KBFGSCore, KBFGSStateBase
 from .registry import register
 
 #: the authors' code (``kbfgs_utils.py::get_BFGS_formula``, ``Kron_LBFGS_append_s_y``): a pair
@@ -136,6 +151,25 @@ from .registry import register
 AUTHORS_SKIP = 1e-4
 #: ``τ`` of the authors' code (``training_function.py``: ``args['tau'] = 10**(-5)``)
 AUTHORS_WEIGHT_DECAY = 1e-5
+
+_A_DOC = "A ≈ E[a aᵀ] per layer (d × d), moving average with beta (Alg. 4 line 20, (2.3))"
+
+
+@dataclass(frozen=True, kw_only=True)
+class KBFGSMLPState(KBFGSStateBase):
+    """State of ``"kbfgs-mlp"`` (thesis 003 Algorithm 4/5 with BFGS ``H_g``)."""
+
+    A: Any = state_field(doc=_A_DOC)
+    H_g: Any = state_field(doc=_H_G_DOC + ", from I (Alg. 4 line 3)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class KBFGSLMLPState(KBFGSStateBase):
+    """State of ``"kbfgs-l-mlp"`` (thesis 003 Algorithm 4/5 with L-BFGS ``H_g`` from ``H_0 = I``)."""
+
+    A: Any = state_field(doc=_A_DOC)
+    S: Any = state_field(doc=_S_DOC)
+    Y: Any = state_field(doc=_Y_DOC)
 
 
 # ----------------------------------------------------------------- helpers
@@ -145,27 +179,6 @@ def layer_statistics(net, params, batch):
     gradients of the per-sample losses (thesis (2.1)–(2.2))."""
     A, G = net.factors(params, batch.x, batch.y, batch.loss)
     return [(a[..., 0], g[..., 0]) for a, g in zip(A, G)]
-
-
-def bfgs_product_form(H, s, y):
-    """(2.6) written literally: ``H⁺ = (I − ρ s yᵀ) H (I − ρ y sᵀ) + ρ s sᵀ``, ``ρ = 1/sᵀy``
-    (the dense form's BFGS; symmetrized, as the product is only symmetric in exact
-    arithmetic)."""
-    xp = xp_of(H)
-    rho = 1.0 / float(s @ y)
-    V = xp.eye(H.shape[0], dtype=H.dtype) - rho * xp.outer(y, s)
-    Hp = V.T @ H @ V + rho * xp.outer(s, s)
-    return (Hp + Hp.T) / 2
-
-
-def hessian_action_pair(Ha, A, abar, lam_A):
-    """§2.4 / Algorithm 4 line 22: ``s_a = H_a ā``, ``y_a = A^{LM} s_a = A s_a + λ_A s_a``."""
-    s = Ha @ abar
-    return s, A @ s + lam_A * s
-
-
-def _apply(H, v):
-    return H(v) if callable(H) else H @ v
 
 
 def authors_accepts(s, y, v):
@@ -178,34 +191,39 @@ def authors_accepts(s, y, v):
 
 # ----------------------------------------------------------------- the method
 @dataclass(frozen=True)
-class _KBFGSMLPBase(Method):
+class _KBFGSMLPBase(KBFGSCore):
     """Shared implementation of K-BFGS-20 / K-BFGS(L)-20 (thesis 003 Algorithms 4 and 5).
 
     Hyper-parameters: ``damping`` λ ∈ (0, 1] (``λ_A = λ_G = √λ``; default 0.3, the best value
-    in Table 2.5 for MNIST (both methods) and CURVES (K-BFGS(L))), ``beta`` (moving averages
-    of ∇f, A and (s_g, y_g); 0.9), ``mu1`` (Powell damping on H in DD; 0.2),
-    ``algorithm`` ("alg4" | "alg5": DD-skip, exact ``H_a = (A^{LM})⁻¹`` and no gradient
-    momentum), ``skip_factor`` c (alg5 skips a pair when ``ỹᵀHỹ/s̃ᵀỹ > c/μ₁``; c = 1 is
-    Algorithm 5 line 17, c = 2 the "2/μ₁" of §2.3 — see errata), ``variant`` ("paper" |
-    "authors": the authors' code, module docstring — with ``algorithm="alg4"`` only),
-    ``weight_decay`` τ ≥ 0 of the authors' momentum ``m ← βm + (1−β)(∇f̄ + τW)`` (``None``:
-    ``1e-5`` for "authors"; "paper" has none)."""
+    in Table 2.5 for MNIST (both methods) and CURVES (K-BFGS(L))), ``momentum`` μ (decay of
+    the gradient momentum, Alg. 4 line 8; 0.9), ``beta`` (moving averages of A and
+    (s_g, y_g); 0.9), ``mu1`` (Powell damping on H in DD; 0.2), ``momentum_form`` ("ema" |
+    "heavy_ball"; "ema" as §2.5.2 prints), ``algorithm`` ("alg4" | "alg5": DD-skip, exact
+    ``H_a = (A^{LM})⁻¹`` and no gradient momentum), ``skip_factor`` c (alg5 skips a pair when
+    ``ỹᵀHỹ/s̃ᵀỹ > c/μ₁``; c = 1 is Algorithm 5 line 17, c = 2 the "2/μ₁" of §2.3 — see
+    errata), ``variant`` ("paper" | "authors": the authors' code, module docstring — with
+    ``algorithm="alg4"`` only), ``weight_decay`` τ ≥ 0 of the authors' momentum
+    ``m ← μm + (1−μ)(∇f̄ + τW)`` (``None``: ``1e-5`` for "authors"; "paper" has none)."""
 
     damping: float = 0.3
+    momentum: float = 0.9
     beta: float = 0.9
     mu1: float = 0.2
+    momentum_form: str = "ema"
     algorithm: str = "alg4"
     skip_factor: float = 1.0
     variant: str = "paper"
     weight_decay: float | None = None
 
     supports_conv = False
-    limited = False  # True: H_g by L-BFGS
+    exact_algorithms = ("alg5",)
 
     def __post_init__(self):
         check_unit(self.damping, "damping", closed_low=False, closed_high=True)
+        check_unit(self.momentum, "momentum")
         check_unit(self.beta, "beta")
         check_unit(self.mu1, "mu1", closed_low=False)
+        check_choice(self.momentum_form, "momentum_form", ("heavy_ball", "ema"))
         check_choice(self.algorithm, "algorithm", ("alg4", "alg5"))
         check_positive(self.skip_factor, "skip_factor")
         check_choice(self.variant, "variant", ("paper", "authors"))
@@ -217,198 +235,65 @@ class _KBFGSMLPBase(Method):
                 raise HyperParameterError("weight_decay is part of variant='authors' (the paper's algorithm has none)")
 
     @property
-    def tau(self):
+    def effective_weight_decay(self):
         """Weight decay τ of the momentum gradient (0 for "paper")."""
         if self.variant == "paper":
             return 0.0
         return AUTHORS_WEIGHT_DECAY if self.weight_decay is None else float(self.weight_decay)
 
-    @property
-    def lam(self):
-        """``λ_A = λ_G = √λ`` (Algorithm 4 line 2)."""
-        return float(np.sqrt(self.damping))
+    # -------------------------------------------------------------- hooks
+    def _h0_scale(self, lambda_G):
+        return 1.0  # Alg. 4 line 3: H_g = I; line 10: L-BFGS from H_0 = I
 
-    # -------------------------------------------------------------- state
-    def init(self, net, params):
-        xp = xp_of(*params)
-        dt = np.result_type(*(W.dtype for W in params), np.float32)
-        shapes = [W.shape for W in params]
-        state = {
-            "k": 0,
-            "m": [xp.zeros(s, dtype=dt) for s in shapes],
-            "A": None, "Ha": None,
-            "sg": [xp.zeros(s[0], dtype=dt) for s in shapes],
-            "yg": [xp.zeros(s[0], dtype=dt) for s in shapes],
-            "prev": None, "dd": None,
-            "diagnostics": {key: [0] * len(shapes) for key in
-                     ("pairs", "used", "skipped", "degenerate", "ratio_le_1", "ratio_le_2",
-                                               "ha_skipped")},
-        }
-        if self.limited:
-            state["S"] = [xp.zeros((0, s[0]), dtype=dt) for s in shapes]
-            state["Y"] = [xp.zeros((0, s[0]), dtype=dt) for s in shapes]
-        else:
-            state["Hg"] = [xp.eye(s[0], dtype=dt) for s in shapes]
-        return state
+    def _damp(self, s, y, H, lambda_G):
+        return double_damping(s, y, H, self.mu1, lambda_G)  # line 17, Algorithm 3 (μ₂ = √λ)
 
-    def _initial_A(self, stats):
-        """``A = mean_i a aᵀ``, ``H_a = (A + λ_A I)⁻¹`` (Algorithm 4/5 line 3)."""
-        A, Ha = [], []
-        for a, _ in stats:
-            Al = a.T @ a / a.shape[0]
-            I = xp_of(Al).eye(Al.shape[0], dtype=Al.dtype)
-            A.append(Al)
-            Ha.append(spd_solve(Al + self.lam * I, I, "A + λ_A I"))
-        return A, Ha
+    def _accept(self, ratio, s_t, y_t, g_bar):
+        if self.variant == "authors":  # departure 3: s̃ᵀỹ > 1e-4·s̃ᵀs̃·‖ḡ‖, ḡ of θ_k
+            return authors_accepts(s_t, y_t, g_bar)
+        if self.algorithm == "alg5":  # Algorithm 5 line 17: skip unless s̃ᵀỹ ≥ (μ₁/c) ỹᵀHỹ
+            slack = 1 + np.sqrt(np.finfo(s_t.dtype).eps)
+            return ratio <= self.skip_factor * slack / self.mu1
+        return True
 
-    def warm_start(self, state, net, params, batch):
-        """Algorithm 4 line 3: ``A`` by a forward pass over ``batch`` (e.g. the whole data set,
-        §2.8.2) and ``H_a = (A + λ_A I)⁻¹``."""
-        A, Ha = self._initial_A(layer_statistics(net, params, batch))
-        return {**state, "A": A, "Ha": Ha}
+    def _accept_Ha(self, s, y, abar):
+        # departure 4 (authors): s_aᵀy_a > 1e-4·s_aᵀs_a·‖v‖ with v the mean input with its last
+        # entry set to 1 — refcurv's ā (the mean of the ones row is exactly 1; a bias-free layer
+        # has no such entry and keeps its mean input)
+        if self.variant == "authors":
+            return authors_accepts(s, y, abar)
+        return float(s @ y) > 0
 
-    # -------------------------------------------------------------- H_g
-    def _hg_operator(self, state, j, dense):
-        """``H_g`` of layer ``j``: a matrix, or (fast K-BFGS(L)) the callable compact form."""
-        if not self.limited:
-            return state["Hg"][j]
-        S, Y = state["S"][j], state["Y"][j]
-        if S.shape[0] == 0:
-            return xp_of(S).eye(S.shape[1], dtype=S.dtype)
-        if dense:
-            return lbfgs_dense(S, Y)  # recursion (2.12) from H_0 = I: the definition
-        # "non-loop" (compact) form [20] with H_0 = I: H v = v + W (M (Wᵀ v)), i.e.
-        # lbfgs_compact_apply(S, Y, v) with (W, M) built once per step
-        Wc, Mc = lbfgs_compact(S, Y)
-        return lambda v: v + Wc @ (Mc @ (Wc.T @ v))
+    def _A_next(self, state, l, P):
+        """Line 20: ``A ← βA + (1−β) mean_i a aᵀ`` (the authors keep ``A`` at ``k = 0``)."""
+        if self.variant == "authors" and state.k == 0:  # departure 2
+            return state.A[l]
+        return self.beta * state.A[l] + (1 - self.beta) * factor_A(P)
 
-    def _update_Hg(self, state, net, params, dense):
-        """Lines 13–18 of the previous iteration (Algorithm 5 lines 12–19 for alg5): second
-        pass on the previous mini-batch at the current parameters."""
-        prev = state["prev"]
-        stats = layer_statistics(net, params, prev["batch"])
-        b = self.beta
-        new = {"sg": [], "yg": [], "dd": [], "diagnostics": {k: list(v) for k, v in state["diagnostics"].items()}}
-        if self.limited:
-            new["S"], new["Y"] = list(state["S"]), list(state["Y"])
-        else:
-            new["Hg"] = list(state["Hg"])
-        for j, ((a, g), W) in enumerate(zip(stats, params)):
-            h_plus = W @ a.mean(axis=0)  # h̄⁺ = W ā⁺ (h = W a is linear in a)
-            g_plus = g.mean(axis=0)
-            s = b * state["sg"][j] + (1 - b) * (h_plus - prev["hbar"][j])  # line 16
-            y = b * state["yg"][j] + (1 - b) * (g_plus - prev["gbar"][j])
-            new["sg"].append(s)
-            new["yg"].append(y)
-            H = self._hg_operator(state, j, dense)
-            s_t, y_t, th1, th2 = double_damping(s, y, H, self.mu1, self.lam)  # line 17, Alg. 3
-            sty = float(s_t @ y_t)
-            d = new["diagnostics"]
-            d["pairs"][j] += 1
-            if sty > 0:
-                ratio = float(y_t @ _apply(H, y_t)) / sty
-                # ratio = 1/μ₁ holds with equality whenever Powell's damping on H acts and the
-                # B = I step does not (θ₁ < 1, θ₂ = 1): compare with a rounding slack
-                slack = 1 + np.sqrt(np.finfo(s_t.dtype).eps)
-                d["ratio_le_1"][j] += ratio <= slack / self.mu1
-                d["ratio_le_2"][j] += ratio <= 2 * slack / self.mu1
-                # Algorithm 5 line 17: skip unless s̃ᵀỹ ≥ (μ₁/c) ỹᵀHỹ
-                used = self.algorithm == "alg4" or ratio <= self.skip_factor * slack / self.mu1
-                if self.variant == "authors":  # departure 3: sᵀy > 1e-4·sᵀs·‖ḡ‖, ḡ of θ_k
-                    used = authors_accepts(s_t, y_t, prev["gbar"][j])
-                d["used" if used else "skipped"][j] += 1
-            else:
-                ratio, used = float("inf"), False
-                d["degenerate"][j] += 1
-            if used:  # line 18
-                if self.limited:
-                    xp = xp_of(s_t)
-                    new["S"][j] = xp.concatenate([new["S"][j], s_t[None]])[-self.memory:]
-                    new["Y"][j] = xp.concatenate([new["Y"][j], y_t[None]])[-self.memory:]
-                else:
-                    Hg = new["Hg"][j]
-                    new["Hg"][j] = bfgs_product_form(Hg, s_t, y_t) if dense else bfgs_update_H(Hg, s_t, y_t)
-            new["dd"].append({"s": s, "y": y, "s_t": s_t, "y_t": y_t, "theta1": th1, "theta2": th2,
-                              "ratio": ratio, "used": used})
-        return {**state, **new}
-
-    # -------------------------------------------------------------- one step
-    def _step(self, state, net, params, batch, dense):
-        if state["prev"] is not None:
-            state = self._update_Hg(state, net, params, dense)
-        else:
-            state = {**state, "dd": None}
-        stats = layer_statistics(net, params, batch)  # line 6
-        A, Ha = (state["A"], state["Ha"]) if state["A"] is not None else self._initial_A(stats)
-        b, lam = self.beta, self.lam
-        authors = self.variant == "authors"
-        diag = {key: list(v) for key, v in state["diagnostics"].items()}
-        direction, m_new, A_new, Ha_new, hbar, gbar = [], [], [], [], [], []
-        for j, ((a, g), W) in enumerate(zip(stats, params)):
-            N = a.shape[0]
-            grad = g.T @ a / N  # ∇f̄ = mean_i g_i a_iᵀ (2.1)
-            if authors:  # departure 1: gradient of f̄ + (τ/2)‖θ‖² (bias column included)
-                grad = grad + self.tau * W
-            m = grad if self.algorithm == "alg5" else b * state["m"][j] + (1 - b) * grad  # line 8
-            H = self._hg_operator(state, j, dense)
-            if dense:  # −(H_g ⊗ H_a) vec_row(m): the Kronecker product formed
-                direction.append(-(xp_of(m).kron(H, Ha[j]) @ m.ravel()).reshape(m.shape))
-            else:  # −H_g (m H_a) (line 9; line 10: L-BFGS from H_0 = I)
-                direction.append(-_apply(H, m @ Ha[j]))
-            # lines 20–23 (Algorithm 5 lines 21–23)
-            abar = a.mean(axis=0)
-            if authors and state["k"] == 0:  # departure 2: A keeps its initial value
-                Al = A[j]
-            else:
-                Al = b * A[j] + (1 - b) * (a.T @ a / N)
-            xp = xp_of(Al)
-            I = xp.eye(Al.shape[0], dtype=Al.dtype)
-            if self.algorithm == "alg5":
-                Hl = spd_solve(Al + lam * I, I, "A^LM")
-            else:
-                # the authors' vector is the mean input with its last entry set to 1: that is
-                # refcurv's ā (the mean of the ones row is exactly 1; a bias-free layer has no
-                # such entry and keeps its mean input)
-                v = abar
-                s_a, y_a = hessian_action_pair(Ha[j], Al, v, lam)
-                # departure 4 (authors): s_aᵀy_a > 1e-4·s_aᵀs_a·‖v‖
-                use_a = authors_accepts(s_a, y_a, v) if authors else float(s_a @ y_a) > 0
-                if use_a:
-                    Hl = bfgs_product_form(Ha[j], s_a, y_a) if dense else bfgs_update_H(Ha[j], s_a, y_a)
-                else:
-                    Hl = Ha[j]
-                    diag["ha_skipped"][j] += 1
-            m_new.append(m)
-            A_new.append(Al)
-            Ha_new.append(Hl)
-            hbar.append(W @ abar)  # h̄ = W ā
-            gbar.append(g.mean(axis=0))
-        new_state = {**state, "k": state["k"] + 1, "m": m_new, "A": A_new, "Ha": Ha_new, "diagnostics": diag,
-                     "prev": {"batch": batch.own_copy(), "hbar": hbar, "gbar": gbar}}
-        return direction, new_state
-
-    def _fast(self, state, net, params, batch, draws):
-        return self._step(state, net, params, batch, dense=False)
-
-    def _dense(self, state, net, params, batch, draws):
-        return self._step(state, net, params, batch, dense=True)
+    def _gradient(self, g, W):
+        if self.variant == "authors":  # departure 1: gradient of f̄ + (τ/2)‖θ‖² (bias column included)
+            return g + self.effective_weight_decay * W
+        return g
 
 
 @register
 @dataclass(frozen=True)
 class KBFGSMLP(_KBFGSMLPBase):
-    """K-BFGS-20: ``H_g`` by damped BFGS (thesis 003 Algorithm 4, or 5 with ``algorithm="alg5"``)."""
+    """K-BFGS-20: ``H_g`` by damped BFGS (thesis 003 Algorithm 4, or 5 with ``algorithm="alg5"``).
+    Curvature ``C = ⊕_l (H_g ⊗ H_a)⁻¹`` (2.4), ``rhs = m``."""
 
     name = "kbfgs-mlp"
     seed_ref = "003 Ch.2 Alg. 3, 4, 5; (2.4)-(2.6); Thm 1"
     summary = "K-BFGS-20 (MLP): H_g by double-damped BFGS, H_a by Hessian-action BFGS, direction −H_g m H_a"
+    State = KBFGSMLPState
 
 
 @register
 @dataclass(frozen=True)
 class KBFGSLMLP(_KBFGSMLPBase):
     """K-BFGS(L)-20: ``H_g`` by damped L-BFGS with ``memory`` pairs, compact form, ``H_0 = I``
-    (thesis 003 Algorithm 4, or 5 with ``algorithm="alg5"``; ``p = 100`` in §2.8.2)."""
+    (thesis 003 Algorithm 4, or 5 with ``algorithm="alg5"``; ``p = 100`` in §2.8.2). Curvature
+    as :class:`KBFGSMLP` with ``H_g`` the dense L-BFGS matrix (2.12)."""
 
     memory: int = 100
 
@@ -416,6 +301,7 @@ class KBFGSLMLP(_KBFGSMLPBase):
     seed_ref = "003 Ch.2 Alg. 3, 4, 5; (2.4)-(2.6), (2.12); Thm 1"
     summary = "K-BFGS(L)-20 (MLP): H_g by double-damped L-BFGS (compact form), H_a by Hessian-action BFGS"
     limited = True
+    State = KBFGSLMLPState
 
     def __post_init__(self):
         super().__post_init__()

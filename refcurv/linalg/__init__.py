@@ -1,4 +1,4 @@
 """Backend-neutral linear-algebra kernels (design §4-§5)."""
-from . import damping, ema, kronecker, lowrank, quasi_newton, roots, sketch, tensor, woodbury
+from . import damping, ema, gfim, kronecker, lowrank, quasi_newton, roots, sketch, tensor, woodbury
 
-__all__ = ["woodbury", "quasi_newton", "damping", "roots", "lowrank", "sketch", "tensor", "kronecker", "ema"]
+__all__ = ["woodbury", "quasi_newton", "damping", "roots", "lowrank", "sketch", "tensor", "kronecker", "ema", "gfim"]

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import refcurv as rc
 from refcurv import curvature as cv
-from refcurv.errors import HyperParameterError
+from refcurv.errors import DrawsError, HyperParameterError, StateError
 from refcurv.linalg import sketch as SK
 from refcurv.methods.base import Batch, Draws
 from refcurv.linalg.gfim import (
@@ -30,6 +30,7 @@ from refcurv.linalg.gfim import (
     project_ball_dense,
 )
 from refcurv.methods.ngplus import NGPlus, NGPlusOnlineNewton, _conv_T, _stat
+from refcurv.operators import BlockDiagonal, Kronecker
 from refcurv.nn import MSE, Conv2d, CrossEntropy, Flatten, Linear, Sequential, Tanh
 from refcurv.testing.strategies import dampings, problems, spd_matrices
 from refcurv.testing.tolerance import EPS, assert_clt, assert_close, forward_tol, rel_err
@@ -570,6 +571,241 @@ def test_lemma7_elliptical_potential_with_the_inverse():
         A, B = L[1], L[0]
         assert np.trace((A - B) @ np.linalg.inv(A)) <= np.linalg.slogdet(A)[1] - np.linalg.slogdet(B)[1]
         assert np.trace((A - B) @ B) < np.linalg.slogdet(A)[1] - np.linalg.slogdet(B)[1]  # printed: ≥
+
+
+# ------------------------------------------------------------------ API: refresh phase, draws, state, curvature
+SKETCHED = [dict(gram="sketch", sketch_size=3, T_inv=2), dict(solver="sketch_ls", sketch_size=2, T_inv=2),
+            dict(gram="sketch", statistics="minibatch", block_size=2, sketch_size=4)]
+
+
+def test_refresh_schedule_is_algorithm_1_literally():
+    """Algorithm 1 prints ``for k = 0, 1, …: if k mod 𝒯 = 0 then construct L_k else L_k = L_{k−1}``:
+    a literal replay of that loop gives the refresh steps, and they are refresh_due's (phase
+    k0; no 'paper' phase option is needed). The stored statistic changes exactly there."""
+    net = _mlp()
+    path = _param_path(net, 8, seed=3)
+    for T in (1, 2, 3):
+        printed = []
+        k = 0
+        while k < 8:  # Algorithm 1, line by line
+            printed.append(k % T == 0)
+            k = k + 1
+        method = NGPlus(T_inv=T)
+        state = method.init(net, path[0])
+        for t, P in enumerate(path):
+            prev = state
+            _, state = method.step(state, net, P, Batch(*_data(net, 5, 80 + t)))
+            assert state.diagnostics == {"refreshed": printed[t], "stats_refreshed": printed[t]}
+            assert all(k in rc.methods.diagnostics.SCHEMA for k in state.diagnostics)
+            for j in range(2):
+                assert (_stat(state, j) is _stat(prev, j)) == (not printed[t])
+
+
+@pytest.mark.parametrize("cfg", SKETCHED, ids=["17", "16", "12+17+18"])
+@pytest.mark.parametrize("dense", [False, True], ids=["fast", "dense"])
+def test_injected_sketches_are_bit_identical_and_drawn_only_at_refreshes(cfg, dense):
+    """draw() returns the sketch matrices (one per layer, q × dim) at refresh steps and nothing
+    in between; stepping with them injected equals stepping with the rng, bit for bit."""
+    net = _cnn()
+    method = NGPlus(damping=0.05, **cfg)
+    runs = []
+    for inject in (False, True):
+        params = net.init(1)
+        state, out = method.init(net, params), []
+        for k in range(4):
+            b = Batch(*_data(net, 5, 90 + k))
+            if inject:
+                draws = method.draw(np.random.default_rng(k), state, net, params, b)
+                dims = method._sketch_dims(state)
+                if k % method.T_inv == 0:
+                    assert sorted(draws.sketches) == sorted(dims) == [f"Omega_{j}" for j in range(2)]
+                    assert all(draws.sketches[key].shape == (method.sketch_size, dims[key]) for key in dims)
+                else:
+                    assert draws.sketches == {} and draws.labels is None
+                d, state = method.step(state, net, params, b, draws=draws, dense=dense)
+            else:
+                d, state = method.step(state, net, params, b, rng=k, dense=dense)
+            out.append(d)
+            params = [W + 0.3 * D for W, D in zip(params, d)]
+        runs.append(out)
+    for da, db in zip(*runs):
+        for a, b in zip(da, db):
+            assert np.array_equal(a, b)
+
+
+def test_a_non_row_sampling_sketch_is_consumed_as_given():
+    """Draws from another implementation may carry any Ω (here Gaussian, and a different q):
+    both forms use exactly that matrix — the fast form equals the dense (17) formula with it."""
+    net = _mlp()
+    params = net.init(2)
+    batch = Batch(*_data(net, 6, 5))
+    method = NGPlus(damping=0.1, gram="sketch")
+    state = method.init(net, params)
+    dims = method._sketch_dims(state)
+    rng = np.random.default_rng(3)
+    draws = Draws(method="ngplus", sketches={k: rng.standard_normal((5, d)) / np.sqrt(5) for k, d in dims.items()})
+    d_f, s_f = method.step(state, net, params, batch, draws=draws)
+    d_d, s_d = method.step(state, net, params, batch, draws=draws, dense=True)
+    psg = net.per_sample_grads(params, batch.x, batch.y, batch.loss)
+    for j, side in enumerate(state.sides):
+        g = psg[j] if side == "left" else psg[j].swapaxes(1, 2)
+        O = draws.sketches[f"Omega_{j}"]
+        L = np.einsum("nab,bc,ndc->ad", g, O.T @ O, g) / len(g)
+        assert_close(_stat(s_f, j), L, rtol=1e-12)
+        kappa = _kappa(method, L, None)
+        assert_close(d_f[j], d_d[j], rtol=forward_tol(sum(params[j].shape) + 6, kappa))
+
+
+def test_wrong_sketches_are_refused_naming_the_field():
+    net = _mlp()
+    params = net.init(0)
+    batch = Batch(*_data(net, 4, 0))
+    method = NGPlus(gram="sketch", sketch_size=2, T_inv=2)
+    state = method.init(net, params)
+    good = method.draw(np.random.default_rng(0), state, net, params, batch)
+    bad = {
+        "is missing": {"Omega_0": good.sketches["Omega_0"]},
+        r"\(q, 8\) matrix": dict(good.sketches, Omega_1=np.ones((2, 7))),
+        "matrix": dict(good.sketches, Omega_0=np.ones(7)),
+        "finite": dict(good.sketches, Omega_0=np.full((2, 7), np.nan)),
+        "does not consume": dict(good.sketches, Omega_2=np.ones((2, 3))),
+    }
+    for msg, sk in bad.items():
+        with pytest.raises(DrawsError, match=msg):
+            method.step(state, net, params, batch, draws=Draws(method="ngplus", sketches=sk))
+    with pytest.raises(DrawsError, match="sketches"):
+        method.step(state, net, params, batch, draws=Draws(method="ngplus"))
+    with pytest.raises(DrawsError, match="labels"):
+        method.step(state, net, params, batch, draws=Draws(method="ngplus", sketches=good.sketches,
+                                                            labels=np.zeros((1, 4), dtype=int)))
+    _, s1 = method.step(state, net, params, batch, draws=good)
+    with pytest.raises(DrawsError, match="between refreshes"):  # k = 1: nothing is drawn
+        method.step(s1, net, params, batch, draws=good)
+    with pytest.raises(DrawsError, match="ngplus"):
+        method.step(s1, net, params, batch, draws=Draws(method="kfac"))
+    method.step(s1, net, params, batch, draws=Draws(method="ngplus"))
+
+
+def test_both_forms_return_the_typed_state():
+    net = _cnn()
+    params = net.init(0)
+    batch = Batch(*_data(net, 4, 1))
+    for method in (NGPlus(), NGPlus(solver="smw", side="right"), NGPlusOnlineNewton()):
+        state = method.init(net, params)
+        for dense in (False, True):
+            _, s = method.step(state, net, params, batch, dense=dense)
+            assert type(s) is method.State and s.k == 1
+            assert all(k in rc.methods.diagnostics.SCHEMA for k in s.diagnostics)
+            lowrank = getattr(method, "solver", "cholesky") != "cholesky"
+            for j, side in enumerate(s.sides):  # L for left layers, R for right ones, U for (14)
+                assert (s.L[j] is not None) == (side == "left" and not lowrank)
+                assert (s.R[j] is not None) == (side == "right" and not lowrank)
+    s = NGPlus(solver="smw").step(NGPlus(solver="smw").init(net, params), net, params, batch)[1]
+    assert all(L is None for L in s.L + s.R) and all(U is not None for U in s.U)
+
+
+CURVATURE_CONFIGS = [c for c in CONFIGS if c.get("solver") != "sketch_ls"]
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("ci", range(len(CURVATURE_CONFIGS)))
+def test_curvature_operator_reproduces_both_directions(kind, ci):
+    """curvature(new_state) is C with direction = −C⁻¹ vec(g), for the dense and the fast
+    direction, at refresh and at reuse steps (T_inv = 2), every option except (16)."""
+    net = _mlp() if kind == "mlp" else _cnn()
+    params = net.init(4)
+    method = NGPlus(damping=0.05, **CURVATURE_CONFIGS[ci])
+    st_f = st_d = method.init(net, params)
+    for k in range(3):
+        batch = Batch(*_data(net, 6, 100 + k))
+        d_d, st_d = method.step(st_d, net, params, batch, rng=k, dense=True)
+        d_f, st_f = method.step(st_f, net, params, batch, rng=k)
+        g = rc.flatten(net.grad(params, batch.x, batch.y, batch.loss))
+        for d, s in ((d_d, st_d), (d_f, st_f)):
+            C = method.curvature(s)
+            assert isinstance(C, BlockDiagonal) and C.shape == (net.n_params,) * 2
+            ev = C.eigvalsh()
+            tol = forward_tol(net.n_params + 6 * 16, ev.max() / ev.min())
+            assert_close(-C.solve(g), rc.flatten(d), rtol=tol, what=f"step {k}")
+        params = [W + 0.3 * D for W, D in zip(params, d_d)]
+
+
+def test_curvature_is_the_kronecker_form_of_the_damped_gfim():
+    """Per layer: left Kronecker(λI + L, I_n), right Kronecker(I_m, λI + R), from
+    refcurv.curvature.gfim directly; the authors' variant adds √λ."""
+    net = _mlp()  # layer 0 right (7 × 6), layer 1 left (3 × 8)
+    params = net.init(0)
+    x, y, loss = _data(net, 5, 7)
+    for method, lam in ((NGPlus(damping=0.3), 0.3), (NGPlus(damping=0.09, variant="authors"), 0.3)):
+        _, s = method.step(method.init(net, params), net, params, Batch(x, y, loss))
+        C = method.curvature(s)
+        for j, (side, (m, n)) in enumerate(zip(s.sides, net.param_shapes)):
+            Lg = cv.gfim(net, params, x, y, loss, side=side)[j]
+            D = lam * np.eye(Lg.shape[0]) + Lg
+            want = np.kron(D, np.eye(n)) if side == "left" else np.kron(np.eye(m), D)
+            assert isinstance(C.blocks[j], Kronecker)
+            assert_close(C.blocks[j].todense(), want, rtol=1e-12)
+
+
+def test_curvature_refuses_init_state_and_the_nonsymmetric_16():
+    net = _mlp()
+    params = net.init(0)
+    with pytest.raises(StateError, match="ngplus"):
+        NGPlus().curvature(NGPlus().init(net, params))
+    with pytest.raises(StateError, match="ngplus"):
+        NGPlus().curvature(NGPlusOnlineNewton().init(net, params))
+    m = NGPlus(solver="sketch_ls")
+    _, s = m.step(m.init(net, params), net, params, Batch(*_data(net, 4, 0)), rng=0)
+    with pytest.raises(HyperParameterError, match="not symmetric"):
+        m.curvature(s)
+
+
+def test_online_newton_curvature_is_L_t_and_the_direction_adds_step_and_projection():
+    """curvature(state) = L_t (Kronecker(L_t, I_n) per layer); the direction is
+    Π^{L_t}(Θ − α⁻¹C⁻¹g) − Θ: −α⁻¹C⁻¹g when the projection is inactive, and the projected
+    point otherwise (the contract's d = −C⁻¹g holds only for α = 1 without projection)."""
+    net = _mlp()
+    P = net.init(0)
+    for radius, alpha in ((100.0, 0.5), (0.5, 0.5)):
+        method = NGPlusOnlineNewton(alpha=alpha, damping=0.1, radius=radius, side="left")
+        state = method.init(net, P)
+        batch = Batch(*_data(net, 8, 11))
+        d, s = method.step(state, net, P, batch)
+        C = method.curvature(s)
+        for j, (m, n) in enumerate(net.param_shapes):
+            assert_close(C.blocks[j].todense(), np.kron(s.L[j], np.eye(n)), rtol=0, atol=0)
+        g = net.grad(P, batch.x, batch.y, batch.loss)
+        step = -C.solve(rc.flatten(g)) / alpha
+        tol = forward_tol(net.n_params, np.linalg.cond(C.todense()))
+        if radius == 100.0:
+            assert s.diagnostics["projected"] == [False, False]
+            assert_close(rc.flatten(d), step, rtol=tol)
+        else:
+            assert s.diagnostics["projected"] == [True, True]
+            Y = rc.unflatten(rc.flatten(P) + step, net)
+            for j, W in enumerate(P):
+                assert_close(W + d[j], project_ball_dense(Y[j], radius, s.L[j])[0], rtol=tol)
+
+
+def test_beta_is_one_name_for_11_and_12_with_the_same_default():
+    """``beta`` (was ``beta`` for (11) and ``mb_beta`` for (12), both 0.9): one default, 0.9;
+    β = 1 is allowed for (12) (Shampoo's sum, §2.4) and refused for (11) (L̄ would stay L_0)."""
+    assert NGPlus.hyper_parameters()["beta"] == 0.9
+    NGPlus(statistics="minibatch", beta=1.0)
+    with pytest.raises(HyperParameterError, match="beta"):
+        NGPlus(statistics="momentum", beta=1.0)
+
+
+@pytest.mark.parametrize("cls, old", [(NGPlus, "update_freq"), (NGPlus, "mb_beta"), (NGPlus, "mb_gamma"),
+                                      (NGPlus, "mb_lambda0"), (NGPlus, "curvature"),
+                                      (NGPlusOnlineNewton, "epsilon")])
+def test_retired_names_are_not_hyper_parameters(cls, old):
+    from refcurv.methods.vocabulary import HYPER_PARAMETERS, RETIRED
+
+    assert old in RETIRED and old not in cls.hyper_parameters()
+    assert set(cls.hyper_parameters()) <= set(HYPER_PARAMETERS)
+    with pytest.raises(TypeError):
+        cls(**{old: 1})
 
 
 # ------------------------------------------------------------------ hyper-parameters

@@ -29,6 +29,7 @@ SCHEMA = {
     # ---- seng
 
     # ---- ngplus
+    "projected": ("list[bool], per layer", "the projection onto the feasible set was active this step (NG+ (19))"),
 
     # ---- smw / hessian_free
 

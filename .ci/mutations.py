@@ -53,6 +53,14 @@ M = [
     ("refcurv/methods/seng.py", "else refresh_due(k + 1, T)", "else refresh_due(k, T)", "tests/test_method_seng.py"),
     ("refcurv/methods/seng.py", "cap = scale * xp.einsum(\"qwi,qwj->wij\", Xw, Xw)", "cap = xp.einsum(\"qwi,qwj->wij\", Xw, Xw)", "tests/test_method_seng.py"),
     ("refcurv/linalg/batched.py", "return (Q @ Ub)[..., :rank], s[..., :rank]", "return Q[..., :rank], s[..., :rank]", "tests/test_linalg_batched.py"),
+    # NG+ (002): the kernels of refcurv.linalg.gfim, each caught by the method's fast-vs-dense
+    # tests (the dense form writes (11), (12), (14), (17) out from the definition)
+    ("refcurv/linalg/gfim.py", "return new if prev is None else beta * prev + (1 - beta) * new", "return new if prev is None else beta * prev + new", "tests/test_method_ngplus.py"),
+    ("refcurv/linalg/gfim.py", "return beta * prev + weight * new", "return beta * prev + (1 - beta) * new", "tests/test_method_ngplus.py"),
+    ("refcurv/linalg/gfim.py", "return (X - U @ cho_solve(fac, U.T @ X)) / lam", "return X / lam - U @ cho_solve(fac, U.T @ X)", "tests/test_method_ngplus.py"),
+    ("refcurv/linalg/gfim.py", "return (P[:, :, 0] * xp.sqrt(c)[:, None]).T / math.sqrt(N)", "return (P[:, :, 0] * c[:, None]).T / math.sqrt(N)", "tests/test_method_ngplus.py"),
+    ("refcurv/linalg/gfim.py", "return Q[:, idx, :] * w[None, :, None]", "return Q[:, idx, :] * (w * w)[None, :, None]", "tests/test_method_ngplus.py"),
+    ("refcurv/methods/ngplus.py", "A, G = net.factors(params, batch.x, batch.y, batch.loss)\n        due = refresh_due(state.k, self.T_inv)", "A, G = net.factors(params, batch.x, batch.y, batch.loss)\n        due = refresh_due(state.k + 1, self.T_inv)", "tests/test_method_ngplus.py"),
     ("refcurv/linalg/tensor.py", "xp.moveaxis(xp.tensordot(U, A, axes=(1, i)), 0, i)", "xp.moveaxis(xp.tensordot(U, A, axes=(1, i)), 0, -1)", "tests/test_roots_lowrank_tensor.py"),
 ]
 survived = 0

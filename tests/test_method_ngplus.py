@@ -18,13 +18,10 @@ from hypothesis import strategies as st
 
 import refcurv as rc
 from refcurv import curvature as cv
-from refcurv.errors import HyperParameterError
+from refcurv.errors import DrawsError, HyperParameterError, StateError
 from refcurv.linalg import sketch as SK
-from refcurv.methods.base import Batch
-from refcurv.methods.ngplus import (
-    NGPlus,
-    NGPlusOnlineNewton,
-    _conv_T,
+from refcurv.methods.base import Batch, Draws
+from refcurv.linalg.gfim import (
     block_mask,
     blocks_to_dense,
     dense_to_blocks,
@@ -32,6 +29,8 @@ from refcurv.methods.ngplus import (
     project_ball,
     project_ball_dense,
 )
+from refcurv.methods.ngplus import NGPlus, NGPlusOnlineNewton, _conv_T, _stat
+from refcurv.operators import BlockDiagonal, Kronecker
 from refcurv.nn import MSE, Conv2d, CrossEntropy, Flatten, Linear, Sequential, Tanh
 from refcurv.testing.strategies import dampings, problems, spd_matrices
 from refcurv.testing.tolerance import EPS, assert_clt, assert_close, forward_tol, rel_err
@@ -42,20 +41,20 @@ CONFIGS = [
     dict(side="left"),
     dict(side="right"),
     dict(statistics="momentum", beta=0.7),
-    dict(statistics="minibatch", mb_beta=0.8, mb_gamma=0.5, mb_lambda0=0.3),
-    dict(statistics="minibatch", curvature="sketch", sketch_size=3),
-    dict(curvature="sketch", sketch_size=3),
+    dict(statistics="minibatch", beta=0.8, stats_weight=0.5, stats_init=0.3),
+    dict(statistics="minibatch", gram="sketch", sketch_size=3),
+    dict(gram="sketch", sketch_size=3),
     dict(block_size=2),
     dict(block_size=3, side="right"),
-    dict(block_size=2, curvature="sketch", sketch_size=4, statistics="momentum"),
+    dict(block_size=2, gram="sketch", sketch_size=4, statistics="momentum"),
     dict(solver="smw"),
     dict(solver="smw", side="right"),
     dict(solver="ls"),
     dict(solver="sketch_ls", sketch_size=3),
     dict(variant="authors"),
-    dict(variant="authors", statistics="momentum", update_freq=2),
-    dict(update_freq=2, statistics="minibatch", block_size=2),
-    dict(update_freq=2, solver="sketch_ls", sketch_size=2),
+    dict(variant="authors", statistics="momentum", T_inv=2),
+    dict(T_inv=2, statistics="minibatch", block_size=2),
+    dict(T_inv=2, solver="sketch_ls", sketch_size=2),
 ]
 
 
@@ -76,15 +75,20 @@ def _data(net, N, seed, loss="ce"):
     return x, rng.standard_normal((N, 3)), MSE()
 
 
-def _kappa(method, curv, sk):
+def _curv(state, j):
+    """Layer j's stored curvature: U (low-rank solvers) or the oriented statistic."""
+    return state.U[j] if state.U[j] is not None else _stat(state, j)
+
+
+def _kappa(method, curv, Omega):
     """Condition number κ of the layer's solve (see the module docstring)."""
-    lam = method.lam
+    lam = method.damping_applied
     if method.solver in ("smw", "ls"):
         return (lam + np.linalg.norm(curv, 2) ** 2) / lam
     if method.solver == "sketch_ls":
         m = curv.shape[0]
-        M = lam * np.eye(m) + curv @ curv.T @ sk.gram()
-        return max(np.linalg.cond(M), (lam + np.linalg.norm(sk.apply(curv), 2) ** 2) / lam)
+        M = lam * np.eye(m) + curv @ curv.T @ Omega.T @ Omega
+        return max(np.linalg.cond(M), (lam + np.linalg.norm(Omega @ curv, 2) ** 2) / lam)
     return (lam + max(float(np.linalg.eigvalsh(curv).max()), 0.0)) / lam
 
 
@@ -93,7 +97,7 @@ def _assert_fast_equals_dense(method, net, params, batch, fast_state, dense_stat
     d_dense, s_dense = method.step(dense_state, net, params, batch, rng=seed, dense=True)
     N = len(batch.x)
     for j, ((m, n), T) in enumerate(zip(net.param_shapes, _conv_T(net, batch.x))):
-        kappa = _kappa(method, s_dense["curv"][j], s_dense["sketch"][j])
+        kappa = _kappa(method, _curv(s_dense, j), s_dense.Omega[j])
         tol = forward_tol(m + n + N * T, kappa)
         assert_close(d_fast[j], d_dense[j], rtol=tol, atol=1e-300, what=f"layer {j} {method}")
     return d_fast, s_fast, s_dense
@@ -118,7 +122,7 @@ def test_fast_equals_dense(pb, ci, lam, seed):
 def test_every_option_fast_equals_dense_along_a_run(kind, ci):
     """Three steps on changing parameters and batches; the fast run continues from its own
     state, the dense run from its own; at the end the fast form also continues from the
-    dense state (states are interchangeable: the dense form stores ``fac = None``)."""
+    dense state (states are interchangeable: the dense form stores ``factorization = None``)."""
     net = _mlp() if kind == "mlp" else _cnn()
     params = net.init(3)
     method = NGPlus(damping=0.05, **CONFIGS[ci])
@@ -165,7 +169,7 @@ def test_smw_14_equals_dense(pb, lam, side):
     _, s_fast, _ = _assert_fast_equals_dense(method, net, params, batch, method.init(net, params),
                                               method.init(net, params), 0)
     Ls = cv.gfim(net, params, x, y, loss, side=side)
-    for U, L in zip(s_fast["curv"], Ls):
+    for U, L in zip(s_fast.U, Ls):
         assert U.shape == (L.shape[0], len(x))
         assert_close(U @ U.T, L, rtol=100 * sum(U.shape) * EPS, atol=1e-300)
 
@@ -197,7 +201,7 @@ def test_ls_15_unknown_is_r_by_n_and_direction_is_residual_over_lambda():
     method = NGPlus(damping=lam, solver="ls", side="left")
     d, s = method.step(method.init(net, params), net, params, Batch(x, y, loss))
     g = net.grad(params, x, y, loss)
-    for j, (U, L) in enumerate(zip(s["curv"], cv.gfim(net, params, x, y, loss, side="left"))):
+    for j, (U, L) in enumerate(zip(s.U, cv.gfim(net, params, x, y, loss, side="left"))):
         m, n = params[j].shape
         stacked = np.vstack([U, np.sqrt(lam) * np.eye(U.shape[1])])
         D = np.linalg.lstsq(stacked, np.vstack([g[j], np.zeros((U.shape[1], n))]), rcond=None)[0]
@@ -208,8 +212,8 @@ def test_ls_15_unknown_is_r_by_n_and_direction_is_residual_over_lambda():
 
 
 def test_sketched_ls_16_with_identity_sketch_is_exact_and_is_push_through_form():
-    """(16) with Ω = I reduces to (15); for a drawn Ω its direction is
-    −(λI + UUᵀΩᵀΩ)^{-1}𝐆 (the push-through identity), not −(λI + UUᵀ)^{-1}𝐆."""
+    """(16) with Ω = I (injected through draws=) reduces to (15); for a drawn Ω its direction
+    is −(λI + UUᵀΩᵀΩ)^{-1}𝐆 (the push-through identity), not −(λI + UUᵀ)^{-1}𝐆."""
     net = _mlp()
     params = net.init(1)
     x, y, loss = _data(net, 5, 2)
@@ -217,14 +221,16 @@ def test_sketched_ls_16_with_identity_sketch_is_exact_and_is_push_through_form()
     lam = 0.1
     method = NGPlus(damping=lam, solver="sketch_ls", side="left")
     exact, _ = NGPlus(damping=lam, solver="smw", side="left").step(method.init(net, params), net, params, batch)
-    ident = [SK.RowSketch(n=m, index=np.arange(m), weight=np.ones(m)) for m, _ in net.param_shapes]
-    d_id, _ = method._fast(method.init(net, params), net, params, batch, ident)
-    for a, b in zip(d_id, exact):
-        assert_close(a, b, rtol=1e-12)
+    ident = Draws(method="ngplus", sketches={f"Omega_{j}": np.eye(m) for j, (m, _) in enumerate(net.param_shapes)})
+    for dense in (False, True):
+        d_id, _ = method.step(method.init(net, params), net, params, batch, draws=ident, dense=dense)
+        for a, b in zip(d_id, exact):
+            assert_close(a, b, rtol=1e-12)
     d, s = method.step(method.init(net, params), net, params, batch, rng=0)
     g = net.grad(params, x, y, loss)
-    for j, (U, sk) in enumerate(zip(s["curv"], s["sketch"])):
-        M = lam * np.eye(U.shape[0]) + U @ U.T @ sk.gram()
+    for j, (U, Om) in enumerate(zip(s.U, s.Omega)):
+        assert Om.shape == (method.sketch_size, U.shape[0])
+        M = lam * np.eye(U.shape[0]) + U @ U.T @ Om.T @ Om
         assert_close(d[j], -np.linalg.solve(M, g[j]), rtol=forward_tol(20, np.linalg.cond(M)))
         assert rel_err(d[j], exact[j]) > 1e-3  # the sketch changes the answer
 
@@ -244,34 +250,34 @@ def test_lowrank_factor_for_conv_layers():
 # ------------------------------------------------------------------ (17) sketched products
 def test_sketch_17_is_unbiased():
     """Seeded Monte Carlo (CLT/Bonferroni, assert_clt) over 3000 draws of the method's own
-    draw(): E[ΩΩᵀ] = I over the long dimension of each layer, and the sketched statistic is
-    unbiased, E[(1/N) Σ 𝒢_iΩΩᵀ𝒢_iᵀ] = L (R for the right layer). The statistic is evaluated
-    for all draws at once with the fast-form kernel (gram_from_factors is what _fast calls;
-    the one-draw wiring is checked against the dense Ω-matrix formula in test_fast_equals_dense)."""
+    draw(): E[ΩᵀΩ] = I over the long dimension of each layer, and the sketched statistic is
+    unbiased, E[(1/N) Σ 𝒢_iΩᵀΩ𝒢_iᵀ] = L (R for the right layer). The statistic is evaluated
+    for all draws at once from the drawn Ω matrices; the first draw is also checked against
+    the state the fast form stores (the one-draw wiring is checked against the dense Ω-matrix
+    formula in test_fast_equals_dense)."""
     net = _mlp()
     params = net.init(0)
     x, y, loss = _data(net, 4, 0)
     batch = Batch(x, y, loss)
-    method = NGPlus(curvature="sketch", sketch_size=2)
+    method = NGPlus(gram="sketch", sketch_size=2)
     st0 = method.init(net, params)
-    assert st0["sides"] == ["right", "left"]
+    assert st0.sides == ("right", "left")
     rng = np.random.default_rng(0)
     S = 3000
     draws = [method.draw(rng, st0, net, params, batch) for _ in range(S)]
     A, G = net.factors(params, x, y, loss)
     dims = [7, 8]  # right layer (7, 6): sketch over m = 7; left layer (3, 8): over n = 8
-    for j, side in enumerate(st0["sides"]):
+    for j, side in enumerate(st0.sides):
         P, Q = (G[j], A[j]) if side == "left" else (A[j], G[j])
-        idx = np.stack([d[j].index for d in draws])  # (S, q)
-        w = np.stack([d[j].weight for d in draws])
-        assert all(d[j].n == dims[j] for d in draws)
-        grams = np.zeros((S, dims[j], dims[j]))
-        np.add.at(grams, (np.arange(S)[:, None], idx, idx), w**2)
-        assert_clt(grams, np.eye(dims[j]))
-        Qs = Q[:, idx, :] * w[None, :, :, None]  # (N, S, q, κ): Ω_r Q_i for every draw
+        Om = np.stack([d.sketches[f"Omega_{j}"] for d in draws])  # (S, q, dim)
+        assert Om.shape == (S, 2, dims[j])
+        assert np.all((Om != 0).sum(axis=2) == 1)  # row sampling: one entry per row
+        assert_clt(np.einsum("sqa,sqb->sab", Om, Om), np.eye(dims[j]))
+        Qs = np.einsum("sqi,nit->nsqt", Om, Q)  # (N, S, q, κ): Ω Q_i for every draw
         K = np.einsum("nsit,nsiu->nstu", Qs, Qs)
         Lhat = np.einsum("nat,nstu,nbu->sab", P, K, P) / P.shape[0]
-        assert_close(Lhat[0], method._fast(st0, net, params, batch, draws[0])[1]["curv"][j], rtol=1e-13)
+        _, s1 = method.step(st0, net, params, batch, draws=draws[0])
+        assert_close(Lhat[0], _stat(s1, j), rtol=1e-13)
         assert_clt(Lhat, cv.gfim(net, params, x, y, loss, side=side)[j])
 
 
@@ -302,10 +308,10 @@ def test_block_diagonal_18_equals_dense_formula(p):
     d, s = method.step(method.init(net, params), net, params, batch)
     full, _ = NGPlus(damping=lam).step(NGPlus().init(net, params), net, params, batch)
     g = net.grad(params, x, y, loss)
-    for j, side in enumerate(s["sides"]):
+    for j, side in enumerate(s.sides):
         L = cv.gfim(net, params, x, y, loss, side=side)[j]
         m = L.shape[0]
-        blocks = s["curv"][j]
+        blocks = _stat(s, j)
         assert blocks.shape == (-(-m // p), p, p)
         assert_close(blocks_to_dense(blocks, m), L * block_mask(m, p), rtol=1e-13, atol=1e-300)
         assert_close(dense_to_blocks(L * block_mask(m, p), p), blocks, rtol=1e-13, atol=1e-300)
@@ -342,11 +348,11 @@ def test_momentum_11_has_the_bars(dense):
     state = method.init(net, path[0])
     for P, (x, y, loss) in zip(path, batches):
         _, state = method.step(state, net, P, Batch(x, y, loss), dense=dense)
-    for j, side in enumerate(state["sides"]):
+    for j, side in enumerate(state.sides):
         Ls = [cv.gfim(net, P, x, y, loss, side=side)[j] for P, (x, y, loss) in zip(path, batches)]
         want = beta**2 * Ls[0] + beta * (1 - beta) * Ls[1] + (1 - beta) * Ls[2]
-        assert_close(state["curv"][j], want, rtol=1e-12)
-        assert rel_err(state["curv"][j], Ls[0]) > 1e-2 and rel_err(state["curv"][j], Ls[2]) > 1e-2
+        assert_close(_stat(state, j), want, rtol=1e-12)
+        assert rel_err(_stat(state, j), Ls[0]) > 1e-2 and rel_err(_stat(state, j), Ls[2]) > 1e-2
 
 
 @pytest.mark.parametrize("dense", [False, True])
@@ -358,16 +364,16 @@ def test_minibatch_12_accumulates_from_lambda0(dense):
     batches = [_data(net, 5, 40 + t) for t in range(3)]
     for b, gam in ((0.7, 0.4), (1.0, 1.0)):
         lam0 = 0.25
-        method = NGPlus(statistics="minibatch", mb_beta=b, mb_gamma=gam, mb_lambda0=lam0)
+        method = NGPlus(statistics="minibatch", beta=b, stats_weight=gam, stats_init=lam0)
         state = method.init(net, path[0])
         for P, (x, y, loss) in zip(path, batches):
             _, state = method.step(state, net, P, Batch(x, y, loss), dense=dense)
-        for j, side in enumerate(state["sides"]):
+        for j, side in enumerate(state.sides):
             Gs = [net.grad(P, x, y, loss)[j] for P, (x, y, loss) in zip(path, batches)]
             Gs = [G if side == "left" else G.T for G in Gs]
             m = Gs[0].shape[0]
             want = b**3 * lam0 * np.eye(m) + gam * sum(b ** (2 - t) * G @ G.T for t, G in enumerate(Gs))
-            assert_close(state["curv"][j], want, rtol=1e-12)
+            assert_close(_stat(state, j), want, rtol=1e-12)
 
 
 def test_multi_step_reuses_the_stored_matrix():
@@ -378,20 +384,20 @@ def test_multi_step_reuses_the_stored_matrix():
     path = _param_path(net, 4, seed=2)
     batches = [Batch(*_data(net, 5, 50 + t)) for t in range(4)]
     lam = 0.1
-    reuse, fresh = NGPlus(damping=lam, update_freq=3), NGPlus(damping=lam, update_freq=1)
+    reuse, fresh = NGPlus(damping=lam, T_inv=3), NGPlus(damping=lam, T_inv=1)
     s_r, s_f = reuse.init(net, path[0]), fresh.init(net, path[0])
     L0 = None
     for t, (P, b) in enumerate(zip(path, batches)):
         d_r, s_r_new = reuse.step(s_r, net, P, b)
         d_f, s_f = fresh.step(s_f, net, P, b)
         if t == 0:
-            L0 = [cv.gfim(net, P, b.x, b.y, b.loss, side=s)[j] for j, s in enumerate(s_r_new["sides"])]
-            fac0 = s_r_new["fac"]
+            L0 = [cv.gfim(net, P, b.x, b.y, b.loss, side=s)[j] for j, s in enumerate(s_r_new.sides)]
+            fac0 = s_r_new.factorization
         g = net.grad(P, b.x, b.y, b.loss)
-        for j, side in enumerate(s_r_new["sides"]):
+        for j, side in enumerate(s_r_new.sides):
             tol = forward_tol(100, (lam + np.linalg.norm(L0[j], 2)) / lam)
             if t in (1, 2):
-                assert s_r_new["fac"][j] is fac0[j] and s_r_new["curv"][j] is s_r["curv"][j]
+                assert s_r_new.factorization[j] is fac0[j] and _stat(s_r_new, j) is _stat(s_r, j)
                 Xo = g[j] if side == "left" else g[j].T
                 ref = -np.linalg.solve(lam * np.eye(L0[j].shape[0]) + L0[j], Xo)
                 assert_close(d_r[j], ref if side == "left" else ref.T, rtol=tol)
@@ -399,7 +405,7 @@ def test_multi_step_reuses_the_stored_matrix():
             else:
                 assert_close(d_r[j], d_f[j], rtol=1e-12)
         s_r = s_r_new
-    assert s_r["k"] == 4
+    assert s_r.k == 4
 
 
 def test_authors_variant_sqrt_damping_and_conv_scale():
@@ -409,7 +415,7 @@ def test_authors_variant_sqrt_damping_and_conv_scale():
     x, y, loss = _data(net, 4, 4)
     lam = 0.09
     d, s = NGPlus(damping=lam, variant="authors").step(NGPlus().init(net, params), net, params, Batch(x, y, loss))
-    assert s["sides"] == ["left", "left"]
+    assert s.sides == ("left", "left")
     Ls = cv.gfim(net, params, x, y, loss, side="left")
     g = net.grad(params, x, y, loss)
     for j, scale in enumerate([1 / np.sqrt(16), 1.0]):
@@ -510,7 +516,7 @@ def test_online_newton_19_accumulates_G_Gt_and_stays_in_the_ball():
     eps_, alpha, r = 0.1, 0.5, 0.8
     params = [0.95 * r * W / np.linalg.norm(W) for W in net.init(0)]  # inside, near the sphere
     for projection in ("L", "euclidean"):
-        method = NGPlusOnlineNewton(alpha=alpha, epsilon=eps_, radius=r, side="left", projection=projection)
+        method = NGPlusOnlineNewton(alpha=alpha, damping=eps_, radius=r, side="left", projection=projection)
         state = dense_state = method.init(net, params)
         P = params
         Gsum = [np.zeros((W.shape[0],) * 2) for W in P]
@@ -524,8 +530,8 @@ def test_online_newton_19_accumulates_G_Gt_and_stays_in_the_ball():
             for j, W in enumerate(P):
                 Gsum[j] = Gsum[j] + g[j] @ g[j].T
                 Lt = eps_ * np.eye(W.shape[0]) + Gsum[j]
-                assert state["L"][j].shape == (W.shape[0], W.shape[0])
-                assert_close(state["L"][j], Lt, rtol=1e-13)
+                assert state.L[j].shape == (W.shape[0], W.shape[0])
+                assert_close(state.L[j], Lt, rtol=1e-13)
                 Y = W - np.linalg.solve(Lt, g[j]) / alpha
                 projected += np.linalg.norm(Y) > r
                 X = project_ball_dense(Y, r, Lt)[0] if projection == "L" else Y * min(1, r / np.linalg.norm(Y))
@@ -544,17 +550,17 @@ def test_lemma7_elliptical_potential_with_the_inverse():
     fails (here with A = L_1, B = L_0 = εI, ε small)."""
     net = _mlp()
     eps_ = 1e-3
-    method = NGPlusOnlineNewton(alpha=1.0, epsilon=eps_, radius=5.0, side="left")
+    method = NGPlusOnlineNewton(alpha=1.0, damping=eps_, radius=5.0, side="left")
     P = net.init(0)
     state = method.init(net, P)
-    Ls, Gs = [[L] for L in state["L"]], [[] for _ in P]
+    Ls, Gs = [[L] for L in state.L], [[] for _ in P]
     for t in range(8):
         x, y, loss = _data(net, 8, 70 + t)
         g = net.grad(P, x, y, loss)
         d, state = method.step(state, net, P, Batch(x, y, loss))
         for j in range(len(P)):
             Gs[j].append(g[j])
-            Ls[j].append(state["L"][j])
+            Ls[j].append(state.L[j])
         P = [W + D for W, D in zip(P, d)]
     for L, G in zip(Ls, Gs):
         m, T = L[0].shape[0], len(G)
@@ -567,19 +573,257 @@ def test_lemma7_elliptical_potential_with_the_inverse():
         assert np.trace((A - B) @ B) < np.linalg.slogdet(A)[1] - np.linalg.slogdet(B)[1]  # printed: ≥
 
 
+# ------------------------------------------------------------------ API: refresh phase, draws, state, curvature
+SKETCHED = [dict(gram="sketch", sketch_size=3, T_inv=2), dict(solver="sketch_ls", sketch_size=2, T_inv=2),
+            dict(gram="sketch", statistics="minibatch", block_size=2, sketch_size=4)]
+
+
+def test_refresh_schedule_is_algorithm_1_literally():
+    """Algorithm 1 prints ``for k = 0, 1, …: if k mod 𝒯 = 0 then construct L_k else L_k = L_{k−1}``:
+    a literal replay of that loop gives the refresh steps, and they are refresh_due's (phase
+    k0; no 'paper' phase option is needed). The stored statistic changes exactly there."""
+    net = _mlp()
+    path = _param_path(net, 8, seed=3)
+    for T in (1, 2, 3):
+        printed = []
+        k = 0
+        while k < 8:  # Algorithm 1, line by line
+            printed.append(k % T == 0)
+            k = k + 1
+        method = NGPlus(T_inv=T)
+        state = method.init(net, path[0])
+        for t, P in enumerate(path):
+            prev = state
+            _, state = method.step(state, net, P, Batch(*_data(net, 5, 80 + t)))
+            assert state.diagnostics == {"refreshed": printed[t], "stats_refreshed": printed[t]}
+            assert all(k in rc.methods.diagnostics.SCHEMA for k in state.diagnostics)
+            for j in range(2):
+                assert (_stat(state, j) is _stat(prev, j)) == (not printed[t])
+
+
+@pytest.mark.parametrize("cfg", SKETCHED, ids=["17", "16", "12+17+18"])
+@pytest.mark.parametrize("dense", [False, True], ids=["fast", "dense"])
+def test_injected_sketches_are_bit_identical_and_drawn_only_at_refreshes(cfg, dense):
+    """draw() returns the sketch matrices (one per layer, q × dim) at refresh steps and nothing
+    in between; stepping with them injected equals stepping with the rng, bit for bit."""
+    net = _cnn()
+    method = NGPlus(damping=0.05, **cfg)
+    runs = []
+    for inject in (False, True):
+        params = net.init(1)
+        state, out = method.init(net, params), []
+        for k in range(4):
+            b = Batch(*_data(net, 5, 90 + k))
+            if inject:
+                draws = method.draw(np.random.default_rng(k), state, net, params, b)
+                dims = method._sketch_dims(state)
+                if k % method.T_inv == 0:
+                    assert sorted(draws.sketches) == sorted(dims) == [f"Omega_{j}" for j in range(2)]
+                    assert all(draws.sketches[key].shape == (method.sketch_size, dims[key]) for key in dims)
+                else:
+                    assert draws.sketches == {} and draws.labels is None
+                d, state = method.step(state, net, params, b, draws=draws, dense=dense)
+            else:
+                d, state = method.step(state, net, params, b, rng=k, dense=dense)
+            out.append(d)
+            params = [W + 0.3 * D for W, D in zip(params, d)]
+        runs.append(out)
+    for da, db in zip(*runs):
+        for a, b in zip(da, db):
+            assert np.array_equal(a, b)
+
+
+def test_a_non_row_sampling_sketch_is_consumed_as_given():
+    """Draws from another implementation may carry any Ω (here Gaussian, and a different q):
+    both forms use exactly that matrix — the fast form equals the dense (17) formula with it."""
+    net = _mlp()
+    params = net.init(2)
+    batch = Batch(*_data(net, 6, 5))
+    method = NGPlus(damping=0.1, gram="sketch")
+    state = method.init(net, params)
+    dims = method._sketch_dims(state)
+    rng = np.random.default_rng(3)
+    draws = Draws(method="ngplus", sketches={k: rng.standard_normal((5, d)) / np.sqrt(5) for k, d in dims.items()})
+    d_f, s_f = method.step(state, net, params, batch, draws=draws)
+    d_d, s_d = method.step(state, net, params, batch, draws=draws, dense=True)
+    psg = net.per_sample_grads(params, batch.x, batch.y, batch.loss)
+    for j, side in enumerate(state.sides):
+        g = psg[j] if side == "left" else psg[j].swapaxes(1, 2)
+        O = draws.sketches[f"Omega_{j}"]
+        L = np.einsum("nab,bc,ndc->ad", g, O.T @ O, g) / len(g)
+        assert_close(_stat(s_f, j), L, rtol=1e-12)
+        kappa = _kappa(method, L, None)
+        assert_close(d_f[j], d_d[j], rtol=forward_tol(sum(params[j].shape) + 6, kappa))
+
+
+def test_wrong_sketches_are_refused_naming_the_field():
+    net = _mlp()
+    params = net.init(0)
+    batch = Batch(*_data(net, 4, 0))
+    method = NGPlus(gram="sketch", sketch_size=2, T_inv=2)
+    state = method.init(net, params)
+    good = method.draw(np.random.default_rng(0), state, net, params, batch)
+    bad = {
+        "is missing": {"Omega_0": good.sketches["Omega_0"]},
+        r"\(q, 8\) matrix": dict(good.sketches, Omega_1=np.ones((2, 7))),
+        "matrix": dict(good.sketches, Omega_0=np.ones(7)),
+        "finite": dict(good.sketches, Omega_0=np.full((2, 7), np.nan)),
+        "does not consume": dict(good.sketches, Omega_2=np.ones((2, 3))),
+    }
+    for msg, sk in bad.items():
+        with pytest.raises(DrawsError, match=msg):
+            method.step(state, net, params, batch, draws=Draws(method="ngplus", sketches=sk))
+    with pytest.raises(DrawsError, match="sketches"):
+        method.step(state, net, params, batch, draws=Draws(method="ngplus"))
+    with pytest.raises(DrawsError, match="labels"):
+        method.step(state, net, params, batch, draws=Draws(method="ngplus", sketches=good.sketches,
+                                                            labels=np.zeros((1, 4), dtype=int)))
+    _, s1 = method.step(state, net, params, batch, draws=good)
+    with pytest.raises(DrawsError, match="between refreshes"):  # k = 1: nothing is drawn
+        method.step(s1, net, params, batch, draws=good)
+    with pytest.raises(DrawsError, match="ngplus"):
+        method.step(s1, net, params, batch, draws=Draws(method="kfac"))
+    method.step(s1, net, params, batch, draws=Draws(method="ngplus"))
+
+
+def test_both_forms_return_the_typed_state():
+    net = _cnn()
+    params = net.init(0)
+    batch = Batch(*_data(net, 4, 1))
+    for method in (NGPlus(), NGPlus(solver="smw", side="right"), NGPlusOnlineNewton()):
+        state = method.init(net, params)
+        for dense in (False, True):
+            _, s = method.step(state, net, params, batch, dense=dense)
+            assert type(s) is method.State and s.k == 1
+            assert all(k in rc.methods.diagnostics.SCHEMA for k in s.diagnostics)
+            lowrank = getattr(method, "solver", "cholesky") != "cholesky"
+            for j, side in enumerate(s.sides):  # L for left layers, R for right ones, U for (14)
+                assert (s.L[j] is not None) == (side == "left" and not lowrank)
+                assert (s.R[j] is not None) == (side == "right" and not lowrank)
+    s = NGPlus(solver="smw").step(NGPlus(solver="smw").init(net, params), net, params, batch)[1]
+    assert all(L is None for L in s.L + s.R) and all(U is not None for U in s.U)
+
+
+CURVATURE_CONFIGS = [c for c in CONFIGS if c.get("solver") != "sketch_ls"]
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("ci", range(len(CURVATURE_CONFIGS)))
+def test_curvature_operator_reproduces_both_directions(kind, ci):
+    """curvature(new_state) is C with direction = −C⁻¹ vec(g), for the dense and the fast
+    direction, at refresh and at reuse steps (T_inv = 2), every option except (16)."""
+    net = _mlp() if kind == "mlp" else _cnn()
+    params = net.init(4)
+    method = NGPlus(damping=0.05, **CURVATURE_CONFIGS[ci])
+    st_f = st_d = method.init(net, params)
+    for k in range(3):
+        batch = Batch(*_data(net, 6, 100 + k))
+        d_d, st_d = method.step(st_d, net, params, batch, rng=k, dense=True)
+        d_f, st_f = method.step(st_f, net, params, batch, rng=k)
+        g = rc.flatten(net.grad(params, batch.x, batch.y, batch.loss))
+        for d, s in ((d_d, st_d), (d_f, st_f)):
+            C = method.curvature(s)
+            assert isinstance(C, BlockDiagonal) and C.shape == (net.n_params,) * 2
+            ev = C.eigvalsh()
+            tol = forward_tol(net.n_params + 6 * 16, ev.max() / ev.min())
+            assert_close(-C.solve(g), rc.flatten(d), rtol=tol, what=f"step {k}")
+        params = [W + 0.3 * D for W, D in zip(params, d_d)]
+
+
+def test_curvature_is_the_kronecker_form_of_the_damped_gfim():
+    """Per layer: left Kronecker(λI + L, I_n), right Kronecker(I_m, λI + R), from
+    refcurv.curvature.gfim directly; the authors' variant adds √λ."""
+    net = _mlp()  # layer 0 right (7 × 6), layer 1 left (3 × 8)
+    params = net.init(0)
+    x, y, loss = _data(net, 5, 7)
+    for method, lam in ((NGPlus(damping=0.3), 0.3), (NGPlus(damping=0.09, variant="authors"), 0.3)):
+        _, s = method.step(method.init(net, params), net, params, Batch(x, y, loss))
+        C = method.curvature(s)
+        for j, (side, (m, n)) in enumerate(zip(s.sides, net.param_shapes)):
+            Lg = cv.gfim(net, params, x, y, loss, side=side)[j]
+            D = lam * np.eye(Lg.shape[0]) + Lg
+            want = np.kron(D, np.eye(n)) if side == "left" else np.kron(np.eye(m), D)
+            assert isinstance(C.blocks[j], Kronecker)
+            assert_close(C.blocks[j].todense(), want, rtol=1e-12)
+
+
+def test_curvature_refuses_init_state_and_the_nonsymmetric_16():
+    net = _mlp()
+    params = net.init(0)
+    with pytest.raises(StateError, match="ngplus"):
+        NGPlus().curvature(NGPlus().init(net, params))
+    with pytest.raises(StateError, match="ngplus"):
+        NGPlus().curvature(NGPlusOnlineNewton().init(net, params))
+    m = NGPlus(solver="sketch_ls")
+    _, s = m.step(m.init(net, params), net, params, Batch(*_data(net, 4, 0)), rng=0)
+    with pytest.raises(HyperParameterError, match="not symmetric"):
+        m.curvature(s)
+
+
+def test_online_newton_curvature_is_L_t_and_the_direction_adds_step_and_projection():
+    """curvature(state) = L_t (Kronecker(L_t, I_n) per layer); the direction is
+    Π^{L_t}(Θ − α⁻¹C⁻¹g) − Θ: −α⁻¹C⁻¹g when the projection is inactive, and the projected
+    point otherwise (the contract's d = −C⁻¹g holds only for α = 1 without projection)."""
+    net = _mlp()
+    P = net.init(0)
+    for radius, alpha in ((100.0, 0.5), (0.5, 0.5)):
+        method = NGPlusOnlineNewton(alpha=alpha, damping=0.1, radius=radius, side="left")
+        state = method.init(net, P)
+        batch = Batch(*_data(net, 8, 11))
+        d, s = method.step(state, net, P, batch)
+        C = method.curvature(s)
+        for j, (m, n) in enumerate(net.param_shapes):
+            assert_close(C.blocks[j].todense(), np.kron(s.L[j], np.eye(n)), rtol=0, atol=0)
+        g = net.grad(P, batch.x, batch.y, batch.loss)
+        step = -C.solve(rc.flatten(g)) / alpha
+        tol = forward_tol(net.n_params, np.linalg.cond(C.todense()))
+        if radius == 100.0:
+            assert s.diagnostics["projected"] == [False, False]
+            assert_close(rc.flatten(d), step, rtol=tol)
+        else:
+            assert s.diagnostics["projected"] == [True, True]
+            Y = rc.unflatten(rc.flatten(P) + step, net)
+            for j, W in enumerate(P):
+                assert_close(W + d[j], project_ball_dense(Y[j], radius, s.L[j])[0], rtol=tol)
+
+
+def test_beta_is_one_name_for_11_and_12_with_the_same_default():
+    """``beta`` (was ``beta`` for (11) and ``mb_beta`` for (12), both 0.9): one default, 0.9;
+    β = 1 is allowed for (12) (Shampoo's sum, §2.4) and refused for (11) (L̄ would stay L_0)."""
+    assert NGPlus.hyper_parameters()["beta"] == 0.9
+    NGPlus(statistics="minibatch", beta=1.0)
+    with pytest.raises(HyperParameterError, match="beta"):
+        NGPlus(statistics="momentum", beta=1.0)
+
+
+@pytest.mark.parametrize("cls, old", [(NGPlus, "update_freq"), (NGPlus, "mb_beta"), (NGPlus, "mb_gamma"),
+                                      (NGPlus, "mb_lambda0"), (NGPlus, "curvature"),
+                                      (NGPlusOnlineNewton, "epsilon")])
+def test_retired_names_are_not_hyper_parameters(cls, old):
+    from refcurv.methods.vocabulary import HYPER_PARAMETERS, RETIRED
+
+    assert old in RETIRED and old not in cls.hyper_parameters()
+    assert set(cls.hyper_parameters()) <= set(HYPER_PARAMETERS)
+    with pytest.raises(TypeError):
+        cls(**{old: 1})
+
+
 # ------------------------------------------------------------------ hyper-parameters
 @pytest.mark.parametrize("cls, kwargs, arg", [
     (NGPlus, dict(damping=0.0), "damping"),
     (NGPlus, dict(damping=float("nan")), "damping"),
     (NGPlus, dict(side="middle"), "side"),
-    (NGPlus, dict(update_freq=0), "update_freq"),
-    (NGPlus, dict(update_freq=2.0), "update_freq"),
+    (NGPlus, dict(T_inv=0), "T_inv"),
+    (NGPlus, dict(T_inv=2.0), "T_inv"),
     (NGPlus, dict(statistics="ema"), "statistics"),
     (NGPlus, dict(beta=1.0), "beta"),
-    (NGPlus, dict(mb_beta=1.5), "mb_beta"),
-    (NGPlus, dict(mb_gamma=0.0), "mb_gamma"),
-    (NGPlus, dict(mb_lambda0=-1.0), "mb_lambda0"),
-    (NGPlus, dict(curvature="random"), "curvature"),
+    (NGPlus, dict(beta=1.0, statistics="momentum"), "beta"),
+    (NGPlus, dict(beta=1.5, statistics="minibatch"), "beta"),
+    (NGPlus, dict(beta=-0.1, statistics="minibatch"), "beta"),
+    (NGPlus, dict(stats_weight=0.0), "stats_weight"),
+    (NGPlus, dict(stats_init=-1.0), "stats_init"),
+    (NGPlus, dict(stats_init=float("nan")), "stats_init"),
+    (NGPlus, dict(gram="random"), "gram"),
     (NGPlus, dict(block_size=0), "block_size"),
     (NGPlus, dict(solver="inv"), "solver"),
     (NGPlus, dict(sketch_size=0), "sketch_size"),
@@ -587,9 +831,9 @@ def test_lemma7_elliptical_potential_with_the_inverse():
     (NGPlus, dict(variant="authors", side="right"), "side"),
     (NGPlus, dict(solver="smw", statistics="momentum"), "solver"),
     (NGPlus, dict(solver="ls", block_size=2), "solver"),
-    (NGPlus, dict(solver="sketch_ls", curvature="sketch"), "solver"),
+    (NGPlus, dict(solver="sketch_ls", gram="sketch"), "solver"),
     (NGPlusOnlineNewton, dict(alpha=-1.0), "alpha"),
-    (NGPlusOnlineNewton, dict(epsilon=0.0), "epsilon"),
+    (NGPlusOnlineNewton, dict(damping=0.0), "damping"),
     (NGPlusOnlineNewton, dict(radius=float("inf")), "radius"),
     (NGPlusOnlineNewton, dict(projection="frobenius"), "projection"),
     (NGPlusOnlineNewton, dict(side=None), "side"),
@@ -617,11 +861,11 @@ def _teacher_problem():
 
 @pytest.mark.parametrize("method, lr", [
     (NGPlus(damping=0.1), 0.5),
-    (NGPlus(damping=0.1, update_freq=5, statistics="momentum"), 0.5),
+    (NGPlus(damping=0.1, T_inv=5, statistics="momentum"), 0.5),
     (NGPlus(damping=0.1, solver="smw"), 0.5),
-    (NGPlus(damping=0.1, block_size=2, curvature="sketch", sketch_size=4), 0.5),
-    (NGPlus(damping=0.05, statistics="minibatch", mb_beta=0.9, mb_gamma=0.1, mb_lambda0=0.1), 0.5),
-    (NGPlusOnlineNewton(alpha=0.5, epsilon=0.1, radius=20.0), 1.0),
+    (NGPlus(damping=0.1, block_size=2, gram="sketch", sketch_size=4), 0.5),
+    (NGPlus(damping=0.05, statistics="minibatch", beta=0.9, stats_weight=0.1, stats_init=0.1), 0.5),
+    (NGPlusOnlineNewton(alpha=0.5, damping=0.1, radius=20.0), 1.0),
 ])
 def test_training_decreases_the_loss(method, lr):
     """Seeded smoke run of refcurv.train.train (mini-batches of 16, 40 steps): the full-data

@@ -37,6 +37,7 @@ SCHEMA = {
               "n × n system instead)"),
 
     # ---- ngplus
+    "projected": ("list[bool], per layer", "the projection onto the feasible set was active this step (NG+ (19))"),
 
     # ---- smw / hessian_free
     "smw_form": ("str", "SMW-GN: the SMW form of the step, 'symmetric' ((5.6)), 'general' ((5.7)) or 'dense' (dense form)"),

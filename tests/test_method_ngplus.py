@@ -760,10 +760,10 @@ def test_curvature_refuses_init_state_and_the_nonsymmetric_16():
         m.curvature(s)
 
 
-def test_online_newton_curvature_is_L_t_and_the_direction_adds_step_and_projection():
-    """curvature(state) = L_t (Kronecker(L_t, I_n) per layer); the direction is
-    Π^{L_t}(Θ − α⁻¹C⁻¹g) − Θ: −α⁻¹C⁻¹g when the projection is inactive, and the projected
-    point otherwise (the contract's d = −C⁻¹g holds only for α = 1 without projection)."""
+def test_online_newton_curvature_is_alpha_L_t_and_the_direction_adds_the_projection():
+    """curvature(state) = α L_t (Kronecker(α L_t, I_n) per layer); the direction is
+    Π^{L_t}(Θ − C⁻¹g) − Θ: −C⁻¹g when the projection is inactive (the contract), and the
+    projected point otherwise."""
     net = _mlp()
     P = net.init(0)
     for radius, alpha in ((100.0, 0.5), (0.5, 0.5)):
@@ -773,9 +773,9 @@ def test_online_newton_curvature_is_L_t_and_the_direction_adds_step_and_projecti
         d, s = method.step(state, net, P, batch)
         C = method.curvature(s)
         for j, (m, n) in enumerate(net.param_shapes):
-            assert_close(C.blocks[j].todense(), np.kron(s.L[j], np.eye(n)), rtol=0, atol=0)
+            assert_close(C.blocks[j].todense(), np.kron(alpha * s.L[j], np.eye(n)), rtol=0, atol=0)
         g = net.grad(P, batch.x, batch.y, batch.loss)
-        step = -C.solve(rc.flatten(g)) / alpha
+        step = -C.solve(rc.flatten(g))
         tol = forward_tol(net.n_params, np.linalg.cond(C.todense()))
         if radius == 100.0:
             assert s.diagnostics["projected"] == [False, False]

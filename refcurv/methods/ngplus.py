@@ -650,8 +650,8 @@ class NGPlusOnlineNewton(Method):
         return direction, self._new_state(state, Ls, projected)
 
     def curvature(self, state, net=None, params=None, batch=None, draws=None):
-        """``L_t`` per layer (class docstring: the direction additionally applies ``1/α`` and
-        the projection)."""
+        """``α L_t`` per layer, so that an unprojected step is ``−C⁻¹ g`` (19); a projected
+        step (``diagnostics["projected"]``) is ``Π(Θ − C⁻¹g) − Θ`` instead."""
         self.check_state(state)
-        return BlockDiagonal([GF.damped_operator(side, shape, _stat(state, j), 0.0)
+        return BlockDiagonal([GF.damped_operator(side, shape, self.alpha * _stat(state, j), 0.0)
                               for j, (side, shape) in enumerate(zip(state.sides, state.shapes))])

@@ -269,5 +269,7 @@ class Ginger(Method):
             raise ArgumentTypeError("ginger.curvature needs net (for the block layout of θ)")
         idx = self._blocks(state, net)
         gamma = float(self.damping)
-        blocks = [Inverse(LowRankPlusIdentity(1.0 / gamma, U, -ginger_K(s, gamma))) for U, s in zip(state.U, state.sigma)]
+        # (15): G_{t,γ}⁻¹ = γ⁻¹I − U diag(K_γ(σ)) Uᵀ is what the fast form applies; C is its inverse
+        blocks = [Inverse(LowRankPlusIdentity(1.0 / gamma, U, -ginger_K(s, gamma)))
+                  for U, s in zip(state.U, state.sigma)]
         return BlockDiagonal(blocks, index=idx)

@@ -91,10 +91,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..backend import xp_of
 from ..errors import ArgumentTypeError, HyperParameterError
 from ..linalg.ema import check_alpha, check_tau, qng_beta, qng_G, qng_solve_dense, qng_update_dense
 from ..operators import BlockDiagonal, Operator
-from ..backend import xp_of
 from ..vec import flatten, unflatten
 from ._sampled import BLOCKS, block_indices, check_labels, fisher_vector, fisher_vector_dense, sampled_labels
 from .base import Draws, Method, State, check_choice, check_int, check_unit, state_field

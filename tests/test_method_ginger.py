@@ -22,12 +22,14 @@ from hypothesis import strategies as st
 
 from refcurv import curvature as cv
 from refcurv import flatten
-from refcurv.errors import HyperParameterError, ShapeError
+from refcurv.errors import ArgumentTypeError, DrawsError, HyperParameterError, ShapeError
+from refcurv.linalg.ema import ginger_matrix, ginger_solve_dense, ginger_update_dense
 from refcurv.linalg.lowrank import brand_update
-from refcurv.methods import Batch
+from refcurv.methods import Batch, Draws
 from refcurv.methods import ginger as Gi
-from refcurv.methods._sampled import block_indices, fisher_vector
-from refcurv.methods.ginger import Ginger
+from refcurv.methods._sampled import block_indices, fisher_vector, fisher_vector_dense
+from refcurv.methods.ginger import Ginger, GingerState
+from refcurv.operators import BlockDiagonal, Inverse, LowRankPlusIdentity
 from refcurv.nn import MSE, CrossEntropy, Linear, Sequential, Tanh
 from refcurv.testing.strategies import problems
 from refcurv.testing.tolerance import EPS, assert_clt, forward_tol, residual_tol
@@ -103,13 +105,13 @@ def test_fast_equals_dense_step_by_step(n, data, alpha, log_gamma, seed, u0):
     for t, d in enumerate(_stream(seed, n, 22)):
         tol = _one_step_bound(Ud, sd, d, alpha, gamma)
         U1, s1 = Gi.update(Ud, sd, d, alpha, gamma)
-        U2, s2 = Gi.dense_update(Ud, sd, d, alpha, gamma)
+        U2, s2 = ginger_update_dense(Ud, sd, d, alpha, gamma)
         assert U1.shape == U2.shape == (n, tau)
         err = np.linalg.norm(_UKU(U1, s1, gamma) - _UKU(U2, s2, gamma))
         assert err <= tol, f"step {t}: one-step ‖ΔUKUᵀ‖ = {err:.2e} > {tol:.2e}"
         _assert_sigma_close(s1, s2, tol, gamma, f"step {t}")
         # the query direction: state error · ‖g‖ plus the dense Cholesky solve's forward error
-        x1, x2 = Gi.query(U1, s1, g, gamma), Gi.dense_query(U2, s2, g, gamma)
+        x1, x2 = Gi.query(U1, s1, g, gamma), ginger_solve_dense(U2, s2, g, gamma)
         kap = 1 + s2.max() / gamma
         assert np.linalg.norm(x1 - x2) <= tol * np.linalg.norm(g) + forward_tol(n, kap) * np.linalg.norm(x2)
         acc += tol
@@ -157,7 +159,7 @@ def test_untruncated_equals_exact_damped_ema(n, data, alpha, log_gamma, seed):
         acc += forward_tol(n, _kappa(np.linalg.eigvalsh(G)[-1], gamma)) / gamma
         ref = np.linalg.inv(G)
         U, s = Gi.update(U, s, d, alpha, gamma)
-        Ud, sd = Gi.dense_update(Ud, sd, d, alpha, gamma)
+        Ud, sd = ginger_update_dense(Ud, sd, d, alpha, gamma)
         for V, sig in ((U, s), (Ud, sd)):
             Ginv = np.eye(n) / gamma - _UKU(V, sig, gamma)
             assert np.linalg.norm(Ginv - ref) <= acc, f"t = {len(ds)}"
@@ -196,23 +198,6 @@ def test_lemma1_eigenvalues_of_the_inverse(n, data, alpha, log_gamma, seed):
 
 
 # ------------------------------------------------------------------- (4) σ ≥ 0 always
-def test_sigma_from_K_clip_policy():
-    """(18) with K clipped to [0, (1 − 4eps)/γ]: rounding-negative K → σ = 0; K ≥ 1/γ (where
-    (18) would give ∞ or σ < 0, and Algorithm 1's (1 − γK)^† would give σ = 0 or σ < 0) →
-    the cap γ(1 − δ)/δ; interior values by (18) exactly (K = 1/(2γ) ↔ σ = γ)."""
-    gamma = 0.3
-    delta = 4 * EPS
-    cap = gamma * (1 - delta) / delta
-    K = np.array([-1e-17, 0.0, 0.5 / gamma, 1 / gamma, np.nextafter(1 / gamma, 1.0), 2 / gamma])
-    s = Gi.sigma_from_K(K, gamma)
-    assert s[0] == 0 and s[1] == 0
-    assert abs(s[2] - gamma) <= 4 * EPS * gamma
-    assert np.all(np.abs(s[3:] - cap) <= 1e-6 * cap) and np.all(np.isfinite(s))
-    with np.errstate(divide="ignore"):
-        raw = gamma**2 * K / (1 - gamma * K)  # (18) unclipped
-    assert not np.all(np.isfinite(raw[3:]) & (raw[3:] >= 0))
-
-
 @given(st.integers(2, 8), st.data(), st.sampled_from([1e-12, 1e-6, 0.5, 1 - 1e-6, 1 - 1e-12]),
        st.floats(-4, 2), st.floats(-8, 12), st.integers(0, 2**31 - 1))
 def test_sigma_nonnegative_finite_under_adversarial_inputs(n, data, alpha, log_gamma, log_scale, seed):
@@ -246,7 +231,7 @@ def test_clip_is_what_keeps_sigma_finite():
     _, K_raw = brand_update(U, _K(alpha * s, gamma), q, Gi.sm_coefficient(q, d, alpha), rank=tau)
     assert K_raw.max() > (1 - 4 * EPS) / gamma
     cap = gamma * (1 - 4 * EPS) / (4 * EPS)
-    for upd in (Gi.update, Gi.dense_update):
+    for upd in (Gi.update, ginger_update_dense):
         U2, s2 = upd(U, s, d, alpha, gamma)
         assert abs(s2.max() - cap) <= 1e-6 * cap and s2.min() >= 0
         assert np.all(np.isfinite(Gi.query(U2, s2, np.ones(n), gamma)))
@@ -316,23 +301,23 @@ def test_method_fast_equals_dense(pb, blocks, tau, alpha, log_gamma, u0):
     the directions within that bound · ‖∇L‖ plus the dense solve's forward error."""
     net = pb.net
     gamma = 10.0**log_gamma
-    method = Ginger(alpha=alpha, gamma=gamma, tau=tau, blocks=blocks, u0=u0)
+    method = Ginger(beta=alpha, damping=gamma, rank=tau, blocks=blocks, u0=u0)
     params, batches = _batches(pb, 4)
     sf = sd = method.init(net, params)
     idxs = block_indices(net, blocks)
     assert sorted(np.concatenate(idxs).tolist()) == list(range(net.n_params))
     acc = np.zeros(len(idxs))
     for k, b in enumerate(batches):
-        y_hat = method.draw(np.random.default_rng(k), sd, net, params, b)
+        y_hat = method.draw(np.random.default_rng(k), sd, net, params, b).labels[0]
         d = fisher_vector(net, params, b, y_hat)
-        acc += [_one_step_bound(U, s, d[i], alpha, gamma) for i, U, s in zip(idxs, sd["U"], sd["sigma"])]
+        acc += [_one_step_bound(U, s, d[i], alpha, gamma) for i, U, s in zip(idxs, sd.U, sd.sigma)]
         df, sf = method.step(sf, net, params, b, rng=k)
         dd, sd = method.step(sd, net, params, b, rng=k, dense=True)
-        assert sf["k"] == sd["k"] == k + 1
+        assert sf.k == sd.k == k + 1 and type(sf) is type(sd) is GingerState
         g = flatten(net.grad(params, b.x, b.y, b.loss))
         df, dd = flatten(df), flatten(dd)
         for j, i in enumerate(idxs):
-            Uf, s1, Ud, s2 = sf["U"][j], sf["sigma"][j], sd["U"][j], sd["sigma"][j]
+            Uf, s1, Ud, s2 = sf.U[j], sf.sigma[j], sd.U[j], sd.sigma[j]
             assert Uf.shape == Ud.shape == (len(i), min(tau, len(i)))
             assert np.linalg.norm(_UKU(Uf, s1, gamma) - _UKU(Ud, s2, gamma)) <= acc[j]
             _assert_sigma_close(s1, s2, acc[j], gamma, f"block {j} step {k}")
@@ -353,7 +338,7 @@ def test_block_layouts_reduce_to_each_other():
     for net, a, b in [(Sequential([Linear(3, 2)]), "full", "layer"),
                       (Sequential([Linear(3, 2, bias=False)]), "layer", "tensor")]:
         params = net.init(1)
-        ma, mb = Ginger(blocks=a, tau=3), Ginger(blocks=b, tau=3)
+        ma, mb = Ginger(blocks=a, rank=3), Ginger(blocks=b, rank=3)
         sa, sb = ma.init(net, params), mb.init(net, params)
         for k in range(6):
             batch = Batch(x + k, y, CrossEntropy())
@@ -363,16 +348,16 @@ def test_block_layouts_reduce_to_each_other():
     # τ ≥ n: the full block is the exact damped EMA for every t (here t = 8 > n = 6)
     net = Sequential([Linear(2, 2)])
     params = net.init(2)
-    m = Ginger(tau=50, gamma=0.1, alpha=0.7)
+    m = Ginger(rank=50, damping=0.1, beta=0.7)
     st_ = m.init(net, params)
-    assert st_["U"][0].shape == (6, 6)
+    assert st_.U[0].shape == (6, 6)
     ds = []
     for k in range(8):
         batch = Batch(rng.standard_normal((3, 2)), rng.standard_normal((3, 2)), MSE())
-        ds.append(fisher_vector(net, params, batch, m.draw(np.random.default_rng(k), st_, net, params, batch)))
+        ds.append(fisher_vector(net, params, batch, m.draw(np.random.default_rng(k), st_, net, params, batch).labels[0]))
         _, st_ = m.step(st_, net, params, batch, rng=k)
         G = _ema(ds, 0.7, 0.1)
-        U, s = st_["U"][0], st_["sigma"][0]
+        U, s = st_.U[0], st_.sigma[0]
         bound = (k + 1) * forward_tol(6, _kappa(np.linalg.eigvalsh(G)[-1], 0.1)) / 0.1
         assert np.linalg.norm(np.eye(6) / 0.1 - _UKU(U, s, 0.1) - np.linalg.inv(G)) <= bound
 
@@ -386,8 +371,8 @@ def test_tensor_blocks_split_weight_and_bias():
             "tensor": [[0, 1, 2, 4, 5, 6], [3, 7], [8, 9, 10, 11]]}
     for blocks, idx in want.items():
         assert [i.tolist() for i in block_indices(net, blocks)] == idx, blocks
-    m = Ginger(blocks="tensor", tau=4)
-    assert [U.shape for U in m.init(net, net.init(0))["U"]] == [(6, 4), (2, 2), (4, 4)]
+    m = Ginger(blocks="tensor", rank=4)
+    assert [U.shape for U in m.init(net, net.init(0)).U] == [(6, 4), (2, 2), (4, 4)]
 
 
 @pytest.mark.parametrize("blocks", ["full", "tensor"])
@@ -401,18 +386,19 @@ def test_float32_fast_form_runs_in_float32_dense_form_in_float64(blocks):
     params = [W.astype(np.float32) for W in net.init(0)]
     rng = np.random.default_rng(0)
     gamma = 0.1
-    m = Ginger(alpha=0.9, gamma=gamma, tau=3, blocks=blocks)
+    m = Ginger(beta=0.9, damping=gamma, rank=3, blocks=blocks)
     s = m.init(net, params)
     eps32 = float(np.finfo(np.float32).eps)
     for k in range(4):
         b = Batch(rng.standard_normal((5, 3)).astype(np.float32), rng.integers(0, 3, 5), CrossEntropy())
-        assert fisher_vector(net, params, b, m.draw(np.random.default_rng(k), s, net, params, b)).dtype == np.float32
+        y_hat = m.draw(np.random.default_rng(k), s, net, params, b).labels[0]
+        assert fisher_vector(net, params, b, y_hat).dtype == np.float32
         dd, sd = m.step(s, net, params, b, rng=k, dense=True)
-        assert all(x.dtype == np.float64 for x in dd + sd["U"] + sd["sigma"])
+        assert all(x.dtype == np.float64 for x in dd + sd.U + sd.sigma)
         df, s = m.step(s, net, params, b, rng=k)
-        assert all(x.dtype == np.float32 for x in df + s["U"] + s["sigma"])
+        assert all(x.dtype == np.float32 for x in df + s.U + s.sigma)
         g, x = flatten(net.grad(params, b.x, b.y, b.loss)).astype(np.float64), flatten(df).astype(np.float64)
-        for i, U, sig in zip(block_indices(net, blocks), s["U"], s["sigma"]):
+        for i, U, sig in zip(block_indices(net, blocks), s.U, s.sigma):
             U, sig = U.astype(np.float64), sig.astype(np.float64)
             G = gamma * np.eye(len(i)) + (U * sig) @ U.T
             bound = 100 * len(i) * eps32 * (k + 1) * (1 + sig.max() / gamma) * np.linalg.norm(g[i])
@@ -422,8 +408,8 @@ def test_float32_fast_form_runs_in_float32_dense_form_in_float64(blocks):
     v = np.ones(6, np.float32)
     U1, s1 = Gi.update(U, sg, v, 0.9, gamma)
     assert U1.dtype == s1.dtype == Gi.query(U1, s1, v, np.float64(gamma)).dtype == np.float32
-    U2, s2 = Gi.dense_update(U, sg, v, 0.9, gamma)
-    assert U2.dtype == s2.dtype == Gi.dense_query(U, sg, v, gamma).dtype == np.float64
+    U2, s2 = ginger_update_dense(U, sg, v, 0.9, gamma)
+    assert U2.dtype == s2.dtype == ginger_solve_dense(U, sg, v, gamma).dtype == np.float64
 
 
 def test_d_t_second_moment_is_the_batch_fisher():
@@ -437,7 +423,7 @@ def test_d_t_second_moment_is_the_batch_fisher():
     m = Ginger()
     rng = np.random.default_rng(6)
     S = 3000
-    D = np.stack([fisher_vector(net, params, batch, m.draw(rng, None, net, params, batch)) for _ in range(S)])
+    D = np.stack([fisher_vector(net, params, batch, m.draw(rng, None, net, params, batch).labels[0]) for _ in range(S)])
     iu = np.triu_indices(net.n_params)
     X = (D[:, :, None] * D[:, None, :])[:, iu[0], iu[1]]
     F = cv.fisher(net, params, x, None, CrossEntropy(), kind="exact")
@@ -446,19 +432,23 @@ def test_d_t_second_moment_is_the_batch_fisher():
 
 # --------------------------------------------------------------- (7) hyper-parameters
 def test_bad_hyper_parameters():
-    for kwargs, match in [({"alpha": 0.0}, "alpha"), ({"alpha": 1.0}, "alpha"), ({"alpha": float("nan")}, "alpha"),
-                          ({"gamma": 0.0}, "gamma"), ({"gamma": -1.0}, "gamma"), ({"gamma": float("inf")}, "gamma"),
-                          ({"tau": 0}, "tau"), ({"tau": 2.0}, "tau"), ({"tau": True}, "tau"),
+    for kwargs, match in [({"beta": 0.0}, "beta"), ({"beta": 1.0}, "beta"), ({"beta": float("nan")}, "beta"),
+                          ({"damping": 0.0}, "damping"), ({"damping": -1.0}, "damping"),
+                          ({"damping": float("inf")}, "damping"),
+                          ({"rank": 0}, "rank"), ({"rank": 2.0}, "rank"), ({"rank": True}, "rank"),
                           ({"blocks": "diag"}, "blocks"), ({"u0": "zeros"}, "u0"), ({"seed": -1}, "seed")]:
         with pytest.raises(HyperParameterError, match=match):
             Ginger(**kwargs)
+    for retired in ("alpha", "gamma", "tau"):  # renamed: beta (α of (7)), damping (γ of (14)), rank (τ)
+        with pytest.raises(TypeError):
+            Ginger(**{retired: 0.5})
     with pytest.raises(HyperParameterError, match="tau must be ≤ d"):
         Gi.init(3, 4)
     U, s = Gi.init(4, 2)
     with pytest.raises(HyperParameterError, match="alpha"):
         Gi.update(U, s, np.ones(4), 1.0, 0.1)
     with pytest.raises(HyperParameterError, match="gamma"):
-        Gi.dense_update(U, s, np.ones(4), 0.5, 0.0)
+        ginger_update_dense(U, s, np.ones(4), 0.5, 0.0)
     with pytest.raises(HyperParameterError, match="sigma"):
         Gi.update(U, -np.ones(2), np.ones(4), 0.5, 0.1)
     with pytest.raises(ShapeError):
@@ -474,6 +464,92 @@ def test_training_smoke_decreases_loss(blocks):
     x = rng.standard_normal((128, 4))
     y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(int) + (x[:, 2] > 1).astype(int)
     net = Sequential([Linear(4, 16), Tanh(), Linear(16, 3)])
-    _, hist = train(Ginger(alpha=0.9, gamma=1e-2, tau=8, blocks=blocks), net, net.init(0), x, y, CrossEntropy(),
+    _, hist = train(Ginger(beta=0.9, damping=1e-2, rank=8, blocks=blocks), net, net.init(0), x, y, CrossEntropy(),
                     steps=30, lr=0.01, batch_size=32, seed=1)
     assert hist["loss"][-1] < 0.5 * hist["loss"][0]
+
+
+# --------------------------------------------------------------- (9) draws and curvature
+def _mlp_batch(seed=0):
+    net = Sequential([Linear(3, 4), Tanh(), Linear(4, 3)])
+    rng = np.random.default_rng(seed)
+    return net, net.init(seed), Batch(rng.standard_normal((5, 3)), rng.integers(0, 3, 5), CrossEntropy())
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["fast", "dense"])
+def test_injected_labels_are_consumed_exactly(dense):
+    """Labels drawn elsewhere (all equal to 1) are what d_t (8) is computed from: with τ ≥ d
+    and one step, G_{1,γ} = γI + (1−α) d dᵀ exactly, d = −√N ∇Ψ(ŷ) at those labels."""
+    net = Sequential([Linear(2, 2)])
+    params = net.init(0)
+    rng = np.random.default_rng(0)
+    b = Batch(rng.standard_normal((4, 2)), rng.integers(0, 2, 4), CrossEntropy())
+    m = Ginger(rank=6, damping=0.1, beta=0.7)
+    y_hat = np.ones((1, 4), dtype=np.int64)
+    _, s = m.step(m.init(net, params), net, params, b, draws=Draws(method="ginger", labels=y_hat), dense=dense)
+    d = -2.0 * flatten(net.grad(params, b.x, y_hat[0], b.loss))
+    G = 0.1 * np.eye(6) + 0.3 * np.outer(d, d)
+    bound = forward_tol(6, _kappa(np.linalg.eigvalsh(G)[-1], 0.1)) / 0.1
+    assert np.linalg.norm(np.eye(6) / 0.1 - _UKU(s.U[0], s.sigma[0], 0.1) - np.linalg.inv(G)) <= bound
+    assert m.draw(np.random.default_rng(0), s, net, params, b).labels.shape == (1, 4)
+
+
+def test_fisher_vector_dense_equals_fisher_vector():
+    """The two computations of d_t (8) — the fast forms' −(1/√N) Σ_i ∇ψ_i(ŷ_i) and the dense
+    forms' −√N ∇Ψ(ŷ) — agree to rounding (MSE: sampled targets (1, N, C))."""
+    net = Sequential([Linear(3, 4), Tanh(), Linear(4, 2)])
+    params = net.init(1)
+    rng = np.random.default_rng(1)
+    b = Batch(rng.standard_normal((7, 3)), rng.standard_normal((7, 2)), MSE())
+    draws = Ginger().draw(np.random.default_rng(2), None, net, params, b)
+    assert draws.labels.shape == (1, 7, 2)
+    d1 = fisher_vector(net, params, b, draws.labels[0])
+    d2 = fisher_vector_dense(net, params, b, draws.labels[0])
+    assert np.linalg.norm(d1 - d2) <= residual_tol(net.n_params) * np.linalg.norm(d2)
+    per_sample = net.per_sample_grads(params, b.x, draws.labels[0], b.loss)
+    want = -flatten([u.sum(axis=0) for u in per_sample]) / np.sqrt(7)
+    assert np.linalg.norm(d1 - want) <= residual_tol(net.n_params) * np.linalg.norm(want)
+
+
+def test_draws_of_the_wrong_shape_are_refused():
+    net, params, b = _mlp_batch()
+    m = Ginger()
+    s = m.init(net, params)
+    for labels in (np.zeros(5, dtype=int), np.zeros((3, 5), dtype=int), np.zeros((1, 4), dtype=int), None):
+        with pytest.raises(DrawsError, match="ginger.*labels"):
+            m.step(s, net, params, b, draws=Draws(method="ginger", labels=labels))
+
+
+@pytest.mark.parametrize("blocks", ["full", "layer", "tensor"])
+def test_curvature_is_the_damped_low_rank_form(blocks):
+    """curvature(state) = BlockDiagonal(Inverse(LowRankPlusIdentity(1/γ, U, −K_γ(σ)))) on the
+    blocks' index sets (tensor blocks are not contiguous in θ): its dense matrix is (14)
+    γI + U diag(σ) Uᵀ per block (U semi-orthogonal), −C⁻¹g is the fast direction (the same
+    O(dτ) query (15)), and its eigenvalues are γ + σ and γ."""
+    net = Sequential([Linear(3, 2), Tanh(), Linear(2, 2, bias=False)])
+    params = net.init(0)
+    rng = np.random.default_rng(0)
+    gamma = 0.05
+    m = Ginger(beta=0.8, damping=gamma, rank=2, blocks=blocks)
+    s = m.init(net, params)
+    for k in range(4):
+        b = Batch(rng.standard_normal((5, 3)), rng.integers(0, 2, 5), CrossEntropy())
+        d, s = m.step(s, net, params, b, rng=k)
+    C = m.curvature(s, net)
+    assert isinstance(C, BlockDiagonal) and C.shape == (net.n_params,) * 2
+    assert all(isinstance(blk, Inverse) and isinstance(blk.B, LowRankPlusIdentity) for blk in C.blocks)
+    g = flatten(net.grad(params, b.x, b.y, b.loss))
+    assert np.linalg.norm(-C.solve(g) - flatten(d)) <= residual_tol(net.n_params) * np.linalg.norm(flatten(d))
+    M = C.todense()
+    want = np.zeros_like(M)
+    for i, U, sig in zip(block_indices(net, blocks), s.U, s.sigma):
+        want[np.ix_(i, i)] = ginger_matrix(U, sig, gamma)
+    kap = 1 + max(sig.max() for sig in s.sigma) / gamma
+    assert np.linalg.norm(M - want) <= forward_tol(net.n_params, kap) * np.linalg.norm(want)
+    ev = np.sort(np.concatenate([np.r_[gamma + sig, np.full(U.shape[0] - U.shape[1], gamma)]
+                                 for U, sig in zip(s.U, s.sigma)]))
+    assert np.allclose(C.eigvalsh(), ev, rtol=forward_tol(net.n_params, kap), atol=0)
+    with pytest.raises(ArgumentTypeError, match="net"):
+        m.curvature(s)
+    with pytest.raises(HyperParameterError, match="blocks"):
+        Ginger(blocks="full" if blocks != "full" else "layer").curvature(s, net)

@@ -18,7 +18,7 @@ This is (17) with ``h_t = G_{t−1,γ/α}⁻¹ d_t = α q_t`` and ``β_t = (1−
 (the printed β lacks the factor ``1−α``), and the authors' code form ``κ = b/(1 + b qᵀd)``.
 The correction is then truncated to its ``τ`` largest eigenvalues by the symmetric Brand
 update (:func:`refcurv.linalg.lowrank.brand_update`, Algorithm 1's ``r1u``) and ``σ`` is
-recovered by (18) ``σ = γ²K/(1 − γK)``.
+recovered by (18) ``σ = γ²K/(1 − γK)`` (:func:`refcurv.linalg.ema.ginger_sigma`).
 
 Floating-point policy for (18)–(19): in exact arithmetic ``0 ⪯ K ≺ γ⁻¹`` (19); in floating
 point an eigenvalue of the correction can come out ``< 0`` (a direction with no curvature,
@@ -27,14 +27,30 @@ rounding) or ``≥ γ⁻¹`` (curvature beyond ``γ/eps``). Before (18), ``K`` i
 (Algorithm 1's ``(1 − γK)^†`` would map ``1 − γK = 0`` to ``σ = 0`` and ``1 − γK < 0`` to
 ``σ < 0``; the authors' code clips ``K ≤ 1/γ`` and zeroes tiny σ: errata GIN-4.)
 
-Dense form (the definition): the same EMA step with d×d matrices,
-``G̃ = γI + α(G_{t−1,γ} − γI) + (1−α)ddᵀ`` formed densely, inverted by Cholesky
-(:func:`~refcurv.linalg.woodbury.spd_solve`), the correction ``C = γ⁻¹I − G̃⁻¹`` truncated
-by a dense eigendecomposition to its ``τ`` largest eigenvalues ``U K Uᵀ``, ``σ`` from (18)
-with the same clip; the direction solves ``G_{t,γ} x = g`` by Cholesky; all in float64
-(parameters and state cast, design §3), while the fast form runs in the input dtype. Fast and dense
-agree to rounding step by step (truncated or not); with ``t ≤ τ`` (no truncation yet)
-``G_{t,γ}`` equals the exact damped EMA ``γI + Σ_s α^{t−s}(1−α) d_s d_sᵀ`` (``σ₀ = 0``).
+Dense form (the definition, :mod:`refcurv.linalg.ema`): ``d_t = −√N ∇Ψ(ŷ)`` from the mean
+loss at the same sampled labels (:func:`~refcurv.methods._sampled.fisher_vector_dense`); the
+same EMA step with d×d matrices, ``G̃ = γI + α(G_{t−1,γ} − γI) + (1−α)ddᵀ`` formed densely,
+inverted by Cholesky (:func:`~refcurv.linalg.woodbury.spd_solve`), the correction
+``C = γ⁻¹I − G̃⁻¹`` truncated by a dense eigendecomposition to its ``τ`` largest eigenvalues
+``U K Uᵀ``, ``σ`` from (18) with the same clip (:func:`~refcurv.linalg.ema.ginger_update_dense`);
+the direction solves ``G_{t,γ} x = g`` by Cholesky (:func:`~refcurv.linalg.ema.ginger_solve_dense`);
+all in float64 (parameters and state cast, design §3), while the fast form runs in the input
+dtype. Fast and dense agree to rounding step by step (truncated or not); with ``t ≤ τ`` (no
+truncation yet) ``G_{t,γ}`` equals the exact damped EMA ``γI + Σ_s α^{t−s}(1−α) d_s d_sᵀ``
+(``σ₀ = 0``).
+
+Shared by both forms: the sampled labels ``ŷ`` (``Draws.labels``, made once by
+:meth:`Ginger.draw`), the block layout (:func:`~refcurv.methods._sampled.block_indices`), the
+initial state ``(U₀, σ₀)`` (:func:`init`), and (18) with its clip
+(:func:`~refcurv.linalg.ema.ginger_sigma`; tested in ``tests/test_linalg_ema.py``). Not
+shared: ``d_t`` (per-sample sum vs mean gradient), the update (Sherman–Morrison + Brand vs
+dense inverse + eigendecomposition), the query ((15) vs Cholesky of (14)).
+
+Curvature (:meth:`Ginger.curvature`): the stored inverse (15) per block is
+``G_{t,γ}⁻¹ = γ⁻¹I − U_t diag(K_{t,γ}) U_tᵀ`` (``K`` of (16)), so
+``C = Inverse(LowRankPlusIdentity(1/γ, U_t, −K_{t,γ}))`` (= ``γI + U_t diag(σ_t) U_tᵀ`` (14)
+while ``U_tᵀU_t = I``), block-diagonal over the blocks' index sets into θ; the direction is
+``−C⁻¹ g`` (``C.solve`` is the O(dτ) query (15)), ``g`` the mini-batch gradient.
 
 The method (Algorithm 1): ``d_t`` from (8), ``d_t = (1/√|B|) Σ_{x∈B} ∇_θ log p_θ(ŷ|x) =
 −(1/√|B|) Σ_x ∇ψ(x, ŷ)`` with one label ŷ per input drawn from the model in :meth:`draw`
@@ -54,6 +70,9 @@ not at the identity of §2.1); ``U₀`` is a random semi-orthogonal matrix (``u0
 QR of a Gaussian drawn on the host from ``seed``) or ``eye(d, τ)`` (``u0="eye"``, the
 authors' code). With ``σ₀ = 0`` the choice of ``U₀`` does not change ``U_t K_t U_tᵀ`` in exact
 arithmetic (only the basis of the zero eigenspace).
+
+Names: the hyper-parameter ``beta`` is the EMA decay α of (7), ``damping`` is γ of (14) and
+``rank`` is τ (refcurv.methods.vocabulary); the kernels below keep ``alpha``, ``gamma``, ``tau``.
 """
 from __future__ import annotations
 
@@ -62,36 +81,25 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..backend import eigh, rng_of, xp_of
-from ..errors import HyperParameterError, ShapeError
+from ..errors import ArgumentTypeError, HyperParameterError
 from ..linalg import _checks as C
+from ..linalg.ema import (
+    check_alpha_gamma,
+    check_ginger,
+    ginger_K,
+    ginger_sigma,
+    ginger_solve_dense,
+    ginger_update_dense,
+)
 from ..linalg.lowrank import brand_update
-from ..linalg.woodbury import spd_solve
+from ..operators import BlockDiagonal, Inverse, LowRankPlusIdentity
 from ..vec import flatten, unflatten
-from ._sampled import BLOCKS, block_indices, fisher_vector, sampled_labels
-from .base import Method, check_choice, check_int, check_positive, check_unit
+from ._sampled import BLOCKS, block_indices, check_labels, fisher_vector, fisher_vector_dense, sampled_labels
+from .base import Draws, Method, State, check_choice, check_int, check_positive, check_unit, state_field
 from .registry import register
-
-#: clip margin of (18): ``K ≤ (1 − CLIP_EPS·eps)/γ``
-CLIP_EPS = 4.0
-F64 = np.float64
 
 
 # ----------------------------------------------------------------- kernels (one block)
-def _check_alpha_gamma(alpha, gamma):
-    C.in_open_unit(alpha, "alpha")
-    C.positive(gamma, "gamma")
-
-
-def _check_state(U, sigma):
-    U = C.finite(U, "U")
-    if U.ndim != 2 or U.shape[1] > U.shape[0] or U.shape[1] < 1:
-        raise ShapeError(f"U must be a (d, τ) matrix with 1 ≤ τ ≤ d, got shape {U.shape}")
-    sigma = C.vector(sigma, "sigma", U.shape[1])
-    if bool((sigma < 0).any()):
-        raise HyperParameterError("sigma must be ≥ 0 (form (14))")
-    return U, sigma
-
-
 def init(d, tau, u0="random", seed=None, dtype=np.float64):
     """``(U₀, σ₀)`` of Algorithm 1: ``σ₀ = 0`` and ``U₀`` random semi-orthogonal (QR of a
     ``d×τ`` Gaussian drawn on the host from ``seed``, signs fixed by ``diag(R) > 0``) or
@@ -109,25 +117,11 @@ def init(d, tau, u0="random", seed=None, dtype=np.float64):
     return U, np.zeros(tau, dtype=dtype)
 
 
-def correction_diag(sigma, gamma):
-    """(16): ``K^{(i,i)} = σ_i / (γ² + γσ_i)``, the diagonal of ``K_{t,γ}`` in (15)."""
-    return sigma / (gamma * (gamma + sigma))
-
-
-def sigma_from_K(K, gamma):
-    """(18): ``σ = γ²K / (1 − γK)``, after clipping ``K`` to ``[0, (1 − δ)/γ]`` with
-    ``δ = CLIP_EPS·eps`` (policy for (19) in floating point; module docstring)."""
-    xp = xp_of(K)
-    delta = CLIP_EPS * np.finfo(K.dtype).eps
-    Kc = xp.clip(K, 0.0, (1.0 - delta) / gamma)
-    return gamma * gamma * Kc / (1.0 - gamma * Kc)
-
-
 def query(U, sigma, g, gamma):
     """(15)–(16), Algorithm 1's ``drt``: ``(γI + U diag(σ) Uᵀ)⁻¹ g = γ⁻¹g − U K_γ Uᵀ g`` in
     ``O(dτ)`` (``g`` a vector ``(d,)`` or a matrix ``(d, k)``; needs ``UᵀU = I``)."""
     gamma = float(gamma)  # a NumPy float64 scalar would promote float32 arrays (NEP 50)
-    K = correction_diag(sigma, gamma)
+    K = ginger_K(sigma, gamma)
     UtG = U.T @ g
     return g / gamma - U @ (K[:, None] * UtG if UtG.ndim == 2 else K * UtG)
 
@@ -145,14 +139,14 @@ def update(U, sigma, d, alpha, gamma):
     """Fast update (Algorithm 1 ``upd``, corrected): EMA (7) of the undamped part with ``d``
     through Sherman–Morrison (17), then the rank-one eigen update (``r1u``, Brand) truncated
     to ``τ`` and σ from (18). Returns ``(U_t, σ_t)``; ``O(dτ² + τ³)``."""
-    _check_alpha_gamma(alpha, gamma)
+    check_alpha_gamma(alpha, gamma)
     alpha, gamma = float(alpha), float(gamma)  # keep the input dtype (NEP 50)
-    U, sigma = _check_state(U, sigma)
+    U, sigma = check_ginger(U, sigma)
     d = C.vector(d, "d", U.shape[0])
     n, tau = U.shape
     q = query(U, alpha * sigma, d, gamma)  # (γI + αUΣUᵀ)⁻¹ d = α⁻¹ h_t
     kappa = sm_coefficient(q, d, alpha)  # κ q qᵀ = β_t h_t h_tᵀ
-    K_prev = correction_diag(alpha * sigma, gamma)  # = α⁻¹ K_{t−1,γ/α}
+    K_prev = ginger_K(alpha * sigma, gamma)  # = α⁻¹ K_{t−1,γ/α}
     if tau < n:
         U2, K2 = brand_update(U, K_prev, q, kappa, rank=tau)
     else:  # τ = d: q ∈ range(U); the core is diag(K) + κ mmᵀ, m = Uᵀq (no truncation)
@@ -160,55 +154,46 @@ def update(U, sigma, d, alpha, gamma):
         w, V = eigh(xp_of(U).diag(K_prev) + kappa * xp_of(U).outer(m, m))
         order = xp_of(w).argsort(-w)
         U2, K2 = U @ V[:, order], w[order]
-    return U2, sigma_from_K(K2, gamma)
-
-
-def dense_matrix(U, sigma, gamma):
-    """(14) as a dense matrix: ``G_{t,γ} = γI + U diag(σ) Uᵀ``."""
-    xp = xp_of(U)
-    return gamma * xp.eye(U.shape[0], dtype=U.dtype) + (U * sigma) @ U.T
-
-
-def dense_update(U, sigma, d, alpha, gamma):
-    """Dense form of the update: ``G̃ = γI + α(G_{t−1,γ} − γI) + (1−α)ddᵀ`` (EMA (7) of the
-    undamped part), ``C = γ⁻¹I − G̃⁻¹`` (Cholesky inverse), truncated to its ``τ`` largest
-    eigenvalues by a dense eigendecomposition ``C ≈ U K Uᵀ``; σ from (18) (same clip).
-    Returns ``(U_t, σ_t)`` in float64 (the reference precision, design §3); ``O(d³)``."""
-    _check_alpha_gamma(alpha, gamma)
-    U, sigma = _check_state(U, sigma)
-    d = C.vector(d, "d", U.shape[0])
-    U, sigma, d = U.astype(F64), sigma.astype(F64), d.astype(F64)
-    xp = xp_of(U)
-    n, tau = U.shape
-    I = xp.eye(n, dtype=U.dtype)
-    G_prev = dense_matrix(U, sigma, gamma)
-    G_new = gamma * I + alpha * (G_prev - gamma * I) + (1.0 - alpha) * xp.outer(d, d)
-    G_new = (G_new + G_new.T) / 2
-    Corr = I / gamma - spd_solve(G_new, I, "G̃_{t,γ}")
-    w, V = eigh((Corr + Corr.T) / 2)
-    order = xp.argsort(-w)[:tau]
-    return V[:, order], sigma_from_K(w[order], gamma)
-
-
-def dense_query(U, sigma, g, gamma):
-    """``G_{t,γ}⁻¹ g`` by Cholesky of the dense (14), in float64."""
-    return spd_solve(dense_matrix(U.astype(F64), sigma.astype(F64), gamma), g.astype(F64), "G_{t,γ}")
+    return U2, ginger_sigma(K2, gamma)
 
 
 # ----------------------------------------------------------------------- the method
+@dataclass(frozen=True, kw_only=True)
+class GingerState(State):
+    """Ginger's state: the form (14) ``G_{t,γ} = γI + U_t diag(σ_t) U_tᵀ`` per block, the same
+    in both forms (float64 from the dense form)."""
+
+    U: list = state_field(doc="per block, U_t of (14): a (d_b, min(τ, d_b)) semi-orthogonal basis of the "
+                              "low-rank EMA of d_t d_tᵀ (columns ordered as sigma)")
+    sigma: list = state_field(doc="per block, σ_t of (14): the eigenvalues ≥ 0 (descending) of the "
+                                  "undamped EMA approximation U_t diag(σ_t) U_tᵀ, from (18)")
+
+
 @register
 @dataclass(frozen=True)
 class Ginger(Method):
     """Ginger (004 Algorithm 1, with the corrections of docs/errata.md).
-    Hyper-parameters: decay ``alpha`` ∈ (0, 1) (EMA (7)), damping ``gamma`` > 0 (14), rank
-    ``tau`` ≥ 1 (per block ``min(τ, d_block)``), ``blocks`` ("full" | "layer" | "tensor"),
-    ``u0`` ("random" | "eye") and ``seed`` (for ``u0="random"``).
+    Hyper-parameters: ``beta`` = α of (7), the EMA decay ∈ (0, 1); ``damping`` = γ > 0 of
+    (14); ``rank`` = τ ≥ 1 (per block ``min(τ, d_block)``); ``blocks`` ("full" | "layer" |
+    "tensor"); ``u0`` ("random" | "eye") and ``seed`` (for ``u0="random"``, used by ``init``).
 
-    State: ``{"k", "U": [U_b], "sigma": [σ_b]}`` per block (same structure in both forms)."""
+    State: :class:`GingerState` (``U``, ``sigma`` per block). Draws: ``labels`` ``(1, N, …)``,
+    one ``ŷ ~ p_θ(·|x)`` per input; ``d_t`` of (8) is computed from them.
 
-    alpha: float = 0.99
-    gamma: float = 1e-2
-    tau: int = 4
+    ``rhs`` is the mini-batch gradient ``g``; the curvature is the damped EMA approximation
+    (14) per block, stored through its inverse (15):
+    ``C = Inverse(LowRankPlusIdentity(1/γ, U_t, −K_{t,γ}))``, ``K`` of (16); the direction is
+    ``−C⁻¹ g``.
+
+    Shared by both forms: the labels ``ŷ``, :func:`~refcurv.methods._sampled.block_indices`,
+    :func:`init`, :func:`~refcurv.linalg.ema.ginger_sigma` (18) with its clip. The fast form:
+    :func:`fisher_vector`, :func:`update`, :func:`query`; the dense form:
+    :func:`fisher_vector_dense`, :func:`~refcurv.linalg.ema.ginger_update_dense`,
+    :func:`~refcurv.linalg.ema.ginger_solve_dense`."""
+
+    beta: float = 0.99
+    damping: float = 1e-2
+    rank: int = 4
     blocks: str = "full"
     u0: str = "random"
     seed: int = 0
@@ -216,11 +201,13 @@ class Ginger(Method):
     name = "ginger"
     seed_ref = "004 §2.3 (14)–(18), Alg. 1"
     summary = "damped EMA Fisher as γI + rank-τ eigendecomposition; inverse updated by Sherman–Morrison + Brand"
+    State = GingerState
+    draw_fields = ("labels",)
 
     def __post_init__(self):
-        check_unit(self.alpha, "alpha", closed_low=False)
-        check_positive(self.gamma, "gamma")
-        check_int(self.tau, "tau")
+        check_unit(self.beta, "beta", closed_low=False)
+        check_positive(self.damping, "damping")
+        check_int(self.rank, "rank")
         check_choice(self.blocks, "blocks", BLOCKS)
         check_choice(self.u0, "u0", ("random", "eye"))
         check_int(self.seed, "seed", minimum=0)
@@ -230,29 +217,59 @@ class Ginger(Method):
         dtype = params[0].dtype
         Us, sigmas = [], []
         for idx in block_indices(net, self.blocks):
-            U, s = init(len(idx), min(self.tau, len(idx)), self.u0, rng, dtype)
+            U, s = init(len(idx), min(self.rank, len(idx)), self.u0, rng, dtype)
             Us.append(xp_of(params[0]).asarray(U))
             sigmas.append(xp_of(params[0]).asarray(s))
-        return {"k": 0, "U": Us, "sigma": sigmas}
+        return GingerState(U=Us, sigma=sigmas)
 
     def draw(self, rng, state, net, params, batch):
-        """One label per input from the model, ŷ ~ p_θ(·|x) (for d_t, (8))."""
-        return sampled_labels(net, params, batch, rng)
+        """One label per input from the model, ŷ ~ p_θ(·|x) (for d_t, (8)): ``labels`` of
+        shape ``(1, N, …)``."""
+        return Draws(method=self.name, labels=sampled_labels(net, params, batch, rng))
 
-    def _step(self, state, net, params, batch, y_hat, upd, qry):
-        d = fisher_vector(net, params, batch, y_hat)
+    def check_draws(self, draws, state, net, params, batch):
+        super().check_draws(draws, state, net, params, batch)
+        check_labels(self.name, draws.labels, batch)
+        return draws
+
+    def _blocks(self, state, net):
+        idx = block_indices(net, self.blocks)
+        if len(state.U) != len(idx) or len(state.sigma) != len(idx):
+            raise HyperParameterError(f"state has {len(state.U)} blocks, blocks={self.blocks!r} "
+                                      f"on this network needs {len(idx)}")
+        return idx
+
+    def _step(self, state, net, params, batch, d, upd, qry):
         g = flatten(net.grad(params, batch.x, batch.y, batch.loss))
         direction = xp_of(g).zeros_like(g)
         Us, sigmas = [], []
-        for idx, U, s in zip(block_indices(net, self.blocks), state["U"], state["sigma"]):
-            U, s = upd(U, s, d[idx], self.alpha, self.gamma)
-            direction[idx] = -qry(U, s, g[idx], self.gamma)
+        for idx, U, s in zip(self._blocks(state, net), state.U, state.sigma):
+            U, s = upd(U, s, d[idx], self.beta, self.damping)            # Algorithm 1 upd
+            direction[idx] = -qry(U, s, g[idx], self.damping)           # −G_{t+1,γ}⁻¹ ∇L
             Us.append(U)
             sigmas.append(s)
-        return unflatten(direction, net), {"k": state["k"] + 1, "U": Us, "sigma": sigmas}
+        return unflatten(direction, net), state.replace(k=state.k + 1, U=Us, sigma=sigmas, diagnostics={})
 
-    def _fast(self, state, net, params, batch, y_hat):
-        return self._step(state, net, params, batch, y_hat, update, query)
+    def _fast(self, state, net, params, batch, draws):
+        self._blocks(state, net)
+        d = fisher_vector(net, params, batch, draws.labels[0])          # (8), per-sample sum
+        return self._step(state, net, params, batch, d, update, query)
 
-    def _dense(self, state, net, params, batch, y_hat):
-        return self._step(state, net, params, batch, y_hat, dense_update, dense_query)
+    def _dense(self, state, net, params, batch, draws):
+        self._blocks(state, net)
+        d = fisher_vector_dense(net, params, batch, draws.labels[0])    # (8) = −√N ∇Ψ(ŷ)
+        return self._step(state, net, params, batch, d, ginger_update_dense, ginger_solve_dense)
+
+    def curvature(self, state, net=None, params=None, batch=None, draws=None):
+        """``C = Inverse(LowRankPlusIdentity(1/γ, U, −K_γ(σ)))`` per block ((15)–(16): the
+        stored inverse of (14)), block-diagonal over the blocks' index sets into θ; needs
+        ``net`` (the block layout)."""
+        self.check_state(state)
+        if net is None:
+            raise ArgumentTypeError("ginger.curvature needs net (for the block layout of θ)")
+        idx = self._blocks(state, net)
+        gamma = float(self.damping)
+        # (15): G_{t,γ}⁻¹ = γ⁻¹I − U diag(K_γ(σ)) Uᵀ is what the fast form applies; C is its inverse
+        blocks = [Inverse(LowRankPlusIdentity(1.0 / gamma, U, -ginger_K(s, gamma)))
+                  for U, s in zip(state.U, state.sigma)]
+        return BlockDiagonal(blocks, index=idx)

@@ -21,12 +21,13 @@ after ``t`` updates is ``A_{t+1}``), ``A_1 = I`` (so ``G_0 = I``) and
 the positive root of ``‖q‖² β² + 2√α β − (1 − α) = 0``, which is what (10)
 ``A_t K_t K_tᵀ A_tᵀ = α G_{t−1} + (1 − α) d_t d_tᵀ`` requires (the printed β has lost the square
 root: errata QNG-1). The second, rationalized form is the one evaluated: no cancellation for
-small ``‖q‖`` and defined at ``q = 0`` (then ``K_t = √α I``).
+small ``‖q‖`` and defined at ``q = 0`` (then ``K_t = √α I``); it is
+:func:`refcurv.linalg.ema.qng_beta`.
 
 Truncation (11). Only the last τ factors are kept: ``Â_t = K̂_{t−τ} ⋯ K̂_{t−1}`` with
 ``q̂_t = Â_t⁻¹ d_t`` computed from the τ factors stored *before* the update; then ``K̂_t`` is
 appended and the oldest factor dropped, so that ``Ĝ_t = Â_{t+1} Â_{t+1}ᵀ`` is a product of
-``min(τ, t)`` factors (errata QNG-S1). ``tau=None`` keeps every factor (exactly (9)).
+``min(τ, t)`` factors (errata QNG-S1). ``rank=None`` keeps every factor (exactly (9)).
 Each factor is symmetric with eigenvalues ``√α`` (``d − 1`` times) and ``√(α + (1 − α)‖q‖²)``,
 so ``Ĝ_t ⪰ α^{min(τ,t)} I``, and ``Ĝ_t − α^{min(τ,t)} I`` has rank ``≤ min(τ, t)`` — half of
 Observation 1's ``2 min(τ, t)`` (errata QNG-3).
@@ -38,13 +39,30 @@ Fast form (the paper's O(dτ) algorithm). Each factor is inverted by Sherman–M
 so ``Â``, ``Â⁻¹``, ``Âᵀ``, ``Â⁻ᵀ`` are products of τ O(d) operations, and the direction is
 ``−Ĝ_t⁻¹ g = −Â_{t+1}⁻ᵀ Â_{t+1}⁻¹ g``.
 
-Dense form (the definition). ``Â`` is formed as the explicit ``d × d`` product (9)/(11) of the
-stored factors, ``q̂_t`` is solved from it by LU with partial pivoting, and the direction solves
-``Â Âᵀ p = −g`` by Cholesky (:func:`refcurv.linalg.woodbury.spd_solve`); in float64. The exact
-EMA (7) is :func:`ema_dense`. The two forms return states of the same structure (the list of
-``(q, β)`` factors per block; the dense form recomputes ``Â`` from them each step, which is
-what (11) defines once the oldest factor is dropped); the fast and dense ``q``, ``β`` and
-directions agree to rounding, forward errors growing with ``κ(Ĝ)``.
+Dense form (the definition, :mod:`refcurv.linalg.ema`). ``d_t`` is computed as ``−√N ∇Ψ(ŷ)``
+from the mean loss at the same sampled labels
+(:func:`~refcurv.methods._sampled.fisher_vector_dense`), ``Â`` is formed as the explicit
+``d × d`` product (9)/(11) of the stored factors (:func:`~refcurv.linalg.ema.qng_A`), ``q̂_t``
+is solved from it by LU with partial pivoting (:func:`~refcurv.linalg.ema.qng_update_dense`),
+and the direction solves ``Â Âᵀ p = −g`` by Cholesky
+(:func:`~refcurv.linalg.ema.qng_solve_dense`); in float64. The exact EMA (7) is
+:func:`~refcurv.linalg.ema.ema_matrix`. The two forms return a :class:`QNGState` of the same
+structure (the factors ``(q̂_i, β_i)`` per block; the dense form recomputes ``Â`` from them each
+step, which is what (11) defines once the oldest factor is dropped); the fast and dense ``q``,
+``β`` and directions agree to rounding, forward errors growing with ``κ(Ĝ)``.
+
+Shared by both forms: the sampled labels ``ŷ`` (``Draws.labels``, made once by :meth:`QNG.draw`),
+the block layout (:func:`~refcurv.methods._sampled.block_indices`, tested by
+``tests/test_method_ginger.py::test_tensor_blocks_split_weight_and_bias``) and β of (10)
+(:func:`~refcurv.linalg.ema.qng_beta`, tested in ``tests/test_linalg_ema.py``). Not shared:
+``d_t`` (per-sample sum vs mean gradient), ``q̂_t`` (Sherman–Morrison vs LU on the explicit
+``Â``), the direction (factor-wise vs Cholesky of the explicit ``Ĝ``).
+
+Curvature (:meth:`QNG.curvature`): ``C = Ĝ_t = Â_{t+1} Â_{t+1}ᵀ`` per block, a
+:class:`ProductForm` operator (``matvec``/``solve`` by the O(dτ) factor products, ``todense``
+by :func:`~refcurv.linalg.ema.qng_G`), block-diagonal over the blocks
+(:class:`~refcurv.operators.BlockDiagonal` with the blocks' index sets into θ); the direction
+is ``−C⁻¹ g`` with ``g`` the mini-batch gradient (no momentum).
 
 Order of operations per step: update the factors with ``d_t`` first, then the direction from
 the updated ``Ĝ_t`` applied to the mini-batch gradient — the order of Ginger's Algorithm 1
@@ -61,7 +79,10 @@ code). The blocks and ``d_t`` are shared with Ginger (:mod:`._sampled`). Scaling
 the gradient of the mean loss (refcurv's objective).
 
 Without damping, directions outside the span of the stored ``q`` are scaled by ``α^{−min(τ,t)}``;
-with ``tau=None`` this grows without bound as ``t → ∞`` (``Ĝ_t ⪰ α^t I`` only).
+with ``rank=None`` this grows without bound as ``t → ∞`` (``Ĝ_t ⪰ α^t I`` only).
+
+Names: the hyper-parameter ``beta`` is the EMA decay α of (7) and ``rank`` is τ of (11)
+(refcurv.methods.vocabulary); the kernels below keep the paper's ``alpha`` and ``tau``.
 """
 from __future__ import annotations
 
@@ -70,33 +91,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backend import to_numpy, xp_of
-from ..errors import HyperParameterError
-from ..linalg.woodbury import spd_solve
+from ..backend import xp_of
+from ..errors import ArgumentTypeError, HyperParameterError
+from ..linalg.ema import check_alpha, check_tau, qng_beta, qng_G, qng_solve_dense, qng_update_dense
+from ..operators import BlockDiagonal, Operator
 from ..vec import flatten, unflatten
-from ._sampled import BLOCKS, block_indices, fisher_vector, sampled_labels
-from .base import Method, check_choice, check_int, check_unit
+from ._sampled import BLOCKS, block_indices, check_labels, fisher_vector, fisher_vector_dense, sampled_labels
+from .base import Draws, Method, State, check_choice, check_int, check_unit, state_field
 from .registry import register
 
-F64 = np.float64
 
-
-# ====================================================================== kernels
-# A QNG state on one vector space R^d: {"t": number of updates, "factors": ((q, β), …)}, oldest
-# factor first, at most τ of them. The kernels are pure: they never modify their arguments.
-
-
-def init():
-    """State before the first update: no factor, ``t = 0``, so ``Â_1 = A_1 = I`` and ``G_0 = I``."""
-    return {"t": 0, "factors": ()}
-
-
-def beta_of(alpha, s):
-    """``β`` of (10) for ``s = ‖q‖²``: the positive root of ``s β² + 2√α β − (1 − α) = 0``,
-    ``β = (√(α + (1−α)s) − √α)/s = (1 − α)/(√α + √(α + (1−α)s))`` (errata QNG-1; the second form
-    is evaluated). A Python float (a NumPy float64 β would promote float32 states, NEP 50)."""
-    alpha, s = float(alpha), float(s)
-    return (1.0 - alpha) / (math.sqrt(alpha) + math.sqrt(alpha + (1.0 - alpha) * s))
+# ====================================================================== kernels (one block)
+# A block's product form is two aligned tuples, oldest factor first, at most τ of each:
+# ``q`` (the vectors q̂_i) and ``beta_t`` (the coefficients β_i of (10), Python floats);
+# empty before the first update (Â_1 = I, G_0 = I). The kernels are pure.
 
 
 def _outer_apply(q, qv, v):
@@ -115,105 +123,89 @@ def factor_solve(alpha, q, beta, v):
     return (v - (beta / r) * _outer_apply(q, q @ v, v)) / math.sqrt(alpha)
 
 
-def apply_A(state, v, alpha):
+# The four products below run over the ≤ τ stored factors in the order the matrix product
+# (9)/(11) fixes (a recursion over factors, not a loop over samples).
+def apply_A(q, beta_t, v, alpha):
     """``Â v`` with ``Â = K_oldest ⋯ K_newest`` (9)/(11): newest factor applied first."""
-    for q, b in reversed(state["factors"]):
-        v = factor_apply(alpha, q, b, v)
+    for qi, bi in zip(reversed(q), reversed(beta_t)):
+        v = factor_apply(alpha, qi, bi, v)
     return v
 
 
-def apply_At(state, v, alpha):
+def apply_At(q, beta_t, v, alpha):
     """``Âᵀ v = K_newest ⋯ K_oldest v`` (each ``K`` symmetric): oldest factor applied first."""
-    for q, b in state["factors"]:
-        v = factor_apply(alpha, q, b, v)
+    for qi, bi in zip(q, beta_t):
+        v = factor_apply(alpha, qi, bi, v)
     return v
 
 
-def apply_A_inv(state, v, alpha):
+def apply_A_inv(q, beta_t, v, alpha):
     """``Â⁻¹ v = K_newest⁻¹ ⋯ K_oldest⁻¹ v``: oldest inverse applied first; O(dτ)."""
-    for q, b in state["factors"]:
-        v = factor_solve(alpha, q, b, v)
+    for qi, bi in zip(q, beta_t):
+        v = factor_solve(alpha, qi, bi, v)
     return v
 
 
-def apply_At_inv(state, v, alpha):
+def apply_At_inv(q, beta_t, v, alpha):
     """``Â⁻ᵀ v = K_oldest⁻¹ ⋯ K_newest⁻¹ v``: newest inverse applied first; O(dτ)."""
-    for q, b in reversed(state["factors"]):
-        v = factor_solve(alpha, q, b, v)
+    for qi, bi in zip(reversed(q), reversed(beta_t)):
+        v = factor_solve(alpha, qi, bi, v)
     return v
 
 
-def _append(state, q, beta, tau):
-    factors = state["factors"] + ((q, beta),)
-    if tau is not None:
-        factors = factors[-tau:]
-    return {"t": state["t"] + 1, "factors": factors}
-
-
-def _check_alpha_tau(alpha, tau):
-    check_unit(alpha, "alpha", closed_low=False)
-    if tau is not None:
-        check_int(tau, "tau", 1)
-
-
-def update(state, d, alpha, tau=None):
+def update(q, beta_t, d, alpha, tau=None):
     """One update (9)–(11) with ``d_t``: ``q̂_t = Â_t⁻¹ d_t`` (Sherman–Morrison, O(dτ)),
-    ``β_t`` from (10), append ``K̂_t``, keep the last ``τ`` factors (``tau=None``: all)."""
-    _check_alpha_tau(alpha, tau)
-    q = apply_A_inv(state, d, alpha)
-    return _append(state, q, beta_of(alpha, q @ q), tau)
+    ``β_t`` from (10) (:func:`~refcurv.linalg.ema.qng_beta`), the factor appended and only the
+    newest ``τ`` kept (``tau=None``: all). Returns the new ``(q, beta_t)``."""
+    check_alpha(alpha)
+    check_tau(tau)
+    qt = apply_A_inv(q, beta_t, d, alpha)
+    q, beta_t = tuple(q) + (qt,), tuple(beta_t) + (qng_beta(alpha, qt @ qt),)
+    if tau is not None:
+        q, beta_t = q[-tau:], beta_t[-tau:]
+    return q, beta_t
 
 
-def direction(state, g, alpha):
-    """``−Ĝ⁻¹ g = −Â⁻ᵀ Â⁻¹ g`` with ``Ĝ = Â Âᵀ`` the state's curvature (``Ĝ_t`` after ``t``
+def solve(q, beta_t, g, alpha):
+    """``Ĝ⁻¹ g = Â⁻ᵀ Â⁻¹ g`` with ``Ĝ = Â Âᵀ`` the factors' curvature (``Ĝ_t`` after ``t``
     updates: ``Ĝ_t = Â_{t+1} Â_{t+1}ᵀ``); O(dτ)."""
-    return -apply_At_inv(state, apply_A_inv(state, g, alpha), alpha)
+    return apply_At_inv(q, beta_t, apply_A_inv(q, beta_t, g, alpha), alpha)
 
 
-# ---------------------------------------------------------------- dense (the definition)
-def dense_A(state, alpha, n):
-    """The explicit ``n × n`` product ``Â = K_oldest ⋯ K_newest`` (9)/(11), ``K = √α I + β q qᵀ``,
-    in float64 (``I`` when no factor is stored)."""
-    A = np.eye(n, dtype=F64)
-    for q, b in state["factors"]:
-        q = np.asarray(to_numpy(q), dtype=F64)
-        A = A @ (math.sqrt(alpha) * np.eye(n, dtype=F64) + b * np.outer(q, q))
-    return A
+class ProductForm(Operator):
+    """QNG's curvature on one block, ``Ĝ = Â Âᵀ`` with ``Â = K_oldest ⋯ K_newest``,
+    ``K_i = √α I + β_i q_i q_iᵀ`` (9)/(11): ``matvec`` ``Â Âᵀ v`` and ``solve`` ``Â⁻ᵀ Â⁻¹ v``
+    (Sherman–Morrison per factor) in O(nτ); ``todense`` the explicit product
+    (:func:`~refcurv.linalg.ema.qng_G`, float64)."""
 
+    def __init__(self, q, beta_t, alpha, n):
+        if len(q) != len(beta_t):
+            raise ArgumentTypeError(f"q and beta_t must be aligned, got {len(q)} and {len(beta_t)} factors")
+        self.q, self.beta_t, self.alpha, self.n = tuple(q), tuple(beta_t), float(alpha), int(n)
+        self.dtype = q[0].dtype if q else np.dtype(np.float64)
 
-def dense_G(state, alpha, n):
-    """``Ĝ = Â Âᵀ`` (the curvature the state represents), float64, symmetrized."""
-    A = dense_A(state, alpha, n)
-    G = A @ A.T
-    return (G + G.T) / 2
+    def _matvec(self, v):
+        return apply_A(self.q, self.beta_t, apply_At(self.q, self.beta_t, v, self.alpha), self.alpha)
 
+    def _solve(self, v):
+        return solve(self.q, self.beta_t, v, self.alpha)
 
-def dense_update(state, d, alpha, tau=None):
-    """:func:`update` by the definition: ``q̂_t`` solved from the dense ``Â_t`` by LU with
-    partial pivoting (float64)."""
-    _check_alpha_tau(alpha, tau)
-    d = np.asarray(to_numpy(d), dtype=F64)
-    q = np.linalg.solve(dense_A(state, alpha, d.shape[0]), d)
-    return _append(state, q, beta_of(alpha, q @ q), tau)
-
-
-def dense_direction(state, g, alpha):
-    """``−Ĝ⁻¹ g`` with ``Ĝ = Â Âᵀ`` formed densely and solved by Cholesky (float64)."""
-    g = np.asarray(to_numpy(g), dtype=F64)
-    return -spd_solve(dense_G(state, alpha, g.shape[0]), g, "Â Âᵀ")
-
-
-def ema_dense(ds, alpha, G0=None):
-    """The exact EMA (7): ``G_t = α G_{t−1} + (1 − α) d_t d_tᵀ`` over the rows of ``ds``
-    ``(t, n)``, from ``G_0 = I`` (or ``G0``); float64."""
-    ds = np.asarray(to_numpy(ds), dtype=F64)
-    G = np.eye(ds.shape[1], dtype=F64) if G0 is None else np.array(G0, dtype=F64)
-    for d in ds:
-        G = alpha * G + (1.0 - alpha) * np.outer(d, d)
-    return G
+    def todense(self):
+        return qng_G(self.q, self.beta_t, self.alpha, self.n)
 
 
 # ====================================================================== the method
+@dataclass(frozen=True, kw_only=True)
+class QNGState(State):
+    """QNG's state: the product form (9)/(11) of ``Ĝ_t`` per block, the same in both forms."""
+
+    q: list = state_field(doc="per block, the vectors q̂_i = Â_i⁻¹ d_i of the stored factors "
+                              "K̂_i = √α I + β_i q̂_i q̂_iᵀ (9)/(11), a tuple oldest first, at most τ = rank "
+                              "(empty before the first step: Â_1 = I)")
+    beta_t: list = state_field(doc="per block, the coefficients β_i of (10) of the stored factors (Python "
+                                   "floats), a tuple aligned with q")
+
+
 @register
 @dataclass(frozen=True)
 class QNG(Method):
@@ -221,58 +213,92 @@ class QNG(Method):
     ``Ĝ = Â Âᵀ``, ``Â`` the product of the last ``τ`` factors ``√α I + β q qᵀ``; the direction
     is ``−Ĝ_t⁻¹ g`` after updating with ``d_t`` (8) from labels sampled from the model.
 
-    Hyper-parameters: ``alpha`` decay ∈ (0, 1) (default 0.99, the "second moment" coefficient of
-    the seed's §4 training details), ``tau`` number of factors kept (int ≥ 1, or ``None`` =
-    untruncated (9)), ``blocks`` = ``"full"`` (one QNG on θ ∈ R^n, the paper) | ``"layer"`` (one
-    per layer matrix) | ``"tensor"`` (weight and bias separately).
+    Hyper-parameters: ``beta`` = α of (7), the EMA decay ∈ (0, 1) (default 0.99, the "second
+    moment" coefficient of the seed's §4 training details), ``rank`` = τ of (11), the number of
+    factors kept (int ≥ 1, or ``None`` = untruncated (9)), ``blocks`` = ``"full"`` (one QNG on
+    θ ∈ R^n, the paper) | ``"layer"`` (one per layer matrix) | ``"tensor"`` (weight and bias
+    separately).
 
-    State: ``{"k": steps, "blocks": [kernel state per block]}``; a kernel state is
-    ``{"t", "factors": ((q, β), …)}`` (oldest first), the same in both forms.
+    State: :class:`QNGState` (``q``, ``beta_t`` per block). Draws: ``labels`` ``(1, N, …)``,
+    one ``ŷ ~ p_θ(·|x)`` per input; ``d_t`` of (8) is computed from them.
+
+    ``rhs`` is the mini-batch gradient ``g``; the curvature is ``C = Ĝ_t = Â_{t+1}Â_{t+1}ᵀ``
+    per block ((9)–(11), :class:`ProductForm`), block-diagonal over the blocks; the direction
+    is ``−C⁻¹ g``.
+
+    Shared by both forms: the labels ``ŷ``, :func:`~refcurv.methods._sampled.block_indices`,
+    :func:`~refcurv.linalg.ema.qng_beta` (10). The fast form: :func:`fisher_vector`,
+    :func:`update`, :func:`solve`; the dense form: :func:`fisher_vector_dense`,
+    :func:`~refcurv.linalg.ema.qng_update_dense`, :func:`~refcurv.linalg.ema.qng_solve_dense`.
     """
 
-    alpha: float = 0.99
-    tau: int | None = 8
+    beta: float = 0.99
+    rank: int | None = 8
     blocks: str = "full"
 
     name = "qng"
     seed_ref = "004 §2.2 (7)-(11), Obs. 1"
     summary = "quasi-natural gradient: EMA Fisher as a product of τ rank-one-corrected scalings, O(nτ)"
+    State = QNGState
+    draw_fields = ("labels",)
 
     def __post_init__(self):
-        check_unit(self.alpha, "alpha", closed_low=False)
-        if self.tau is not None:
-            check_int(self.tau, "tau", 1)
+        check_unit(self.beta, "beta", closed_low=False)
+        if self.rank is not None:
+            check_int(self.rank, "rank", 1)
         check_choice(self.blocks, "blocks", BLOCKS)
 
     def n_blocks(self, net):
         return len(block_indices(net, self.blocks))
 
     def init(self, net, params):
-        return {"k": 0, "blocks": [init() for _ in range(self.n_blocks(net))]}
+        n = self.n_blocks(net)
+        return QNGState(q=[()] * n, beta_t=[()] * n)
 
     def draw(self, rng, state, net, params, batch):
-        """One label per input, ``ŷ ~ p_θ(·|x)`` (8), drawn with the host generator."""
-        return {"y_hat": sampled_labels(net, params, batch, rng)}
+        """One label per input, ``ŷ ~ p_θ(·|x)`` (8), drawn with the host generator:
+        ``labels`` of shape ``(1, N, …)``."""
+        return Draws(method=self.name, labels=sampled_labels(net, params, batch, rng))
 
-    def _step(self, state, net, params, batch, draws, dense):
-        if len(state["blocks"]) != self.n_blocks(net):
-            raise HyperParameterError(f"state has {len(state['blocks'])} blocks, blocks={self.blocks!r} "
-                                      f"on this network needs {self.n_blocks(net)}")
-        if dense:
-            params = [np.asarray(to_numpy(W), dtype=F64) for W in net.check_params(params)]
-        d = fisher_vector(net, params, batch, draws["y_hat"])           # (8)
+    def check_draws(self, draws, state, net, params, batch):
+        super().check_draws(draws, state, net, params, batch)
+        check_labels(self.name, draws.labels, batch)
+        return draws
+
+    def _blocks(self, state, net):
+        idx = block_indices(net, self.blocks)
+        if len(state.q) != len(idx) or len(state.beta_t) != len(idx):
+            raise HyperParameterError(f"state has {len(state.q)} blocks, blocks={self.blocks!r} "
+                                      f"on this network needs {len(idx)}")
+        return idx
+
+    def _step(self, state, net, params, batch, d, upd, slv):
         g = flatten(net.grad(params, batch.x, batch.y, batch.loss))     # mini-batch gradient
-        upd, drt = (dense_update, dense_direction) if dense else (update, direction)
         out = xp_of(g).zeros_like(g)
-        new_blocks = []
-        for s, idx in zip(state["blocks"], block_indices(net, self.blocks)):
-            s = upd(s, d[idx], self.alpha, self.tau)
-            out[idx] = drt(s, g[idx], self.alpha)
-            new_blocks.append(s)
-        return unflatten(out, net), {"k": state["k"] + 1, "blocks": new_blocks}
+        qs, bs = [], []
+        for q, b, idx in zip(state.q, state.beta_t, self._blocks(state, net)):
+            q, b = upd(q, b, d[idx], self.beta, self.rank)               # (9)–(11) with d_t
+            out[idx] = -slv(q, b, g[idx], self.beta)                     # −Ĝ_t⁻¹ g
+            qs.append(q)
+            bs.append(b)
+        return unflatten(out, net), state.replace(k=state.k + 1, q=qs, beta_t=bs, diagnostics={})
 
     def _fast(self, state, net, params, batch, draws):
-        return self._step(state, net, params, batch, draws, dense=False)
+        self._blocks(state, net)
+        d = fisher_vector(net, params, batch, draws.labels[0])          # (8), per-sample sum
+        return self._step(state, net, params, batch, d, update, solve)
 
     def _dense(self, state, net, params, batch, draws):
-        return self._step(state, net, params, batch, draws, dense=True)
+        self._blocks(state, net)
+        d = fisher_vector_dense(net, params, batch, draws.labels[0])    # (8) = −√N ∇Ψ(ŷ)
+        return self._step(state, net, params, batch, d, qng_update_dense, qng_solve_dense)
+
+    def curvature(self, state, net=None, params=None, batch=None, draws=None):
+        """``C = Ĝ_t`` per block (:class:`ProductForm`), block-diagonal over the blocks' index
+        sets into θ; needs ``net`` (the block layout)."""
+        self.check_state(state)
+        if net is None:
+            raise ArgumentTypeError("qng.curvature needs net (for the block layout of θ)")
+        idx = self._blocks(state, net)
+        return BlockDiagonal([ProductForm(q, b, self.beta, len(i)) for q, b, i in zip(state.q, state.beta_t, idx)],
+                             index=idx)

@@ -40,7 +40,7 @@ def damped_split(Omega, Gamma, damping, split="pi"):
     The damping terms multiply to ``λ`` whatever ``π``: ``(Γ + (√λ/π)I) ⊗ (Ω + π√λI) =
     Γ ⊗ Ω + π√λ (Γ ⊗ I) + (√λ/π)(I ⊗ Ω) + λ I`` (row-major block ``G ⊗ A``). With the trace
     split the damped product is invariant to rescaling the factors ``(cΩ, Γ/c)`` (``π``
-    scales by ``√c``), so KFAC's expand and KFC scaling conventions, which differ by the
+    scales by ``c``), so KFAC's expand and KFC scaling conventions, which differ by the
     number of locations, damp alike. ``Omega`` ``(d, d)`` and ``Gamma`` ``(o, o)`` are
     symmetric PSD; the result keeps their dtype (``π`` and ``√λ`` enter as Python floats)."""
     Omega = C.symmetric(Omega, "Omega")

@@ -81,7 +81,8 @@ class KFACState(State):
     Omega: Any = state_field(doc="Ω_l (d × d): moving average of the input-side statistics Σ_t a_t a_tᵀ "
                                  "(KFC convention, Alg. 12 lines 2/14, thesis (3.9)); None before the first refresh")
     Gamma: Any = state_field(doc="Γ_l (out × out): moving average of the pre-activation-gradient statistics "
-                                 "(1/T) Σ_t Dh_t Dh_tᵀ (Alg. 12 lines 2/14, thesis (3.9)); None before the first refresh")
+                                 "(1/T) Σ_t Dh_t Dh_tᵀ (Alg. 12 lines 2/14, thesis (3.9)); "
+                                 "None before the first refresh")
     pi: Any = state_field(doc="π_l (Python floats): damping split of the last inverse refresh "
                               "(Alg. 12 line 19; 1 for split='sqrt')")
     Omega_damped: Any = state_field(doc="Ω_l + π_l √λ I at the last inverse refresh (the factor the steps since "

@@ -20,9 +20,9 @@ CURVATURE = [
     ("ggn", "(1/N) Σ J_iᵀ H_i J_i                      thesis (1.4)"),
     ("hessian_residual", "(1/N) Σ_i Σ_c [∂ℓ/∂f_i]_c ∇²f_ic = hessian − ggn"),
     ("fisher(kind='exact')", "(1/N) Σ J_iᵀ E_y[∇_f ℓ ∇_f ℓᵀ] J_i   thesis (1.7)"),
-    ("fisher(kind='mc')", "(1/(N S)) Σ_i Σ_s u_i(ŷ) u_i(ŷ)ᵀ, ŷ ~ p(·|f_i), seeded"),
+    ("fisher(kind='mc')", "(1/(N S)) Σ_i Σ_s u_i(ŷ) u_i(ŷ)ᵀ, ŷ ~ p(·|f_i), seeded or labels=(S, N, …)"),
     ("empirical_fisher", "(1/N) Σ u_i u_iᵀ = U Uᵀ, U = N^(-1/2)[u_1 … u_N]   SENG (2)-(4)"),
-    ("kfac_factors", "G ⊗ A per layer (row-major); conv='expand' | 'reduce'"),
+    ("kfac_factors", "G ⊗ A per layer (row-major); kind='exact' | 'mc' | 'empirical'; conv='expand' | 'reduce'"),
     ("gfim", "NG+ L = (1/N) Σ 𝒢_i 𝒢_iᵀ, R = (1/N) Σ 𝒢_iᵀ 𝒢_i"),
     ("per_sample_grads / jacobian / preactivation_hessians", "(N, n) / (N, C, n) / (N, m, m)"),
 ]

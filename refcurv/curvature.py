@@ -12,15 +12,22 @@ per-layer diagonal blocks. With ``N`` samples, per-sample losses ``ψ_i`` and th
 ``hessian_residual``         ``(1/N) Σ Σ_c [∂ℓ/∂f_i]_c ∇²f_{i,c}`` (so ``hessian = ggn + residual``)
 ``fisher(kind="exact")``     ``(1/N) Σ J_iᵀ E_{y~p(·|f_i)}[∇_f ℓ ∇_f ℓᵀ] J_i``   (1.7)
 ``fisher(kind="mc")``        ``(1/(N S)) Σ_i Σ_s u_i(ŷ_is) u_i(ŷ_is)ᵀ``, ``ŷ_is ~ p(·|f_i)``
+``kfac_factors(kind=…)``     ``(A_l, G_l)`` per layer, block ``G_l ⊗ A_l`` (row-major)    (3.6), (3.9)
 ``empirical_fisher``         ``(1/N) Σ u_i u_iᵀ = U Uᵀ`` with ``U = N^{-1/2}[u_1 … u_N]``
 ===========================  ===================================================
+
+Fisher kinds (:data:`FISHER_KINDS`, the same words as the methods' ``fisher=``):
+``"exact"`` — the expectation over labels from the model's predictive distribution, in
+closed form (for MSE, cross-entropy and BCE this equals the GGN, thesis (1.7));
+``"mc"`` — that expectation estimated with ``S`` labels per input sampled from the model
+(seeded, or given as ``labels`` of shape ``(S, N, …)``); ``"empirical"`` — the data labels.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from .backend import rng_of, xp_of
-from .errors import ArgumentTypeError, HyperParameterError
+from .errors import ArgumentTypeError, HyperParameterError, ShapeError
 from .nn.losses import _check_n_samples
 from .vec import layer_slices
 
@@ -104,35 +111,68 @@ def ggn(net, params, x, y, loss, blocks=False):
     return _ret(_sandwich(net.jacobian(params, x), loss.hessian(tr.out)), net, blocks)
 
 
-def _sampled_cotangents(tr, loss, n_samples, seed):
-    """``∇_f ℓ(f, ŷ_s)`` for ``n_samples`` labels per input drawn from the model: ``(S, N, C)``."""
-    _check_n_samples(n_samples)
-    ys = loss.sample(tr.out, n_samples=n_samples, seed=rng_of(seed))
+#: the Fisher-kind words (= refcurv.methods.vocabulary.FISHER_KINDS; tests/test_identities.py
+#: checks that the two agree)
+FISHER_KINDS = ("exact", "mc", "empirical")
+
+
+def _sampled_cotangents(tr, loss, n_samples, seed, labels=None):
+    """``∇_f ℓ(f, ŷ_s)`` for ``S`` labels per input from the model: ``(S, N, C)``. The labels
+    are drawn with ``rng_of(seed)`` (``S = n_samples``, default 1), or given as ``labels`` of
+    shape ``(S, N, …)`` (``(S, N)`` class indices for cross-entropy, ``(S, N, C)`` for MSE and
+    BCE), e.g. drawn by another implementation, and then consumed exactly."""
+    if labels is None:
+        n_samples = 1 if n_samples is None else n_samples
+        _check_n_samples(n_samples)
+        ys = loss.sample(tr.out, n_samples=n_samples, seed=rng_of(seed))
+        return loss.grad(tr.out[None], ys)
+    if seed is not None:
+        raise ArgumentTypeError("pass seed or labels, not both")
+    xp = xp_of(tr.out)
+    ys = xp.asarray(labels)
+    N = tr.out.shape[0]
+    if ys.ndim < 2 or ys.shape[1] != N:
+        raise ShapeError(f"labels must have shape (n_samples, {N}, …), got {tuple(ys.shape)}")
+    S = ys.shape[0]
+    if n_samples is not None and n_samples != S:
+        raise ShapeError(f"labels hold {S} samples per input, n_samples is {n_samples}")
+    _check_n_samples(S)
+    # the loss's own target checks (shape, dtype, range), on the S label sets stacked
+    flat = xp.broadcast_to(tr.out[None], (S,) + tuple(tr.out.shape)).reshape((S * N,) + tuple(tr.out.shape[1:]))
+    loss.check_targets(ys.reshape((S * N,) + tuple(ys.shape[2:])), flat)
+    if ys.dtype.kind == "f":
+        ys = ys.astype(tr.out.dtype)
     return loss.grad(tr.out[None], ys)
 
 
-def _sampled_label_grads(net, params, tr, loss, n_samples, seed):
+def _sampled_label_grads(net, params, tr, loss, n_samples, seed, labels=None):
     """Per-sample gradients for labels drawn from the model: ``(S, N, n)``."""
-    D = _sampled_cotangents(tr, loss, n_samples, seed)
+    D = _sampled_cotangents(tr, loss, n_samples, seed, labels)
     return net._flat(net._param_grads(tr, net._pull(params, tr, D)))
 
 
-def fisher(net, params, x, y=None, loss=None, kind="exact", n_samples=1, seed=None, blocks=False):
+def fisher(net, params, x, y=None, loss=None, kind="exact", n_samples=None, seed=None, blocks=False, labels=None):
     """Fisher of the model's predictive distribution (thesis (1.7)); labels ``y`` are not used.
 
     ``kind="exact"``: ``(1/N) Σ J_iᵀ F_i J_i`` with ``F_i = E_y[∇_f ℓ ∇_f ℓᵀ]`` from
     :meth:`fisher_output` (an expectation over labels, independent of the Hessian code).
-    ``kind="mc"``: ``n_samples`` labels per input drawn with ``numpy.random.default_rng(seed)``.
+    ``kind="mc"``: ``S`` labels per input drawn from the model — ``n_samples`` of them
+    (default 1) with ``numpy.random.default_rng(seed)``, or the given ``labels`` of shape
+    ``(S, N, …)`` (then ``seed`` must be ``None`` and ``n_samples``, if given, ``S``).
+    The third Fisher kind, ``"empirical"`` (data labels), is :func:`empirical_fisher`.
     """
-    if kind not in ("exact", "mc"):
-        raise HyperParameterError(f"kind must be 'exact' or 'mc', got {kind!r}")
+    if kind not in FISHER_KINDS[:2]:
+        raise HyperParameterError(
+            f"kind must be 'exact' or 'mc', got {kind!r} (the empirical Fisher is curvature.empirical_fisher)")
+    if labels is not None and kind != "mc":
+        raise ArgumentTypeError(f"labels are sampled labels for kind='mc', not for kind={kind!r}")
     params, x, _, tr = _setup(net, params, x, y, loss, need_y=False)
     if loss is None:
         raise ArgumentTypeError("loss is required")
     if kind == "exact":
         return _ret(_sandwich(net.jacobian(params, x), loss.fisher_output(tr.out)), net, blocks)
     xp = xp_of(x)
-    U = _sampled_label_grads(net, params, tr, loss, n_samples, seed)
+    U = _sampled_label_grads(net, params, tr, loss, n_samples, seed, labels)
     S, N = U.shape[:2]
     return _ret(xp.einsum("snp,snq->pq", U, U) / (S * N), net, blocks)
 
@@ -149,30 +189,35 @@ def preactivation_hessians(net, params, x, y, loss):
     return net.preactivation_hessians(params, x, y, loss)
 
 
-KFAC_KINDS = ("ggn", "mc", "empirical")
+KFAC_KINDS = FISHER_KINDS
 KFAC_CONV = ("expand", "reduce")
 
 
-def _backprop_cotangents(net, params, tr, y, loss, kind, n_samples, seed):
+def _backprop_cotangents(net, params, tr, y, loss, kind, n_samples, seed, labels=None):
     """Output cotangents ``(K, N, C)`` and the weight ``w`` such that the curvature is
     ``(1/N) Σ_i w Σ_k J_iᵀ d_{k,i} d_{k,i}ᵀ J_i`` for the chosen kind."""
     xp = xp_of(tr.out)
-    if kind == "ggn":  # columns of B_i, B_i B_iᵀ = H_i
+    if kind == "exact":  # columns of B_i, B_i B_iᵀ = H_i = F_i (thesis (1.7))
         return xp.moveaxis(loss.hessian_sqrt(tr.out), 2, 0), 1.0
     if kind == "mc":
-        return _sampled_cotangents(tr, loss, n_samples, seed), 1.0 / n_samples
+        D = _sampled_cotangents(tr, loss, n_samples, seed, labels)
+        return D, 1.0 / D.shape[0]
     return loss.grad(tr.out, y)[None], 1.0
 
 
-def kfac_factors(net, params, x, y, loss, kind="ggn", conv="expand", n_samples=1, seed=None):
+def kfac_factors(net, params, x, y, loss, kind="exact", conv="expand", n_samples=None, seed=None, labels=None):
     """Kronecker factors ``(A_l, G_l)`` per trainable layer; the layer's curvature block
     is approximated by ``G_l ⊗ A_l`` in refcurv's row-major order (``A_l ⊗ G_l`` in the
     papers' column-major vec; thesis (2.3), (3.6), Algorithms 7/12).
 
-    ``a_{n,t}``: column ``t`` of the patches ``A(a_n)`` (ones row included); ``g_{k,n,t}``:
-    the pre-activation cotangent at location ``t`` from output cotangent ``d_{k,n}`` --
-    the columns of ``B_n`` (``B_n B_nᵀ = H_n``) for ``kind="ggn"`` (= exact Fisher),
-    ``S`` sampled-label gradients for ``"mc"`` (weight ``w = 1/S``), the data-label
+    ``kind`` is a Fisher kind (:data:`FISHER_KINDS`; ``"ggn"`` before issue 9): it chooses
+    the output cotangents. ``a_{n,t}``: column ``t`` of the patches ``A(a_n)`` (ones row
+    included); ``g_{k,n,t}``: the pre-activation cotangent at location ``t`` from output
+    cotangent ``d_{k,n}`` -- the columns of ``B_n`` (``B_n B_nᵀ = H_n``, the exact Fisher of
+    the output = the GGN's ``H_n``) for ``kind="exact"``, ``S`` sampled-label gradients for
+    ``"mc"`` (weight ``w = 1/S``; ``n_samples`` labels drawn with ``rng_of(seed)``, or the
+    given ``labels`` of shape ``(S, N, …)``, consumed exactly: the ``"mc"`` factors are then
+    the mean over ``s`` of the ``"empirical"`` factors at ``y = labels[s]``), the data-label
     gradient for ``"empirical"``. With ``T`` locations per sample (``T = 1`` for Linear):
 
     * ``conv="expand"`` (KFC, Grosse & Martens 2016; thesis (3.6)):
@@ -185,12 +230,15 @@ def kfac_factors(net, params, x, y, loss, kind="ggn", conv="expand", n_samples=1
     MLPs with MSE (``G`` is then the same for every sample).
     """
     if kind not in KFAC_KINDS:
-        raise HyperParameterError(f"kind must be one of {KFAC_KINDS}, got {kind!r}")
+        hint = " ('ggn' is now 'exact')" if kind == "ggn" else ""
+        raise HyperParameterError(f"kind must be one of {KFAC_KINDS}, got {kind!r}{hint}")
     if conv not in KFAC_CONV:
         raise HyperParameterError(f"conv must be one of {KFAC_CONV}, got {conv!r}")
+    if labels is not None and kind != "mc":
+        raise ArgumentTypeError(f"labels are sampled labels for kind='mc', not for kind={kind!r}")
     params, x, y, tr = _setup(net, params, x, y, loss, need_y=(kind == "empirical"))
     xp = xp_of(x)
-    D, w = _backprop_cotangents(net, params, tr, y, loss, kind, n_samples, seed)
+    D, w = _backprop_cotangents(net, params, tr, y, loss, kind, n_samples, seed, labels)
     G_all = net._pull(params, tr, D)  # list of (K, N, out, T)
     N = x.shape[0]
     out = []

@@ -199,14 +199,14 @@ def test_kfac_exact_for_conv_with_one_location_and_batch_of_one():
             assert_close(K, B, rtol=1e-12, atol=1e-15)
 
 
-@given(problems(kind=st.just("cnn")), st.sampled_from(["ggn", "empirical"]))
+@given(problems(kind=st.just("cnn")), st.sampled_from(["exact", "empirical"]))
 def test_kfac_conv_variants_match_their_definitions(pb, kind):
     """expand/reduce factors against the docstring formulas written with explicit loops over
     samples, locations and cotangents (G from autograd-checked per-layer cotangents)."""
     net, params, x, y, loss = _data(pb)
     p64 = [W.astype(np.float64) for W in params]
     tr = net._forward(p64, x)
-    if kind == "ggn":
+    if kind == "exact":
         D = np.moveaxis(loss.hessian_sqrt(tr.out), 2, 0)
     else:
         D = loss.grad(tr.out, y)[None]
@@ -233,9 +233,9 @@ def test_kfac_conv_variants_match_their_definitions(pb, kind):
             assert_close(Gf, Gref, rtol=1e-13, atol=1e-15)
 
 
-def test_kfac_mc_is_seeded_and_tends_to_ggn_kind():
+def test_kfac_mc_is_seeded_and_tends_to_exact_kind():
     """kind="mc" is reproducible from its seed, and for a batch of one its G factor is the
-    mean of S i.i.d. draws g_s g_sᵀ whose expectation is the kind="ggn" factor: checked with
+    mean of S i.i.d. draws g_s g_sᵀ whose expectation is the kind="exact" factor: checked with
     the CLT standardized-entry test (Bonferroni, family-wise level 1e-3)."""
     pb = Problem((("linear", 3, 4, True), ("act", "tanh"), ("linear", 4, 3, True)), (3,), 3, "cross_entropy", 1, 5)
     net, params, x, y, loss = _data(pb)
@@ -244,7 +244,7 @@ def test_kfac_mc_is_seeded_and_tends_to_ggn_kind():
     for (A1, G1), (A2, G2) in zip(a, b):
         assert np.array_equal(A1, A2) and np.array_equal(G1, G2)
     S = 20000
-    exact = cv.kfac_factors(net, params, x, y, loss, kind="ggn")
+    exact = cv.kfac_factors(net, params, x, y, loss, kind="exact")
     mc = cv.kfac_factors(net, params, x, y, loss, kind="mc", n_samples=S, seed=1)
     tr = net._forward(params, x)
     D = loss.grad(tr.out[None], loss.sample(tr.out, n_samples=S, seed=np.random.default_rng(1)))

@@ -1,89 +1,152 @@
 """KFAC for Linear and Conv2d layers (thesis 003 Algorithm 7 (MLP) and Algorithm 12 (CNN);
 Martens & Grosse 2015; Grosse & Martens 2016 (KFC)).
 
-Per layer, the curvature block is approximated by a Kronecker product of two factors
+**Factors.** Per layer, the curvature block is approximated by a Kronecker product of two
+factors in the KFC convention (Algorithm 12 lines 2/14; thesis (3.6)–(3.9), sum over the
+locations ``t`` in ``Ω``, mean in ``Γ``; ``T = 1`` for Linear):
 
-    Ω = (1/N) Σ_n Σ_t a_{n,t} a_{n,t}ᵀ,     Γ = (1/N) Σ_n (1/T) Σ_t Dh_{n,t} Dh_{n,t}ᵀ
+    Ω = (1/N) Σ_n Σ_t a_{n,t} a_{n,t}ᵀ,     Γ = (1/N) Σ_n (1/T) Σ_t Dh_{n,t} Dh_{n,t}ᵀ,
 
-(Algorithm 12 line 2/14; thesis (3.6)/(3.9); ``T = 1`` for Linear), with ``Dh`` the
-pre-activation gradient of the per-sample loss at labels sampled from the model
-(``fisher="mc"``, as Algorithms 7/12 line 8/12), at the exact output-Hessian square root
-(``fisher="ggn"``) or at the data labels (``fisher="empirical"``). ``conv="reduce"``
-replaces the factors by the KFAC-reduce ones of :func:`refcurv.curvature.kfac_factors`
-(scaled to the same ``Ω``/``Γ`` convention).
+that is ``T·A`` and ``G/T`` of :func:`refcurv.curvature.kfac_factors` (``conv="expand"``);
+``conv="reduce"`` scales the KFAC-reduce factors the same way. ``Dh`` is the pre-activation
+gradient of the per-sample loss at ``fisher="mc"``: labels sampled from the model's
+predictive distribution (Algorithms 7/12 line 8/12; ``n_samples`` per input, averaged), at
+``"exact"``: the closed-form expectation over those labels (the columns of the output-Hessian
+square root), or at ``"empirical"``: the data labels. The sampled labels are the step's
+:class:`~refcurv.methods.base.Draws` ``labels`` ``(n_samples, N, …)``, drawn for every step
+(whether or not it refreshes the statistics, so the stream of draws does not depend on the
+schedule) and consumed exactly by the steps that refresh them.
 
-Statistics are exponential moving averages ``X ← βX + (1−β)X_batch`` refreshed every
-``T_stats`` steps; the first refresh sets them (a warm start on the first mini-batch;
-:meth:`KFAC.warm_start` warm-starts on any data, as Algorithm 12 line 2 does on the whole
-set). Inverses are recomputed every ``T_inv`` steps (and at each of the first ``T_inv``
-steps, Algorithm 7 line 10):
+**Statistics** are moving averages ``X ← βX + (1−β)X_batch`` (Algorithm 7 line 9, Algorithm 12
+line 14); the first refresh *sets* them (Algorithm 12 line 2's initialization, on the first
+mini-batch; :meth:`KFAC.warm_start` sets them from any data, e.g. the whole set).
+
+**Inverses** (Algorithm 12 line 19; Algorithm 7 line 11 is ``split="sqrt"``):
 
     H_Ω = (Ω + π√λ I)⁻¹,   H_Γ = (Γ + (√λ/π) I)⁻¹,
-    π = √( (tr Ω / dim Ω) / (tr Γ / dim Γ) )     (Algorithm 12 line 19, ``split="pi"``)
-    π = 1                                          (Algorithm 7 line 11, ``split="sqrt"``)
+    π = √( (tr Ω / dim Ω) / (tr Γ / dim Γ) )     (``split="pi"``; ``π = 1`` for ``"sqrt"``)
 
-and the direction is ``−H_Γ m H_Ω`` with ``m`` the (momentum) gradient
-``m ← μ m + g`` (Algorithm 12 line 7; ``momentum=0`` gives ``m = g``, Algorithm 7).
+(:func:`refcurv.linalg.kronecker.damped_split`), and the direction is ``−H_Γ m H_Ω`` (line 8)
+with the momentum ``m ← μ m + g`` (line 7, ``momentum_form="heavy_ball"``; ``"ema"``:
+``m ← μ m + (1−μ) g``; ``m = 0`` before the first step, so ``momentum=0`` gives ``m = g``,
+Algorithm 7).
 
-Vectorization: with refcurv's row-major ``vec`` of ``W ∈ R^{out×d}``,
+**Refresh phase** (0-based ``k = state.k``; :func:`~refcurv.methods.base.refresh_due`):
+``phase="k0"`` refreshes the statistics iff ``k ≡ 0 (mod T_stats)`` and the inverses iff
+``k ≡ 0 (mod T_inv)`` — the first step always does both. ``phase="paper"`` is the printed
+schedule, with the 1-based iteration number ``j = k + 1`` of the algorithms: statistics iff
+``j ≡ 0 (mod T_stats)`` (Algorithm 12 line 11; Algorithm 7 line 9 refreshes them every
+iteration, ``T_stats = 1``), inverses iff ``j ≤ T_inv or j ≡ 0 (mod T_inv)`` (Algorithm 7
+line 10). Under either phase a step that finds no statistics (no warm start) computes them,
+and one that finds no damped factors computes them.
+
+**Vectorization.** With refcurv's row-major ``vec`` of ``W ∈ R^{out×d}``,
 ``vec(H_Γ m H_Ω) = (H_Γ ⊗ H_Ω) vec(m)`` and the damped curvature block is
 ``(Γ + (√λ/π)I) ⊗ (Ω + π√λ I)``; in the papers' column-major ``vec`` it reads
-``(Ω + π√λ I) ⊗ (Γ + (√λ/π)I)``. The dense form solves exactly that Kronecker matrix.
+``(Ω + π√λ I) ⊗ (Γ + (√λ/π)I)``.
 
-Deviation from the pseudo-code, forced by the step interface (the step does not know the
-learning rate): statistics are computed on the current mini-batch at the current
-parameters *before* the direction, not after the weight update (Algorithm 7 line 8,
-Algorithm 12 line 12) — the same statistics one step earlier.
+**Deviation from the pseudo-code**, forced by the step interface (the step does not know
+the learning rate): statistics and inverses are refreshed on the current mini-batch at the
+current parameters *before* the direction, not after the weight update (Algorithm 7
+lines 8–11, Algorithm 12 lines 11–21) — the same statistics one step earlier.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from .. import curvature as cv
-from ..backend import xp_of
+from ..backend import rng_of, to_numpy, xp_of
+from ..errors import DrawsError, StateError
+from ..linalg.kronecker import SPLITS, damped_split
 from ..linalg.woodbury import spd_solve
-from .base import Method, check_choice, check_int, check_positive, check_unit, layer_grads
+from ..operators import BlockDiagonal, Kronecker
+from .base import (Draws, Method, State, check_choice, check_int, check_positive, check_unit, refresh_due,
+                   state_field)
 from .registry import register
+from .vocabulary import FISHER_KINDS
+
+PHASES = ("k0", "paper")
+MOMENTUM_FORMS = ("heavy_ball", "ema")
 
 
-def _factors(net, params, batch, fisher, conv, n_samples, seed):
-    """Per layer ``(Ω, Γ)`` in the KFC convention (sum over locations in Ω, mean in Γ)."""
-    kind = {"mc": "mc", "ggn": "ggn", "empirical": "empirical"}[fisher]
+@dataclass(frozen=True, kw_only=True)
+class KFACState(State):
+    """KFAC's state (thesis Algorithm 12's symbols; lists have one entry per trainable layer).
+    Both forms return it; the dense form leaves ``H_Omega``/``H_Gamma`` at ``None``."""
+
+    m: Any = state_field("m")
+    Omega: Any = state_field(doc="Ω_l (d × d): moving average of the input-side statistics Σ_t a_t a_tᵀ "
+                                 "(KFC convention, Alg. 12 lines 2/14, thesis (3.9)); None before the first refresh")
+    Gamma: Any = state_field(doc="Γ_l (out × out): moving average of the pre-activation-gradient statistics "
+                                 "(1/T) Σ_t Dh_t Dh_tᵀ (Alg. 12 lines 2/14, thesis (3.9)); "
+                                 "None before the first refresh")
+    pi: Any = state_field(doc="π_l (Python floats): damping split of the last inverse refresh "
+                              "(Alg. 12 line 19; 1 for split='sqrt')")
+    Omega_damped: Any = state_field(doc="Ω_l + π_l √λ I at the last inverse refresh (the factor the steps since "
+                                        "then preconditioned with)")
+    Gamma_damped: Any = state_field(doc="Γ_l + (√λ/π_l) I at the last inverse refresh")
+    H_Omega: Any = state_field(doc="H_Ω = (Ω_l + π_l √λ I)⁻¹ (Alg. 12 line 19), fast form; None in the dense "
+                                   "form's state (it solves the Kronecker matrix)")
+    H_Gamma: Any = state_field(doc="H_Γ = (Γ_l + (√λ/π_l) I)⁻¹ (Alg. 12 line 19), fast form; None in the dense "
+                                   "form's state")
+
+
+def _locations(net, x):
+    """``T_l``, the number of output locations of each trainable layer (1 for Linear)."""
+    shapes = net.feature_shapes(tuple(x.shape[1:]))
+    return [m.n_locations(shapes[k]) if hasattr(m, "n_locations") else 1
+            for k, m in zip(net.trainable_index, net.layers_trainable)]
+
+
+def kfc_factors(net, params, batch, fisher="mc", conv="expand", labels=None):
+    """Per layer ``(Ω, Γ)`` of one mini-batch in the KFC convention (``T·A``, ``G/T`` of
+    :func:`refcurv.curvature.kfac_factors`; thesis (3.9)), in the dtype of the network's
+    computation (refcurv.curvature builds in float64; design §3). ``labels``: the sampled
+    labels ``(n_samples, N, …)`` for ``fisher="mc"``."""
+    facs = cv.kfac_factors(net, params, batch.x, batch.y, batch.loss, kind=fisher, conv=conv,
+                           labels=labels if fisher == "mc" else None)
+    dt = np.result_type(batch.x.dtype, *(W.dtype for W in params))
     out = []
-    facs = cv.kfac_factors(net, params, batch.x, batch.y, batch.loss, kind=kind, conv=conv,
-                           n_samples=n_samples, seed=seed)
-    A_list, _ = net.factors(params, batch.x, batch.y, batch.loss)
-    for (A, G), patches in zip(facs, A_list):
-        T = patches.shape[-1]
-        # expand/reduce scaling → KFC convention (same product); refcurv.curvature builds in
-        # float64, the method keeps its statistics in the input dtype (design §3)
-        out.append(((T * A).astype(patches.dtype), (G / T).astype(patches.dtype)))
+    for (A, G), T in zip(facs, _locations(net, batch.x)):
+        out.append(((T * A).astype(dt), (G / T).astype(dt)))
     return out
-
-
-def damped_factors(Omega, Gamma, damping, split):
-    """``(Ω + π√λ I, Γ + (√λ/π) I, π)`` (Algorithm 12 line 19 / Algorithm 7 line 11)."""
-    xp = xp_of(Omega)
-    if split == "pi":
-        a = float(xp.trace(Omega)) / Omega.shape[0]
-        g = float(xp.trace(Gamma)) / Gamma.shape[0]
-        pi = float(np.sqrt(a / g)) if a > 0 and g > 0 else 1.0
-    else:
-        pi = 1.0
-    r = float(np.sqrt(damping))  # Python floats: a NumPy float64 would promote float32 factors
-    return (Omega + pi * r * xp.eye(Omega.shape[0], dtype=Omega.dtype),
-            Gamma + (r / pi) * xp.eye(Gamma.shape[0], dtype=Gamma.dtype), pi)
 
 
 @register
 @dataclass(frozen=True)
 class KFAC(Method):
-    """KFAC (thesis Algorithms 7 and 12). Hyper-parameters: ``damping`` λ, EMA ``beta``,
-    statistics / inverse frequencies ``T_stats`` / ``T_inv``, ``split`` ("pi" | "sqrt"),
-    ``conv`` ("expand" = KFC | "reduce"), ``fisher`` ("mc" | "ggn" | "empirical"),
-    ``n_samples`` (sampled labels per input for "mc"), gradient ``momentum`` μ."""
+    """KFAC (thesis Algorithms 7 and 12; see the module docstring for the formulas).
+
+    Hyper-parameters: ``damping`` λ; ``beta`` β (EMA of the statistics); ``T_stats`` /
+    ``T_inv`` (refresh intervals of the statistics / the inverses); ``split`` ("pi" |
+    "sqrt"); ``conv`` ("expand" = KFC | "reduce"); ``fisher`` ("exact" | "mc" | "empirical");
+    ``n_samples`` (sampled labels per input for "mc"); gradient ``momentum`` μ and
+    ``momentum_form`` ("heavy_ball", Alg. 12 line 7 | "ema"); ``phase`` ("k0" | "paper").
+
+    State: :class:`KFACState`. Draws: ``labels`` ``(n_samples, N, …)`` sampled from the model
+    (``loss.sample``) for ``fisher="mc"``; nothing otherwise. Diagnostics: ``refreshed``
+    (inverses), ``stats_refreshed``.
+
+    Curvature and rhs: ``rhs(state, g) = state.m`` (the momentum gradient of the step) and
+    ``C = BlockDiagonal_l[(Γ_l + (√λ/π_l) I) ⊗ (Ω_l + π_l√λ I)]`` (row-major ``G ⊗ A``;
+    Alg. 12 lines 8 and 19) with the damped factors of the last inverse refresh
+    (``state.Gamma_damped``, ``state.Omega_damped``), so ``direction = −C⁻¹ m``.
+
+    The two forms are separate code paths. The fast form: :func:`kfc_factors`, the EMA,
+    :func:`refcurv.linalg.kronecker.damped_split`, the explicit inverses ``H_Ω``, ``H_Γ`` and
+    ``−H_Γ m H_Ω``, on the schedule of :meth:`schedule`. The dense form (:meth:`_dense`) is
+    a literal replay of the algorithm in float64: the factors from
+    :func:`refcurv.curvature.kfac_factors` scaled to (3.9) by the patches' ``T``, the EMA,
+    the trace split and the refresh decisions written out from the text, and the direction
+    by a Cholesky solve with the dense ``(Γ + (√λ/π)I) ⊗ (Ω + π√λI)``.
+    Shared by both forms: the draws (:meth:`draw`: ``loss.sample``, tests/test_losses.py);
+    :func:`refcurv.curvature.kfac_factors` (tests/test_identities.py); the mini-batch
+    gradient ``net.grad`` (tests/test_autodiff_oracle.py); :func:`~refcurv.linalg.woodbury.spd_solve`
+    (tests/test_woodbury.py).
+    """
 
     damping: float = 1e-3
     beta: float = 0.9
@@ -94,72 +157,186 @@ class KFAC(Method):
     fisher: str = "mc"
     n_samples: int = 1
     momentum: float = 0.0
+    momentum_form: str = "heavy_ball"
+    phase: str = "k0"
 
     name = "kfac"
-    seed_ref = "003 Alg. 7, 12; (3.6)"
+    seed_ref = "003 Alg. 7, 12; (3.6)-(3.9)"
     summary = "Kronecker-factored curvature (G ⊗ A per layer), damped split, inverted every T_inv steps"
+    State = KFACState
 
     def __post_init__(self):
         check_positive(self.damping, "damping")
         check_unit(self.beta, "beta")
         check_int(self.T_stats, "T_stats")
         check_int(self.T_inv, "T_inv")
-        check_choice(self.split, "split", ("pi", "sqrt"))
-        check_choice(self.conv, "conv", ("expand", "reduce"))
-        check_choice(self.fisher, "fisher", ("mc", "ggn", "empirical"))
+        check_choice(self.split, "split", SPLITS)
+        check_choice(self.conv, "conv", cv.KFAC_CONV)
+        check_choice(self.fisher, "fisher", FISHER_KINDS)
         check_int(self.n_samples, "n_samples")
         check_unit(self.momentum, "momentum")
+        check_choice(self.momentum_form, "momentum_form", MOMENTUM_FORMS)
+        check_choice(self.phase, "phase", PHASES)
+
+    @property
+    def draw_fields(self):
+        return ("labels",) if self.fisher == "mc" else ()
 
     def init(self, net, params):
-        return {"k": 0, "m": None, "factors": None, "damped": None, "inverses": None}
+        return KFACState()
 
+    # ------------------------------------------------------------------ draws
     def draw(self, rng, state, net, params, batch):
-        # one seed for the label sampling of this step, drawn whether or not it is used,
-        # so that the stream of draws does not depend on the step counter
-        return int(rng.integers(2**63 - 1))
+        """``labels`` ``(n_samples, N, …)`` drawn from the model at ``params`` (``fisher="mc"``;
+        host NumPy), at every step; no draws for the other Fisher kinds."""
+        if self.fisher != "mc":
+            return Draws(method=self.name)
+        f = net.forward(params, batch.x)
+        return Draws(method=self.name, labels=to_numpy(batch.loss.sample(f, n_samples=self.n_samples, seed=rng)))
 
-    def warm_start(self, state, net, params, batch, seed=0):
-        """Set Ω, Γ from ``batch`` (e.g. the whole data set, Algorithm 12 line 2)."""
-        return {**state, "factors": _factors(net, params, batch, self.fisher, self.conv, self.n_samples, seed)}
+    def check_draws(self, draws, state, net, params, batch):
+        draws = super().check_draws(draws, state, net, params, batch)
+        if self.fisher != "mc":
+            if draws.labels is not None:
+                raise DrawsError(f"{self.name}: draws.labels given, but fisher={self.fisher!r} consumes no labels")
+            return draws
+        want = (self.n_samples,) + tuple(batch.y.shape)
+        got = tuple(getattr(draws.labels, "shape", ()))
+        if got != want:
+            raise DrawsError(f"{self.name}: draws.labels must have shape (n_samples, N, …) = {want}, got {got}")
+        return draws
 
-    def _update(self, state, net, params, batch, seed):
-        """Shared by both forms: momentum gradient, statistics, damped factors (and, for the
-        fast form, their inverses)."""
-        k = state["k"]
-        g, _ = layer_grads(net, params, batch)
-        m = g if state["m"] is None or self.momentum == 0 else [self.momentum * a + b for a, b in zip(state["m"], g)]
-        factors = state["factors"]
-        if k % self.T_stats == 0:
-            new = _factors(net, params, batch, self.fisher, self.conv, self.n_samples, seed)
-            if factors is None:
-                factors = new
+    # ------------------------------------------------------------------ schedule
+    def schedule(self, k):
+        """``(statistics due, inverses due)`` at the 0-based step ``k`` (module docstring)."""
+        if self.phase == "k0":
+            return refresh_due(k, self.T_stats), refresh_due(k, self.T_inv)
+        j = k + 1  # Algorithms 7 and 12 count iterations from 1
+        return j % self.T_stats == 0, j <= self.T_inv or j % self.T_inv == 0
+
+    def warm_start(self, state, net, params, batch, seed=0, draws=None):
+        """Set ``Ω``, ``Γ`` from ``batch`` (e.g. the whole data set, Algorithm 12 line 2), with
+        the labels of ``draws`` (``fisher="mc"``; drawn from ``seed`` if not given)."""
+        self.check_state(state)
+        if draws is None:
+            draws = self.draw(rng_of(seed), state, net, params, batch)
+        self.check_draws(draws, state, net, params, batch)
+        facs = kfc_factors(net, params, batch, self.fisher, self.conv, draws.labels)
+        return state.replace(Omega=[O for O, _ in facs], Gamma=[G for _, G in facs])
+
+    # ------------------------------------------------------------------ fast form
+    def _fast(self, state, net, params, batch, draws):
+        stats_due, inv_due = self.schedule(state.k)
+        g = net.grad(params, batch.x, batch.y, batch.loss)
+        # momentum gradient (Alg. 12 line 7) from m = 0
+        mu, heavy_ball = self.momentum, self.momentum_form == "heavy_ball"
+        if state.m is None:
+            m = g if heavy_ball else [(1 - mu) * gi for gi in g]
+        elif heavy_ball:
+            m = [mu * a + b for a, b in zip(state.m, g)]
+        else:
+            m = [mu * a + (1 - mu) * b for a, b in zip(state.m, g)]
+        # statistics (Alg. 12 lines 11–16; the first refresh sets them, line 2)
+        Omega, Gamma = state.Omega, state.Gamma
+        stats_refreshed = stats_due or Omega is None
+        if stats_refreshed:
+            new = kfc_factors(net, params, batch, self.fisher, self.conv, draws.labels)
+            if Omega is None:
+                pairs = new
             else:
                 b = self.beta
-                factors = [(b * O + (1 - b) * On, b * G + (1 - b) * Gn) for (O, G), (On, Gn) in zip(factors, new)]
-        damped = state["damped"]
-        refresh = damped is None or k < self.T_inv or k % self.T_inv == 0
-        if refresh:
-            damped = [damped_factors(O, G, self.damping, self.split)[:2] for O, G in factors]
-        new_state = {"k": k + 1, "m": m, "factors": factors, "damped": damped, "inverses": state["inverses"]}
-        return m, new_state, refresh
-
-    def _fast(self, state, net, params, batch, seed):
-        m, new_state, refresh = self._update(state, net, params, batch, seed)
-        if refresh or new_state["inverses"] is None:
-            new_state["inverses"] = [
-                (spd_solve(Od, xp_of(Od).eye(Od.shape[0], dtype=Od.dtype), "Ω + π√λI"),
-                 spd_solve(Gd, xp_of(Gd).eye(Gd.shape[0], dtype=Gd.dtype), "Γ + √λ/π I"))
-                for Od, Gd in new_state["damped"]
-            ]
-        direction = [-(HG @ mi @ HO) for mi, (HO, HG) in zip(m, new_state["inverses"])]
+                pairs = [(b * O + (1 - b) * On, b * G + (1 - b) * Gn) for O, G, (On, Gn) in zip(Omega, Gamma, new)]
+            Omega, Gamma = [O for O, _ in pairs], [G for _, G in pairs]
+        # inverses (Alg. 12 lines 17–21)
+        refreshed = inv_due or state.Omega_damped is None
+        if refreshed:
+            split = [damped_split(O, G, self.damping, self.split) for O, G in zip(Omega, Gamma)]
+            Od, Gd, pi = [s[0] for s in split], [s[1] for s in split], [s[2] for s in split]
+        else:
+            Od, Gd, pi = state.Omega_damped, state.Gamma_damped, state.pi
+        HO, HG = state.H_Omega, state.H_Gamma
+        if refreshed or HO is None:  # (a state from the dense form carries no inverses)
+            HO = [spd_solve(O, xp_of(O).eye(O.shape[0], dtype=O.dtype), "Ω + π√λI") for O in Od]
+            HG = [spd_solve(G, xp_of(G).eye(G.shape[0], dtype=G.dtype), "Γ + √λ/π I") for G in Gd]
+        # Alg. 12 line 8: p = H_Γ m H_Ω
+        direction = [-(HG @ mi @ HO) for mi, HO, HG in zip(m, HO, HG)]
+        new_state = state.replace(
+            k=state.k + 1, m=m, Omega=Omega, Gamma=Gamma, pi=pi, Omega_damped=Od, Gamma_damped=Gd,
+            H_Omega=HO, H_Gamma=HG,
+            diagnostics={"refreshed": bool(refreshed), "stats_refreshed": bool(stats_refreshed)})
         return direction, new_state
 
-    def _dense(self, state, net, params, batch, seed):
-        m, new_state, _ = self._update(state, net, params, batch, seed)
-        xp = xp_of(m[0])
+    # ------------------------------------------------------------------ dense form
+    def _dense(self, state, net, params, batch, draws):
+        """A literal replay of Algorithm 12 (with Algorithm 7's schedule for ``phase="paper"``)
+        in float64, independent of the fast form's update code."""
+        k, lam, beta, mu = state.k, self.damping, self.beta, self.momentum
+        # refresh decisions, from the text
+        if self.phase == "k0":
+            stats_now, inv_now = k % self.T_stats == 0, k % self.T_inv == 0
+        else:  # iteration number j = k + 1: Alg. 12 line 11 and Alg. 7 line 10
+            j = k + 1
+            stats_now = j % self.T_stats == 0
+            inv_now = j <= self.T_inv or j % self.T_inv == 0
+        stats_now = stats_now or state.Omega is None
+        inv_now = inv_now or state.Omega_damped is None
+        # momentum gradient (Alg. 12 line 7), from m = 0
+        grads = net.grad(params, batch.x, batch.y, batch.loss)
+        xp = xp_of(grads[0])
+        m_old = state.m if state.m is not None else [xp.zeros_like(gi) for gi in grads]
+        if self.momentum_form == "heavy_ball":
+            m = [mu * mo + gi for mo, gi in zip(m_old, grads)]
+        else:
+            m = [mu * mo + (1.0 - mu) * gi for mo, gi in zip(m_old, grads)]
+        # statistics (Alg. 12 lines 2 and 14, thesis (3.9)): Ω = T·A, Γ = G/T with T the number
+        # of columns of the layer's patches
+        Omega, Gamma = state.Omega, state.Gamma
+        if stats_now:
+            facs = cv.kfac_factors(net, params, batch.x, batch.y, batch.loss, kind=self.fisher, conv=self.conv,
+                                   labels=draws.labels)
+            patches, _ = net.factors(params, batch.x, batch.y, batch.loss)
+            Omega_batch = [P.shape[-1] * A for (A, _), P in zip(facs, patches)]
+            Gamma_batch = [G / P.shape[-1] for (_, G), P in zip(facs, patches)]
+            if Omega is None:
+                Omega, Gamma = Omega_batch, Gamma_batch
+            else:
+                Omega = [beta * Om + (1.0 - beta) * Ob for Om, Ob in zip(Omega, Omega_batch)]
+                Gamma = [beta * Gm + (1.0 - beta) * Gb for Gm, Gb in zip(Gamma, Gamma_batch)]
+        # damping split (Alg. 12 line 19: π = √(trace(Ω ⊗ I) / trace(I ⊗ Γ)); Alg. 7 line 11: π = 1)
+        if inv_now:
+            pi, Omega_damped, Gamma_damped = [], [], []
+            for Om, Gm in zip(Omega, Gamma):
+                dO, dG = Om.shape[0], Gm.shape[0]
+                trace_O_I = float(xp.trace(Om)) * dG  # trace(Ω ⊗ I_dG)
+                trace_I_G = dO * float(xp.trace(Gm))  # trace(I_dO ⊗ Γ)
+                p = 1.0
+                if self.split == "pi" and trace_O_I > 0 and trace_I_G > 0:
+                    p = float(np.sqrt(trace_O_I / trace_I_G))
+                pi.append(p)
+                Omega_damped.append(Om + p * float(np.sqrt(lam)) * xp.eye(dO, dtype=Om.dtype))
+                Gamma_damped.append(Gm + (float(np.sqrt(lam)) / p) * xp.eye(dG, dtype=Gm.dtype))
+        else:
+            pi, Omega_damped, Gamma_damped = state.pi, state.Omega_damped, state.Gamma_damped
+        # direction: the dense damped Kronecker block, row-major vec (Alg. 12 line 8)
         direction = []
-        for mi, (Od, Gd) in zip(m, new_state["damped"]):
-            K = xp.kron(Gd, Od)  # row-major vec: damped block (Γ + √λ/π I) ⊗ (Ω + π√λ I)
+        for mi, Od, Gd in zip(m, Omega_damped, Gamma_damped):
+            K = xp.kron(Gd, Od)  # (Γ + √λ/π I) ⊗ (Ω + π√λ I)
             direction.append(-spd_solve(K, mi.ravel(), "damped Kronecker block").reshape(mi.shape))
-        new_state["inverses"] = state["inverses"]
+        new_state = KFACState(
+            k=k + 1, m=m, Omega=Omega, Gamma=Gamma, pi=pi, Omega_damped=Omega_damped, Gamma_damped=Gamma_damped,
+            H_Omega=None, H_Gamma=None,
+            diagnostics={"refreshed": bool(inv_now), "stats_refreshed": bool(stats_now)})
         return direction, new_state
+
+    # ------------------------------------------------------------------ curvature
+    def curvature(self, state, net=None, params=None, batch=None, draws=None):
+        """``BlockDiagonal_l[Kronecker(Γ_l + (√λ/π_l) I, Ω_l + π_l√λ I)]`` from the damped
+        factors of the state (row-major ``G ⊗ A`` blocks); ``direction = −C⁻¹ state.m``."""
+        self.check_state(state)
+        if state.Omega_damped is None:
+            raise StateError(f"{self.name}: the state has no damped factors yet (Omega_damped); take a step first")
+        return BlockDiagonal([Kronecker(Gd, Od) for Od, Gd in zip(state.Omega_damped, state.Gamma_damped)])
+
+    def rhs(self, state, grads):
+        """The momentum gradient ``m`` of the step (Alg. 12 line 7)."""
+        return state.m

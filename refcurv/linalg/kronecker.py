@@ -8,10 +8,12 @@ Vectorization: refcurv's row-major ``vec`` of ``W ∈ R^{out×d}``, so a layer b
 """
 from __future__ import annotations
 
+from functools import reduce
+
 import numpy as np
 
 from ..backend import xp_of
-from ..errors import HyperParameterError
+from ..errors import HyperParameterError, ShapeError
 from . import _checks as C
 
 # ---------------------------------------------------------------- KFAC (kfac)
@@ -105,12 +107,6 @@ def hessian_action_pair(H_a, abar, A, lambda_A):
 # Shampoo (Algorithms 15/16). A parameter tensor W ∈ R^{d_1×⋯×d_k} is vectorized row-major
 # (vec̄, §4.2.1); its curvature block is ⊗_i F_i on vec̄(W) (Proposition 1, (4.9)).
 # (imports kept in this section so that the per-family sections merge independently)
-from functools import reduce  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-from ..backend import xp_of  # noqa: E402
-from ..errors import ShapeError  # noqa: E402
 
 
 def _dims(S):

@@ -266,11 +266,25 @@ def _cond(C):
     return float(ev.max() / ev.min()) if ev.min() > 0 else np.inf
 
 
+def _shampoo_bound(m, kappa, net):
+    """Coupled-Newton roots accepted at ``max|M − I| ≤ newton_tol`` (thesis Alg. 16, refcurv
+    roots): each ``D^{−1/p}`` is off by a factor ``M^{1/p}`` with ``‖M − I‖₂ ≤ d·tol =: δ``,
+    i.e. relatively by ``ρ ≤ δ / (p (1 − δ))`` (tests/test_method_shampoo.py::_root_rtol);
+    the product of ``k ≤ 4`` roots by ``(1 + ρ)^k − 1``; plus the rounding drift of the
+    iteration, one forward error per iteration. Worst case over the network: the largest mode
+    ``d`` and the smallest ``p = 2`` (a bias vector)."""
+    d = max(max(shape) for shape in net.param_shapes)
+    delta = d * m.newton_tol
+    rho = delta / (2 * (1 - delta))
+    return (1 + rho) ** 4 - 1 + tolerance(net.n_params, kappa) * (m.newton_max_iter + 1)
+
+
 #: fast forms that approximate their dense definition, with the bound that relates them:
-#: ``name -> f(method, κ) -> relative tolerance``
+#: ``name -> f(method, κ, net) -> relative tolerance``
 APPROXIMATE = {
     # CG stops at a relative residual cg_tol: forward error ≤ κ · cg_tol
-    "hessian_free": lambda m, kappa: kappa * m.cg_tol,
+    "hessian_free": lambda m, kappa, net: kappa * m.cg_tol,
+    "shampoo": _shampoo_bound,
 }
 
 
@@ -282,7 +296,7 @@ def fast_equals_dense(name):
         for d_fast, d_dense, C, _ in out:
             e = _rel(d_fast, d_dense)
             kappa = _cond(C)
-            t = APPROXIMATE[name](method, kappa) if name in APPROXIMATE else tolerance(net.n_params, kappa)
+            t = APPROXIMATE[name](method, kappa, net) if name in APPROXIMATE else tolerance(net.n_params, kappa)
             if e / t > ratio:
                 ratio, err, tol = e / t, e, t
         return err, tol, f"worst of {STEPS} steps: ‖d_fast − d_dense‖ / ‖d_dense‖"

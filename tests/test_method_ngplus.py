@@ -97,7 +97,7 @@ def _assert_fast_equals_dense(method, net, params, batch, fast_state, dense_stat
     d_dense, s_dense = method.step(dense_state, net, params, batch, rng=seed, dense=True)
     N = len(batch.x)
     for j, ((m, n), T) in enumerate(zip(net.param_shapes, _conv_T(net, batch.x))):
-        kappa = _kappa(method, _curv(s_dense, j), s_dense.Omega[j])
+        kappa = _kappa(method, _curv(s_dense, j), s_dense.Omega_sketch[j])
         tol = forward_tol(m + n + N * T, kappa)
         assert_close(d_fast[j], d_dense[j], rtol=tol, atol=1e-300, what=f"layer {j} {method}")
     return d_fast, s_fast, s_dense
@@ -228,7 +228,7 @@ def test_sketched_ls_16_with_identity_sketch_is_exact_and_is_push_through_form()
             assert_close(a, b, rtol=1e-12)
     d, s = method.step(method.init(net, params), net, params, batch, rng=0)
     g = net.grad(params, x, y, loss)
-    for j, (U, Om) in enumerate(zip(s.U, s.Omega)):
+    for j, (U, Om) in enumerate(zip(s.U, s.Omega_sketch)):
         assert Om.shape == (method.sketch_size, U.shape[0])
         M = lam * np.eye(U.shape[0]) + U @ U.T @ Om.T @ Om
         assert_close(d[j], -np.linalg.solve(M, g[j]), rtol=forward_tol(20, np.linalg.cond(M)))

@@ -242,7 +242,7 @@ def test_fast_equals_dense_every_configuration(cfg):
                 S = None if sk is None else sk.gram()
                 tol = _tolerance(lam, Ut, S, g[j], gp[j], blocks, b_fast, c=c)
             else:
-                Gf, Af = sd.factors[j]
+                Gf, Af = sd.lowrank_factors[j]
                 rho, nG, nA = Gf.shape[0], Gf.shape[1], Af.shape[1]
                 Ut = np.einsum("igr,iar->iga", Gf, Af).reshape(rho, -1) / math.sqrt(rho)
                 skG, skA = sketch_from_draws(draws, "Omega_G", j, nG), sketch_from_draws(draws, "Omega_A", j, nA)
@@ -362,7 +362,7 @@ def test_leverage_scores_are_row_norms(replace):
         assert np.all(p[sk.index] > 0)
 
     assert state.diagnostics["storage"] == ["explicit", "implicit"]  # n^l = 57 < 𝒯 = 60 ≤ 147
-    Gf, Af = state.factors[1]
+    Gf, Af = state.lowrank_factors[1]
     check(sketch_from_draws(draws, "Omega_A", 1, Af.shape[1]), Af.swapaxes(0, 1))
     check(sketch_from_draws(draws, "Omega_G", 1, Gf.shape[1]), Gf.swapaxes(0, 1))
     check(sketch_from_draws(draws, "Omega", 0, state.U[0].shape[0]), state.U[0])
@@ -392,7 +392,7 @@ def test_19_21_equal_the_kronecker_sketch(kind, replace):
                                                    sketch_size_A=9, sketch_size_G=2)
     rng = np.random.default_rng(0)
     for j, (o, dd) in enumerate(net.param_shapes):
-        Gf, Af = state.factors[j]
+        Gf, Af = state.lowrank_factors[j]
         OA = sketch_from_draws(draws, "Omega_A", j, Af.shape[1]).to_dense()
         OG = sketch_from_draws(draws, "Omega_G", j, Gf.shape[1]).to_dense()
         K_col, K_row = np.kron(OA, OG), np.kron(OG, OA)
@@ -427,7 +427,7 @@ def test_implicit_state_stores_low_rank_factors():
     """Memory of the implicit storage (000 Table 1 / 001 Table 2, SENG-4): the state holds
     G̃, Ã with (n_A + n_G)·r·ϱ numbers instead of U's ϱ·n."""
     net, params, batch, _, state, _draws = _implicit_state(CONV, rank=2)
-    for (o, d), (Gf, Af), U in zip(net.param_shapes, state.factors, state.U):
+    for (o, d), (Gf, Af), U in zip(net.param_shapes, state.lowrank_factors, state.U):
         r = Gf.shape[2]
         assert U is None and Gf.shape == (CONV.N, o, r) and Af.shape == (CONV.N, d, r) and r <= 2
         assert Gf.size + Af.size == (o + d) * r * CONV.N
@@ -494,7 +494,7 @@ def test_implicit_with_full_sketches_and_exact_uc_is_the_definition(rank):
     kw = dict(damping=lam, uc="exact", sketch_size_A=10**6, sketch_size_G=10**6, svd_of="A",
               rank=None if rank is None else 16)  # κ = 16 (conv), clamped to κ = 1 (linear)
     _, _, _, d, state, _draws = _implicit_state(CONV, **kw)
-    assert [f[0].shape[2] for f in state.factors] == [16, 1]
+    assert [f[0].shape[2] for f in state.lowrank_factors] == [16, 1]
     for dj, M, g in zip(d, _efim_blocks(net, params, batch), _grads(net, params, batch)):
         _assert_definition(dj, M, g, lam, CONV.N, "implicit exact")
 
@@ -510,7 +510,7 @@ def test_seng1_24_needs_a_on_C_U():
     net, params, batch, d, state, _draws = _implicit_state(pb, damping=lam, sketch_size_A=10**6, sketch_size_G=10**6)
     for j, (M, g) in enumerate(zip(_efim_blocks(net, params, batch), _grads(net, params, batch))):
         _assert_definition(d[j], M, g, lam, 1, "(24) corrected")
-        Gf, Af = state.factors[j]
+        Gf, Af = state.lowrank_factors[j]
         printed = -g / lam + cu(np.asarray(state.diagnostics["b_hat"][j]), Gf, Af).ravel()
         assert np.linalg.norm(printed - _definition(M, g, lam)) > 1e-2 * np.linalg.norm(_definition(M, g, lam))
 
@@ -521,7 +521,7 @@ def test_seng2_printed_19_21_23_scalings_give_the_summed_efim():
     lam = 0.2
     net, params, batch, d, state, _draws = _implicit_state(CONV, damping=lam, uc="exact")
     for j, (M, g) in enumerate(zip(_efim_blocks(net, params, batch), _grads(net, params, batch))):
-        Gf, Af = state.factors[j]
+        Gf, Af = state.lowrank_factors[j]
         _assert_definition(d[j], M, g, lam, CONV.N, "scaled")
         o, dd = net.param_shapes[j]
         Zg = g.reshape(o, dd)
@@ -662,7 +662,7 @@ def test_distributed_implicit_C_U_is_28(sync_cu):
     lam = 0.3
     net, params, batch, d, state, _draws = _implicit_state(CONV, damping=lam, workers=2, sync_cu=sync_cu)
     for j, g in enumerate(_grads(net, params, batch)):
-        Gf, Af = state.factors[j]
+        Gf, Af = state.lowrank_factors[j]
         b = np.asarray(state.diagnostics["b_hat"][j])
         rho = len(b)
         if sync_cu:
@@ -949,7 +949,7 @@ def test_injected_implicit_sketches_and_hybrid_indices_are_consumed_exactly():
     d, state = m.step(m.init(net, params), net, params, batch, draws=draws)
     g = net.grad(params, batch.x, batch.y, batch.loss)
     for j, (o, d_in) in enumerate(net.param_shapes):
-        Gf, Af = state.factors[j]
+        Gf, Af = state.lowrank_factors[j]
         skA = RowSketch(n=d_in, index=sk[f"Omega_A/{j}/index"], weight=sk[f"Omega_A/{j}/weight"])
         skG = RowSketch(n=o, index=sk[f"Omega_G/{j}/index"], weight=sk[f"Omega_G/{j}/weight"])
         ref, _ = implicit_direction(Gf, Af, g[j], g[j], lam, skA, skG)

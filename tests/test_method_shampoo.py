@@ -43,7 +43,7 @@ def _root_rtol(D, rep, p):
     X = D^{−1/p} M^{1/p} (invariant M = X^p D, X a polynomial in D), ‖M − I‖₂ ≤ n e =: δ, and
     |μ^{1/p} − 1| ≤ δ/(p(1 − δ)) for |μ − 1| ≤ δ; plus the rounding drift of the invariant,
     one forward error C·n·eps·κ(D) per iteration (which also covers the eigh root's own
-    forward error). ``rep`` None (roots="eigh") or not converged (fell back to eigh): the
+    forward error). ``rep`` None (root_method="eigh") or not converged (fell back to eigh): the
     fast root *is* the eigh root, ρ = 0."""
     if rep is None or not rep.converged:
         return 0.0
@@ -95,9 +95,9 @@ def test_mode_products_equal_dense_kronecker_of_roots(pb, conv_modes, roots, log
     γW rounds at C·N·eps·(Π‖X̂_i‖₂‖m̂‖ + γ‖W‖) per form (N = tensor size). The dense form
     computes its statistics independently (rounding-level different damped factors D̂_i), which
     adds the forward error of a root of a perturbed factor, C·n·eps·κ(D_i), to each ρ_i. With
-    roots="eigh" only rounding remains."""
+    root_method="eigh" only rounding remains."""
     net = pb.net
-    method = Shampoo(conv_modes=conv_modes, roots=roots, damping=10.0**log_eps, T_inv=T_inv, T_stats=T_stats,
+    method = Shampoo(conv_modes=conv_modes, root_method=roots, damping=10.0**log_eps, T_inv=T_inv, T_stats=T_stats,
                      momentum=mu, weight_decay=gamma, beta=0.5)
     params, _ = _batch(pb)
     state_f = state_d = method.init(net, params)
@@ -166,7 +166,7 @@ def test_statistics_ema_frequencies_and_stale_roots():
     net = _cnn()
     params = net.init(1)
     beta, mu, eps = 0.7, 0.5, 0.03
-    method = Shampoo(T_stats=2, T_inv=3, beta=beta, momentum=mu, damping=eps, roots="eigh")
+    method = Shampoo(T_stats=2, T_inv=3, beta=beta, momentum=mu, damping=eps, root_method="eigh")
     batches = _cnn_batches(7, seed=3)
     state = method.init(net, params)
     history, stats, m = [], None, None
@@ -235,7 +235,7 @@ def test_two_sided_form_of_gupta_et_al_and_descent():
     g = net.grad(params, b.x, b.y, b.loss)
     for roots in ("newton", "eigh"):
         for eps in (1e-3, 0.3):
-            method = Shampoo(damping=eps, roots=roots)
+            method = Shampoo(damping=eps, root_method=roots)
             d, state = method.step(method.init(net, params), net, params, b)
             for gl, dl, reps in zip(g, d, state.newton):
                 G, gb = gl[:, :-1], gl[:, -1]
@@ -260,8 +260,8 @@ def test_weight_decay_is_decoupled_and_applies_to_every_tensor():
     net = _cnn()
     params = net.init(3)
     (b,) = _cnn_batches(1, seed=7)
-    d0, s0 = Shampoo(roots="eigh").step(Shampoo().init(net, params), net, params, b)
-    d1, s1 = Shampoo(roots="eigh", weight_decay=0.25).step(Shampoo().init(net, params), net, params, b)
+    d0, s0 = Shampoo(root_method="eigh").step(Shampoo().init(net, params), net, params, b)
+    d1, s1 = Shampoo(root_method="eigh", weight_decay=0.25).step(Shampoo().init(net, params), net, params, b)
     for a, c, W in zip(d1, d0, params):
         assert_close(a, c - 0.25 * W, rtol=1e-14, atol=1e-15)
     for a, c in zip(s1.m, s0.m):
@@ -294,7 +294,7 @@ def test_bad_hyper_parameters():
                           ({"weight_decay": -1e-3}, "weight_decay"), ({"weight_decay": float("nan")}, "weight_decay"),
                           ({"T_stats": 0}, "T_stats"), ({"T_inv": 1.5}, "T_inv"), ({"conv_modes": 2}, "conv_modes"),
                           ({"conv_modes": 3.0}, "conv_modes"),
-                          ({"roots": "svd"}, "roots"), ({"newton_tol": 0.0}, "newton_tol"),
+                          ({"root_method": "svd"}, "root_method"), ({"newton_tol": 0.0}, "newton_tol"),
                           ({"newton_max_iter": 0}, "newton_max_iter"), ({"on_newton_failure": "ignore"}, "on_newton")]:
         with pytest.raises(HyperParameterError, match=match):
             Shampoo(**kwargs)
@@ -324,7 +324,7 @@ def test_phase_paper_is_a_literal_replay_of_algorithm_16():
     net = _cnn()
     params = net.init(1)
     T1, T2, beta, mu, eps = 2, 3, 0.7, 0.5, 0.03
-    method = Shampoo(T_stats=T1, T_inv=T2, beta=beta, momentum=mu, damping=eps, roots="eigh", phase="paper")
+    method = Shampoo(T_stats=T1, T_inv=T2, beta=beta, momentum=mu, damping=eps, root_method="eigh", phase="paper")
     warm, batches = _cnn_batches(2, seed=1), _cnn_batches(7, seed=3)
     state = method.warm_start(method.init(net, params), net, params, warm)
     G = [[[sum(c) / 2 for c in zip(*[_contractions(T) for T in ts])] for ts in zip(*[to_tensors(lay, gl) for gl in gls])]
@@ -364,7 +364,7 @@ def test_state_curvature_and_momentum_form():
     net = _cnn()
     params = net.init(3)
     (b,) = _cnn_batches(1, seed=7)
-    method = Shampoo(roots="eigh")
+    method = Shampoo(root_method="eigh")
     d, st = method.step(method.init(net, params), net, params, b)
     assert type(st) is ShampooState and st.newton_fallbacks == 0 and st.diagnostics["newton_fallbacks"] == 0
     from refcurv import flatten
@@ -372,7 +372,7 @@ def test_state_curvature_and_momentum_form():
     assert_close(-C.solve(flatten(st.m)), flatten(d), rtol=residual_tol(net.n_params))
     P = np.linalg.inv(C.todense())
     assert_close(-P @ flatten(st.m), flatten(d), rtol=forward_tol(net.n_params, np.linalg.cond(P)))
-    ema = Shampoo(momentum_form="ema", momentum=0.8, roots="eigh")
+    ema = Shampoo(momentum_form="ema", momentum=0.8, root_method="eigh")
     _, se = ema.step(ema.init(net, params), net, params, b)
     for a, g in zip(se.m, net.grad(params, b.x, b.y, b.loss)):
         assert_close(a, 0.2 * g, rtol=1e-15)

@@ -443,7 +443,7 @@ def test_tnt_ef_batch_mean_statistics_are_shampoo_statistics(conv_modes):
     rng = np.random.default_rng(7)
     params = net.init(3)
     tnt = TNT(fisher="empirical", statistics="batch_mean", conv_modes=conv_modes, beta=0.6)
-    sh = Shampoo(conv_modes=conv_modes, beta=0.6, roots="eigh")
+    sh = Shampoo(conv_modes=conv_modes, beta=0.6, root_method="eigh")
     st_t, st_s = tnt.init(net, params), sh.init(net, params)
     for k in range(3):
         b = Batch(rng.standard_normal((5, 2, 3, 4)), rng.integers(0, 3, 5), CrossEntropy())

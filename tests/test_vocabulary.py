@@ -11,7 +11,7 @@ import pytest
 from refcurv.methods import REGISTRY, Batch, Method
 from refcurv.methods.base import COMMON_FIELDS
 from refcurv.methods.diagnostics import SCHEMA
-from refcurv.methods.vocabulary import FISHER_KINDS, HYPER_PARAMETERS, RETIRED
+from refcurv.methods.vocabulary import FISHER_KINDS, HYPER_PARAMETERS, RETIRED, STATE_FIELDS
 from refcurv.nn import CrossEntropy, Linear, Sequential, Tanh
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -53,11 +53,24 @@ def _state_docs():
 
 
 def test_a_state_field_name_means_one_thing():
+    """A field name used by several methods is one concept: either its doc is the common one
+    (COMMON_FIELDS, identical text) or the name is in vocabulary.STATE_FIELDS, which states
+    the shared meaning (each method's doc then adds its paper's detail)."""
     for field, docs in _state_docs().items():
-        assert len(docs) == 1, f"state field {field!r} has different meanings: {docs}"
+        methods = {m for ms in docs.values() for m in ms}
         if field in COMMON_FIELDS:
-            assert list(docs) == [COMMON_FIELDS[field]], field
+            assert list(docs) == [COMMON_FIELDS[field]], f"{field!r}: {docs}"
+        elif len(methods) > 1 and len(docs) > 1:
+            assert field in STATE_FIELDS, f"state field {field!r} has different meanings: {docs}"
         assert field not in RETIRED, f"state field {field!r} is a retired name"
+        assert field not in HYPER_PARAMETERS or field in COMMON_FIELDS, (
+            f"state field {field!r} is also a hyper-parameter name with another meaning")
+
+
+def test_shared_state_fields_are_used_by_several_methods():
+    docs = _state_docs()
+    for field in STATE_FIELDS:
+        assert field in docs, f"STATE_FIELDS lists {field!r}, which no method's state has"
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))

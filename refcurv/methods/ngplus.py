@@ -160,7 +160,7 @@ class NGPlusState(State):
                                "is; None for 'left' layers, for the low-rank solvers and before the first step")
     U: tuple = state_field(doc="per layer the low-rank factor U of (14) with UUᵀ = L (m×Nκ; n×Nκ, of 𝒢ᵢᵀ, for "
                                "'right' layers) for solver 'smw' | 'ls' | 'sketch_ls'; None otherwise")
-    Omega: tuple = state_field(doc="per layer the (16) sketch matrix Ω (q×m, host) drawn with U and reused until "
+    Omega_sketch: tuple = state_field(doc="per layer the (16) sketch matrix Ω (q×m, host) drawn with U and reused until "
                                    "the next refresh (solver 'sketch_ls'); None otherwise")
     factorization: tuple = state_field(
         doc="per layer the fast form's factorization of the last refresh: lower Cholesky factor of λI + L (or "
@@ -369,7 +369,7 @@ class NGPlus(Method):
         sides = tuple(GF.sides(net.param_shapes, "left" if self.variant == "authors" else self.side))
         none = (None,) * len(sides)
         return NGPlusState(sides=sides, shapes=tuple(tuple(s) for s in net.param_shapes), L=none, R=none,
-                           U=none, Omega=none, factorization=none)
+                           U=none, Omega_sketch=none, factorization=none)
 
     def _sketch_dims(self, state):
         """``{key: dim}`` of the sketches a refresh step consumes: (17) over the long side of
@@ -442,7 +442,7 @@ class NGPlus(Method):
                 Omega = np.array(Omega) if self.solver == "sketch_ls" else None
                 fac = factorize(self.solver, stat if U is None else U, lam, GF.as_sketch(Omega))
             else:  # Algorithm 1: L_k = L_{k−1}, with its factorization
-                stat, U, Omega, fac = _stat(state, j), state.U[j], state.Omega[j], state.factorization[j]
+                stat, U, Omega, fac = _stat(state, j), state.U[j], state.Omega_sketch[j], state.factorization[j]
                 if fac is None:  # a state from the dense form
                     fac = factorize(self.solver, stat if U is None else U, lam, GF.as_sketch(Omega))
             Y = solve(self.solver, stat if U is None else U, fac, lam, X, GF.as_sketch(Omega))
@@ -452,7 +452,7 @@ class NGPlus(Method):
             facs.append(fac)
             direction.append(-GF.orient(side, Y))
         L, R = _split(state.sides, stats)
-        return direction, state.replace(k=state.k + 1, L=L, R=R, U=tuple(Us), Omega=tuple(Omegas),
+        return direction, state.replace(k=state.k + 1, L=L, R=R, U=tuple(Us), Omega_sketch=tuple(Omegas),
                                         factorization=tuple(facs), diagnostics=self._diagnostics(due))
 
     # -------------------------------------------------------------- dense form
@@ -504,7 +504,7 @@ class NGPlus(Method):
                     stat = L if p is None else GF.dense_to_blocks(L, p)
                 Omega = Omega if self.solver == "sketch_ls" else None
             else:
-                stat, U, Omega = _stat(state, j), state.U[j], _host(state.Omega[j])
+                stat, U, Omega = _stat(state, j), state.U[j], _host(state.Omega_sketch[j])
                 if U is not None:
                     Uh = _host(U)
                     L = Uh @ Uh.T
@@ -521,7 +521,7 @@ class NGPlus(Method):
             Omegas.append(Omega)
             direction.append(asarray_like(-GF.orient(side, Y), like))
         L, R = _split(sides, stats)
-        return direction, state.replace(k=state.k + 1, L=L, R=R, U=tuple(Us), Omega=tuple(Omegas),
+        return direction, state.replace(k=state.k + 1, L=L, R=R, U=tuple(Us), Omega_sketch=tuple(Omegas),
                                         factorization=(None,) * len(sides), diagnostics=self._diagnostics(due))
 
     # -------------------------------------------------------------- curvature

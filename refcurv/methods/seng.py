@@ -397,7 +397,7 @@ class SENGState(State):
     U: list = state_field(doc="per layer: the U of (4)-(5) the last step used, (n^l, ρ') with columns "
                               "ϱ^{-1/2}u_i (or the history columns of 000 (24)/(25)); U Uᵀ = M^l. Kept for the "
                               "stale steps between refreshes (Algorithm 1). None for implicit layers", default=[])
-    factors: list = state_field(doc="per layer: the low-rank factors (G̃, Ã) of (15)-(16), shapes (ϱ, n_G, r) and "
+    lowrank_factors: list = state_field(doc="per layer: the low-rank factors (G̃, Ã) of (15)-(16), shapes (ϱ, n_G, r) and "
                                     "(ϱ, n_A, r) with u_i ≈ vec(G̃_i Ã_iᵀ); None for explicit layers", default=[])
     g: Any = state_field("g", default=None)
     buffer: Any = state_field(doc="history buffer per layer (history != 'none'): the last p (decay, 000 (24)) "
@@ -450,7 +450,7 @@ class SENG(Method):
     "global"), ``block_capacitance`` ((26), True), ``delayed`` ((27), False), ``sync_cu``
     ((28), True).
 
-    State: :class:`SENGState` (``k``, ``U``, ``factors``, ``g``, ``buffer``, ``diagnostics``).
+    State: :class:`SENGState` (``k``, ``U``, ``lowrank_factors``, ``g``, ``buffer``, ``diagnostics``).
     Diagnostics: ``refreshed`` (``U`` or the factors rebuilt this step), ``damping``,
     ``storage`` (per layer "explicit" | "implicit") and ``b_hat`` (per layer the capacitance
     solution ``b̂`` of (9)/(12)/(24)/(26) as a list, ``None`` where the dense form solves the
@@ -564,7 +564,7 @@ class SENG(Method):
                 f"history={self.history!r} needs every layer explicit; threshold={self.threshold!r} makes "
                 f"layers {[j for j, p in enumerate(paths) if p == 'implicit']} implicit")
         L = len(paths)
-        return SENGState(U=[None] * L, factors=[None] * L)
+        return SENGState(U=[None] * L, lowrank_factors=[None] * L)
 
     def _check_workers(self, rho):
         if rho % self.workers:
@@ -702,7 +702,7 @@ class SENG(Method):
         N = U_ps[0].shape[0]
         paths = self._paths(net)
         due = self._due(state.k)
-        Us, facs = list(state.U), list(state.factors)
+        Us, facs = list(state.U), list(state.lowrank_factors)
         buffer, refreshed = None, False
         if self.history != "none":
             xp = xp_of(g[0])
@@ -766,7 +766,7 @@ class SENG(Method):
                 d, b = implicit_direction(Gf, Af, gj, gp, lam, skA, skG, M, c, self.uc, self._cu_workers())
             direction.append(d)
             bs.append(b)
-        new = state.replace(k=state.k + 1, U=Us, factors=facs, g=g, buffer=buffer,
+        new = state.replace(k=state.k + 1, U=Us, lowrank_factors=facs, g=g, buffer=buffer,
                             diagnostics=self._diagnostics(refreshed, paths, bs))
         return direction, new
 
@@ -810,7 +810,7 @@ class SENG(Method):
         paths = self._paths(net)
         due = self._due(state.k)
         lam, c = self.damping, self._gram_scale()
-        Us, facs = list(state.U), list(state.factors)
+        Us, facs = list(state.U), list(state.lowrank_factors)
         buffer, refreshed, efims = None, False, None
         if self.history != "none":
             hist, buffer = self._dense_history(state, g, u_flat, sl, draws)
@@ -869,7 +869,7 @@ class SENG(Method):
                     d = (cu(b, Gf, Af, self._cu_workers()).ravel() / math.sqrt(rho) - gj) / lam
             direction.append(d.reshape(g[j].shape))
             bs.append(b)
-        new = state.replace(k=state.k + 1, U=Us, factors=facs, g=g, buffer=buffer,
+        new = state.replace(k=state.k + 1, U=Us, lowrank_factors=facs, g=g, buffer=buffer,
                             diagnostics=self._diagnostics(refreshed, paths, bs))
         return direction, new
 
@@ -894,7 +894,7 @@ class SENG(Method):
                 raise HyperParameterError(f"{self.name}: no curvature operator with {why}")
         lam, nb, c = self.damping, self._blocks(), self._gram_scale()
         blocks = []
-        for U, fac in zip(state.U, state.factors):
+        for U, fac in zip(state.U, state.lowrank_factors):
             if U is None:
                 Gf, Af = fac
                 rho = Gf.shape[0]

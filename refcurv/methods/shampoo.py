@@ -22,8 +22,8 @@ weight ``(out, in)`` (order 2) and bias ``(out,)`` (order 1); Conv2d: kernel
   ``Ĝ^{(i)} = Ḡ^{(i)}`` unless :meth:`Shampoo.warm_start` has set them (line 2);
 * inverse roots (line 12), when ``k_step ≡ 0 (mod T_inv)``:
   ``R_i = (Ĝ^{(i)} + εI)^{−1/(2k)}`` — ε added to each factor *before* the root — by the
-  coupled Newton iteration (``roots="newton"``, tolerance 1e-6 and 100 iterations as in the
-  thesis, line 2140) or by ``eigh`` (``roots="eigh"``); between refreshes the stale roots
+  coupled Newton iteration (``root_method="newton"``, tolerance 1e-6 and 100 iterations as in the
+  thesis, line 2140) or by ``eigh`` (``root_method="eigh"``); between refreshes the stale roots
   are reused;
 * direction (lines 14–16):  ``p = m̂ ×_1 R_1 ×_2 ⋯ ×_k R_k``, ``p ← p + γ W`` (decoupled
   weight decay, on every tensor including biases), and the update direction is ``−p``
@@ -43,7 +43,7 @@ form computes the statistics from the definition — the outer product
 trace :func:`refcurv.linalg.kronecker.mode_marginal` — and its roots by ``eigh``
 (``state.newton`` is ``None`` per mode), and forms the Kronecker product. The states agree
 to rounding (roots: within the Newton stopping rule); the directions agree with
-``roots="eigh"`` to rounding, with ``roots="newton"`` within the bound implied by the Newton
+``root_method="eigh"`` to rounding, with ``root_method="newton"`` within the bound implied by the Newton
 stopping rule (``max|M − I| ≤ tol``, see :mod:`refcurv.linalg.roots` and
 ``tests/test_method_shampoo.py``).
 Shared by both forms: the refresh schedule (:meth:`~._tensors.TensorMethod.stats_due` /
@@ -133,7 +133,7 @@ class Shampoo(TensorMethod):
     :func:`~refcurv.linalg.kronecker.add_damping`, tensor views and weight decay (module
     docstring)."""
 
-    roots: str = "newton"
+    root_method: str = "newton"
     newton_tol: float = 1e-6
     newton_max_iter: int = 100
     on_newton_failure: str = "eigh"
@@ -145,7 +145,7 @@ class Shampoo(TensorMethod):
 
     def __post_init__(self):
         self._check_shared()
-        check_choice(self.roots, "roots", ("newton", "eigh"))
+        check_choice(self.root_method, "root_method", ("newton", "eigh"))
         check_positive(self.newton_tol, "newton_tol")
         check_int(self.newton_max_iter, "newton_max_iter")
         check_choice(self.on_newton_failure, "on_newton_failure", ("eigh", "raise"))
@@ -172,7 +172,7 @@ class Shampoo(TensorMethod):
 
     def _root(self, D, p, where):
         """``D^{−1/p}`` by the chosen method; returns ``(root, NewtonReport or None, fell_back)``."""
-        if self.roots == "eigh":
+        if self.root_method == "eigh":
             return inv_root_eigh(D, p), None, False
         X, rep = inv_root_newton(D, p, max_iter=self.newton_max_iter, tol=self.newton_tol)
         if rep.converged:

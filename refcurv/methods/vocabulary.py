@@ -38,7 +38,7 @@ HYPER_PARAMETERS = {
     # TNT / Shampoo
     "statistics": ("", "how the curvature statistics are estimated (TNT: 'per_sample' | 'batch_mean'; "
                        "NG+: 'batch' | 'momentum' (11) | 'minibatch' (12))"),
-    "roots": ("", "inverse roots by 'newton' (coupled Newton) or 'eigh'"),
+    "root_method": ("", "inverse roots by 'newton' (coupled Newton) or 'eigh'"),
     "newton_tol": ("", "stopping tolerance of the coupled Newton iteration"),
     "newton_max_iter": ("", "iteration cap of the coupled Newton iteration"),
     "on_newton_failure": ("", "'eigh' (fall back, warn, count) or 'raise'"),
@@ -116,6 +116,35 @@ RETIRED = {
     "tol": "cg_tol (Hessian-free)",
     "n_iter": "power_iter (SENG)",
     "block": "block_capacitance (SENG)",
+}
+
+#: state fields that several methods share: one concept, the generic meaning here (each
+#: method's field doc adds its paper's detail). A field name used by two methods must be
+#: here or in refcurv.methods.base.COMMON_FIELDS (tests/test_vocabulary.py).
+STATE_FIELDS = {
+    "U": "the n × r factor of the low-rank part of the curvature: U Uᵀ (SENG (4)-(5), NG+ (14)) "
+         "or U diag(σ) Uᵀ (Ginger (14))",
+    "H_a": "K-BFGS: the inverse of the damped input-side factor, per layer",
+    "H_a_used": "K-BFGS: the H_a the last direction used (H_a is updated after the direction)",
+    "H_g": "K-BFGS: the dense BFGS approximation of the inverse output-side factor, per layer",
+    "S": "L-BFGS: the stored steps s, per layer, oldest first",
+    "Y": "L-BFGS: the stored gradient differences y, per layer, oldest first",
+    "A": "K-BFGS (Ch.2): the moving average of the input-side factor A, per layer",
+    "L": "NG+: the left GFIM statistic (m × m) per 'left' layer",
+    "R": "NG+: the right GFIM statistic (n × n) per 'right' layer",
+    "sides": "NG+: per layer, 'left' or 'right' (which GFIM side the layer uses)",
+    "shapes": "NG+: per layer, the (m, n) shape of Θ",
+    "G_hat": "TNT / Shampoo: per layer, per parameter tensor, per mode, the moving average of the mode statistics",
+    "factors": "TNT / Shampoo: per layer, per parameter tensor, per mode, the damped Kronecker factor",
+    "lowrank_factors": "SENG: per layer the low-rank factors (G̃, Ã) of the implicit path (15)-(16)",
+    "buffer": "SENG: per layer the gradient history of 000 (24)/(25)",
+    "lambda_A": "K-BFGS: the damping of the input side, per layer",
+    "lambda_G": "K-BFGS: the damping of the output side, per layer",
+    "s_g": "K-BFGS: the last (damped) pair's s for H_g, per layer",
+    "y_g": "K-BFGS: the moving average y for H_g, per layer",
+    "pending": "K-BFGS: the batch and first-pass quantities kept for the deferred second pass",
+    "last_pairs": "K-BFGS: the (s, y) pairs of the last update, per layer",
+    "damping_lm": "LM methods: λ_LM of the Levenberg–Marquardt rule (the damping is λ_LM + τ)",
 }
 
 #: the Fisher-kind words, the same in refcurv.curvature and every method

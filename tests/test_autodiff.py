@@ -264,3 +264,24 @@ def test_pure_functions_keep_float32():
     assert ad.jvp(net.layers, params, tr, V).dtype == np.float32
     assert ad.jacobian(net.layers, params, tr).dtype == np.float32
     assert all(g.dtype == np.float32 for g in ad.vjp(net.layers, params, tr, np.ones((2, 3), np.float32)))
+
+
+def test_sequential_chain_check_messages():
+    """The four errors of the chain check (table-driven since the split), verbatim."""
+    cases = [
+        ([Linear(3, 4), Tanh(), Linear(5, 2)],
+         "layers[2] Linear(5, 2, bias=True) expects 5 input features, previous layer gives 4"),
+        ([Conv2d(1, 3, 2), ReLU(), Conv2d(2, 1, 2)],
+         "layers[2] Conv2d(2, 1, kernel_size=(2, 2), stride=1, padding=0, bias=True) expects 2 input channels, "
+         "previous layer gives 3"),
+        ([Conv2d(1, 3, 2), Linear(12, 2)],
+         "layers[1] Linear(12, 2, bias=True) follows an image-valued layer: insert Flatten()"),
+        ([Linear(3, 4), Conv2d(4, 1, 1)],
+         "layers[1] Conv2d(4, 1, kernel_size=(1, 1), stride=1, padding=0, bias=True) follows a vector-valued layer"),
+    ]
+    for layers, msg in cases:
+        with pytest.raises(ShapeError) as e:
+            Sequential(layers)
+        assert str(e.value) == msg
+    # Flatten resets what the chain check knows (widths are then checked with an input shape)
+    Sequential([Conv2d(1, 3, 2), Flatten(), Linear(7, 2), Tanh(), Linear(2, 1)])

@@ -1,26 +1,12 @@
-"""``Sequential``: batched forward, backward, forward-mode and second-order backprop.
+"""``Sequential``: a thin shell over :mod:`refcurv.nn.autodiff`.
 
-Notation (thesis Ch.2 Algorithm 1, Ch.5 Algorithms 17-22; SENG (3)). For trainable
-layer ``l`` with weight matrix ``W_l in R^{out x d}`` (bias = last column) and input
-``a_{l-1}``:
-
-    A_l = A(a_{l-1}) in R^{d x T}       patches with the ones row (T = 1 for Linear)
-    h_l = W_l A_l in R^{out x T}        pre-activation
-    G_l = ∂ψ/∂h_l in R^{out x T}        pre-activation gradient of the per-sample loss
-    ∇_{W_l} ψ = G_l A_lᵀ                per-sample gradient (thesis (2.1), Theorem 3 i)
-
-Every routine is vectorized over the batch and over batched tangents/cotangents:
-primal arrays are ``(N, ...)``; tangents and cotangents carry one more leading axis
-``(K, N, ...)``. The only Python loops run over layers (and over the ``kh*kw`` kernel
-offsets inside im2col), never over samples or parameters.
-
-Second-order quantities (Hessians, pre-activation Hessians) come from Pearlmutter's
-R-operator applied to the backward pass (forward-over-reverse), i.e. exact
-second-order backprop, not finite differences.
+The class holds the layer list, validates parameters, inputs, tangents and cotangents
+(shapes, dtypes, finiteness), casts them to one dtype and calls the pure functions of
+:mod:`refcurv.nn.autodiff` (forward pass, backward pass, per-sample gradients ``G_l A_lᵀ``,
+R-op / JVP, VJP, Jacobian, Gram blocks, per-sample Hessian-vector products,
+pre-activation Hessians), where the equations and thesis references are written.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -31,6 +17,8 @@ from ..errors import (
     NonFiniteError,
     ShapeError,
 )
+from . import autodiff as ad
+from .autodiff import Trace  # noqa: F401  (re-exported: refcurv.nn.model.Trace)
 from .layers import Conv2d, Flatten, Linear, _Elementwise
 
 
@@ -39,15 +27,19 @@ def _check_finite(a, name):
         raise NonFiniteError(f"{name} contains NaN or Inf")
 
 
-@dataclass
-class Trace:
-    """What the forward pass keeps: each module's input and feature shape, and the
-    patches ``A`` of each trainable module (keyed by module index)."""
+def _chain_io(m):
+    """What trainable layer ``m`` takes and gives, for the chain check: (feature kind,
+    input count, output count, the unit the count is in)."""
+    if isinstance(m, Linear):
+        return "vector", m.in_features, m.out_features, "input features"
+    return "image", m.c_in, m.c_out, "input channels"
 
-    inputs: list
-    in_shapes: list
-    A: dict = field(default_factory=dict)
-    out: object = None
+
+# The error when a trainable layer of this kind follows one of the other kind.
+_WRONG_KIND = {
+    "vector": "follows an image-valued layer: insert Flatten()",
+    "image": "follows a vector-valued layer",
+}
 
 
 class Sequential:
@@ -61,7 +53,7 @@ class Sequential:
             if not isinstance(m, (Linear, Conv2d, Flatten, _Elementwise)):
                 raise ArgumentTypeError(f"layers[{k}] is not a refcurv layer: {m!r}")
         self.layers = list(layers)
-        self.trainable_index = [k for k, m in enumerate(self.layers) if m.trainable]
+        self.trainable_index = ad.trainable_index(self.layers)
         if not self.trainable_index:
             raise ArgumentTypeError("layers must contain at least one Linear or Conv2d")
         self._check_chain()
@@ -77,36 +69,21 @@ class Sequential:
     def _check_chain(self):
         """Check what can be checked without an input shape: widths/channels of
         consecutive trainable layers, and that Conv2d outputs are flattened before Linear."""
-        width, channels = None, None  # known feature width (vector) / channel count (image)
+        prev = None  # (kind, count) the last trainable layer gives; None at the start and after Flatten
         for k, m in enumerate(self.layers):
-            if isinstance(m, Linear):
-                if channels is not None:
-                    raise ShapeError(f"layers[{k}] {m!r} follows an image-valued layer: insert Flatten()")
-                if width is not None and width != m.in_features:
-                    raise ShapeError(
-                        f"layers[{k}] {m!r} expects {m.in_features} input features, previous layer gives {width}"
-                    )
-                width = m.out_features
-            elif isinstance(m, Conv2d):
-                if width is not None:
-                    raise ShapeError(f"layers[{k}] {m!r} follows a vector-valued layer")
-                if channels is not None and channels != m.c_in:
-                    raise ShapeError(
-                        f"layers[{k}] {m!r} expects {m.c_in} input channels, previous layer gives {channels}"
-                    )
-                channels = m.c_out
-            elif isinstance(m, Flatten):
-                width, channels = None, None
+            if isinstance(m, Flatten):
+                prev = None
+            elif m.trainable:
+                kind, n_in, n_out, unit = _chain_io(m)
+                if prev is not None and prev[0] != kind:
+                    raise ShapeError(f"layers[{k}] {m!r} {_WRONG_KIND[kind]}")
+                if prev is not None and prev[1] != n_in:
+                    raise ShapeError(f"layers[{k}] {m!r} expects {n_in} {unit}, previous layer gives {prev[1]}")
+                prev = (kind, n_out)
 
     def feature_shapes(self, input_shape):
         """Feature shapes entering each module, plus the output's: ``len(layers) + 1`` tuples."""
-        shapes = [tuple(input_shape)]
-        for k, m in enumerate(self.layers):
-            try:
-                shapes.append(tuple(m.out_shape(shapes[-1])))
-            except ShapeError as e:
-                raise ShapeError(f"layers[{k}]: {e}") from None
-        return shapes
+        return ad.feature_shapes(self.layers, input_shape)
 
     @property
     def layers_trainable(self):
@@ -177,131 +154,57 @@ class Sequential:
         dt = np.result_type(x.dtype, *(W.dtype for W in params))
         return [W.astype(dt, copy=False) for W in params], x.astype(dt, copy=False)
 
-    # ------------------------------------------------------------ forward
+    # ------------------------------------------------------------ passes
+    # Thin wrappers over the pure functions of refcurv.nn.autodiff, kept because
+    # refcurv.curvature and some method modules call them on a prepared (params, trace).
     def _forward(self, params, x):
-        shapes = self.feature_shapes(x.shape[1:])
-        tr = Trace(inputs=[], in_shapes=shapes[:-1])
-        z, j = x, 0
-        for k, m in enumerate(self.layers):
-            tr.inputs.append(z)
-            s = shapes[k]
-            if m.trainable:
-                A = m.patches(z, s)
-                tr.A[k] = A
-                z = m.to_output(params[j] @ A, s)
-                j += 1
-            elif isinstance(m, Flatten):
-                z = m.f(z, s)
-            else:
-                z = m.f(z)
-        tr.out = z
-        return tr
+        return ad.forward_trace(self.layers, params, x)
 
-    def forward(self, params, x):
-        """Network output ``f(x)``, shape ``(N, C)`` (Algorithm 17)."""
-        params, x = self._prepare(params, x)
-        return self._forward(params, x).out
-
-    # -------------------------------------------------- forward mode (JVP)
     def _push(self, params, tr, dparams=None, inject=None):
-        """Forward-mode tangents (thesis Algorithm 19, (5.11)).
+        return ad.push_tangents(self.layers, params, tr, dparams, inject)
 
-        ``dparams``: per-layer tangents ``(K, out, d)`` or ``None`` (zero). ``inject``:
-        ``(k, t)`` replaces the tangent of module ``k``'s output by ``t``.
-        Returns ``(tangent of each module's input, tangent of the output)``; ``None``
-        stands for a zero tangent.
-        """
-        dz, j, tan_in = None, 0, []
-        for k, m in enumerate(self.layers):
-            tan_in.append(dz)
-            s = tr.in_shapes[k]
-            if m.trainable:
-                dh = None
-                if dz is not None:
-                    # the ones row has zero tangent, hence ones=False
-                    dh = params[j] @ m.patches(dz, s, ones=False)
-                if dparams is not None and dparams[j] is not None:
-                    t = dparams[j][:, None] @ tr.A[k]
-                    dh = t if dh is None else dh + t
-                dz = None if dh is None else m.to_output(dh, s)
-                j += 1
-            elif dz is not None:
-                dz = m.f(dz, s) if isinstance(m, Flatten) else m.d1(tr.inputs[k]) * dz
-            if inject is not None and inject[0] == k:
-                dz = inject[1]
-        return tan_in, dz
-
-    # ------------------------------------------------ reverse mode (+ R-op)
     def _pull(self, params, tr, dout, rop=None):
-        """Backprop the output cotangent ``dout`` (``(…, N, C)``) to every trainable
-        layer's pre-activation: returns ``G`` (list of ``(…, N, out, T)``).
-
-        With ``rop = (tan_in, dparams, ddout)`` it also returns ``dG``, the directional
-        derivative of ``G`` along the tangents (R-operator of the backward pass), where
-        ``ddout`` is the directional derivative of ``dout``.
-        """
-        n = len(self.trainable_index)
-        G, dG = [None] * n, [None] * n
-        dz = dout
-        tan_in, dparams, ddz = rop if rop is not None else (None, None, None)
-        j = n
-        for k in reversed(range(len(self.layers))):
-            m, s = self.layers[k], tr.in_shapes[k]
-            if m.trainable:
-                j -= 1
-                W = params[j]
-                G[j] = g = m.from_output(dz, s)
-                if rop is not None:
-                    dG[j] = dg = m.from_output(ddz, s)
-                if k == 0:
-                    break
-                dz = m.patches_adjoint(W.T @ g, s)
-                if rop is not None:
-                    t = W.T @ dg
-                    if dparams is not None and dparams[j] is not None:
-                        t = t + dparams[j].swapaxes(-1, -2)[:, None] @ g
-                    ddz = m.patches_adjoint(t, s)
-            elif isinstance(m, Flatten):
-                dz = m.adjoint(dz, s)
-                if rop is not None:
-                    ddz = m.adjoint(ddz, s)
-            else:
-                a = tr.inputs[k]
-                d1 = m.d1(a)
-                if rop is not None:
-                    new = ddz * d1
-                    if tan_in[k] is not None:
-                        new = new + dz * m.d2(a) * tan_in[k]
-                    ddz = new
-                dz = dz * d1
-        return (G, dG) if rop is not None else G
+        return ad.pull_cotangents(self.layers, params, tr, dout, rop)
 
     def _param_grads(self, tr, G):
-        """Per-sample weight gradients ``G_l A_lᵀ``: list of ``(…, N, out, d)``."""
-        return [g @ tr.A[k].swapaxes(-1, -2) for k, g in zip(self.trainable_index, G)]
+        return ad.weight_grads(tr.patches, G)
+
+    @staticmethod
+    def _flat(grads):
+        return ad.flatten_layers(grads)
+
+    @staticmethod
+    def _output_basis(tr):
+        return ad.output_basis(tr.out)
 
     # ------------------------------------------------------------ public API
+    def forward(self, params, x):
+        """Network output ``f(x)``, shape ``(N, C)`` (Algorithm 17; :func:`autodiff.forward_trace`)."""
+        params, x = self._prepare(params, x)
+        return ad.forward_trace(self.layers, params, x).out
+
+    def _trace_and_targets(self, params, x, y, loss):
+        params, x = self._prepare(params, x)
+        tr = ad.forward_trace(self.layers, params, x)
+        return params, x, tr, loss.check_targets(y, tr.out)
+
     def factors(self, params, x, y, loss):
         """``(A, G)``: per trainable layer the patches ``A_l`` ``(N, d, T)`` (ones row
         included) and pre-activation gradients ``G_l`` ``(N, out, T)`` of the
-        per-sample (unscaled) losses, so that ``∇_{W_l} ψ_i = G_l[i] A_l[i]ᵀ``."""
-        params, x = self._prepare(params, x)
-        tr = self._forward(params, x)
-        y = loss.check_targets(y, tr.out)
-        G = self._pull(params, tr, loss.grad(tr.out, y))
-        return [tr.A[k] for k in self.trainable_index], G
+        per-sample (unscaled) losses, so that ``∇_{W_l} ψ_i = G_l[i] A_l[i]ᵀ``
+        (:func:`autodiff.forward_trace`, :func:`autodiff.pull_cotangents`)."""
+        params, x, tr, y = self._trace_and_targets(params, x, y, loss)
+        return tr.patches, ad.pull_cotangents(self.layers, params, tr, loss.grad(tr.out, y))
 
     def per_sample_grads(self, params, x, y, loss):
-        """Per-sample gradients ``u_i = ∇ψ_i`` as a list of ``(N, out, d)`` arrays."""
-        params, x = self._prepare(params, x)
-        tr = self._forward(params, x)
-        y = loss.check_targets(y, tr.out)
-        return self._param_grads(tr, self._pull(params, tr, loss.grad(tr.out, y)))
+        """Per-sample gradients ``u_i = ∇ψ_i`` as a list of ``(N, out, d)`` arrays
+        (:func:`autodiff.weight_grads` of :meth:`factors`)."""
+        return ad.weight_grads(*self.factors(params, x, y, loss))
 
     def loss(self, params, x, y, loss):
         """Mini-batch objective ``Ψ = (1/N) Σ ψ_i``."""
         params, x = self._prepare(params, x)
-        f = self._forward(params, x).out
+        f = ad.forward_trace(self.layers, params, x).out
         return loss.value(f, loss.check_targets(y, f)).mean()
 
     def grad(self, params, x, y, loss):
@@ -325,106 +228,62 @@ class Sequential:
         return out, batched.pop() == 3
 
     def jvp(self, params, x, v):
-        """Forward-mode ``J v`` (Algorithm 19): ``v`` per-layer ``(out, d)`` → ``(N, C)``;
-        batched ``(K, out, d)`` → ``(K, N, C)``."""
+        """Forward-mode ``J v`` (Algorithm 19; :func:`autodiff.jvp`): ``v`` per-layer
+        ``(out, d)`` → ``(N, C)``; batched ``(K, out, d)`` → ``(K, N, C)``."""
         params, x = self._prepare(params, x)
         v, batched = self._check_tangents(v, params)
         if not batched:
             v = [t[None] for t in v]
-        _, df = self._push(params, self._forward(params, x), v)
+        df = ad.jvp(self.layers, params, ad.forward_trace(self.layers, params, x), v)
         return df if batched else df[0]
 
     def vjp(self, params, x, w, per_sample=False):
-        """Reverse-mode ``Jᵀ w = Σ_i J_iᵀ w_i`` (Algorithms 20-21): ``w`` ``(N, C)`` → list of
-        ``(out, d)``; batched ``(K, N, C)`` → ``(K, out, d)``. ``per_sample=True`` keeps
-        the sample axis: ``J_iᵀ w_i`` as ``(…, N, out, d)``."""
+        """Reverse-mode ``Jᵀ w = Σ_i J_iᵀ w_i`` (Algorithms 20-21; :func:`autodiff.vjp`):
+        ``w`` ``(N, C)`` → list of ``(out, d)``; batched ``(K, N, C)`` → ``(K, out, d)``.
+        ``per_sample=True`` keeps the sample axis: ``J_iᵀ w_i`` as ``(…, N, out, d)``."""
         params, x = self._prepare(params, x)
-        tr = self._forward(params, x)
+        tr = ad.forward_trace(self.layers, params, x)
         xp = xp_of(x)
         w = xp.asarray(w, dtype=x.dtype)
         if w.shape[-2:] != tr.out.shape or w.ndim not in (2, 3):
             raise ShapeError(f"w has shape {w.shape}, expected {tr.out.shape} or (K, *{tr.out.shape})")
         _check_finite(w, "w")
-        grads = self._param_grads(tr, self._pull(params, tr, w))
-        return grads if per_sample else [g.sum(axis=-3) for g in grads]
-
-    def _flat(self, grads):
-        """Concatenate per-layer ``(…, out, d)`` into ``(…, n)`` (row-major per layer)."""
-        xp = xp_of(*grads)
-        return xp.concatenate([g.reshape(g.shape[:-2] + (-1,)) for g in grads], axis=-1)
+        return ad.vjp(self.layers, params, tr, w, per_sample=per_sample)
 
     def jacobian(self, params, x):
         """Per-sample output Jacobians ``J_i = ∂f_i/∂θ``: ``(N, C, n)``, θ flattened
-        row-major per layer. Computed by ``C`` batched backward passes."""
+        row-major per layer. Computed by ``C`` batched backward passes
+        (:func:`autodiff.jacobian`)."""
         params, x = self._prepare(params, x)
-        tr = self._forward(params, x)
-        J = self._flat(self._param_grads(tr, self._pull(params, tr, self._output_basis(tr))))  # (C, N, n)
-        return xp_of(x).moveaxis(J, 0, 1)
-
-    @staticmethod
-    def _output_basis(tr):
-        """The ``C`` unit output cotangents for every sample: ``(C, N, C)``."""
-        xp = xp_of(tr.out)
-        N, C = tr.out.shape
-        return xp.broadcast_to(xp.eye(C, dtype=tr.out.dtype)[:, None, :], (C, N, C))
+        return ad.jacobian(self.layers, params, ad.forward_trace(self.layers, params, x))
 
     def jacobian_gram(self, params, x):
         """``(J_i J_jᵀ)_{i,j}`` as ``(N, C, N, C)`` from the Kronecker structure, without
-        forming ``J`` (thesis Algorithm 22, extended to conv layers):
+        forming ``J`` (thesis Algorithm 22, extended to conv layers;
+        :func:`autodiff.jacobian_gram`):
         ``J_i J_jᵀ[c, c'] = Σ_l Σ_{t,t'} (a_{i,t}ᵀ a_{j,t'}) (g^c_{i,t}ᵀ g^{c'}_{j,t'})``."""
         params, x = self._prepare(params, x)
-        tr = self._forward(params, x)
-        xp = xp_of(x)
-        G = self._pull(params, tr, self._output_basis(tr))
-        out = 0
-        for k, g in zip(self.trainable_index, G):
-            A = tr.A[k]
-            KA = xp.einsum("idt,jds->ijts", A, A)
-            out = out + xp.einsum("ijts,ciot,ejos->icje", KA, g, g, optimize=True)
-        return out
+        return ad.jacobian_gram(self.layers, params, ad.forward_trace(self.layers, params, x))
 
     def hvp_per_sample(self, params, x, y, loss, v, output_hessian=True):
         """Per-sample Hessian-vector products ``∇²ψ_i v`` by the R-operator on the
-        backward pass (Pearlmutter): ``v`` per-layer ``(K, out, d)`` → list of
-        ``(K, N, out, d)``. ``output_hessian=False`` drops the loss-curvature term
-        ``J_iᵀ H_i J_i v``, leaving the residual term of thesis (1.4)."""
+        backward pass (Pearlmutter; :func:`autodiff.hvp_per_sample`): ``v`` per-layer
+        ``(K, out, d)`` → list of ``(K, N, out, d)``. ``output_hessian=False`` drops the
+        loss-curvature term ``J_iᵀ H_i J_i v``, leaving the residual term of thesis (1.4)."""
         params, x = self._prepare(params, x)
         v, batched = self._check_tangents(v, params)
         if not batched:
             raise ShapeError("hvp_per_sample takes batched tangents (K, out, d)")
-        tr = self._forward(params, x)
+        tr = ad.forward_trace(self.layers, params, x)
         y = loss.check_targets(y, tr.out)
-        tan_in, df = self._push(params, tr, v)
-        ddout = loss.hvp(tr.out, df) if output_hessian else 0 * df
-        G, dG = self._pull(params, tr, loss.grad(tr.out, y), rop=(tan_in, v, ddout))
-        out = []
-        for k, g, dg in zip(self.trainable_index, G, dG):
-            m, s, t = self.layers[k], tr.in_shapes[k], tan_in[k]
-            r = dg @ tr.A[k].swapaxes(-1, -2)
-            if t is not None:
-                r = r + g @ m.patches(t, s, ones=False).swapaxes(-1, -2)
-            out.append(r)
-        return out
+        output_hvp = (lambda t: loss.hvp(tr.out, t)) if output_hessian else None
+        return ad.hvp_per_sample(self.layers, params, tr, loss.grad(tr.out, y), v, output_hvp)
 
     def preactivation_hessians(self, params, x, y, loss):
         """Exact per-sample pre-activation Hessians ``∂²ψ_i/∂h_l²`` (thesis (2.2), ``G_l(i)``;
-        Theorem 3 ii, ``G_{t,t'}``): list of ``(N, m_l, m_l)`` with ``m_l = out·T`` and
-        ``h_l`` flattened row-major over ``(out, T)``."""
-        params, x = self._prepare(params, x)
-        tr = self._forward(params, x)
-        y = loss.check_targets(y, tr.out)
-        xp = xp_of(x)
-        N = x.shape[0]
-        grad_out = loss.grad(tr.out, y)
-        out = []
-        for j, k in enumerate(self.trainable_index):
-            m, s = self.layers[k], tr.in_shapes[k]
-            hshape = tuple(m.out_shape(s))
-            size = int(np.prod(hshape))
-            E = xp.eye(size, dtype=x.dtype).reshape((size, 1) + hshape)
-            E = xp.broadcast_to(E, (size, N) + hshape)
-            tan_in, df = self._push(params, tr, inject=(k, E))
-            _, dG = self._pull(params, tr, grad_out, rop=(tan_in, None, loss.hvp(tr.out, df)))
-            out.append(xp.moveaxis(dG[j].reshape(size, N, size), 0, 2))
-        return out
-
+        Theorem 3 ii, ``G_{t,t'}``; :func:`autodiff.preactivation_hessians`): list of
+        ``(N, m_l, m_l)`` with ``m_l = out·T`` and ``h_l`` flattened row-major over ``(out, T)``."""
+        params, x, tr, y = self._trace_and_targets(params, x, y, loss)
+        return ad.preactivation_hessians(
+            self.layers, params, tr, loss.grad(tr.out, y), lambda t: loss.hvp(tr.out, t)
+        )

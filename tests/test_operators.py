@@ -50,7 +50,7 @@ def _cases(seed, kind):
         M = 1.5 * np.eye(7) + (U * K) @ U.T
         return LowRankPlusIdentity(1.5, U, K), M, np.linalg.cond(M)
     if kind == "blocks":
-        (A, ka), (B, kb) = spd(rng, 3, 1), spd(rng, 2, 1)
+        (A, _), (B, _) = spd(rng, 3, 1), spd(rng, 2, 1)
         idx = [np.array([4, 0, 2]), np.array([3, 1])]
         M = np.zeros((5, 5))
         M[np.ix_(idx[0], idx[0])], M[np.ix_(idx[1], idx[1])] = A, B

@@ -69,3 +69,32 @@ def block_indices(net, blocks):
         idx = np.arange(s.start, s.stop).reshape(o, dl)
         out += [idx[:, :-1].ravel(), idx[:, -1]] if layer.bias else [idx.ravel()]
     return out
+
+
+class SampledLabelsMixin:
+    """``draw`` / ``check_draws`` / block check shared by QNG and Ginger: one label per input
+    from the model (``labels`` of shape ``(1, N, …)``) for d_t of (8), and per-block state
+    lists that must match ``block_indices(net, self.blocks)``."""
+
+    def draw(self, rng, state, net, params, batch):
+        """One label per input, ``ŷ ~ p_θ(·|x)`` (8), drawn with the host generator:
+        ``labels`` of shape ``(1, N, …)``."""
+        from .base import Draws
+
+        return Draws(method=self.name, labels=sampled_labels(net, params, batch, rng))
+
+    def check_draws(self, draws, state, net, params, batch):
+        super().check_draws(draws, state, net, params, batch)
+        check_labels(self.name, draws.labels, batch)
+        return draws
+
+    def _check_blocks(self, net, *per_block):
+        """The block index sets, after checking that every per-block state list has one entry
+        per block."""
+        from ..errors import HyperParameterError
+
+        idx = block_indices(net, self.blocks)
+        if any(len(x) != len(idx) for x in per_block):
+            raise HyperParameterError(f"state has {len(per_block[0])} blocks, blocks={self.blocks!r} "
+                                      f"on this network needs {len(idx)}")
+        return idx

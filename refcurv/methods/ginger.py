@@ -94,8 +94,8 @@ from ..linalg.ema import (
 from ..linalg.lowrank import brand_update
 from ..operators import BlockDiagonal, Inverse, LowRankPlusIdentity
 from ..vec import flatten, unflatten
-from ._sampled import BLOCKS, block_indices, check_labels, fisher_vector, fisher_vector_dense, sampled_labels
-from .base import Draws, Method, State, check_choice, check_int, check_positive, check_unit, state_field
+from ._sampled import BLOCKS, SampledLabelsMixin, block_indices, fisher_vector, fisher_vector_dense
+from .base import Method, State, check_choice, check_int, check_positive, check_unit, state_field
 from .registry import register
 
 
@@ -171,7 +171,7 @@ class GingerState(State):
 
 @register
 @dataclass(frozen=True)
-class Ginger(Method):
+class Ginger(SampledLabelsMixin, Method):
     """Ginger (004 Algorithm 1, with the corrections of docs/errata.md).
     Hyper-parameters: ``beta`` = α of (7), the EMA decay ∈ (0, 1); ``damping`` = γ > 0 of
     (14); ``rank`` = τ ≥ 1 (per block ``min(τ, d_block)``); ``blocks`` ("full" | "layer" |
@@ -222,22 +222,8 @@ class Ginger(Method):
             sigmas.append(xp_of(params[0]).asarray(s))
         return GingerState(U=Us, sigma=sigmas)
 
-    def draw(self, rng, state, net, params, batch):
-        """One label per input from the model, ŷ ~ p_θ(·|x) (for d_t, (8)): ``labels`` of
-        shape ``(1, N, …)``."""
-        return Draws(method=self.name, labels=sampled_labels(net, params, batch, rng))
-
-    def check_draws(self, draws, state, net, params, batch):
-        super().check_draws(draws, state, net, params, batch)
-        check_labels(self.name, draws.labels, batch)
-        return draws
-
     def _blocks(self, state, net):
-        idx = block_indices(net, self.blocks)
-        if len(state.U) != len(idx) or len(state.sigma) != len(idx):
-            raise HyperParameterError(f"state has {len(state.U)} blocks, blocks={self.blocks!r} "
-                                      f"on this network needs {len(idx)}")
-        return idx
+        return self._check_blocks(net, state.U, state.sigma)
 
     def _step(self, state, net, params, batch, d, upd, qry):
         g = flatten(net.grad(params, batch.x, batch.y, batch.loss))

@@ -92,12 +92,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..backend import xp_of
-from ..errors import ArgumentTypeError, HyperParameterError
+from ..errors import ArgumentTypeError
 from ..linalg.ema import check_alpha, check_tau, qng_beta, qng_G, qng_solve_dense, qng_update_dense
 from ..operators import BlockDiagonal, Operator
 from ..vec import flatten, unflatten
-from ._sampled import BLOCKS, block_indices, check_labels, fisher_vector, fisher_vector_dense, sampled_labels
-from .base import Draws, Method, State, check_choice, check_int, check_unit, state_field
+from ._sampled import BLOCKS, SampledLabelsMixin, block_indices, fisher_vector, fisher_vector_dense
+from .base import Method, State, check_choice, check_int, check_unit, state_field
 from .registry import register
 
 
@@ -208,7 +208,7 @@ class QNGState(State):
 
 @register
 @dataclass(frozen=True)
-class QNG(Method):
+class QNG(SampledLabelsMixin, Method):
     """QNG (seed 004 §2.2, (7)–(11)): the EMA Fisher (7) kept in the product form
     ``Ĝ = Â Âᵀ``, ``Â`` the product of the last ``τ`` factors ``√α I + β q qᵀ``; the direction
     is ``−Ĝ_t⁻¹ g`` after updating with ``d_t`` (8) from labels sampled from the model.
@@ -255,22 +255,8 @@ class QNG(Method):
         n = self.n_blocks(net)
         return QNGState(q=[()] * n, beta_t=[()] * n)
 
-    def draw(self, rng, state, net, params, batch):
-        """One label per input, ``ŷ ~ p_θ(·|x)`` (8), drawn with the host generator:
-        ``labels`` of shape ``(1, N, …)``."""
-        return Draws(method=self.name, labels=sampled_labels(net, params, batch, rng))
-
-    def check_draws(self, draws, state, net, params, batch):
-        super().check_draws(draws, state, net, params, batch)
-        check_labels(self.name, draws.labels, batch)
-        return draws
-
     def _blocks(self, state, net):
-        idx = block_indices(net, self.blocks)
-        if len(state.q) != len(idx) or len(state.beta_t) != len(idx):
-            raise HyperParameterError(f"state has {len(state.q)} blocks, blocks={self.blocks!r} "
-                                      f"on this network needs {len(idx)}")
-        return idx
+        return self._check_blocks(net, state.q, state.beta_t)
 
     def _step(self, state, net, params, batch, d, upd, slv):
         g = flatten(net.grad(params, batch.x, batch.y, batch.loss))     # mini-batch gradient

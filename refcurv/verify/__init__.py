@@ -107,13 +107,7 @@ def run(checks, seed=0, jobs=1, progress=None, backend="numpy", dask=None):
     os.environ.update(ONE_THREAD)  # inherited by the spawned workers before they import NumPy
     try:
         with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(run_one, i, seed, backend, True): i for i in ids}
-            done = {}
-            for f in as_completed(futures):
-                r = f.result()
-                done[r.id] = r
-                if progress:
-                    progress(r)
+            done = _collect(as_completed([pool.submit(run_one, i, seed, backend, True) for i in ids]), progress)
     finally:
         for k, v in saved.items():
             if v is None:
@@ -121,6 +115,17 @@ def run(checks, seed=0, jobs=1, progress=None, backend="numpy", dask=None):
             else:
                 os.environ[k] = v
     return [done[i] for i in ids]
+
+
+def _collect(finished, progress):
+    """``{id: Result}`` from futures in completion order, reporting each."""
+    done = {}
+    for f in finished:
+        r = f.result()
+        done[r.id] = r
+        if progress:
+            progress(r)
+    return done
 
 
 def _run_dask(ids, seed, backend, dask, progress):
@@ -134,12 +139,7 @@ def _run_dask(ids, seed, backend, dask, progress):
     try:
         futures = [client.submit(run_one, i, seed, backend, True, key=f"refcurv-verify-{seed}-{i}", pure=False)
                    for i in ids]
-        done = {}
-        for f in as_completed(futures):
-            r = f.result()
-            done[r.id] = r
-            if progress:
-                progress(r)
+        done = _collect(as_completed(futures), progress)
     finally:
         if client is not dask:
             client.close()

@@ -288,18 +288,21 @@ APPROXIMATE = {
 }
 
 
+def _worst(pairs):
+    """The ``(error, tolerance)`` pair closest to failing (largest error / tolerance)."""
+    return max(pairs, key=lambda p: p[0] / p[1])
+
+
 def fast_equals_dense(name):
     def fn(problem, seed, backend="numpy"):
         net, method, out = _method_run(name, problem, seed, backend)
-        err = tol = 0.0
-        ratio = -1.0
-        for d_fast, d_dense, C, _ in out:
-            e = _rel(d_fast, d_dense)
+
+        def tol(C):
             kappa = _cond(C)
-            t = APPROXIMATE[name](method, kappa, net) if name in APPROXIMATE else tolerance(net.n_params, kappa)
-            if e / t > ratio:
-                ratio, err, tol = e / t, e, t
-        return err, tol, f"worst of {STEPS} steps: ‖d_fast − d_dense‖ / ‖d_dense‖"
+            return APPROXIMATE[name](method, kappa, net) if name in APPROXIMATE else tolerance(net.n_params, kappa)
+
+        err, t = _worst([(_rel(d_fast, d_dense), tol(C)) for d_fast, d_dense, C, _ in out])
+        return err, t, f"worst of {STEPS} steps: ‖d_fast − d_dense‖ / ‖d_dense‖"
 
     fn.__doc__ = f"{name}: fast form = dense form over {STEPS} steps on the same draws"
     return fn
@@ -308,14 +311,8 @@ def fast_equals_dense(name):
 def curvature_reproduces_dense(name):
     def fn(problem, seed, backend="numpy"):
         net, method, out = _method_run(name, problem, seed, backend)
-        err = tol = 0.0
-        ratio = -1.0
-        for _, d_dense, C, v in out:
-            e = _rel(-C.solve(v), d_dense)
-            t = tolerance(net.n_params, _cond(C))
-            if e / t > ratio:
-                ratio, err, tol = e / t, e, t
-        return err, tol, "worst step: ‖−C⁻¹v − d_dense‖ / ‖d_dense‖"
+        err, t = _worst([(_rel(-C.solve(v), d_dense), tolerance(net.n_params, _cond(C))) for _, d_dense, C, v in out])
+        return err, t, "worst step: ‖−C⁻¹v − d_dense‖ / ‖d_dense‖"
 
     fn.__doc__ = f"{name}: direction = −C⁻¹ rhs with C = curvature(state)"
     return fn

@@ -42,7 +42,8 @@ At curvature steps "minibatched" Hessian-action BFGS with the current mini-batch
     A s_A = E_n[ Σ_t (a_t(n)ᵀ s_A) a_t(n) ]                                      (3.15)
 
 then ``H_A ← BFGS(H_A; s_A, y_A)`` (3.11). The fast form evaluates (3.15) from the patches
-``(N, d, |T|)`` by two einsums, never forming ``A``; the dense form forms ``A`` and multiplies.
+``(N, d, |T|)`` by two einsums, never forming ``A``; the dense form forms ``A`` (3.9) and
+multiplies.
 ``algorithm="alg10"`` (Algorithm 10 line 12) instead sets ``H_A = (Â + λ_A I)⁻¹`` with ``Â``
 the mini-batch ``A`` (exact inversion, Cholesky).
 
@@ -99,18 +100,31 @@ quantity of thesis Figure 2.1, §2.3.1: Powell's step guarantees ``≤ 1/μ₁``
 not for ``(s̃, ỹ)``), ``ha_skipped`` (Hessian-action pairs with ``s_Aᵀy_A ≤ 0``, unused).
 See ``docs/errata.md``.
 
-**The two forms and what they share.** One step skeleton (:class:`KBFGSCore`, shared with
-Chapter 2) runs both: the fast form in the input dtype with the minibatched Hessian action
-(3.15), the gradient from the factors, the two-sided product ``H_G (m H_A)``, the expanded
-BFGS formula and the compact L-BFGS form; the dense form in float64 with ``A`` formed, the
-gradient from :meth:`~refcurv.nn.Sequential.grad`, ``H_G ⊗ H_A`` formed, BFGS in the literal
-product form (3.11) and the L-BFGS recursion (3.16). Shared by both forms: the skeleton's
-order of operations, schedule and moving averages (pinned by the literal Algorithm 9/10
-replays in the tests, not by the fast-vs-dense comparison) and these kernels, each tested on
-its own: :func:`refcurv.linalg.kronecker.damping_split`, ``factor_A``, ``mean_patch``,
-``hessian_action_pair``; :func:`refcurv.linalg.damping.dp_dlm`, ``dpi_dlm``;
-:func:`refcurv.linalg.quasi_newton.lbfgs_dense`; ``net.factors`` (patches and
-pre-activation gradients).
+**The two forms are two code paths.** The fast form is :class:`KBFGSCore`'s step (one
+skeleton for both chapters, chapter hooks): input dtype, the minibatched Hessian action
+(3.15) without ``A``, the gradient from the factors (:func:`layer_gradient`), the two-sided
+product ``H_G (m H_A)``, the compact L-BFGS form (:func:`~refcurv.linalg.quasi_newton.lbfgs_compact`),
+Cholesky inverses. The dense form (:meth:`_KBFGSBase._dense`) is its own literal replay of
+one iteration of Algorithm 9/10 in float64 with dense matrices and calls none of the
+skeleton's update code: the damping split and the schedule (line 12, both phases) written
+out, ``A`` formed from its definition (:func:`A_definition`), the gradient from
+:meth:`~refcurv.nn.Sequential.grad`, ``H_G ⊗ H_A`` formed, ``H_G`` of K-BFGS(L) as the dense
+L-BFGS matrix of its pairs (:func:`hg_matrix`, the recursion (3.16)), LU inverses. Both
+forms are checked against the tests' own replay of the printed Algorithm 9/10
+(``test_deferred_equals_explicit_algorithm_9[...-fast|dense]``) and against each other step
+by step (``test_fast_equals_dense_*``).
+
+Shared by both forms (each kernel tested on its own): ``net.factors`` (patches and
+pre-activation gradients, ``tests/test_curvature_grams.py``, ``tests/test_identities.py``);
+:func:`refcurv.linalg.kronecker.mean_patch` (``â``, so that ``h̄ = W â`` and the pair
+difference ``h̄⁺ − h̄`` round identically in both forms; ``tests/test_linalg_kronecker_kbfgs.py``);
+:func:`refcurv.linalg.damping.dp_dlm`, ``dpi_dlm`` (``tests/test_damping.py``);
+:func:`refcurv.linalg.quasi_newton.bfgs_update_H` (``tests/test_quasi_newton.py``);
+:class:`PendingPass` / :class:`PairRecord` (records) and :func:`count_pair` (the diagnostics'
+counting rule, ``tests/test_method_kbfgs.py::test_dense_definitions``). The fast form alone
+uses ``damping_split``, ``factor_A``, ``hessian_action_pair``, ``layer_gradient``,
+``lbfgs_compact``; the dense form alone ``A_definition``, ``inverse_definition``,
+``hg_matrix`` / ``lbfgs_dense`` (the last also gives ``curvature(state)``'s ``H_G``).
 """
 from __future__ import annotations
 
@@ -287,10 +301,11 @@ def count_pair(diag, l, ratio, used, mu1, dtype):
 
 
 class KBFGSCore(Method):
-    """The step both chapters share (thesis 003 Algorithms 4/5 and 9/10 have the same
+    """The FAST step both chapters share (thesis 003 Algorithms 4/5 and 9/10 have the same
     skeleton): deferred second pass → damped (L-)BFGS update of ``H_g``; first pass →
-    momentum → direction ``−H_g m H_a``; on a curvature step the ``H_a`` update and the stash
-    of the batch for the next second pass. Chapter hooks: ``_h0_scale`` (``H_0`` of ``H_g``),
+    momentum → direction ``−H_g (m H_a)``; on a curvature step the ``H_a`` update and the stash
+    of the batch for the next second pass. Each chapter's dense form (``_dense``) is a
+    separate literal replay that does not use this class's update code. Chapter hooks: ``_h0_scale`` (``H_0`` of ``H_g``),
     ``_damp`` (DD or ``D_P D_LM``), ``_accept`` / ``_accept_Ha`` (skip rules),
     ``_curvature_due`` (schedule), ``_A_next`` (Ch.2's moving average of ``A``),
     ``_gradient`` (the authors' weight decay).
@@ -622,8 +637,10 @@ class _KBFGSBase(KBFGSCore):
             m = g
         else:
             prev = state.m if state.m is not None else [xp.zeros_like(gl) for gl in g]
-            c = 1.0 if self.momentum_form == "heavy_ball" else 1 - self.momentum
-            m = [self.momentum * ml + c * gl for ml, gl in zip(prev, g)]
+            if self.momentum_form == "heavy_ball":  # m ← μm + g (Ch.3's form)
+                m = [self.momentum * ml + gl for ml, gl in zip(prev, g)]
+            else:                                   # m ← μm + (1−μ)g (Ch.2's form, §2.5.2)
+                m = [self.momentum * ml + (1 - self.momentum) * gl for ml, gl in zip(prev, g)]
         # lines 9-10: p = −(H_G ⊗ H_A) vec(m) (row-major vec; (3.10))
         direction = [-(xp.kron(H_G[l], H_A[l]) @ m[l].ravel()).reshape(m[l].shape) for l in range(L)]
 
@@ -662,7 +679,11 @@ class KBFGS(_KBFGSBase):
     ("alg9" | "alg10"), ``momentum_form`` ("heavy_ball" | "ema").
 
     Curvature: ``C = ⊕_l (H_g ⊗ H_a)⁻¹`` (3.10), ``rhs = m`` (module docstring).
-    Shared by both forms: see the module docstring."""
+
+    Fast form: :class:`KBFGSCore`; dense form: :meth:`_KBFGSBase._dense` (literal Algorithm 9/10
+    with dense matrices). Shared by both forms: ``net.factors``, ``linalg.kronecker.mean_patch``,
+    ``linalg.damping.dp_dlm``/``dpi_dlm``, ``linalg.quasi_newton.bfgs_update_H``,
+    :func:`count_pair` (each tested on its own; module docstring)."""
 
     name = "kbfgs"
     seed_ref = "003 Ch.3 Alg. 8-11, (3.9)-(3.16)"
@@ -676,7 +697,11 @@ class KBFGSL(_KBFGSBase):
     """K-BFGS(L) (thesis 003 Algorithms 9 and 10): ``H_g`` by L-BFGS with the last ``memory``
     (thesis: ``p``) pairs from ``H_0 = λ_G⁻¹ I``, applied in compact form. Hyper-parameters as
     :class:`KBFGS`, plus the ``memory``. Curvature: as :class:`KBFGS` with ``H_g`` the dense
-    L-BFGS matrix (3.16)."""
+    L-BFGS matrix (3.16).
+
+    Fast form: compact L-BFGS (:class:`KBFGSCore`); dense form: :meth:`_KBFGSBase._dense` with
+    ``H_g`` the dense L-BFGS matrix of the stored pairs (:func:`hg_matrix`). Shared by both
+    forms: as :class:`KBFGS` (module docstring)."""
 
     memory: int = 100
 

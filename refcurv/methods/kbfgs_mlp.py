@@ -42,10 +42,9 @@ MSE has ``G_l(i) = I``: then ``y_g = s_g`` and ``H_g`` stays ``I`` (tested).
 
 Vectorization. Row-major ``vec`` (refcurv): ``vec(H_g m H_a) = (H_g ⊗ H_a) vec(m)`` (``H_a``
 symmetric); the thesis (2.4) writes the column-major ``(H_a ⊗ H_g) vec(∇f̂)``. The dense form
-forms ``H_g ⊗ H_a`` explicitly, with ``H_g`` the dense L-BFGS matrix (recursion, from the stored
-pairs) for K-BFGS(L), and the BFGS updates in the literal product form (2.6); the fast form uses
-the two-sided product, the expanded BFGS formula and the compact L-BFGS representation. The
-two agree to rounding (the paper says they are equal).
+forms ``H_g ⊗ H_a`` explicitly, with ``H_g`` the dense L-BFGS matrix (recursion (2.12), from the
+stored pairs) for K-BFGS(L); the fast form uses the two-sided product and the compact L-BFGS
+representation. The two agree to rounding (the paper says they are equal).
 
 Deferred second pass (the step does not know the learning rate). Algorithm 4 iteration ``k``
 runs a forward/backward pass on ``M_k`` at ``θ_k`` (line 6), steps ``θ_{k+1} = θ_k − α p_k``
@@ -96,12 +95,25 @@ Curvature operator: as for Chapter 3, ``C = BlockDiagonal_l[(H_g ⊗ H_a)⁻¹]`
 ``H_a = state.H_a_used`` and ``H_g`` dense (L-BFGS recursion (2.12)); ``rhs(state, g) =
 state.m``.
 
-The two forms share the step skeleton with Chapter 3
-(:class:`refcurv.methods.kbfgs.KBFGSCore`; its order of operations and moving averages are
-pinned by the explicit Algorithm 4/5 replays in the tests) and these kernels, each tested on
-its own: :func:`refcurv.linalg.kronecker.damping_split`, ``factor_A``, ``mean_patch``,
-``hessian_action_pair``; :func:`refcurv.linalg.damping.double_damping`;
-:func:`refcurv.linalg.quasi_newton.lbfgs_dense`; :func:`authors_accepts`; ``net.factors``.
+The two forms are two code paths. The fast form is the step skeleton shared with Chapter 3
+(:class:`refcurv.methods.kbfgs.KBFGSCore`, with this module's hooks): input dtype, the gradient
+from the factors, ``A`` by :func:`~refcurv.linalg.kronecker.factor_A`, the Hessian-action pair by
+:func:`~refcurv.linalg.kronecker.hessian_action_pair`, the compact L-BFGS form, Cholesky
+inverses, :func:`authors_accepts`. The dense form (:meth:`_KBFGSMLPBase._dense`) is its own
+literal replay of one iteration of Algorithm 4/5 (and the authors' departures) in float64 with
+dense matrices, calling none of the skeleton's update code: ``λ_A = λ_G = √λ`` written out,
+``A`` from its definition (:func:`~refcurv.methods.kbfgs.A_definition`), the gradient from
+:meth:`~refcurv.nn.Sequential.grad`, ``y_a = (A + λ_A I) s_a`` with ``A`` formed, ``H_g ⊗ H_a``
+formed, the dense L-BFGS matrix (:func:`~refcurv.methods.kbfgs.hg_matrix`, recursion (2.12)),
+LU inverses, the skip rules written out. Both forms are checked against the tests' own
+replays of Algorithm 4/5 and of the authors' code (``..._explicit_...[fast|dense]``) and
+against each other along runs (``test_fast_equals_dense_*``, ``test_authors_fast_equals_dense_*``).
+
+Shared by both forms (each tested on its own): ``net.factors``;
+:func:`refcurv.linalg.kronecker.mean_patch` (``ā``; ``h̄ = W ā`` rounds identically in both, so
+the pair difference ``h̄⁺ − h̄`` does); :func:`refcurv.linalg.damping.double_damping`;
+:func:`refcurv.linalg.quasi_newton.bfgs_update_H`; the constant :data:`AUTHORS_SKIP`; the
+records ``PendingPass`` / ``PairRecord`` and :func:`~refcurv.methods.kbfgs.count_pair`.
 
 Authors' variant (``variant="authors"``, design §8; Algorithm 4 only). The authors' published
 code (github.com/renyiryry/kbfgs_neurips2020_public: ``training_function.py``,
@@ -350,8 +362,10 @@ class _KBFGSMLPBase(KBFGSCore):
             m = g
         else:
             prev = state.m if state.m is not None else [xp.zeros_like(gl) for gl in g]
-            c = 1.0 if self.momentum_form == "heavy_ball" else 1 - self.momentum
-            m = [self.momentum * ml + c * gl for ml, gl in zip(prev, g)]
+            if self.momentum_form == "heavy_ball":  # m ← μm + g (Ch.3's form)
+                m = [self.momentum * ml + gl for ml, gl in zip(prev, g)]
+            else:                                   # m ← μm + (1−μ)g (Ch.2's form, §2.5.2)
+                m = [self.momentum * ml + (1 - self.momentum) * gl for ml, gl in zip(prev, g)]
         # line 9: p = −(H_g ⊗ H_a) vec(m) (row-major vec; (2.4))
         direction = [-(xp.kron(H_g[l], H_a[l]) @ m[l].ravel()).reshape(m[l].shape) for l in range(L)]
 
@@ -388,7 +402,12 @@ class _KBFGSMLPBase(KBFGSCore):
 @dataclass(frozen=True)
 class KBFGSMLP(_KBFGSMLPBase):
     """K-BFGS-20: ``H_g`` by damped BFGS (thesis 003 Algorithm 4, or 5 with ``algorithm="alg5"``).
-    Curvature ``C = ⊕_l (H_g ⊗ H_a)⁻¹`` (2.4), ``rhs = m``."""
+    Curvature ``C = ⊕_l (H_g ⊗ H_a)⁻¹`` (2.4), ``rhs = m``.
+
+    Fast form: :class:`~refcurv.methods.kbfgs.KBFGSCore`; dense form:
+    :meth:`_KBFGSMLPBase._dense` (literal Algorithm 4/5). Shared by both forms: ``net.factors``,
+    ``linalg.kronecker.mean_patch``, ``linalg.damping.double_damping``,
+    ``linalg.quasi_newton.bfgs_update_H``, ``AUTHORS_SKIP``, ``kbfgs.count_pair`` (module docstring)."""
 
     name = "kbfgs-mlp"
     seed_ref = "003 Ch.2 Alg. 3, 4, 5; (2.4)-(2.6); Thm 1"
@@ -401,7 +420,11 @@ class KBFGSMLP(_KBFGSMLPBase):
 class KBFGSLMLP(_KBFGSMLPBase):
     """K-BFGS(L)-20: ``H_g`` by damped L-BFGS with ``memory`` pairs, compact form, ``H_0 = I``
     (thesis 003 Algorithm 4, or 5 with ``algorithm="alg5"``; ``p = 100`` in §2.8.2). Curvature
-    as :class:`KBFGSMLP` with ``H_g`` the dense L-BFGS matrix (2.12)."""
+    as :class:`KBFGSMLP` with ``H_g`` the dense L-BFGS matrix (2.12).
+
+    Fast form: compact L-BFGS (:class:`~refcurv.methods.kbfgs.KBFGSCore`); dense form:
+    :meth:`_KBFGSMLPBase._dense` with ``H_g`` the dense L-BFGS matrix of the stored pairs.
+    Shared by both forms: as :class:`KBFGSMLP`."""
 
     memory: int = 100
 

@@ -61,8 +61,9 @@ def _classification(n=128, seed=0):
        st.sampled_from([1, 3, 100]), st.floats(1e-3, 1.0))
 def test_fast_equals_dense_direction_and_state_over_a_run(pb, variant, algorithm, memory, lam):
     """Both forms, driven along the same parameter path for 10 steps: the direction
-    −H_g m H_a (compact L-BFGS, expanded BFGS) equals −(H_g ⊗ H_a) vec(m) (dense L-BFGS
-    recursion, product-form BFGS (2.6)), and so does every state entry. Forward error of
+    −H_g (m H_a) (KBFGSCore: compact L-BFGS, A by einsum, gradient from the factors) equals the
+    dense form's −(H_g ⊗ H_a) vec(m) (its own replay of Algorithm 4/5: dense L-BFGS recursion,
+    A from its definition, net.grad, LU inverses), and so does every state entry. Forward error of
     products/recursions with these SPD factors: C·n·eps·κ(H_g)κ(H_a) relative."""
     net = pb.net
     method = _method(variant, damping=lam, algorithm=algorithm, memory=memory)
@@ -536,8 +537,8 @@ def _gbar(net, params, batch):
 @given(problems(kind=st.just("mlp")), st.sampled_from(sorted(VARIANTS)), st.sampled_from([1, 3, 100]),
        st.floats(1e-3, 1.0), st.sampled_from([0.0, 1e-5, 0.1]))
 def test_authors_fast_equals_dense_over_a_run(pb, variant, memory, lam, tau):
-    """variant="authors": the fast form (expanded BFGS, compact L-BFGS, two-sided product)
-    equals the dense form (product-form BFGS (2.6), L-BFGS recursion, H_g ⊗ H_a) along 8 steps:
+    """variant="authors": the fast form (KBFGSCore: compact L-BFGS, two-sided product) equals
+    the dense form (its own replay: L-BFGS recursion, H_g ⊗ H_a, skip rules written out) along 8 steps:
     directions, every state entry and the diagnostics. Tolerance as for the paper variant."""
     net = pb.net
     method = _make(variant, damping=lam, memory=memory, variant="authors", weight_decay=tau)

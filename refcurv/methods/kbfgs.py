@@ -120,11 +120,12 @@ pre-activation gradients, ``tests/test_curvature_grams.py``, ``tests/test_identi
 difference ``h̄⁺ − h̄`` round identically in both forms; ``tests/test_linalg_kronecker_kbfgs.py``);
 :func:`refcurv.linalg.damping.dp_dlm`, ``dpi_dlm`` (``tests/test_damping.py``);
 :func:`refcurv.linalg.quasi_newton.bfgs_update_H` (``tests/test_quasi_newton.py``);
-:class:`PendingPass` / :class:`PairRecord` (records) and :func:`count_pair` (the diagnostics'
-counting rule, ``tests/test_method_kbfgs.py::test_dense_definitions``). The fast form alone
-uses ``damping_split``, ``factor_A``, ``hessian_action_pair``, ``layer_gradient``,
-``lbfgs_compact``; the dense form alone ``A_definition``, ``inverse_definition``,
-``hg_matrix`` / ``lbfgs_dense`` (the last also gives ``curvature(state)``'s ``H_G``).
+the records :class:`PendingPass` / :class:`PairRecord`. The fast form alone uses
+``damping_split``, ``factor_A``, ``hessian_action_pair``, ``layer_gradient``,
+``lbfgs_compact`` and its own inline pair counting; the dense form alone ``A_definition``,
+``inverse_definition``, ``hg_matrix`` / ``lbfgs_dense`` (the last also gives
+``curvature(state)``'s ``H_G``) and :func:`count_pair` (all four tested in
+``tests/test_method_kbfgs.py::test_dense_definitions``).
 """
 from __future__ import annotations
 
@@ -682,8 +683,8 @@ class KBFGS(_KBFGSBase):
 
     Fast form: :class:`KBFGSCore`; dense form: :meth:`_KBFGSBase._dense` (literal Algorithm 9/10
     with dense matrices). Shared by both forms: ``net.factors``, ``linalg.kronecker.mean_patch``,
-    ``linalg.damping.dp_dlm``/``dpi_dlm``, ``linalg.quasi_newton.bfgs_update_H``,
-    :func:`count_pair` (each tested on its own; module docstring)."""
+    ``linalg.damping.dp_dlm``/``dpi_dlm``, ``linalg.quasi_newton.bfgs_update_H`` (each tested
+    on its own; module docstring)."""
 
     name = "kbfgs"
     seed_ref = "003 Ch.3 Alg. 8-11, (3.9)-(3.16)"

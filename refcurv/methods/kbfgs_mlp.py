@@ -113,7 +113,8 @@ Shared by both forms (each tested on its own): ``net.factors``;
 :func:`refcurv.linalg.kronecker.mean_patch` (``ā``; ``h̄ = W ā`` rounds identically in both, so
 the pair difference ``h̄⁺ − h̄`` does); :func:`refcurv.linalg.damping.double_damping`;
 :func:`refcurv.linalg.quasi_newton.bfgs_update_H`; the constant :data:`AUTHORS_SKIP`; the
-records ``PendingPass`` / ``PairRecord`` and :func:`~refcurv.methods.kbfgs.count_pair`.
+records ``PendingPass`` / ``PairRecord``. The dense form's counting of the pairs
+(:func:`~refcurv.methods.kbfgs.count_pair`) is not the fast form's (inline in the skeleton).
 
 Authors' variant (``variant="authors"``, design §8; Algorithm 4 only). The authors' published
 code (github.com/renyiryry/kbfgs_neurips2020_public: ``training_function.py``,
@@ -407,7 +408,7 @@ class KBFGSMLP(_KBFGSMLPBase):
     Fast form: :class:`~refcurv.methods.kbfgs.KBFGSCore`; dense form:
     :meth:`_KBFGSMLPBase._dense` (literal Algorithm 4/5). Shared by both forms: ``net.factors``,
     ``linalg.kronecker.mean_patch``, ``linalg.damping.double_damping``,
-    ``linalg.quasi_newton.bfgs_update_H``, ``AUTHORS_SKIP``, ``kbfgs.count_pair`` (module docstring)."""
+    ``linalg.quasi_newton.bfgs_update_H``, ``AUTHORS_SKIP`` (module docstring)."""
 
     name = "kbfgs-mlp"
     seed_ref = "003 Ch.2 Alg. 3, 4, 5; (2.4)-(2.6); Thm 1"

@@ -410,14 +410,17 @@ def _explicit(variant, algorithm, net, params, batches, lr, lam, beta, mu1, T, p
 @pytest.mark.parametrize("algorithm", ["alg9", "alg10"])
 @pytest.mark.parametrize("warm", [False, True])
 @pytest.mark.parametrize("phase", ["paper", "k0"])
-def test_deferred_equals_explicit_algorithm_9(variant, algorithm, warm, phase):
+@pytest.mark.parametrize("dense", [False, True], ids=["fast", "dense"])
+def test_deferred_equals_explicit_algorithm_9(variant, algorithm, warm, phase, dense):
     """The deferred second pass (module docstring) gives the parameters of the explicit
     algorithm over 7 steps with T = 2 (curvature and plain steps both occur; p = 2 so the
     L-BFGS memory wraps). Without a warm start both initialize A from the first mini-batch
     (through refcurv.train.train); with one, from the whole data set (manual loop). The two
     differ only by rounding (different evaluation orders, ~1e-14 measured); an ordering error
     (wrong batch, wrong weights, H_G update after the direction) changes the result at O(lr).
-    phase="paper" is line 12 as printed; phase="k0" the library convention (refresh_due)."""
+    phase="paper" is line 12 as printed; phase="k0" the library convention (refresh_due).
+    Both forms: the fast form and the dense form (its own replay of Algorithm 9/10) each
+    against this test's replay."""
     net = _small_cnn()
     x, y = _data(net)
     lr, lam, seed, steps = 0.05, 0.1, 4, 7
@@ -430,11 +433,12 @@ def test_deferred_equals_explicit_algorithm_9(variant, algorithm, warm, phase):
         state = method.warm_start(method.init(net, params0), net, params0, full)
         got = params0
         for b in batches:
-            d, state = method.step(state, net, got, b)
+            d, state = method.step(state, net, got, b, dense=dense)
             got = [W + lr * di for W, di in zip(got, d)]
         init_batch = full
     else:
-        got, _ = train(method, net, params0, x, y, CrossEntropy(), steps=steps, lr=lr, batch_size=8, seed=seed)
+        got, _ = train(method, net, params0, x, y, CrossEntropy(), steps=steps, lr=lr, batch_size=8, seed=seed,
+                       dense=dense)
         init_batch = batches[0]
     want = _explicit(variant, algorithm, net, params0, batches, lr, lam, 0.9, 0.2, 2, 2, init_batch, phase)
     moved = max(rel_err(w, p0) for w, p0 in zip(want, params0))
@@ -543,25 +547,53 @@ def test_training_smoke_decreases_loss(cls, algorithm):
     assert hist["loss"][-1] < 0.7 * hist["loss"][0]
 
 
-# ------------------------------------------------ (9) kernels shared by the two forms
-def test_shared_kernels_bfgs_product_form_and_layer_gradient():
-    """bfgs_product_form (the dense forms' literal (2.6)/(3.11)) satisfies the secant condition
-    H⁺y = s and equals the expanded bfgs_update_H of the fast forms; layer_gradient (the fast
-    forms' ∇W from the factors, Theorem 3 (i)) equals net.grad for conv and linear layers."""
-    from refcurv.methods.kbfgs import bfgs_product_form, layer_gradient
+# ------------------------------------------------ (9) kernels of each form
+def test_fast_kernel_layer_gradient():
+    """layer_gradient (the fast forms' ∇W from the factors, Theorem 3 (i)) equals net.grad (the
+    dense forms' gradient) for conv and linear layers."""
+    from refcurv.methods.kbfgs import layer_gradient
 
-    rng = np.random.default_rng(0)
-    X = rng.standard_normal((5, 5))
-    H = X @ X.T + np.eye(5)
-    s, y = rng.standard_normal(5), rng.standard_normal(5)
-    y = y if s @ y > 0 else -y
-    Hp = bfgs_product_form(H, s, y)
-    assert_close(Hp @ y, s, rtol=forward_tol(5, np.linalg.cond(Hp)))
-    assert_close(Hp, bfgs_update_H(H, s, y), rtol=forward_tol(5, np.linalg.cond(Hp)))
-    assert np.array_equal(Hp, Hp.T)
     for net in (_small_cnn(), _small_mlp()):
         x, yb = _data(net, N=6)
         params = net.init(0)
         P, G = net.factors(params, x, yb, CrossEntropy())
         for a, b in zip([layer_gradient(Pl, Gl) for Pl, Gl in zip(P, G)], net.grad(params, x, yb, CrossEntropy())):
             assert_close(a, b, rtol=1e-12)
+
+
+def test_dense_definitions():
+    """The dense forms' own definitions: A_definition = (1/N) Σ_n Σ_t a aᵀ by loops (3.9);
+    inverse_definition = M⁻¹, exactly symmetric; hg_matrix = H_g, λ_G⁻¹ I with no pairs, and
+    the recursion (3.16) otherwise (= repeated BFGS written here); count_pair's counters
+    (degenerate pair, ratio ≤ 1/μ₁ with equality counted, skipped pair)."""
+    from refcurv.methods.kbfgs import A_definition, count_pair, hg_matrix, inverse_definition
+
+    rng = np.random.default_rng(0)
+    P = rng.standard_normal((5, 4, 3))
+    assert_close(A_definition(P), _loop_A(P), rtol=0, atol=residual_tol(15) * np.linalg.norm(_loop_A(np.abs(P))))
+    X = rng.standard_normal((4, 4))
+    M = X @ X.T + np.eye(4)
+    Mi = inverse_definition(M)
+    assert np.array_equal(Mi, Mi.T)
+    assert_close(Mi @ M, np.eye(4), rtol=0, atol=forward_tol(4, np.linalg.cond(M)))
+    H = M / 3
+    assert hg_matrix(H, None, None, None) is H
+    S, Y = rng.standard_normal((3, 4)), rng.standard_normal((3, 4))
+    Y = Y * np.sign((S * Y).sum(axis=1))[:, None]
+    assert np.array_equal(hg_matrix(None, S[:0], Y[:0], 2.5), 2.5 * np.eye(4))
+    want = 2.5 * np.eye(4)
+    for s_, y_ in zip(S, Y):
+        rho = 1 / (s_ @ y_)
+        V = np.eye(4) - rho * np.outer(y_, s_)
+        want = V.T @ want @ V + rho * np.outer(s_, s_)
+    got = hg_matrix(None, S, Y, 2.5)
+    assert_close(got, want, rtol=forward_tol(4, np.linalg.cond(want) ** 2))
+    diag = {k: [0, 0] for k in ("pairs", "pairs_used", "pairs_skipped", "pairs_degenerate", "ratio_le_1",
+                                "ratio_le_2", "ha_skipped")}
+    mu1 = 0.2
+    count_pair(diag, 0, float("inf"), False, mu1, np.float64)
+    count_pair(diag, 0, 1 / mu1, True, mu1, np.float64)        # equality: ≤ 1/μ₁
+    count_pair(diag, 1, 1.5 / mu1, False, mu1, np.float64)     # ≤ 2/μ₁ only, skipped
+    count_pair(diag, 1, 2.5 / mu1, True, mu1, np.float64)
+    assert diag == {"pairs": [2, 2], "pairs_used": [1, 1], "pairs_skipped": [0, 1], "pairs_degenerate": [1, 0],
+                    "ratio_le_1": [1, 0], "ratio_le_2": [1, 1], "ha_skipped": [0, 0]}

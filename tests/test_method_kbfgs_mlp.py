@@ -61,8 +61,9 @@ def _classification(n=128, seed=0):
        st.sampled_from([1, 3, 100]), st.floats(1e-3, 1.0))
 def test_fast_equals_dense_direction_and_state_over_a_run(pb, variant, algorithm, memory, lam):
     """Both forms, driven along the same parameter path for 10 steps: the direction
-    −H_g m H_a (compact L-BFGS, expanded BFGS) equals −(H_g ⊗ H_a) vec(m) (dense L-BFGS
-    recursion, product-form BFGS (2.6)), and so does every state entry. Forward error of
+    −H_g (m H_a) (KBFGSCore: compact L-BFGS, A by einsum, gradient from the factors) equals the
+    dense form's −(H_g ⊗ H_a) vec(m) (its own replay of Algorithm 4/5: dense L-BFGS recursion,
+    A from its definition, net.grad, LU inverses), and so does every state entry. Forward error of
     products/recursions with these SPD factors: C·n·eps·κ(H_g)κ(H_a) relative."""
     net = pb.net
     method = _method(variant, damping=lam, algorithm=algorithm, memory=memory)
@@ -393,16 +394,17 @@ def _explicit_algorithm(method, net, params, x, y, loss, steps, lr, batch_size, 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("algorithm", ["alg4", "alg5"])
-def test_deferred_second_pass_reproduces_explicit_algorithm4(variant, algorithm):
+@pytest.mark.parametrize("dense", [False, True], ids=["fast", "dense"])
+def test_deferred_second_pass_reproduces_explicit_algorithm4(variant, algorithm, dense):
     """train() with the deferred method gives the parameters of Algorithm 4 (5) run with the
     learning rate known and the second pass done immediately — 8 steps, float64. The only
     differences are evaluation orders (W ā vs mean W a_i, compact vs two-loop, inv vs
-    Cholesky): relative 1e-10."""
+    Cholesky): relative 1e-10. Both forms (the dense form is its own replay of Algorithm 4/5)."""
     x, y = _classification(64, seed=3)
     net = Sequential([Linear(4, 5), Tanh(), Linear(5, 3)])
     method = _method(variant, damping=0.05, algorithm=algorithm, memory=3)
     p0 = net.init(4)
-    got, _ = train(method, net, p0, x, y, CrossEntropy(), steps=8, lr=0.4, batch_size=16, seed=11)
+    got, _ = train(method, net, p0, x, y, CrossEntropy(), steps=8, lr=0.4, batch_size=16, seed=11, dense=dense)
     want = _explicit_algorithm(method, net, p0, x, y, CrossEntropy(), steps=8, lr=0.4, batch_size=16, seed=11)
     for a, b in zip(got, want):
         assert_close(a, b, rtol=1e-10)
@@ -535,8 +537,8 @@ def _gbar(net, params, batch):
 @given(problems(kind=st.just("mlp")), st.sampled_from(sorted(VARIANTS)), st.sampled_from([1, 3, 100]),
        st.floats(1e-3, 1.0), st.sampled_from([0.0, 1e-5, 0.1]))
 def test_authors_fast_equals_dense_over_a_run(pb, variant, memory, lam, tau):
-    """variant="authors": the fast form (expanded BFGS, compact L-BFGS, two-sided product)
-    equals the dense form (product-form BFGS (2.6), L-BFGS recursion, H_g ⊗ H_a) along 8 steps:
+    """variant="authors": the fast form (KBFGSCore: compact L-BFGS, two-sided product) equals
+    the dense form (its own replay: L-BFGS recursion, H_g ⊗ H_a, skip rules written out) along 8 steps:
     directions, every state entry and the diagnostics. Tolerance as for the paper variant."""
     net = pb.net
     method = _make(variant, damping=lam, memory=memory, variant="authors", weight_decay=tau)
@@ -795,15 +797,16 @@ def _explicit_authors(method, net, params, x, y, loss, steps, lr, batch_size, se
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_authors_deferred_second_pass_reproduces_explicit_authors_algorithm(variant):
+@pytest.mark.parametrize("dense", [False, True], ids=["fast", "dense"])
+def test_authors_deferred_second_pass_reproduces_explicit_authors_algorithm(variant, dense):
     """train() with variant="authors" gives the parameters of the explicit authors' algorithm
     (learning rate known, second pass immediately), 8 steps, on a run where the skip rule
     fires; and, driven by hand after warm_start, the same with the warm-start A. Differences are
-    evaluation orders only: relative 1e-10."""
+    evaluation orders only: relative 1e-10. Both forms."""
     x, y, net = _offset_regression()
     method = _make(variant, damping=0.01, memory=3, variant="authors", weight_decay=1e-3)
     p0 = net.init(4)
-    got, _ = train(method, net, p0, x, y, MSE(), steps=8, lr=0.3, batch_size=16, seed=11)
+    got, _ = train(method, net, p0, x, y, MSE(), steps=8, lr=0.3, batch_size=16, seed=11, dense=dense)
     want, skipped = _explicit_authors(method, net, p0, x, y, MSE(), steps=8, lr=0.3, batch_size=16, seed=11)
     assert skipped > 0
     for a, b in zip(got, want):
@@ -819,7 +822,7 @@ def test_authors_deferred_second_pass_reproduces_explicit_authors_algorithm(vari
     rng = np.random.default_rng(5)
     for _ in range(6):
         idx = rng.choice(len(xc), size=16, replace=False)
-        d, state = method.step(state, net, params, Batch(xc[idx], yc[idx], CrossEntropy()))
+        d, state = method.step(state, net, params, Batch(xc[idx], yc[idx], CrossEntropy()), dense=dense)
         params = [W + 0.4 * D for W, D in zip(params, d)]
     want, _ = _explicit_authors(method, net, p0, xc, yc, CrossEntropy(), steps=6, lr=0.4, batch_size=16,
                                 seed=5, warm=warm)

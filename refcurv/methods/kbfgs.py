@@ -42,7 +42,8 @@ At curvature steps "minibatched" Hessian-action BFGS with the current mini-batch
     A s_A = E_n[ Σ_t (a_t(n)ᵀ s_A) a_t(n) ]                                      (3.15)
 
 then ``H_A ← BFGS(H_A; s_A, y_A)`` (3.11). The fast form evaluates (3.15) from the patches
-``(N, d, |T|)`` by two einsums, never forming ``A``; the dense form forms ``A`` and multiplies.
+``(N, d, |T|)`` by two einsums, never forming ``A``; the dense form forms ``A`` (3.9) and
+multiplies.
 ``algorithm="alg10"`` (Algorithm 10 line 12) instead sets ``H_A = (Â + λ_A I)⁻¹`` with ``Â``
 the mini-batch ``A`` (exact inversion, Cholesky).
 
@@ -99,18 +100,32 @@ quantity of thesis Figure 2.1, §2.3.1: Powell's step guarantees ``≤ 1/μ₁``
 not for ``(s̃, ỹ)``), ``ha_skipped`` (Hessian-action pairs with ``s_Aᵀy_A ≤ 0``, unused).
 See ``docs/errata.md``.
 
-**The two forms and what they share.** One step skeleton (:class:`KBFGSCore`, shared with
-Chapter 2) runs both: the fast form in the input dtype with the minibatched Hessian action
-(3.15), the gradient from the factors, the two-sided product ``H_G (m H_A)``, the expanded
-BFGS formula and the compact L-BFGS form; the dense form in float64 with ``A`` formed, the
-gradient from :meth:`~refcurv.nn.Sequential.grad`, ``H_G ⊗ H_A`` formed, BFGS in the literal
-product form (3.11) and the L-BFGS recursion (3.16). Shared by both forms: the skeleton's
-order of operations, schedule and moving averages (pinned by the literal Algorithm 9/10
-replays in the tests, not by the fast-vs-dense comparison) and these kernels, each tested on
-its own: :func:`refcurv.linalg.kronecker.damping_split`, ``factor_A``, ``mean_patch``,
-``hessian_action_pair``; :func:`refcurv.linalg.damping.dp_dlm`, ``dpi_dlm``;
-:func:`refcurv.linalg.quasi_newton.lbfgs_dense`; ``net.factors`` (patches and
-pre-activation gradients).
+**The two forms are two code paths.** The fast form is :class:`KBFGSCore`'s step (one
+skeleton for both chapters, chapter hooks): input dtype, the minibatched Hessian action
+(3.15) without ``A``, the gradient from the factors (:func:`layer_gradient`), the two-sided
+product ``H_G (m H_A)``, the compact L-BFGS form (:func:`~refcurv.linalg.quasi_newton.lbfgs_compact`),
+Cholesky inverses. The dense form (:meth:`_KBFGSBase._dense`) is its own literal replay of
+one iteration of Algorithm 9/10 in float64 with dense matrices and calls none of the
+skeleton's update code: the damping split and the schedule (line 12, both phases) written
+out, ``A`` formed from its definition (:func:`A_definition`), the gradient from
+:meth:`~refcurv.nn.Sequential.grad`, ``H_G ⊗ H_A`` formed, ``H_G`` of K-BFGS(L) as the dense
+L-BFGS matrix of its pairs (:func:`hg_matrix`, the recursion (3.16)), LU inverses. Both
+forms are checked against the tests' own replay of the printed Algorithm 9/10
+(``test_deferred_equals_explicit_algorithm_9[...-fast|dense]``) and against each other step
+by step (``test_fast_equals_dense_*``).
+
+Shared by both forms (each kernel tested on its own): ``net.factors`` (patches and
+pre-activation gradients, ``tests/test_curvature_grams.py``, ``tests/test_identities.py``);
+:func:`refcurv.linalg.kronecker.mean_patch` (``â``, so that ``h̄ = W â`` and the pair
+difference ``h̄⁺ − h̄`` round identically in both forms; ``tests/test_linalg_kronecker_kbfgs.py``);
+:func:`refcurv.linalg.damping.dp_dlm`, ``dpi_dlm`` (``tests/test_damping.py``);
+:func:`refcurv.linalg.quasi_newton.bfgs_update_H` (``tests/test_quasi_newton.py``);
+the records :class:`PendingPass` / :class:`PairRecord`. The fast form alone uses
+``damping_split``, ``factor_A``, ``hessian_action_pair``, ``layer_gradient``,
+``lbfgs_compact`` and its own inline pair counting; the dense form alone ``A_definition``,
+``inverse_definition``, ``hg_matrix`` / ``lbfgs_dense`` (the last also gives
+``curvature(state)``'s ``H_G``) and :func:`count_pair` (all four tested in
+``tests/test_method_kbfgs.py::test_dense_definitions``).
 """
 from __future__ import annotations
 
@@ -206,18 +221,6 @@ def _inverse_spd(M, name):
     return (X + X.T) / 2
 
 
-def bfgs_product_form(H, s, y):
-    """(2.6)/(3.11) written literally: ``H⁺ = (I − ρ s yᵀ) H (I − ρ y sᵀ) + ρ s sᵀ``,
-    ``ρ = 1/sᵀy`` (the dense forms' BFGS; symmetrized, as the product is only symmetric in
-    exact arithmetic). The fast forms use the expanded
-    :func:`~refcurv.linalg.quasi_newton.bfgs_update_H`."""
-    xp = xp_of(H)
-    rho = 1.0 / float(s @ y)
-    V = xp.eye(H.shape[0], dtype=H.dtype) - rho * xp.outer(y, s)
-    Hp = V.T @ H @ V + rho * xp.outer(s, s)
-    return (Hp + Hp.T) / 2
-
-
 def layer_gradient(patches, G):
     """``∇W = (1/N) Σ_n Σ_t Dh_t(n) a_t(n)ᵀ`` (Theorem 3 (i); (2.1) for ``|T| = 1``) from the
     first pass's patches ``(N, d, |T|)`` and pre-activation gradients ``(N, out, |T|)``."""
@@ -251,11 +254,59 @@ def _apply(H, v):
     return H(v) if callable(H) else H @ v
 
 
+# ======================================================= the dense forms' own definitions
+# Each chapter's dense form (``_KBFGSBase._dense``: Algorithm 9/10, below;
+# ``kbfgs_mlp._KBFGSMLPBase._dense``: Algorithm 4/5) is its own literal replay with dense
+# float64 matrices and calls none of :class:`KBFGSCore`'s update code. These helpers are the
+# definitions the two dense replays read (tested against loops / the fast kernels in
+# tests/test_method_kbfgs.py::test_dense_definitions).
+def hg_matrix(H_g, S, Y, gamma):
+    """``H_g`` of one layer as a matrix: the BFGS matrix ``H_g`` itself or, for L-BFGS
+    (``H_g is None``), the matrix of the stored pairs by the recursion (2.12)/(3.16) from
+    ``H_0 = γI`` (:func:`~refcurv.linalg.quasi_newton.lbfgs_dense`; ``γI`` with no pairs)."""
+    if H_g is not None:
+        return H_g
+    if S.shape[0] == 0:
+        return gamma * xp_of(S).eye(S.shape[1], dtype=S.dtype)
+    return lbfgs_dense(S, Y, gamma)
+
+
+def A_definition(patches):
+    """``A = (1/N) Σ_n Σ_t a_t(n) a_t(n)ᵀ`` ((3.9); (2.3) for ``|T| = 1``) as the Gram matrix
+    of the ``N|T|`` stacked patch vectors — one product, not the fast forms' einsum
+    (:func:`~refcurv.linalg.kronecker.factor_A`) nor their Hessian action (3.15)."""
+    N, d, T = patches.shape
+    X = patches.transpose(0, 2, 1).reshape(N * T, d)
+    return X.T @ X / N
+
+
+def inverse_definition(M):
+    """``M⁻¹`` by LU (``linalg.inv``), symmetrized (the fast forms use Cholesky)."""
+    X = xp_of(M).linalg.inv(M)
+    return (X + X.T) / 2
+
+
+def count_pair(diag, l, ratio, used, mu1, dtype):
+    """Per-layer counts of one ``H_g`` pair (module docstring, "Diagnostics"): ``pairs``;
+    ``pairs_degenerate`` (``ratio = inf``: ``s̃ᵀỹ ≤ 0``) or ``ratio_le_1``/``ratio_le_2``
+    (``ratio ≤ 1/μ₁``, ``2/μ₁`` with a relative slack √eps: equality is the common case when
+    Powell on ``H`` acts and DD's ``B = I`` step does not) and ``pairs_used``/``pairs_skipped``."""
+    diag["pairs"][l] += 1
+    if ratio == float("inf"):
+        diag["pairs_degenerate"][l] += 1
+        return
+    slack = 1 + np.sqrt(np.finfo(dtype).eps)
+    diag["ratio_le_1"][l] += int(ratio <= slack / mu1)
+    diag["ratio_le_2"][l] += int(ratio <= 2 * slack / mu1)
+    diag["pairs_used" if used else "pairs_skipped"][l] += 1
+
+
 class KBFGSCore(Method):
-    """The step both chapters share (thesis 003 Algorithms 4/5 and 9/10 have the same
+    """The FAST step both chapters share (thesis 003 Algorithms 4/5 and 9/10 have the same
     skeleton): deferred second pass → damped (L-)BFGS update of ``H_g``; first pass →
-    momentum → direction ``−H_g m H_a``; on a curvature step the ``H_a`` update and the stash
-    of the batch for the next second pass. Chapter hooks: ``_h0_scale`` (``H_0`` of ``H_g``),
+    momentum → direction ``−H_g (m H_a)``; on a curvature step the ``H_a`` update and the stash
+    of the batch for the next second pass. Each chapter's dense form (``_dense``) is a
+    separate literal replay that does not use this class's update code. Chapter hooks: ``_h0_scale`` (``H_0`` of ``H_g``),
     ``_damp`` (DD or ``D_P D_LM``), ``_accept`` / ``_accept_Ha`` (skip rules),
     ``_curvature_due`` (schedule), ``_A_next`` (Ch.2's moving average of ``A``),
     ``_gradient`` (the authors' weight decay).
@@ -349,14 +400,10 @@ class KBFGSCore(Method):
 
     # ------------------------------------------------------------ H_g
     def _hg_dense(self, state, l):
-        """``H_g`` of layer ``l`` as a matrix (L-BFGS: the recursion (2.12)/(3.16) from ``H_0``)."""
+        """``H_g`` of layer ``l`` as a matrix (:func:`hg_matrix`; what ``curvature`` reads)."""
         if not self.limited:
-            return state.H_g[l]
-        S, Y = state.S[l], state.Y[l]
-        gamma = self._h0_scale(state.lambda_G[l])
-        if S.shape[0] == 0:
-            return gamma * xp_of(S).eye(S.shape[1], dtype=S.dtype)
-        return lbfgs_dense(S, Y, gamma)
+            return hg_matrix(state.H_g[l], None, None, None)
+        return hg_matrix(None, state.S[l], state.Y[l], self._h0_scale(state.lambda_G[l]))
 
     def _hg_fast(self, state, l):
         """``H_g`` of layer ``l``: the BFGS matrix, or (L-BFGS) the compact "non-loop" form
@@ -370,7 +417,7 @@ class KBFGSCore(Method):
         Wc, Mc = lbfgs_compact(S, Y, gamma)
         return lambda v: gamma * v + Wc @ (Mc @ (Wc.T @ v))
 
-    def _second_pass(self, state, net, params, dense):
+    def _second_pass(self, state, net, params):
         """Second pass on the pending batch at the current parameters, then the moving-average
         pair, its damping and the (L-)BFGS update of every ``H_g`` (Alg. 4 lines 13-18 / Alg. 5
         lines 12-19; Alg. 9 lines 13, 19-21 / Alg. 10 lines 14-16)."""
@@ -385,7 +432,7 @@ class KBFGSCore(Method):
             g_plus = Gp.mean(axis=(0, 2))                                       # ḡ⁺ = Dh̄⁺
             s_g[l] = b * s_g[l] + (1 - b) * (h_plus - pend.h_bar[l])            # (2.5), Alg. 9 l. 19
             y_g[l] = b * y_g[l] + (1 - b) * (g_plus - pend.g_bar[l])
-            H = self._hg_dense(state, l) if dense else self._hg_fast(state, l)
+            H = self._hg_fast(state, l)
             s_t, y_t, th1, th2 = self._damp(s_g[l], y_g[l], H, state.lambda_G[l])
             sty = float(s_t @ y_t)
             diag["pairs"][l] += 1
@@ -407,7 +454,7 @@ class KBFGSCore(Method):
                     S[l] = xp.concatenate([S[l], s_t[None]])[-self.memory:]
                     Y[l] = xp.concatenate([Y[l], y_t[None]])[-self.memory:]
                 else:
-                    H_g[l] = bfgs_product_form(H_g[l], s_t, y_t) if dense else bfgs_update_H(H_g[l], s_t, y_t)
+                    H_g[l] = bfgs_update_H(H_g[l], s_t, y_t)
             last[l] = PairRecord(k=state.k, s=s_g[l], y=y_g[l], s_t=s_t, y_t=y_t, theta1=th1, theta2=th2,
                                  ratio=ratio, used=used)
         ch = {"S": S, "Y": Y} if self.limited else {"H_g": H_g}
@@ -424,33 +471,24 @@ class KBFGSCore(Method):
         prev = state.m if state.m is not None else [0 * gi for gi in g]
         return [self.momentum * a + c * gi for a, gi in zip(prev, g)]
 
-    def _step(self, state, net, params, batch, dense):
+    def _fast(self, state, net, params, batch, draws):
         # (1) the deferred second pass of the previous curvature step
         if state.pending is not None:
-            state = self._second_pass(state, net, params, dense)
-        # (2) first forward-backward pass on M_k, momentum, direction −H_g m H_a
+            state = self._second_pass(state, net, params)
+        # (2) first forward-backward pass on M_k, momentum, direction −H_g (m H_a)
         patches, G = net.factors(params, batch.x, batch.y, batch.loss)
         state = self._first_state(state, patches, params)
-        if dense:  # the gradient from refcurv's per-sample gradients, not from the factors
-            g = net.grad(params, batch.x, batch.y, batch.loss)
-        else:
-            g = [layer_gradient(P, Gl) for P, Gl in zip(patches, G)]
+        g = [layer_gradient(P, Gl) for P, Gl in zip(patches, G)]
         m = self._momentum(state, g, params)
-        direction = []
-        for l, ml in enumerate(m):
-            if dense:  # row-major vec: (H_g ⊗ H_a) vec(m) = vec(H_g m H_a), H_a = H_aᵀ
-                K = xp_of(ml).kron(self._hg_dense(state, l), state.H_a[l])
-                direction.append(-(K @ ml.ravel()).reshape(ml.shape))
-            else:
-                direction.append(-_apply(self._hg_fast(state, l), ml @ state.H_a[l]))
+        direction = [-_apply(self._hg_fast(state, l), ml @ state.H_a[l]) for l, ml in enumerate(m)]
         # (3) curvature step: A (Ch.2), H_a from this pass's patches; stash M_k
         ch = {"pending": None}
         if self._curvature_due(state.k):
-            ch = self._curvature_update(state, patches, G, params, batch, dense)
+            ch = self._curvature_update(state, patches, G, params, batch)
         new = state.replace(k=state.k + 1, m=m, H_a_used=state.H_a, **ch)
         return direction, new
 
-    def _curvature_update(self, state, patches, G, params, batch, dense):
+    def _curvature_update(self, state, patches, G, params, batch):
         H_a, A = [], []
         diag = {key: list(v) for key, v in state.diagnostics.items()}
         for l, P in enumerate(patches):
@@ -461,12 +499,12 @@ class KBFGSCore(Method):
                 M = A_l if A_l is not None else factor_A(P)
                 H_a.append(_inverse_spd(M + lam_A * xp_of(M).eye(M.shape[0], dtype=M.dtype), "A + λ_A I"))
                 continue
-            # Hessian-action BFGS (§2.4; (3.14)-(3.15)): the fast Ch.3 form never forms A
-            M = A_l if A_l is not None else (factor_A(P) if dense else P)
+            # Hessian-action BFGS (§2.4; (3.14)-(3.15)): Ch.3 never forms A (patches' action)
+            M = A_l if A_l is not None else P
             abar = mean_patch(P)
             s_a, y_a = hessian_action_pair(Hl, abar, M, lam_A)
             if self._accept_Ha(s_a, y_a, abar):
-                H_a.append(bfgs_product_form(Hl, s_a, y_a) if dense else bfgs_update_H(Hl, s_a, y_a))
+                H_a.append(bfgs_update_H(Hl, s_a, y_a))
             else:
                 H_a.append(Hl)
                 diag["ha_skipped"][l] += 1
@@ -477,12 +515,6 @@ class KBFGSCore(Method):
         if self._has("A"):
             ch["A"] = A
         return ch
-
-    def _fast(self, state, net, params, batch, draws):
-        return self._step(state, net, params, batch, dense=False)
-
-    def _dense(self, state, net, params, batch, draws):
-        return self._step(state, net, params, batch, dense=True)
 
     # ------------------------------------------------------------ curvature
     def curvature(self, state, net=None, params=None, batch=None, draws=None):
@@ -541,6 +573,102 @@ class _KBFGSBase(KBFGSCore):
             return (k + 1) % self.T_inv == 0
         return refresh_due(k, self.T_inv)
 
+    # ------------------------------------------------------------ dense form
+    def _dense(self, state, net, params, batch, draws):
+        """Algorithm 9 (``"alg9"``) / 10 (``"alg10"``), iteration ``k = state.k``, replayed
+        literally with dense float64 matrices (``H_A``, ``H_G``, ``A``, ``H_G ⊗ H_A``), the
+        ``H_G`` update deferred to the next call (module docstring). Independent of
+        :class:`KBFGSCore`'s update code; shares only the kernels listed in the class docstring."""
+        xp, L, k, b = xp_of(params[0]), len(params), state.k, self.beta
+        limited, alg9 = self.limited, self.algorithm == "alg9"
+        P, Dh = net.factors(params, batch.x, batch.y, batch.loss)  # line 6: first pass on M_k at θ_k
+        A = [A_definition(Pl) for Pl in P]                          # (3.9), this mini-batch
+        eye = [xp.eye(Al.shape[0]) for Al in A]
+        # lines 2-3 (before the first iteration, unless warm-started): λ_A = √|T|√λ,
+        # λ_G = √λ/√|T|; H_A = (A + λ_A I)⁻¹ (here from M_0); H_G = λ_G⁻¹ I, (s_G, y_G) = 0
+        lambda_A, lambda_G = state.lambda_A, state.lambda_G
+        if lambda_A is None:
+            T = [Pl.shape[-1] for Pl in P]
+            lambda_A = [float(np.sqrt(t) * np.sqrt(self.damping)) for t in T]
+            lambda_G = [float(np.sqrt(self.damping) / np.sqrt(t)) for t in T]
+        H_A = state.H_a
+        if H_A is None:
+            H_A = [inverse_definition(A[l] + lambda_A[l] * eye[l]) for l in range(L)]
+        outs = [W.shape[0] for W in params]
+        fresh = state.s_g is None
+        s_G = [xp.zeros(o) for o in outs] if fresh else list(state.s_g)
+        y_G = [xp.zeros(o) for o in outs] if fresh else list(state.y_g)
+        if limited:  # K-BFGS(L): the last `memory` damped pairs, H_0 = λ_G⁻¹ I (line 9)
+            S = [xp.zeros((0, o)) for o in outs] if fresh else list(state.S)
+            Y = [xp.zeros((0, o)) for o in outs] if fresh else list(state.Y)
+            H_G = [hg_matrix(None, S[l], Y[l], 1 / lambda_G[l]) for l in range(L)]
+        else:
+            H_G = [xp.eye(o) / lambda_G[l] for l, o in enumerate(outs)] if fresh else list(state.H_g)
+        diag = {key: list(v) for key, v in state.diagnostics.items()}
+        last = list(state.last_pairs or [None] * L)
+
+        # lines 13, 19-21 of iteration k−1 (deferred): second pass on M_{k−1} at θ_k
+        pend = state.pending
+        if pend is not None:
+            P2, Dh2 = net.factors(params, pend.batch.x, pend.batch.y, pend.batch.loss)
+            for l in range(L):
+                h_plus, g_plus = params[l] @ mean_patch(P2[l]), Dh2[l].mean(axis=(0, 2))  # h̄⁺ = W⁺â⁺
+                s_G[l] = b * s_G[l] + (1 - b) * (h_plus - pend.h_bar[l])     # line 19
+                y_G[l] = b * y_G[l] + (1 - b) * (g_plus - pend.g_bar[l])
+                if alg9:   # line 20: D_P D_LM (Algorithm 8) with H = H_G, μ₂ = λ_G
+                    s_t, y_t, th = dp_dlm(s_G[l], y_G[l], H_G[l], self.mu1, lambda_G[l])
+                else:      # Algorithm 10 line 15: D_P(I) D_LM (Algorithm 11)
+                    s_t, y_t, th = dpi_dlm(s_G[l], y_G[l], self.mu1, lambda_G[l])
+                sty = float(s_t @ y_t)
+                used = sty > 0   # Ch.3 skips no pair; s̃ᵀỹ ≤ 0 only when s_G = y_G = 0
+                ratio = float(y_t @ H_G[l] @ y_t) / sty if used else float("inf")
+                count_pair(diag, l, ratio, used, self.mu1, s_t.dtype)
+                last[l] = PairRecord(k=k, s=s_G[l], y=y_G[l], s_t=s_t, y_t=y_t, theta1=th, theta2=None,
+                                     ratio=ratio, used=used)
+                if used and limited:   # line 21: newest pair into the L-BFGS memory (3.16)
+                    S[l] = xp.concatenate([S[l], s_t[None]])[-self.memory:]
+                    Y[l] = xp.concatenate([Y[l], y_t[None]])[-self.memory:]
+                    H_G[l] = hg_matrix(None, S[l], Y[l], 1 / lambda_G[l])
+                elif used:             # line 21: BFGS (3.11)
+                    H_G[l] = bfgs_update_H(H_G[l], s_t, y_t)
+
+        # line 7-8: gradient and momentum (Algorithm 10: m = g)
+        g = net.grad(params, batch.x, batch.y, batch.loss)
+        if self.algorithm == "alg10":
+            m = g
+        else:
+            prev = state.m if state.m is not None else [xp.zeros_like(gl) for gl in g]
+            if self.momentum_form == "heavy_ball":  # m ← μm + g (Ch.3's form)
+                m = [self.momentum * ml + gl for ml, gl in zip(prev, g)]
+            else:                                   # m ← μm + (1−μ)g (Ch.2's form, §2.5.2)
+                m = [self.momentum * ml + (1 - self.momentum) * gl for ml, gl in zip(prev, g)]
+        # lines 9-10: p = −(H_G ⊗ H_A) vec(m) (row-major vec; (3.10))
+        direction = [-(xp.kron(H_G[l], H_A[l]) @ m[l].ravel()).reshape(m[l].shape) for l in range(L)]
+
+        # line 12: curvature step? (printed: 1-based k ≡ 0 mod T; library: 0-based k ≡ 0 mod T)
+        due = (k + 1) % self.T_inv == 0 if self.phase == "paper" else refresh_due(k, self.T_inv)
+        H_A_new, pending = H_A, None
+        if due:
+            H_A_new = []
+            for l in range(L):
+                M = A[l] + lambda_A[l] * eye[l]
+                if not alg9:   # Algorithm 10 line 12: H_A = (Â + λ_A I)⁻¹
+                    H_A_new.append(inverse_definition(M))
+                    continue
+                s_A = H_A[l] @ mean_patch(P[l])         # lines 16-17, (3.14): s_A = H_A â,
+                y_A = M @ s_A                           # y_A = (A + λ_A I) s_A with A formed
+                if float(s_A @ y_A) > 0:
+                    H_A_new.append(bfgs_update_H(H_A[l], s_A, y_A))
+                else:
+                    H_A_new.append(H_A[l])
+                    diag["ha_skipped"][l] += 1
+            pending = PendingPass(batch=batch.own_copy(), h_bar=[W @ mean_patch(Pl) for W, Pl in zip(params, P)],
+                                  g_bar=[Dl.mean(axis=(0, 2)) for Dl in Dh])   # h̄ = W â, ḡ = Dh̄
+        hg = {"S": S, "Y": Y} if limited else {"H_g": H_G}
+        new = state.replace(k=k + 1, m=m, H_a=H_A_new, H_a_used=H_A, s_g=s_G, y_g=y_G, lambda_A=lambda_A,
+                            lambda_G=lambda_G, pending=pending, last_pairs=last, diagnostics=diag, **hg)
+        return direction, new
+
 
 @register
 @dataclass(frozen=True)
@@ -552,7 +680,11 @@ class KBFGS(_KBFGSBase):
     ("alg9" | "alg10"), ``momentum_form`` ("heavy_ball" | "ema").
 
     Curvature: ``C = ⊕_l (H_g ⊗ H_a)⁻¹`` (3.10), ``rhs = m`` (module docstring).
-    Shared by both forms: see the module docstring."""
+
+    Fast form: :class:`KBFGSCore`; dense form: :meth:`_KBFGSBase._dense` (literal Algorithm 9/10
+    with dense matrices). Shared by both forms: ``net.factors``, ``linalg.kronecker.mean_patch``,
+    ``linalg.damping.dp_dlm``/``dpi_dlm``, ``linalg.quasi_newton.bfgs_update_H`` (each tested
+    on its own; module docstring)."""
 
     name = "kbfgs"
     seed_ref = "003 Ch.3 Alg. 8-11, (3.9)-(3.16)"
@@ -566,7 +698,11 @@ class KBFGSL(_KBFGSBase):
     """K-BFGS(L) (thesis 003 Algorithms 9 and 10): ``H_g`` by L-BFGS with the last ``memory``
     (thesis: ``p``) pairs from ``H_0 = λ_G⁻¹ I``, applied in compact form. Hyper-parameters as
     :class:`KBFGS`, plus the ``memory``. Curvature: as :class:`KBFGS` with ``H_g`` the dense
-    L-BFGS matrix (3.16)."""
+    L-BFGS matrix (3.16).
+
+    Fast form: compact L-BFGS (:class:`KBFGSCore`); dense form: :meth:`_KBFGSBase._dense` with
+    ``H_g`` the dense L-BFGS matrix of the stored pairs (:func:`hg_matrix`). Shared by both
+    forms: as :class:`KBFGS` (module docstring)."""
 
     memory: int = 100
 

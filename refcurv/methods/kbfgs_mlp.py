@@ -42,10 +42,9 @@ MSE has ``G_l(i) = I``: then ``y_g = s_g`` and ``H_g`` stays ``I`` (tested).
 
 Vectorization. Row-major ``vec`` (refcurv): ``vec(H_g m H_a) = (H_g ⊗ H_a) vec(m)`` (``H_a``
 symmetric); the thesis (2.4) writes the column-major ``(H_a ⊗ H_g) vec(∇f̂)``. The dense form
-forms ``H_g ⊗ H_a`` explicitly, with ``H_g`` the dense L-BFGS matrix (recursion, from the stored
-pairs) for K-BFGS(L), and the BFGS updates in the literal product form (2.6); the fast form uses
-the two-sided product, the expanded BFGS formula and the compact L-BFGS representation. The
-two agree to rounding (the paper says they are equal).
+forms ``H_g ⊗ H_a`` explicitly, with ``H_g`` the dense L-BFGS matrix (recursion (2.12), from the
+stored pairs) for K-BFGS(L); the fast form uses the two-sided product and the compact L-BFGS
+representation. The two agree to rounding (the paper says they are equal).
 
 Deferred second pass (the step does not know the learning rate). Algorithm 4 iteration ``k``
 runs a forward/backward pass on ``M_k`` at ``θ_k`` (line 6), steps ``θ_{k+1} = θ_k − α p_k``
@@ -96,12 +95,26 @@ Curvature operator: as for Chapter 3, ``C = BlockDiagonal_l[(H_g ⊗ H_a)⁻¹]`
 ``H_a = state.H_a_used`` and ``H_g`` dense (L-BFGS recursion (2.12)); ``rhs(state, g) =
 state.m``.
 
-The two forms share the step skeleton with Chapter 3
-(:class:`refcurv.methods.kbfgs.KBFGSCore`; its order of operations and moving averages are
-pinned by the explicit Algorithm 4/5 replays in the tests) and these kernels, each tested on
-its own: :func:`refcurv.linalg.kronecker.damping_split`, ``factor_A``, ``mean_patch``,
-``hessian_action_pair``; :func:`refcurv.linalg.damping.double_damping`;
-:func:`refcurv.linalg.quasi_newton.lbfgs_dense`; :func:`authors_accepts`; ``net.factors``.
+The two forms are two code paths. The fast form is the step skeleton shared with Chapter 3
+(:class:`refcurv.methods.kbfgs.KBFGSCore`, with this module's hooks): input dtype, the gradient
+from the factors, ``A`` by :func:`~refcurv.linalg.kronecker.factor_A`, the Hessian-action pair by
+:func:`~refcurv.linalg.kronecker.hessian_action_pair`, the compact L-BFGS form, Cholesky
+inverses, :func:`authors_accepts`. The dense form (:meth:`_KBFGSMLPBase._dense`) is its own
+literal replay of one iteration of Algorithm 4/5 (and the authors' departures) in float64 with
+dense matrices, calling none of the skeleton's update code: ``λ_A = λ_G = √λ`` written out,
+``A`` from its definition (:func:`~refcurv.methods.kbfgs.A_definition`), the gradient from
+:meth:`~refcurv.nn.Sequential.grad`, ``y_a = (A + λ_A I) s_a`` with ``A`` formed, ``H_g ⊗ H_a``
+formed, the dense L-BFGS matrix (:func:`~refcurv.methods.kbfgs.hg_matrix`, recursion (2.12)),
+LU inverses, the skip rules written out. Both forms are checked against the tests' own
+replays of Algorithm 4/5 and of the authors' code (``..._explicit_...[fast|dense]``) and
+against each other along runs (``test_fast_equals_dense_*``, ``test_authors_fast_equals_dense_*``).
+
+Shared by both forms (each tested on its own): ``net.factors``;
+:func:`refcurv.linalg.kronecker.mean_patch` (``ā``; ``h̄ = W ā`` rounds identically in both, so
+the pair difference ``h̄⁺ − h̄`` does); :func:`refcurv.linalg.damping.double_damping`;
+:func:`refcurv.linalg.quasi_newton.bfgs_update_H`; the constant :data:`AUTHORS_SKIP`; the
+records ``PendingPass`` / ``PairRecord``. The dense form's counting of the pairs
+(:func:`~refcurv.methods.kbfgs.count_pair`) is not the fast form's (inline in the skeleton).
 
 Authors' variant (``variant="authors"``, design §8; Algorithm 4 only). The authors' published
 code (github.com/renyiryry/kbfgs_neurips2020_public: ``training_function.py``,
@@ -141,9 +154,13 @@ import numpy as np
 from ..backend import xp_of
 from ..errors import HyperParameterError
 from ..linalg.damping import double_damping
-from ..linalg.kronecker import factor_A
+from ..linalg.kronecker import factor_A, mean_patch
+from ..linalg.quasi_newton import bfgs_update_H
 from .base import check_choice, check_int, check_nonnegative, check_positive, check_unit, state_field
-from .kbfgs import _H_G_DOC, _S_DOC, _Y_DOC, KBFGSCore, KBFGSStateBase
+from .kbfgs import (
+    _H_G_DOC, _S_DOC, _Y_DOC, A_definition, KBFGSCore, KBFGSStateBase, PairRecord, PendingPass, count_pair,
+    hg_matrix, inverse_definition,
+)
 from .registry import register
 
 #: the authors' code (``kbfgs_utils.py::get_BFGS_formula``, ``Kron_LBFGS_append_s_y``): a pair
@@ -275,12 +292,123 @@ class _KBFGSMLPBase(KBFGSCore):
             return g + self.effective_weight_decay * W
         return g
 
+    # ------------------------------------------------------------ dense form
+    def _dense(self, state, net, params, batch, draws):
+        """Algorithm 4 (``"alg4"``) / 5 (``"alg5"``), iteration ``k = state.k``, replayed
+        literally with dense float64 matrices (``A``, ``H_a``, ``H_g``, ``H_g ⊗ H_a``), the
+        authors' four departures where ``variant="authors"``, the second pass (lines 13-18)
+        deferred to the next call (module docstring). Independent of :class:`KBFGSCore`'s
+        update code; shares only the kernels listed in the class docstring."""
+        xp, L, k, b, mu1 = xp_of(params[0]), len(params), state.k, self.beta, self.mu1
+        authors, alg5 = self.variant == "authors", self.algorithm == "alg5"
+        P, Dh = net.factors(params, batch.x, batch.y, batch.loss)  # line 6: a_i, g_i at θ_k on M_k
+        A_batch = [A_definition(Pl) for Pl in P]                   # mean_i a_i a_iᵀ
+        eye = [xp.eye(Ab.shape[0]) for Ab in A_batch]
+        # lines 2-3 (before the first iteration, unless warm-started): λ_A = λ_G = √λ;
+        # A = mean a aᵀ (here from M_0), H_a = (A + λ_A I)⁻¹; H_g = I, (s_g, y_g) = 0, m = 0
+        lambda_A = state.lambda_A or [float(np.sqrt(self.damping))] * L
+        lambda_G = state.lambda_G or [float(np.sqrt(self.damping))] * L
+        A = list(state.A) if state.A is not None else A_batch
+        H_a = state.H_a
+        if H_a is None:
+            H_a = [inverse_definition(A_batch[l] + lambda_A[l] * eye[l]) for l in range(L)]
+        outs = [W.shape[0] for W in params]
+        fresh = state.s_g is None
+        s_g = [xp.zeros(o) for o in outs] if fresh else list(state.s_g)
+        y_g = [xp.zeros(o) for o in outs] if fresh else list(state.y_g)
+        if self.limited:  # K-BFGS(L): the last `memory` pairs, H_0 = I (line 10)
+            S = [xp.zeros((0, o)) for o in outs] if fresh else list(state.S)
+            Y = [xp.zeros((0, o)) for o in outs] if fresh else list(state.Y)
+            H_g = [hg_matrix(None, S[l], Y[l], 1.0) for l in range(L)]
+        else:
+            H_g = [xp.eye(o) for o in outs] if fresh else list(state.H_g)
+        diag = {key: list(v) for key, v in state.diagnostics.items()}
+        last = list(state.last_pairs or [None] * L)
+
+        # lines 13-18 of iteration k−1 (deferred): second pass on M_{k−1} at θ_k
+        pend = state.pending
+        if pend is not None:
+            P2, Dh2 = net.factors(params, pend.batch.x, pend.batch.y, pend.batch.loss)
+            for l in range(L):
+                h_plus, g_plus = params[l] @ mean_patch(P2[l]), Dh2[l].mean(axis=(0, 2))  # h̄⁺ = W⁺ā⁺, ḡ⁺
+                s_g[l] = b * s_g[l] + (1 - b) * (h_plus - pend.h_bar[l])                  # line 16, (2.5)
+                y_g[l] = b * y_g[l] + (1 - b) * (g_plus - pend.g_bar[l])
+                s_t, y_t, th1, th2 = double_damping(s_g[l], y_g[l], H_g[l], mu1, lambda_G[l])  # line 17
+                sty = float(s_t @ y_t)
+                if sty > 0:
+                    ratio = float(y_t @ H_g[l] @ y_t) / sty
+                    if authors:   # departure 3: s̃ᵀỹ > 10⁻⁴ s̃ᵀs̃ ‖ḡ‖ (ḡ of the first pass)
+                        used = sty > AUTHORS_SKIP * float(s_t @ s_t) * float(xp.linalg.norm(pend.g_bar[l]))
+                    elif alg5:    # Algorithm 5 line 17: use iff s̃ᵀỹ ≥ (μ₁/c) ỹᵀHỹ (√eps slack on ties)
+                        used = ratio <= self.skip_factor * (1 + np.sqrt(np.finfo(s_t.dtype).eps)) / mu1
+                    else:
+                        used = True
+                else:             # only s_g = y_g = 0: no information
+                    ratio, used = float("inf"), False
+                count_pair(diag, l, ratio, used, mu1, s_t.dtype)
+                last[l] = PairRecord(k=k, s=s_g[l], y=y_g[l], s_t=s_t, y_t=y_t, theta1=th1, theta2=th2,
+                                     ratio=ratio, used=used)
+                if used and self.limited:   # line 18: newest pair into the memory, (2.12)
+                    S[l] = xp.concatenate([S[l], s_t[None]])[-self.memory:]
+                    Y[l] = xp.concatenate([Y[l], y_t[None]])[-self.memory:]
+                    H_g[l] = hg_matrix(None, S[l], Y[l], 1.0)
+                elif used:                  # line 18: BFGS (2.6)
+                    H_g[l] = bfgs_update_H(H_g[l], s_t, y_t)
+
+        # line 8: m ← μm + (1−μ)∇f̄ ("ema") or μm + ∇f̄ ("heavy_ball"); Algorithm 5: m = ∇f̄
+        g = net.grad(params, batch.x, batch.y, batch.loss)
+        if authors:  # departure 1: the gradient of f̄ + (τ/2)‖θ‖²
+            g = [gl + self.effective_weight_decay * W for gl, W in zip(g, params)]
+        if alg5:
+            m = g
+        else:
+            prev = state.m if state.m is not None else [xp.zeros_like(gl) for gl in g]
+            if self.momentum_form == "heavy_ball":  # m ← μm + g (Ch.3's form)
+                m = [self.momentum * ml + gl for ml, gl in zip(prev, g)]
+            else:                                   # m ← μm + (1−μ)g (Ch.2's form, §2.5.2)
+                m = [self.momentum * ml + (1 - self.momentum) * gl for ml, gl in zip(prev, g)]
+        # line 9: p = −(H_g ⊗ H_a) vec(m) (row-major vec; (2.4))
+        direction = [-(xp.kron(H_g[l], H_a[l]) @ m[l].ravel()).reshape(m[l].shape) for l in range(L)]
+
+        # lines 20-23 (every iteration): A, then H_a
+        H_a_new = []
+        for l in range(L):
+            if not (authors and k == 0):   # line 20 (departure 2: the authors keep A at k = 0)
+                A[l] = b * A[l] + (1 - b) * A_batch[l]
+            M = A[l] + lambda_A[l] * eye[l]  # line 21: A^{LM}
+            if alg5:                          # Algorithm 5 line 23: H_a = (A^{LM})⁻¹
+                H_a_new.append(inverse_definition(M))
+                continue
+            abar = mean_patch(P[l])
+            s_a = H_a[l] @ abar               # line 22: s_a = H_a ā, y_a = A^{LM} s_a
+            y_a = M @ s_a
+            sty = float(s_a @ y_a)
+            ok = sty > 0
+            if authors:   # departure 4: s_aᵀy_a > 10⁻⁴ s_aᵀs_a ‖ā‖ (ā = (mean input, 1))
+                ok = ok and sty > AUTHORS_SKIP * float(s_a @ s_a) * float(xp.linalg.norm(abar))
+            if ok:
+                H_a_new.append(bfgs_update_H(H_a[l], s_a, y_a))   # line 23, (2.6)
+            else:
+                H_a_new.append(H_a[l])
+                diag["ha_skipped"][l] += 1
+        pending = PendingPass(batch=batch.own_copy(), h_bar=[W @ mean_patch(Pl) for W, Pl in zip(params, P)],
+                              g_bar=[Dl.mean(axis=(0, 2)) for Dl in Dh])   # h̄ = W ā, ḡ: line 6's pass
+        hg = {"S": S, "Y": Y} if self.limited else {"H_g": H_g}
+        new = state.replace(k=k + 1, m=m, A=A, H_a=H_a_new, H_a_used=H_a, s_g=s_g, y_g=y_g, lambda_A=lambda_A,
+                            lambda_G=lambda_G, pending=pending, last_pairs=last, diagnostics=diag, **hg)
+        return direction, new
+
 
 @register
 @dataclass(frozen=True)
 class KBFGSMLP(_KBFGSMLPBase):
     """K-BFGS-20: ``H_g`` by damped BFGS (thesis 003 Algorithm 4, or 5 with ``algorithm="alg5"``).
-    Curvature ``C = ⊕_l (H_g ⊗ H_a)⁻¹`` (2.4), ``rhs = m``."""
+    Curvature ``C = ⊕_l (H_g ⊗ H_a)⁻¹`` (2.4), ``rhs = m``.
+
+    Fast form: :class:`~refcurv.methods.kbfgs.KBFGSCore`; dense form:
+    :meth:`_KBFGSMLPBase._dense` (literal Algorithm 4/5). Shared by both forms: ``net.factors``,
+    ``linalg.kronecker.mean_patch``, ``linalg.damping.double_damping``,
+    ``linalg.quasi_newton.bfgs_update_H``, ``AUTHORS_SKIP`` (module docstring)."""
 
     name = "kbfgs-mlp"
     seed_ref = "003 Ch.2 Alg. 3, 4, 5; (2.4)-(2.6); Thm 1"
@@ -293,7 +421,11 @@ class KBFGSMLP(_KBFGSMLPBase):
 class KBFGSLMLP(_KBFGSMLPBase):
     """K-BFGS(L)-20: ``H_g`` by damped L-BFGS with ``memory`` pairs, compact form, ``H_0 = I``
     (thesis 003 Algorithm 4, or 5 with ``algorithm="alg5"``; ``p = 100`` in §2.8.2). Curvature
-    as :class:`KBFGSMLP` with ``H_g`` the dense L-BFGS matrix (2.12)."""
+    as :class:`KBFGSMLP` with ``H_g`` the dense L-BFGS matrix (2.12).
+
+    Fast form: compact L-BFGS (:class:`~refcurv.methods.kbfgs.KBFGSCore`); dense form:
+    :meth:`_KBFGSMLPBase._dense` with ``H_g`` the dense L-BFGS matrix of the stored pairs.
+    Shared by both forms: as :class:`KBFGSMLP`."""
 
     memory: int = 100
 

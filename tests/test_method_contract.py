@@ -124,3 +124,21 @@ def test_curvature_reproduces_the_dense_direction(name, kind):
         err = np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-300)
         assert err <= tol, f"{name} step {k}: ‖−C⁻¹v − d‖/‖d‖ = {err:.2e} > {tol:.2e}"
         state, p = new, [W + 0.1 * D for W, D in zip(p, d)]
+
+
+@pytest.mark.parametrize("name,kind", CASES)
+def test_precision_fast_in_input_dtype_dense_in_float64(name, kind):
+    """design §3: the fast form runs in the input dtype (float32 here), the dense reference in
+    float64 whatever the input dtype."""
+    net, xshape = NETS[kind]
+    method = REGISTRY[name]()
+    if kind == "cnn" and not method.supports_conv:
+        return
+    rng = np.random.default_rng(0)
+    params = net.init(0, dtype=np.float32)
+    batch = Batch(rng.standard_normal(xshape).astype(np.float32), rng.integers(0, 3, xshape[0]), CrossEntropy())
+    for dense, want in ((False, np.float32), (True, np.float64)):
+        state = method.init(net, params)
+        for _ in range(2):
+            d, state = method.step(state, net, params, batch, rng=1, dense=dense)
+        assert [di.dtype for di in d] == [want] * len(d), (dense, [di.dtype for di in d])

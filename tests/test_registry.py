@@ -40,25 +40,6 @@ def test_every_method_steps_in_both_forms(name, kind):
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 @pytest.mark.parametrize("kind", sorted(NETS))
-def test_precision_fast_in_input_dtype_dense_in_float64(name, kind):
-    """design §3: the fast form runs in the input dtype (float32 here), the dense reference in
-    float64 whatever the input dtype."""
-    net, xshape = NETS[kind]
-    method = REGISTRY[name]()
-    if kind == "cnn" and not method.supports_conv:
-        return
-    rng = np.random.default_rng(0)
-    params = net.init(0, dtype=np.float32)
-    batch = Batch(rng.standard_normal(xshape).astype(np.float32), rng.integers(0, 3, xshape[0]), CrossEntropy())
-    for dense, want in ((False, np.float32), (True, np.float64)):
-        state = method.init(net, params)
-        for _ in range(2):
-            d, state = method.step(state, net, params, batch, rng=1, dense=dense)
-        assert [di.dtype for di in d] == [want] * len(d), (dense, [di.dtype for di in d])
-
-
-@pytest.mark.parametrize("name", sorted(REGISTRY))
-@pytest.mark.parametrize("kind", sorted(NETS))
 def test_methods_do_not_alias_the_callers_batch(name, kind):
     """A method that keeps a batch for a later step (K-BFGS's deferred second pass) must keep
     its own copy: a training loop that refills one buffer in place must get bit-identical

@@ -17,7 +17,8 @@ import numpy as np
 from ..backend import asarray_like
 from ..testing.tolerance import EPS, tolerance
 
-#: built-in problems: (network, input shape, loss); N = 6 samples, 3 outputs
+#: built-in problems: network (a Linear-Tanh-Linear MLP, a Conv-Tanh-Flatten-Linear CNN) and
+#: loss (cross-entropy, MSE, BCE); N = 6 samples, 3 outputs
 PROBLEMS = ("mlp-ce", "mlp-mse", "mlp-bce", "cnn-ce", "cnn-mse", "cnn-bce")
 QUICK_PROBLEMS = ("mlp-ce", "cnn-mse")
 
@@ -393,7 +394,7 @@ def all_checks():
         checks.append(Check("linalg", "-", name, "-", fn, quick=True))
     for m in sorted(REGISTRY):
         conv = REGISTRY[m].supports_conv
-        for prob in ("mlp-ce", "mlp-mse", "cnn-ce", "cnn-mse"):
+        for prob in PROBLEMS:
             if prob.startswith("cnn") and not conv:
                 continue
             quick = prob == "mlp-ce"

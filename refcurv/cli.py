@@ -39,7 +39,8 @@ def _parser():
     tier.add_argument("--quick", action="store_true", help="the quick tier (one problem per check)")
     tier.add_argument("--thorough", action="store_true", help="every check over several seeds")
     v.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the problems (default 0)")
-    v.add_argument("--json", metavar="FILE", help="write the report (with the environment) to FILE")
+    v.add_argument("--json", metavar="FILE", type=_json_target,
+                   help="write the report (with the environment) to FILE")
     v.add_argument("--backend", choices=("numpy", "cupy"), default="numpy", help="array backend")
     v.add_argument("--jobs", type=_pos_int, default=1, help="worker processes (one BLAS thread each)")
     v.add_argument("--dask", metavar="ADDRESS", help="run the checks as tasks on the Dask scheduler at "
@@ -159,9 +160,30 @@ def verify(args, out=None):
     return 1 if failed else 0
 
 
+def _json_target(path):
+    """Refuse an unwritable ``--json`` path before the run, in one line."""
+    import os
+
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d) or not os.access(d, os.W_OK) or os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"cannot write the report to {path!r}")
+    return path
+
+
 def main(argv=None):
     p = _parser()
     args = p.parse_args(argv)
+    try:
+        return _dispatch(p, args)
+    except KeyboardInterrupt:
+        sys.stderr.write("refcurv: interrupted\n")
+        return 130
+    except (OSError, TimeoutError) as e:  # e.g. a Dask scheduler that cannot be reached
+        sys.stderr.write(f"refcurv {args.command}: error: {type(e).__name__}: {e}\n")
+        return 2
+
+
+def _dispatch(p, args):
     if args.command == "verify":
         return verify(args)
     if args.command == "sweep":

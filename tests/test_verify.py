@@ -116,7 +116,9 @@ def test_version():
 
 @pytest.mark.parametrize("args", [["bogus"], ["verify", "--jobs", "0"], ["verify", "--seed", "-1"],
                                   ["verify", "--backend", "tpu"], ["verify", "--method", "nonexistent"],
-                                  ["verify", "--quick", "--thorough"], ["sweep", "--shards", "x"]])
+                                  ["verify", "--quick", "--thorough"], ["sweep", "--shards", "x"],
+                                  ["verify", "--json", "/nonexistent-dir/r.json"],
+                                  ["verify", "--quick", "--check", "Woodbury", "--dask", "tcp://127.0.0.1:9"]])
 def test_bad_usage_is_one_line_and_exit_2(args):
     r = _cli(*args)
     assert r.returncode == 2, (args, r.returncode, r.stderr)

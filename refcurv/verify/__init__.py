@@ -135,7 +135,7 @@ def _run_dask(ids, seed, backend, dask, progress):
         from ..errors import ArgumentTypeError
 
         raise ArgumentTypeError("--dask needs the 'distributed' extra: pip install 'refcurv[distributed]'") from None
-    client = dask if isinstance(dask, Client) else Client(dask)
+    client = dask if isinstance(dask, Client) else Client(dask, timeout="10s")
     try:
         futures = [client.submit(run_one, i, seed, backend, True, key=f"refcurv-verify-{seed}-{i}", pure=False)
                    for i in ids]

@@ -142,3 +142,26 @@ def test_precision_fast_in_input_dtype_dense_in_float64(name, kind):
         for _ in range(2):
             d, state = method.step(state, net, params, batch, rng=1, dense=dense)
         assert [di.dtype for di in d] == [want] * len(d), (dense, [di.dtype for di in d])
+
+
+@pytest.mark.parametrize("name,kind", CASES)
+def test_a_state_made_for_another_network_is_refused(name, kind):
+    method, net, params, batches = _setup(name, kind)
+    other = Sequential([Linear(3, 5), Tanh(), Linear(5, 3)]) if kind == "mlp" else \
+        Sequential([Conv2d(1, 3, 2), Tanh(), Flatten(), Linear(12, 3)])
+    state = method.init(other, other.init(0))
+    assert state.param_shapes == tuple(tuple(s) for s in other.param_shapes)
+    with pytest.raises(StateError, match=f"{name}: the state was made for a network"):
+        method.step(state, net, params, batches[0], rng=0)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_unknown_and_retired_hyper_parameters_are_named(name):
+    from refcurv.errors import HyperParameterError
+    from refcurv.methods.vocabulary import RETIRED
+
+    with pytest.raises(HyperParameterError, match="no hyper-parameter 'dampnig'"):
+        REGISTRY[name](dampnig=1.0)
+    retired = next(k for k in RETIRED if k not in REGISTRY[name].hyper_parameters())
+    with pytest.raises(HyperParameterError, match="renamed"):
+        REGISTRY[name](**{retired: 1.0})

@@ -57,6 +57,7 @@ COMMON_FIELDS = {
     "g": "mini-batch gradient of the last step per layer",
     "damping": "damping λ the next step will use (adaptive methods)",
     "damping_used": "damping λ the last step used",
+    "param_shapes": "the parameter shapes of the network the state was made for (set by init)",
 }
 
 
@@ -80,6 +81,7 @@ class State:
 
     k: int = state_field("k", default=0)
     diagnostics: Mapping = state_field("diagnostics", default={})
+    param_shapes: tuple = state_field("param_shapes", default=None)
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
@@ -124,6 +126,24 @@ class Batch:
         return Batch(copy.deepcopy(self.x), copy.deepcopy(self.y), self.loss)
 
 
+def _recording_init(init):
+    import functools
+
+    @functools.wraps(init)
+    def wrapper(self, net, params, *args, **kwargs):
+        from ..nn import Sequential
+
+        if not isinstance(net, Sequential):
+            raise ArgumentTypeError(f"{self.name}: net must be a refcurv.nn.Sequential, got {type(net).__name__}")
+        params = net.check_params(params)
+        state = init(self, net, params, *args, **kwargs)
+        if state.param_shapes is None:
+            state = state.replace(param_shapes=tuple(tuple(s) for s in net.param_shapes))
+        return state
+
+    return wrapper
+
+
 def refresh_due(k, T):
     """The one refresh-phase convention: refresh at 0-based step ``k`` iff ``k ≡ 0 (mod T)``."""
     return k % T == 0
@@ -147,6 +167,28 @@ class Method:
     #: the fields of :class:`Draws` this method consumes (``"labels"``, ``"sketches"``, ``"seeds"``)
     draw_fields: tuple = ()
 
+    def __init_subclass__(cls, **kwargs):
+        """Every ``init`` records the network's parameter shapes in the state (``step``
+        refuses a state made for another network) and validates its arguments."""
+        super().__init_subclass__(**kwargs)
+        if "init" in vars(cls):
+            cls.init = _recording_init(cls.init)
+
+    def __new__(cls, *args, **kwargs):
+        # an unknown or retired hyper-parameter: one line naming it (the dataclass __init__
+        # would raise a bare TypeError)
+        if kwargs and dataclasses.is_dataclass(cls):
+            names = {f.name for f in dataclasses.fields(cls)}
+            for k in kwargs:
+                if k not in names:
+                    from .vocabulary import RETIRED
+
+                    hint = f"; it was renamed: {RETIRED[k]}" if k in RETIRED else ""
+                    raise HyperParameterError(
+                        f"{cls.name or cls.__name__} has no hyper-parameter {k!r}{hint} "
+                        f"(hyper-parameters: {', '.join(sorted(names)) or 'none'})")
+        return super().__new__(cls)
+
     def init(self, net, params):
         return self.State()
 
@@ -155,10 +197,16 @@ class Method:
         return Draws(method=self.name)
 
     # ------------------------------------------------------------------ checks
-    def check_state(self, state):
-        """Refuse a state this method did not make (:class:`~refcurv.errors.StateError`)."""
+    def check_state(self, state, net=None):
+        """Refuse a state this method did not make, or made for another network
+        (:class:`~refcurv.errors.StateError`)."""
         want = self.State
         if type(state) is want:
+            if net is not None and state.param_shapes is not None and \
+                    tuple(map(tuple, state.param_shapes)) != tuple(map(tuple, net.param_shapes)):
+                raise StateError(f"{self.name}: the state was made for a network with parameter shapes "
+                                 f"{list(map(tuple, state.param_shapes))}, this one has "
+                                 f"{list(map(tuple, net.param_shapes))}")
             return state
         fields = [f.name for f in dataclasses.fields(want)]
         if state is None:
@@ -187,11 +235,11 @@ class Method:
     def step(self, state, net, params, batch, rng=None, dense=False, draws=None):
         """One step: ``(direction, new_state)``. Pass either ``rng`` (the draws are made by
         :meth:`draw`) or ``draws`` (replayed exactly), not both."""
-        self.check_state(state)
         from ..nn import Sequential
 
         if not isinstance(net, Sequential):
             raise ArgumentTypeError(f"{self.name}: net must be a refcurv.nn.Sequential, got {type(net).__name__}")
+        self.check_state(state, net)
         if not isinstance(batch, Batch):
             raise ArgumentTypeError(f"batch must be a refcurv.methods.Batch, got {type(batch).__name__}")
         if not all(hasattr(batch.loss, a) for a in ("grad", "hvp", "check_targets", "sample")):
@@ -234,6 +282,9 @@ class Method:
     def hyper_parameters(cls):
         """``{name: default}`` of the method's hyper-parameters."""
         return {f.name: f.default for f in dataclasses.fields(cls)}
+
+
+Method.init = _recording_init(Method.init)
 
 
 def _float64(a):

@@ -13,6 +13,7 @@ import json
 import sys
 
 from . import __version__
+from .errors import RefcurvError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -71,7 +72,10 @@ def _nonneg_int(s):
 
 
 def _pos_int(s):
-    v = _nonneg_int(s)
+    try:
+        v = int(s)
+    except ValueError:
+        v = 0
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s!r}")
     return v
@@ -137,14 +141,18 @@ def verify(args, out=None):
     except ImportError:
         done = [0]
 
+        tty = sys.stderr.isatty()
+
         def tick(r):
             done[0] += 1
-            sys.stderr.write(f"\r[{done[0]}/{total}] {r.id[:70]:<70}")
-            sys.stderr.flush()
+            if tty:
+                sys.stderr.write(f"\r[{done[0]}/{total}] {r.id[:70]:<70}")
+                sys.stderr.flush()
 
         for s in seeds:
             results += run(checks, seed=s, jobs=args.jobs, backend=args.backend, dask=args.dask, progress=tick)
-        sys.stderr.write("\n")
+        if tty:
+            sys.stderr.write("\n")
     _table(results, out)
     failed = [r for r in results if not r.passed]
     out.write(f"\n{len(results) - len(failed)} passed, {len(failed)} failed "
@@ -154,18 +162,23 @@ def verify(args, out=None):
         out.write(f"FAILED {r.id}: {r.detail}\n")
     if args.json:
         report = {"schema": 1, "environment": environment(args.seed, args.backend, args.jobs),
-                  "passed": not failed, "results": [r.asdict() for r in results]}
+                  "passed": not failed, "results": [_json_safe(r.asdict()) for r in results]}
         with open(args.json, "w") as fh:
-            json.dump(report, fh, indent=1, default=str)
+            json.dump(report, fh, indent=1, default=str, allow_nan=False)
     return 1 if failed else 0
+
+
+def _json_safe(d):
+    """NaN (a check that raised has no error) is ``null`` in strict JSON."""
+    return {k: (None if isinstance(v, float) and v != v else v) for k, v in d.items()}
 
 
 def _json_target(path):
     """Refuse an unwritable ``--json`` path before the run, in one line."""
     import os
 
-    d = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(d) or not os.access(d, os.W_OK) or os.path.isdir(path):
+    d = os.path.dirname(os.path.abspath(path)) if path else ""
+    if not path or not os.path.isdir(d) or not os.access(d, os.W_OK) or os.path.isdir(path):
         raise argparse.ArgumentTypeError(f"cannot write the report to {path!r}")
     return path
 
@@ -181,13 +194,24 @@ def main(argv=None):
     except (OSError, TimeoutError) as e:  # e.g. a Dask scheduler that cannot be reached
         sys.stderr.write(f"refcurv {args.command}: error: {type(e).__name__}: {e}\n")
         return 2
+    except RefcurvError as e:  # bad input found after parsing (e.g. a malformed Dask address)
+        sys.stderr.write(f"refcurv {args.command}: error: {e}\n")
+        return 2
 
 
 def _dispatch(p, args):
     if args.command == "verify":
         return verify(args)
     if args.command == "sweep":
+        import importlib.util
+
         from .verify.sweep import sweep
+
+        missing = [m for m, need in (("pytest", True), ("hypothesis", True), ("distributed", args.dask is not None))
+                   if need and importlib.util.find_spec(m) is None]
+        if missing:
+            sys.stderr.write(f"refcurv sweep: error: needs {', '.join(missing)} (pip install 'refcurv[test]')\n")
+            return 2
 
         shards = sweep(args.shards, args.seed, args.pytest_args or ["tests"], jobs=args.jobs,
                        dask=args.dask, profile=args.profile)

@@ -48,6 +48,22 @@ def test_a_broken_formula_turns_the_verdict_red(monkeypatch, tmp_path, capsys):
     assert "FAILED foundation/-/GGN = exact Fisher/mlp-ce" in capsys.readouterr().out
 
 
+def test_a_gradient_off_by_1e_8_fails_the_finite_difference_check(monkeypatch):
+    import refcurv.nn.model as M
+
+    orig = M.Sequential.grad
+    monkeypatch.setattr(M.Sequential, "grad", lambda self, *a: [g * (1 + 1e-8) for g in orig(self, *a)])
+    results = run(select(check="gradient = finite differences"), seed=0)
+    assert results and not any(r.passed for r in results)
+
+
+def test_a_wrong_powell_step_fails(monkeypatch):
+    import refcurv.linalg.damping as D
+
+    monkeypatch.setattr(D, "powell_H", lambda s, y, H, mu: (H @ y, 0.0))
+    assert not run_one("linalg/-/Powell damping on H/-", seed=0).passed
+
+
 def test_a_raising_check_fails_with_its_reason(monkeypatch):
     import refcurv.linalg.woodbury as W
 

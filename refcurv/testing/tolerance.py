@@ -45,26 +45,27 @@ def tolerance(n, cond=1.0, dtype=np.float64, kind="forward", C=100.0):
       the terms that cancel (``‖A‖ ‖x‖`` for ``Ax − b``), independent of κ.
 
     ``C = 100`` absorbs the algorithm's constant (the bounds' ``γ_n = n u / (1 − n u)`` and
-    small-integer factors); the float64 reference's own error is added, so a float32 input
-    is judged at float32 accuracy and a float64 one at float64.
+    small-integer factors); ``u`` is never taken below float64's (the reference is computed
+    in float64), so a float32 input is judged at float32 accuracy and a float64 one at float64.
     """
     dt = np.dtype(dtype)
-    u = np.finfo(dt).eps if dt.kind in "fc" else EPS
+    u = max(np.finfo(dt).eps, EPS) if dt.kind in "fc" else EPS
     if kind == "forward":
-        return C * n * (u + EPS) * cond
+        return C * n * u * cond
     if kind == "residual":
-        return C * n * (u + EPS)
+        return C * n * u
     raise ValueError(f"kind must be 'forward' or 'residual', got {kind!r}")
 
 
 def forward_tol(n, cond, C=100.0):
-    """Forward error of a backward-stable solve/inverse/root in float64: ``C · n · eps · κ``."""
-    return C * n * EPS * cond
+    """:func:`tolerance` of a float64 forward error: ``C · n · eps · κ``."""
+    return tolerance(n, cond, np.float64, "forward", C)
 
 
 def residual_tol(n, C=100.0):
-    """Residual/backward error in float64: ``C · n · eps`` relative to ``‖A‖ ‖x‖``."""
-    return C * n * EPS
+    """:func:`tolerance` of a float64 residual/backward error: ``C · n · eps`` relative to
+    ``‖A‖ ‖x‖``."""
+    return tolerance(n, 1.0, np.float64, "residual", C)
 
 
 def assert_clt(X, truth, level=1e-3):

@@ -57,6 +57,16 @@ def select(method=None, check=None, quick=False, area=None):
     return out
 
 
+def _threadpoolctl():
+    import importlib.util
+
+    return importlib.util.find_spec("threadpoolctl") is not None
+
+
+def _one_thread_env():
+    return all(os.environ.get(k) == "1" for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"))
+
+
 def _one_blas_thread():
     try:
         from threadpoolctl import threadpool_limits
@@ -92,10 +102,12 @@ def run(checks, seed=0, jobs=1, progress=None, backend="numpy", dask=None):
     ids = [c.id for c in checks]
     if dask is not None:
         return _run_dask(ids, seed, backend, dask, progress)
-    if jobs <= 1 or len(ids) <= 1:
+    if (jobs <= 1 or len(ids) <= 1) and not _threadpoolctl() and not _one_thread_env():
+        jobs = 1  # BLAS threads cannot be limited in this process: one single-threaded worker
+    elif jobs <= 1 or len(ids) <= 1:
         results = []
         for i in ids:
-            r = run_one(i, seed, backend)
+            r = run_one(i, seed, backend, True)
             results.append(r)
             if progress:
                 progress(r)
@@ -106,7 +118,7 @@ def run(checks, seed=0, jobs=1, progress=None, backend="numpy", dask=None):
     saved = {k: os.environ.get(k) for k in ONE_THREAD}
     os.environ.update(ONE_THREAD)  # inherited by the spawned workers before they import NumPy
     try:
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(max_workers=min(jobs, len(ids)), mp_context=multiprocessing.get_context("spawn")) as pool:
             done = _collect(as_completed([pool.submit(run_one, i, seed, backend, True) for i in ids]), progress)
     finally:
         for k, v in saved.items():
@@ -115,6 +127,17 @@ def run(checks, seed=0, jobs=1, progress=None, backend="numpy", dask=None):
             else:
                 os.environ[k] = v
     return [done[i] for i in ids]
+
+
+def _client(Client, address):
+    """A Dask client for ``address``; a malformed address is an ArgumentTypeError (one line),
+    an unreachable one an OSError after 10 s."""
+    try:
+        return Client(address, timeout="10s")
+    except (ValueError, TypeError) as e:
+        from ..errors import ArgumentTypeError
+
+        raise ArgumentTypeError(f"--dask: {address!r} is not a scheduler address ({e})") from None
 
 
 def _collect(finished, progress):
@@ -135,7 +158,7 @@ def _run_dask(ids, seed, backend, dask, progress):
         from ..errors import ArgumentTypeError
 
         raise ArgumentTypeError("--dask needs the 'distributed' extra: pip install 'refcurv[distributed]'") from None
-    client = dask if isinstance(dask, Client) else Client(dask, timeout="10s")
+    client = dask if isinstance(dask, Client) else _client(Client, dask)
     try:
         futures = [client.submit(run_one, i, seed, backend, True, key=f"refcurv-verify-{seed}-{i}", pure=False)
                    for i in ids]
@@ -144,6 +167,19 @@ def _run_dask(ids, seed, backend, dask, progress):
         if client is not dask:
             client.close()
     return [done[i] for i in ids]
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or None
 
 
 def environment(seed=None, backend="numpy", jobs=1):
@@ -160,6 +196,7 @@ def environment(seed=None, backend="numpy", jobs=1):
         "refcurv": __version__, "python": sys.version.split()[0], "numpy": np.__version__,
         "scipy": scipy.__version__, "platform": platform.platform(), "machine": platform.machine(),
         "cpu_count": os.cpu_count(), "seed": seed, "backend": backend, "jobs": jobs,
+        "cpu": _cpu_model(),
         "thread_env": {k: os.environ.get(k) for k in ONE_THREAD if os.environ.get(k) is not None},
     }
     try:

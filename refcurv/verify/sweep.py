@@ -39,7 +39,9 @@ def sweep(shards, seed=0, pytest_args=("tests",), cwd=".", jobs=1, dask=None, pr
     if dask is not None:
         from distributed import Client
 
-        client = dask if isinstance(dask, Client) else Client(dask, timeout="10s")
+        from . import _client
+
+        client = dask if isinstance(dask, Client) else _client(Client, dask)
         try:
             futs = [client.submit(run_shard, s, args, os.path.abspath(cwd), profile, pure=False) for s in seeds]
             return client.gather(futs)

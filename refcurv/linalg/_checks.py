@@ -5,7 +5,9 @@ names the argument, what was expected and what was given:
 
 * scalars (:func:`real`, :func:`positive`, :func:`nonnegative`, :func:`in_open_unit`,
   :func:`integer`): a real Python/NumPy number (or a 0-d real array), never a ``bool``,
-  ``None``, string or complex number — checked *before* NumPy sees the value;
+  ``None``, string or complex number — checked *before* NumPy sees the value; a bad scalar is
+  :class:`HyperParameterError` whatever is wrong with it; flags (:func:`flag`) must be real
+  bools and labels (:func:`label`) strings, else :class:`ArgumentTypeError`;
 * arrays (:func:`finite` and the shape checks built on it): real arrays (or nested lists of
   numbers). Integer arrays are converted to float64 (documented); complex arrays are refused
   (the imaginary part would be dropped), as are boolean, string and object arrays; NaN/Inf
@@ -43,12 +45,13 @@ def _given(value):
 
 # ------------------------------------------------------------------ scalars
 def real(value, name, what="a finite real number"):
-    """``value`` as a finite Python float (bools, ``None``, strings, complex numbers and
-    non-scalar arrays are :class:`ArgumentTypeError`; NaN/Inf :class:`HyperParameterError`)."""
+    """``value`` as a finite Python float; anything else — bools, ``None``, strings, complex
+    numbers, non-scalar arrays, NaN/Inf — is :class:`HyperParameterError` (as the methods'
+    ``check_*`` helpers: a scalar hyper-parameter with a bad value or type)."""
     if (isinstance(value, np.ndarray) or is_cupy_array(value)) and value.ndim == 0 and value.dtype.kind in "fiu":
         value = value.item()
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, _REAL):
-        raise ArgumentTypeError(f"{name} must be {what}, got {_given(value)}")
+        raise HyperParameterError(f"{name} must be {what}, got {_given(value)}")
     if not np.isfinite(value):
         raise HyperParameterError(f"{name} must be {what}, got {value!r}")
     return float(value)
@@ -77,10 +80,11 @@ def in_open_unit(value, name):
 
 def integer(value, name, minimum=0):
     """``value`` as a Python int ``>= minimum`` (bools and floats are refused)."""
+    what = {0: "a non-negative int", 1: "a positive int"}.get(minimum, f"an int >= {minimum}")
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise ArgumentTypeError(f"{name} must be an int >= {minimum}, got {_given(value)}")
+        raise HyperParameterError(f"{name} must be {what}, got {_given(value)}")
     if value < minimum:
-        raise HyperParameterError(f"{name} must be an int >= {minimum}, got {value!r}")
+        raise HyperParameterError(f"{name} must be {what}, got {value!r}")
     return int(value)
 
 
@@ -189,8 +193,9 @@ def vector(v, name, n=None):
 
 
 def rows_match(B, n, name):
-    """A right-hand side with ``n`` rows: vector ``(n,)`` or matrix ``(n, k)``, ``k ≥ 1``."""
-    B = finite(B, name)
+    """A right-hand side with ``n ≥ 1`` rows: vector ``(n,)`` or matrix ``(n, k)``; ``k = 0``
+    columns is allowed (no right-hand sides: an empty result)."""
+    B = finite(B, name, empty_ok=True)
     if B.ndim not in (1, 2) or B.shape[0] != n:
         raise ShapeError(f"{name} must have {n} rows (shape (n,) or (n, k)), got shape {B.shape}")
     return B

@@ -209,3 +209,114 @@ def test_malformed_argument_is_refused_clearly(key, data):
     name, value = data.draw(malformed())
     args, kwargs = corrupt(args, kwargs, pos, value)
     check_call(key, fn, args, kwargs, f"{pos}={name}")
+
+
+# ---------------------------------------------------------------- one test per class of bad input (issue 14)
+@pytest.mark.parametrize("value", [None, "1.0", b"x", object(), [0.5], True, 1j])
+def test_non_numeric_or_none_scalar_is_refused_before_numpy(value):
+    """`_checks.positive` & co. check the type first: no `isfinite` TypeError."""
+    with pytest.raises(HyperParameterError, match="lam"):
+        woodbury.lowrank_solve(value, _orth(), np.ones(4))
+    with pytest.raises(HyperParameterError, match="mu"):
+        damping.powell_B(*_pair(), np.eye(3), value)
+    with pytest.raises(HyperParameterError, match="c must"):
+        lowrank.brand_update(_orth(), np.array([2.0, 1.0]), np.ones(4), c=value)
+    with pytest.raises(HyperParameterError, match="alpha"):
+        ema.qng_beta(value, 1.0)
+
+
+@pytest.mark.parametrize("empty", [np.zeros((0, 0)), np.zeros(0), []])
+def test_zero_size_matrix_is_refused(empty):
+    with pytest.raises(ShapeError, match="A must not be empty"):
+        woodbury.spd_solve(empty, np.ones(3))
+    with pytest.raises(ShapeError, match="H must not be empty"):
+        quasi_newton.bfgs_update_H(empty, *_pair())
+    with pytest.raises(ShapeError, match="A must not be empty"):
+        roots.inv_root_eigh(empty, 2)
+
+
+def test_empty_factor_list_is_refused():
+    with pytest.raises(ArgumentTypeError, match="factors"):
+        kronecker.f_tnt([])
+    with pytest.raises(ArgumentTypeError, match="S must be a non-empty list"):
+        kronecker.normalized_factors([])
+
+
+def test_empty_lbfgs_memory_is_still_valid():
+    """p = 0 stored pairs (K-BFGS's start) is not a zero-size input: H = γI."""
+    S = np.zeros((0, 3))
+    np.testing.assert_array_equal(quasi_newton.lbfgs_two_loop(S, S, np.ones(3), gamma=2.0), 2.0 * np.ones(3))
+
+
+def test_complex_input_is_refused():
+    with pytest.raises(ArgumentTypeError, match="A must be a real array, got complex"):
+        woodbury.spd_solve(_spd().astype(complex), np.ones(3))
+    with pytest.raises(ArgumentTypeError, match="U must be a real array, got complex"):
+        sketch.leverage_scores(np.ones((4, 2), dtype=complex))
+
+
+def test_bool_array_is_refused_and_int_array_converted():
+    with pytest.raises(ArgumentTypeError, match="B must be a real array, got dtype bool"):
+        woodbury.spd_solve(_spd(), np.ones(3, dtype=bool))
+    x = woodbury.spd_solve(np.eye(3, dtype=np.int64) * 2, np.ones(3, dtype=np.int64))  # ints → float64
+    assert x.dtype == np.float64 and np.allclose(x, 0.5)
+
+
+def test_truthy_string_is_refused_where_a_bool_is_meant():
+    with pytest.raises(ArgumentTypeError, match="replace"):
+        sketch.row_sampling(5, 3, replace="no")
+    with pytest.raises(ArgumentTypeError, match="symmetric"):
+        woodbury.gn_solve(0.5, np.ones((2, 3)), _spd(2), np.ones(3), symmetric="yes")
+
+
+def test_overflow_raises_non_finite_error_naming_the_quantity():
+    with pytest.raises(NonFiniteError, match="\\(A \\+ u vᵀ\\)⁻¹ is not finite"), np.errstate(all="ignore"):
+        woodbury.sherman_morrison(np.full((3, 3), 1e200), np.ones(3))
+    with pytest.raises(NonFiniteError, match="λI \\+ UᵀU"), np.errstate(all="ignore"):
+        gfim.smw_factor(np.full((3, 2), 1e200), 0.1)
+    with pytest.raises(NonFiniteError, match="the factor A"), np.errstate(all="ignore"):
+        kronecker.factor_A(np.full((2, 3, 1), 1e200))
+
+
+def test_brand_update_refuses_a_u_that_is_not_orthonormal():
+    U = 2.0 * _orth()
+    with pytest.raises(HyperParameterError, match="U must have orthonormal columns"):
+        lowrank.brand_update(U, np.array([2.0, 1.0]), np.ones(4))
+
+
+def test_bfgs_spd_precondition_is_checked_in_debug_mode(monkeypatch):
+    """H SPD is the caller's duty (an O(n³) check on an O(n²) update); debug mode checks it."""
+    H = np.diag([1.0, -1.0, 1.0])
+    quasi_newton.bfgs_update_H(H, *_pair())  # not checked by default
+    from refcurv.linalg import _checks
+    monkeypatch.setattr(_checks, "DEBUG", True)
+    with pytest.raises(NotSPDError, match="H must be symmetric positive definite"):
+        quasi_newton.bfgs_update_H(H, *_pair())
+    with pytest.raises(NotSPDError, match="B must be symmetric positive definite"):
+        quasi_newton.bfgs_update_B(H, *_pair())
+
+
+def test_sketch_size_above_the_population_is_refused_not_clamped():
+    with pytest.raises(HyperParameterError, match="q = 6 exceeds the population n = 5"):
+        sketch.row_sampling(5, 6, replace=False)
+    with pytest.raises(HyperParameterError, match="q = 3 exceeds the 2 rows"):
+        sketch.row_sampling(4, 3, np.array([0.5, 0.5, 0.0, 0.0]), replace=False)
+    sk = sketch.row_sampling(4, 2, np.array([0.5, 0.0, 0.5, 0.0]), replace=False, seed=0)  # q = support: all taken
+    assert sorted(sk.index) == [0, 2] and np.all(sk.weight == 1.0)
+
+
+def test_leverage_scores_are_float64_for_float32_input():
+    U = _rng().standard_normal((7, 3)).astype(np.float32)
+    p = sketch.leverage_scores(U)
+    assert p.dtype == np.float64 and abs(p.sum() - 1) <= 1e-15
+    sketch.row_sampling(7, 3, p, replace=False, seed=0)  # accepted as is (no float32 Σp ≠ 1)
+    np.testing.assert_allclose(sketch.leverage_scores(np.full((2, 2), 1e200)), [0.5, 0.5])  # no overflow
+
+
+def test_row_sketch_validates_its_fields():
+    with pytest.raises(ShapeError, match="index must lie in"):
+        sketch.RowSketch(3, np.array([0, 3]), np.ones(2))
+    with pytest.raises(ArgumentTypeError, match="index must be"):
+        sketch.RowSketch(3, np.array([0.0, 1.0]), np.ones(2))
+    with pytest.raises(HyperParameterError, match="n must be a positive int"):
+        sketch.RowSketch(True, np.array([0]), np.ones(1))

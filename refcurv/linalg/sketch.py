@@ -136,8 +136,9 @@ def leverage_scores(U):
     ``Σp = 1`` by ~1e-7, which :func:`row_sampling` rejects). Entries so large that the
     squares overflow are rescaled by ``max|U|`` first (the probabilities are scale-invariant)."""
     U = np.asarray(to_numpy(C.matrix(U, "U")), dtype=np.float64)
-    r = (U * U).sum(axis=1)
-    total = r.sum()
+    with np.errstate(over="ignore"):
+        r = (U * U).sum(axis=1)
+        total = r.sum()
     if not np.isfinite(total):  # overflow of the squares: p is invariant to scaling U
         Us = U / np.abs(U).max()
         r = (Us * Us).sum(axis=1)

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..backend import cho_solve, cholesky, eigh, rng_of, xp_of
 from ..errors import HyperParameterError, NotSPDError, ShapeError
+from . import _checks as C
 
 __all__ = ["spd_solve_batched", "randomized_svd_batched", "truncated_svd_batched"]
 
@@ -30,6 +31,9 @@ def spd_solve_batched(A, B, name="A"):
     the symmetrized stack with :func:`~refcurv.linalg.woodbury.spd_solve`'s acceptance rule
     (every eigenvalue ``> m·eps·max|w|``, the maximum over the whole stack), else
     :class:`~refcurv.errors.NotSPDError`."""
+    C.label(name, "name")
+    A = C.finite(A, name)
+    B = C.finite(B, "B", empty_ok=True)
     if A.ndim < 2 or A.shape[-1] != A.shape[-2]:
         raise ShapeError(f"{name} must be a stack of square matrices (…, m, m), got shape {A.shape}")
     vec = B.ndim == A.ndim - 1
@@ -46,13 +50,11 @@ def spd_solve_batched(A, B, name="A"):
         if float(w.min()) <= floor:
             raise NotSPDError(f"{name} is not positive definite (smallest eigenvalue {float(w.min()):.3e})")
         X = V @ ((V.swapaxes(-1, -2) @ Bm) / w[..., None])
-    return X[..., 0] if vec else X
+    return C.result(X[..., 0] if vec else X, f"the solution X of {name} X = B")
 
 
 def _nonneg_int(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise HyperParameterError(f"{name} must be a non-negative int, got {value!r}")
-    return int(value)
+    return C.integer(value, name, minimum=0)
 
 
 def randomized_svd_batched(X, rank, seed=None, oversample=10, power_iter=2, Omega=None):
@@ -63,6 +65,7 @@ def randomized_svd_batched(X, rank, seed=None, oversample=10, power_iter=2, Omeg
 
     The Gaussian test matrices ``(N, n, k)``, ``k = min(rank + oversample, m, n)``, are
     ``Omega`` or drawn on the host from ``numpy.random.default_rng(seed)``."""
+    X = C.finite(X, "X")
     if X.ndim != 3:
         raise ShapeError(f"X must be a stack of matrices (N, m, n), got shape {X.shape}")
     N, m, n = X.shape
@@ -72,7 +75,7 @@ def randomized_svd_batched(X, rank, seed=None, oversample=10, power_iter=2, Omeg
     k = min(rank + oversample, m, n)
     if Omega is None:
         Omega = rng_of(seed).standard_normal((N, n, k))
-    elif tuple(Omega.shape) != (N, n, k):
+    elif tuple((Omega := C.finite(Omega, "Omega")).shape) != (N, n, k):
         raise ShapeError(f"Omega must have shape {(N, n, k)}, got {tuple(Omega.shape)}")
     xp = xp_of(X)
     Omega = xp.asarray(Omega, dtype=X.dtype)
@@ -82,12 +85,13 @@ def randomized_svd_batched(X, rank, seed=None, oversample=10, power_iter=2, Omeg
         Q, _ = xp.linalg.qr(Xt @ Q)
         Q, _ = xp.linalg.qr(X @ Q)
     Ub, s, Vt = xp.linalg.svd(Q.swapaxes(-1, -2) @ X, full_matrices=False)
-    return (Q @ Ub)[..., :rank], s[..., :rank], Vt[..., :rank, :]
+    return C.result(((Q @ Ub)[..., :rank], s[..., :rank], Vt[..., :rank, :]), "the truncated SVDs (U, s, Vt)")
 
 
 def truncated_svd_batched(X, rank):
     """The ``rank`` leading singular triplets ``(U, s, Vt)`` of the exact SVD of each ``X[i]``
     (``X`` ``(N, m, n)``, ``1 ≤ rank ≤ min(m, n)``)."""
+    X = C.finite(X, "X")
     if X.ndim != 3:
         raise ShapeError(f"X must be a stack of matrices (N, m, n), got shape {X.shape}")
     if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 1 <= rank <= min(X.shape[1:]):

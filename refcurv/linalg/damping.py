@@ -35,15 +35,14 @@ def powell_B(s, y, B, mu):
     s, y = _sy(s, y, B.shape[0])
     Bs = B @ s
     theta = _theta(float(s @ Bs), float(s @ y), mu)
-    return theta * y + (1 - theta) * Bs, theta
+    return C.result((theta * y + (1 - theta) * Bs, theta), "the damped pair (ỹ, θ)")
 
 
 def _apply_H(H, y):
     """``H y`` for ``H`` a square matrix or a callable ``v -> H v`` (an L-BFGS matrix kept
     in compact or two-loop form, never formed)."""
     if callable(H):
-        Hy = C.vector(H(y), "H(y)", y.shape[0])
-        return Hy
+        return C.vector(H(y), "H(y)", y.shape[0])
     H = C.square(H, "H")
     if H.shape[0] != y.shape[0]:
         raise ShapeError(f"H must be {y.shape[0]}×{y.shape[0]} to match y, got {H.shape}")
@@ -57,7 +56,7 @@ def powell_H(s, y, H, mu):
     s, y = _sy(s, y)
     Hy = _apply_H(H, y)
     theta = _theta(float(y @ Hy), float(s @ y), mu)
-    return theta * s + (1 - theta) * Hy, theta
+    return C.result((theta * s + (1 - theta) * Hy, theta), "the damped pair (s̃, θ)")
 
 
 def _powell_identity(s, y, mu):
@@ -68,19 +67,19 @@ def _powell_identity(s, y, mu):
 
 def double_damping(s, y, H, mu1, mu2):
     """Algorithm 3 (DD). Returns ``(s̃, ỹ, θ₁, θ₂)``; μ₁ ∈ (0, 1), μ₂ ∈ (0, 1]."""
-    if not 0 < mu2 <= 1:
+    if not 0 < C.real(mu2, "mu2", "a finite number in (0, 1]") <= 1:
         raise HyperParameterError(f"mu2 must lie in (0, 1] for double damping, got {mu2!r}")
     s_t, theta1 = powell_H(s, y, H, mu1)
     y = C.vector(y, "y")
     y_t, theta2 = _powell_identity(s_t, y, mu2)
-    return s_t, y_t, theta1, theta2
+    return C.result((s_t, y_t, theta1, theta2), "the double-damped pair (s̃, ỹ, θ₁, θ₂)")
 
 
 def dp_dlm(s, y, H, mu1, mu2):
     """Algorithm 8 (``D_P D_LM``). Returns ``(s̃, ỹ, θ₁)``; μ₁ ∈ (0, 1), μ₂ > 0."""
     C.positive(mu2, "mu2")
     s_t, theta1 = powell_H(s, y, H, mu1)
-    return s_t, C.vector(y, "y") + mu2 * s_t, theta1
+    return C.result((s_t, C.vector(y, "y") + mu2 * s_t, theta1), "the damped pair (s̃, ỹ, θ₁)")
 
 
 def dpi_dlm(s, y, mu1, mu2):
@@ -90,9 +89,11 @@ def dpi_dlm(s, y, mu1, mu2):
     s, y = _sy(s, y)
     theta1 = _theta(float(y @ y) / mu2, float(s @ y), mu1)
     s_t = theta1 * s + (1 - theta1) * y / mu2
-    return s_t, y + mu2 * s_t, theta1
+    return C.result((s_t, y + mu2 * s_t, theta1), "the damped pair (s̃, ỹ, θ₁)")
 
 
 def mu3(mu1, mu2):
-    """Lemma 4's constant ``μ₃ = μ₁ / (μ₂ (1 + 2μ₁))``."""
+    """Lemma 4's constant ``μ₃ = μ₁ / (μ₂ (1 + 2μ₁))`` (μ₁ ∈ (0, 1), μ₂ > 0)."""
+    C.in_open_unit(mu1, "mu1")
+    C.positive(mu2, "mu2")
     return mu1 / (mu2 * (1 + 2 * mu1))

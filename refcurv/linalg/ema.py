@@ -35,7 +35,7 @@ import math
 import numpy as np
 
 from ..backend import eigh, to_numpy, xp_of
-from ..errors import HyperParameterError, ShapeError
+from ..errors import ArgumentTypeError, HyperParameterError, NotSPDError, ShapeError
 from . import _checks as C
 from .woodbury import spd_solve
 
@@ -71,13 +71,16 @@ def ema_matrix(ds, alpha, G0=None):
     """The exact EMA (7) ``G_t = α G_{t−1} + (1 − α) d_t d_tᵀ`` over the rows ``d_1 … d_t`` of
     ``ds`` ``(t, n)``, from ``G_0 = I`` (§2.1; or ``G0``); float64."""
     check_alpha(alpha)
-    ds = _f64(ds)
-    if ds.ndim != 2:
-        raise ShapeError(f"ds must be a (t, n) matrix of vectors d_t, got shape {ds.shape}")
-    G = np.eye(ds.shape[1], dtype=F64) if G0 is None else np.array(to_numpy(G0), dtype=F64)
+    ds = _f64(C.matrix(ds, "ds", "a (t, n) matrix of vectors d_t"))
+    if G0 is None:
+        G = np.eye(ds.shape[1], dtype=F64)
+    else:
+        G = np.array(to_numpy(C.square(G0, "G0")), dtype=F64)
+        if G.shape[0] != ds.shape[1]:
+            raise ShapeError(f"G0 must be ({ds.shape[1]}, {ds.shape[1]}) to match ds, got {G.shape}")
     for d in ds:  # a recursion in t, not a loop over samples
         G = alpha * G + (1.0 - alpha) * np.outer(d, d)
-    return G
+    return C.result(G, "the EMA G_t")
 
 
 # ====================================================================== QNG (9)–(11)
@@ -87,30 +90,41 @@ def qng_beta(alpha, s):
     = (1 − α)/(√α + √(α + (1−α)s))`` (errata QNG-1; the printed β has lost the square root).
     The rationalized form is evaluated: no cancellation for small ``s``, defined at ``s = 0``.
     A Python float (a NumPy float64 β would promote float32 states, NEP 50)."""
-    alpha, s = float(alpha), float(s)
+    alpha, s = float(check_alpha(alpha)), float(C.nonnegative(s, "s"))
     return (1.0 - alpha) / (math.sqrt(alpha) + math.sqrt(alpha + (1.0 - alpha) * s))
 
 
 def qng_factor(q, beta_t, alpha):
     """``K = √α I + β q qᵀ`` (9) as a dense float64 matrix."""
-    q = _f64(q)
-    return math.sqrt(alpha) * np.eye(q.shape[0], dtype=F64) + beta_t * np.outer(q, q)
+    q = _f64(C.vector(q, "q"))
+    C.real(beta_t, "beta_t")
+    check_alpha(alpha)
+    return C.result(math.sqrt(alpha) * np.eye(q.shape[0], dtype=F64) + beta_t * np.outer(q, q), "the factor K")
 
 
-def _check_factors(q, beta_t):
+def _check_factors(q, beta_t, n=None):
+    """``q`` a tuple/list of vectors (of length ``n``), ``beta_t`` a tuple/list of as many reals."""
+    for v, name in ((q, "q"), (beta_t, "beta_t")):
+        if not isinstance(v, (list, tuple)):
+            raise ArgumentTypeError(f"{name} must be a tuple of per-factor entries (oldest first), got {type(v).__name__}")
     if len(q) != len(beta_t):
         raise ShapeError(f"q and beta_t must have one entry per factor, got {len(q)} and {len(beta_t)}")
+    for i, (qi, bi) in enumerate(zip(q, beta_t)):
+        C.vector(qi, f"q[{i}]", n)
+        C.real(bi, f"beta_t[{i}]")
 
 
 def qng_A(q, beta_t, alpha, n):
     """``Â = K_oldest ⋯ K_newest`` (9)/(11), the explicit ``n × n`` product of the stored factors
     ``K_i = √α I + β_i q_i q_iᵀ`` (``q``, ``beta_t`` oldest first); ``I`` when none is stored
     (``A_1 = I``). Float64."""
-    _check_factors(q, beta_t)
+    n = C.integer(n, "n", minimum=1)
+    _check_factors(q, beta_t, n)
+    check_alpha(alpha)
     A = np.eye(n, dtype=F64)
     for qi, bi in zip(q, beta_t):  # an ordered matrix product over ≤ τ factors
         A = A @ qng_factor(qi, bi, alpha)
-    return A
+    return C.result(A, "Â")
 
 
 def qng_G(q, beta_t, alpha, n):
@@ -118,7 +132,7 @@ def qng_G(q, beta_t, alpha, n):
     after ``t`` updates), float64, symmetrized."""
     A = qng_A(q, beta_t, alpha, n)
     G = A @ A.T
-    return (G + G.T) / 2
+    return C.result((G + G.T) / 2, "Ĝ = Â Âᵀ")
 
 
 def qng_update_dense(q, beta_t, d, alpha, tau=None):
@@ -128,9 +142,12 @@ def qng_update_dense(q, beta_t, d, alpha, tau=None):
     new ``(q, beta_t)`` tuples (the inputs are not modified); float64."""
     check_alpha(alpha)
     check_tau(tau)
-    _check_factors(q, beta_t)
-    d = _f64(d)
-    qt = np.linalg.solve(qng_A(q, beta_t, alpha, d.shape[0]), d)
+    d = _f64(C.vector(d, "d"))
+    _check_factors(q, beta_t, d.shape[0])
+    try:
+        qt = C.result(np.linalg.solve(qng_A(q, beta_t, alpha, d.shape[0]), d), "q̂_t = Â_t⁻¹ d_t")
+    except np.linalg.LinAlgError:
+        raise NotSPDError("Â_t is singular (the stored factors are degenerate)") from None
     q, beta_t = tuple(q) + (qt,), tuple(beta_t) + (qng_beta(alpha, qt @ qt),)
     if tau is not None:
         q, beta_t = q[-tau:], beta_t[-tau:]
@@ -140,7 +157,7 @@ def qng_update_dense(q, beta_t, d, alpha, tau=None):
 def qng_solve_dense(q, beta_t, g, alpha):
     """``Ĝ⁻¹ g`` with ``Ĝ = Â Âᵀ`` formed densely (:func:`qng_G`) and solved by Cholesky
     (:func:`~refcurv.linalg.woodbury.spd_solve`); float64."""
-    g = _f64(g)
+    g = _f64(C.vector(g, "g"))
     return spd_solve(qng_G(q, beta_t, alpha, g.shape[0]), g, "Â Âᵀ")
 
 
@@ -156,6 +173,15 @@ def check_ginger(U, sigma):
     return U, sigma
 
 
+def _sigma(sigma):
+    sigma = C.finite(sigma, "sigma")
+    if sigma.ndim != 1:
+        raise ShapeError(f"sigma must be a vector, got shape {sigma.shape}")
+    if bool((sigma < 0).any()):
+        raise HyperParameterError("sigma must be ≥ 0 (form (14))")
+    return sigma
+
+
 def check_alpha_gamma(alpha, gamma):
     C.in_open_unit(alpha, "alpha")
     C.positive(gamma, "gamma")
@@ -163,8 +189,10 @@ def check_alpha_gamma(alpha, gamma):
 
 def ginger_K(sigma, gamma):
     """(16): ``K^{(i,i)} = σ_i / (γ² + γσ_i)``, the diagonal of ``K_{t,γ}`` in (15), so that
-    ``(γI + U diag(σ) Uᵀ)⁻¹ = γ⁻¹I − U diag(K) Uᵀ`` for semi-orthogonal ``U``."""
-    return sigma / (gamma * (gamma + sigma))
+    ``(γI + U diag(σ) Uᵀ)⁻¹ = γ⁻¹I − U diag(K) Uᵀ`` for semi-orthogonal ``U``; ``σ ≥ 0``."""
+    sigma = _sigma(sigma)
+    C.positive(gamma, "gamma")
+    return C.result(sigma / (gamma * (gamma + sigma)), "K of (16)")
 
 
 def ginger_sigma(K, gamma):
@@ -172,16 +200,22 @@ def ginger_sigma(K, gamma):
     ``[0, (1 − δ)/γ]`` with ``δ = CLIP_EPS·eps`` of ``K``'s dtype (errata GIN-4: in floating
     point the computed eigenvalues of the correction can be ``< 0`` or ``≥ γ⁻¹``, violating
     (19)), so that ``0 ≤ σ ≤ γ(1 − δ)/δ`` is finite."""
+    K = C.finite(K, "K")
+    if K.ndim != 1:
+        raise ShapeError(f"K must be a vector, got shape {K.shape}")
+    C.positive(gamma, "gamma")
     xp = xp_of(K)
     delta = CLIP_EPS * np.finfo(K.dtype).eps
     Kc = xp.clip(K, 0.0, (1.0 - delta) / gamma)
-    return gamma * gamma * Kc / (1.0 - gamma * Kc)
+    return C.result(gamma * gamma * Kc / (1.0 - gamma * Kc), "σ of (18)")
 
 
 def ginger_matrix(U, sigma, gamma):
     """(14) as a dense matrix: ``G_{t,γ} = γI + U diag(σ) Uᵀ`` (in the dtype of ``U``)."""
+    U, sigma = check_ginger(U, sigma)
+    C.positive(gamma, "gamma")
     xp = xp_of(U)
-    return gamma * xp.eye(U.shape[0], dtype=U.dtype) + (U * sigma) @ U.T
+    return C.result(gamma * xp.eye(U.shape[0], dtype=U.dtype) + (U * sigma) @ U.T, "G_{t,γ}")
 
 
 def ginger_update_dense(U, sigma, d, alpha, gamma):
@@ -203,9 +237,12 @@ def ginger_update_dense(U, sigma, d, alpha, gamma):
     Corr = I / gamma - spd_solve(G_new, I, "G̃_{t,γ}")
     w, V = eigh((Corr + Corr.T) / 2)
     order = xp.argsort(-w)[:tau]
-    return V[:, order], ginger_sigma(w[order], gamma)
+    return C.result((V[:, order], ginger_sigma(w[order], gamma)), "the update (U_t, σ_t)")
 
 
 def ginger_solve_dense(U, sigma, g, gamma):
     """``G_{t,γ}⁻¹ g`` by Cholesky of the dense (14) (:func:`ginger_matrix`), in float64."""
+    U, sigma = check_ginger(U, sigma)
+    g = C.vector(g, "g", U.shape[0])
+    C.positive(gamma, "gamma")
     return spd_solve(ginger_matrix(U.astype(F64), sigma.astype(F64), gamma), g.astype(F64), "G_{t,γ}")

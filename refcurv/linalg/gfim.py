@@ -43,7 +43,8 @@ import math
 import numpy as np
 
 from ..backend import asarray_like, cho_solve, cholesky, eigh, solve_triangular, to_numpy, xp_of
-from ..errors import NotSPDError, ShapeError
+from ..errors import ArgumentTypeError, HyperParameterError, NotSPDError, ShapeError
+from . import _checks as C
 from .sketch import GaussianSketch, RowSketch
 from .woodbury import spd_solve
 
@@ -57,29 +58,91 @@ __all__ = [
 F64 = np.float64
 
 
+# ------------------------------------------------------------------ argument checks
+def _side(side, allowed=("left", "right")):
+    return C.choice(side, "side", allowed)
+
+
+def _factors(P, Q):
+    """Oriented factors ``P`` ``(N, m, κ)``, ``Q`` ``(N, n, κ)`` (same ``N``, ``κ``)."""
+    P = C.array(P, "P", 3, what="(N, m, κ) factors")
+    Q = C.array(Q, "Q", 3, what="(N, n, κ) factors")
+    if P.shape[0] != Q.shape[0] or P.shape[2] != Q.shape[2]:
+        raise ShapeError(f"P (N, m, κ) and Q (N, n, κ) must share N and κ, got {P.shape} and {Q.shape}")
+    return P, Q
+
+
+def _sketch(sk, n, name="sketch"):
+    """``None`` or a sketch object over ``n`` rows."""
+    if sk is None:
+        return None
+    if not isinstance(sk, (RowSketch, GaussianSketch)):
+        raise ArgumentTypeError(f"{name} must be a RowSketch or GaussianSketch (see as_sketch), got {type(sk).__name__}")
+    if sk.n != n:
+        raise ShapeError(f"{name} must sketch {n} rows, got a sketch of {sk.n}")
+    return sk
+
+
+def _block_size(p):
+    return None if p is None else C.integer(p, "block_size", minimum=1)
+
+
+def _unit_closed(value, name):
+    v = C.real(value, name, "a finite number in [0, 1]")
+    if not 0 <= v <= 1:
+        raise HyperParameterError(f"{name} must lie in [0, 1], got {value!r}")
+    return value
+
+
+def _gram(L, name="L"):
+    """A square matrix ``(m, m)`` or (18) blocks ``(s, p, p)``."""
+    L = C.finite(L, name)
+    if L.ndim not in (2, 3) or L.shape[-1] != L.shape[-2]:
+        raise ShapeError(f"{name} must be (m, m) or (18) blocks (s, p, p), got shape {L.shape}")
+    return L
+
+
 # ------------------------------------------------------------------ orientation (4)-(5)
 def sides(shapes, side="auto"):
     """Per layer ``"left"``/``"right"``: NG+ (4)-(5) by shape for ``"auto"``
     (:func:`refcurv.curvature.gfim_side`: left iff ``m ≤ n``), else forced."""
     from ..curvature import gfim_side
 
+    _side(side, ("auto", "left", "right"))
+    if not isinstance(shapes, (list, tuple)):
+        raise ArgumentTypeError(f"shapes must be a list of (m, n) layer shapes, got {type(shapes).__name__}")
+    for j, sh in enumerate(shapes):
+        if not isinstance(sh, (list, tuple)) or len(sh) != 2:
+            raise ShapeError(f"shapes[{j}] must be an (m, n) pair, got {C._given(sh)}")
+        for d in sh:
+            C.integer(d, f"shapes[{j}]", minimum=1)
     return [gfim_side(s) if side == "auto" else side for s in shapes]
 
 
 def orient(side, X):
     """A layer matrix (or a stack ``(…, m, n)``) seen from its side: itself for ``"left"``, its
     transpose for ``"right"`` (so that ``R`` of ``X`` is ``L`` of ``Xᵀ``). Its own inverse."""
+    _side(side)
+    X = C.finite(X, "X")
+    if X.ndim < 2:
+        raise ShapeError(f"X must be a matrix or a stack (…, m, n), got shape {X.shape}")
     return X if side == "left" else X.swapaxes(-1, -2)
 
 
 def oriented_factors(side, G, A):
     """``(P, Q)`` with ``P_i Q_iᵀ = 𝒢_i`` (left) or ``𝒢_iᵀ`` (right), from (8)'s ``G``, ``A``."""
+    _side(side)
+    G = C.array(G, "G", 3, what="(N, m, κ) factors")
+    A = C.array(A, "A", 3, what="(N, n, κ) factors")
+    if G.shape[0] != A.shape[0] or G.shape[2] != A.shape[2]:
+        raise ShapeError(f"G (N, m, κ) and A (N, n, κ) must share N and κ, got {G.shape} and {A.shape}")
     return (G, A) if side == "left" else (A, G)
 
 
 def mean_gradient(P, Q):
     """The oriented mini-batch gradient ``𝐆 = (1/N) Σ P_i Q_iᵀ`` (6)."""
-    return xp_of(P, Q).einsum("nat,nbt->ab", P, Q) / P.shape[0]
+    P, Q = _factors(P, Q)
+    return C.result(xp_of(P, Q).einsum("nat,nbt->ab", P, Q) / P.shape[0], "the mean gradient")
 
 
 # ------------------------------------------------------------------ sketches (16), (17)
@@ -90,9 +153,7 @@ def as_sketch(Omega):
     stays ``None``."""
     if Omega is None:
         return None
-    O = np.asarray(to_numpy(Omega))
-    if O.ndim != 2:
-        raise ShapeError(f"a sketch matrix must be 2-D (q, dim), got shape {O.shape}")
+    O = np.asarray(to_numpy(C.matrix(Omega, "Omega", "a sketch matrix (q, dim)")))
     nz = O != 0
     if bool((nz.sum(axis=1) == 1).all()):
         idx = nz.argmax(axis=1)
@@ -102,12 +163,16 @@ def as_sketch(Omega):
 
 def sketch_rows(Q, sk):
     """``Ω Q_i`` for every sample: ``Q`` ``(N, dim, κ)`` → ``(N, q, κ)``."""
+    Q = C.array(Q, "Q", 3, what="(N, dim, κ) factors")
+    if sk is None:
+        raise ArgumentTypeError("sk must be a RowSketch or GaussianSketch, got None")
+    sk = _sketch(sk, Q.shape[1], "sk")
     if isinstance(sk, RowSketch):  # row sampling: pick and weight rows
         idx = asarray_like(sk.index, Q)
         w = asarray_like(sk.weight, Q, dtype=Q.dtype)
         return Q[:, idx, :] * w[None, :, None]
     O = asarray_like(sk.to_dense(), Q, dtype=Q.dtype)
-    return xp_of(Q).einsum("qi,nit->nqt", O, Q)
+    return C.result(xp_of(Q).einsum("qi,nit->nqt", O, Q), "Ω Q_i")
 
 
 # ------------------------------------------------------------------ statistics (4), (12), (17), (18)
@@ -128,29 +193,35 @@ def gram_from_factors(P, Q, sketch=None, block_size=None):
     ``𝒢_i``); with ``sketch`` the sketched products (17), ``(𝒢_iΩᵀ)(𝒢_iΩᵀ)ᵀ`` (``Ω`` over the
     long dimension n, applied to the rows of ``Q_i``); with ``block_size`` p only the (18)
     diagonal blocks, as ``(s, p, p)``, ``s = ⌈m/p⌉`` (the last block zero-padded)."""
+    P, Q = _factors(P, Q)
+    sketch = _sketch(sketch, Q.shape[1])
+    block_size = _block_size(block_size)
     xp = xp_of(P, Q)
     if sketch is not None:
         Q = sketch_rows(Q, sketch)
     K = xp.einsum("nit,nis->nts", Q, Q)
     N = P.shape[0]
     if block_size is None:
-        return xp.einsum("nat,nts,nbs->ab", P, K, P, optimize=True) / N
+        return C.result(xp.einsum("nat,nts,nbs->ab", P, K, P, optimize=True) / N, "the GFIM L")
     Pp = _pad_rows(P, block_size, 1)
     Pb = Pp.reshape(N, Pp.shape[1] // block_size, block_size, P.shape[2])
-    return xp.einsum("nkat,nts,nkbs->kab", Pb, K, Pb, optimize=True) / N
+    return C.result(xp.einsum("nkat,nts,nkbs->kab", Pb, K, Pb, optimize=True) / N, "the GFIM blocks of L")
 
 
 def gram_of_matrix(X, sketch=None, block_size=None):
     """The (12) term ``𝐆𝐆ᵀ`` of a matrix ``X`` (``X ΩᵀΩ Xᵀ`` sketched by (17)), full or as
     (18) blocks ``(s, p, p)``."""
+    X = C.matrix(X, "X")
+    sketch = _sketch(sketch, X.shape[1])
+    block_size = _block_size(block_size)
     xp = xp_of(X)
     if sketch is not None:
         X = sketch.apply_right(X)
     if block_size is None:
-        return X @ X.T
+        return C.result(X @ X.T, "𝐆𝐆ᵀ")
     Xb = _pad_rows(X, block_size, 0)
     Xb = Xb.reshape(Xb.shape[0] // block_size, block_size, X.shape[1])
-    return xp.einsum("kaq,kbq->kab", Xb, Xb)
+    return C.result(xp.einsum("kaq,kbq->kab", Xb, Xb), "the blocks of 𝐆𝐆ᵀ")
 
 
 def _eye_like(X, n, batch=None):
@@ -161,28 +232,53 @@ def _eye_like(X, n, batch=None):
 
 def momentum_11(prev, new, beta):
     """NG+ (11) with its bars restored (errata NG+-1): ``L̄_k = β L̄_{k−1} + (1−β) L_k``,
-    ``L̄_0 = L_0`` (``prev is None``). Works on full matrices and on (18) blocks alike."""
-    return new if prev is None else beta * prev + (1 - beta) * new
+    ``L̄_0 = L_0`` (``prev is None``). Works on full matrices and on (18) blocks alike;
+    ``β ∈ [0, 1]``."""
+    new = _gram(new, "new")
+    _unit_closed(beta, "beta")
+    if prev is None:
+        return new
+    prev = C.finite(prev, "prev")
+    if prev.shape != new.shape:
+        raise ShapeError(f"prev must have the shape of new {new.shape}, got {prev.shape}")
+    return C.result(beta * prev + (1 - beta) * new, "L̄_k of (11)")
 
 
 def minibatch_12(prev, new, beta, weight, init):
     """NG+ (12): ``L̃_k = β L̃_{k−1} + γ 𝐆_k𝐆_kᵀ`` with ``L̃_{−1} = λ₀ I`` (``prev is None``;
-    blockwise ``λ₀ I`` for (18) blocks), ``γ = weight``, ``λ₀ = init``."""
+    blockwise ``λ₀ I`` for (18) blocks), ``γ = weight``, ``λ₀ = init``; ``β ∈ [0, 1]``,
+    ``γ, λ₀ ≥ 0``."""
+    new = _gram(new, "new")
+    _unit_closed(beta, "beta")
+    C.nonnegative(weight, "weight")
+    C.nonnegative(init, "init")
     if prev is None:
         n = new.shape[-1]
         prev = init * _eye_like(new, n, None if new.ndim == 2 else new.shape[0])
-    return beta * prev + weight * new
+    else:
+        prev = C.finite(prev, "prev")
+        if prev.shape != new.shape:
+            raise ShapeError(f"prev must have the shape of new {new.shape}, got {prev.shape}")
+    return C.result(beta * prev + weight * new, "L̃_k of (12)")
 
 
 def block_mask(m, p):
     """0/1 mask of the (18) block-diagonal pattern on ``m × m`` (blocks of size p, the last
     one of size ``m − (s−1)p``)."""
+    m, p = C.integer(m, "m", minimum=1), C.integer(p, "p", minimum=1)
     b = np.arange(m) // p
     return (b[:, None] == b[None, :]).astype(F64)
 
 
 def blocks_to_dense(B, m):
-    """``(s, p, p)`` diagonal blocks → the ``m × m`` block-diagonal matrix (padding trimmed)."""
+    """``(s, p, p)`` diagonal blocks → the ``m × m`` block-diagonal matrix (padding trimmed),
+    ``1 ≤ m ≤ s·p``."""
+    B = C.array(B, "B", 3, what="(s, p, p) blocks")
+    if B.shape[1] != B.shape[2]:
+        raise ShapeError(f"B must be (s, p, p) blocks, got shape {B.shape}")
+    m = C.integer(m, "m", minimum=1)
+    if m > B.shape[0] * B.shape[1]:
+        raise ShapeError(f"m must be ≤ s·p = {B.shape[0] * B.shape[1]} for blocks {B.shape}, got {m}")
     xp = xp_of(B)
     s, p, _ = B.shape
     D = xp.zeros((s, p, s, p), dtype=B.dtype)
@@ -193,6 +289,8 @@ def blocks_to_dense(B, m):
 
 def dense_to_blocks(M, p):
     """The ``(s, p, p)`` diagonal blocks of an ``m × m`` matrix (zero-padded to ``s·p``)."""
+    M = C.square(M, "M")
+    p = C.integer(p, "p", minimum=1)
     Mp = _pad_rows(_pad_rows(M, p, 0), p, 1)
     s = Mp.shape[0] // p
     M4 = Mp.reshape(s, p, s, p)
@@ -206,20 +304,22 @@ def lowrank_factor(P, Q):
 
     κ = 1 (fully connected): column ``i`` is ``√(c_i/N) g_i`` with ``c_i = a_iᵀa_i`` — (14)'s
     ``U_k``. κ > 1: columns ``N^{-1/2} P_i K_i^{1/2}``, ``K_i = Q_iᵀQ_i`` (batched ``eigh``)."""
+    P, Q = _factors(P, Q)
     xp = xp_of(P, Q)
     N, m, T = P.shape
     if T == 1:
         c = (Q[:, :, 0] ** 2).sum(axis=1)
-        return (P[:, :, 0] * xp.sqrt(c)[:, None]).T / math.sqrt(N)
+        return C.result((P[:, :, 0] * xp.sqrt(c)[:, None]).T / math.sqrt(N), "the low-rank factor U")
     K = xp.einsum("nit,nis->nts", Q, Q)
     w, V = eigh(K)
     root = (V * xp.sqrt(xp.maximum(w, 0))[:, None, :]) @ V.swapaxes(-1, -2)
     PR = P @ root  # (N, m, T)
-    return xp.moveaxis(PR, 0, 1).reshape(m, N * T) / math.sqrt(N)
+    return C.result(xp.moveaxis(PR, 0, 1).reshape(m, N * T) / math.sqrt(N), "the low-rank factor U")
 
 
 # ------------------------------------------------------------------ solves (6), (14)-(16), (18)
 def _chol(M, what):
+    M = C.finite(M, what)  # overflow of the finite inputs (NonFiniteError naming the matrix)
     try:
         return cholesky(M)
     except np.linalg.LinAlgError:
@@ -228,7 +328,9 @@ def _chol(M, what):
 
 def cholesky_factor(L, lam):
     """Lower Cholesky factor of ``λI + L`` (6): ``L`` ``m × m``, or the (18) blocks ``(s, p, p)``
-    (one batched factorization, no loop over blocks)."""
+    (one batched factorization, no loop over blocks); ``λ ≥ 0``."""
+    L = _gram(L)
+    C.nonnegative(lam, "lam")
     n = L.shape[-1]
     return _chol(L + lam * _eye_like(L, n, None if L.ndim == 2 else L.shape[0]), "λI + L")
 
@@ -237,34 +339,53 @@ def cholesky_solve(fac, X):
     """``(λI + L)⁻¹ X`` from :func:`cholesky_factor`. For (18) blocks ``fac`` ``(s, p, p)``:
     ``X`` ``(m, n)`` is zero-padded to ``(s, p, n)`` and solved by two batched triangular
     solves; the padded part of ``λI + L`` is ``λI``, decoupled, so its solution is exactly 0."""
+    fac = _gram(fac, "fac")
     if fac.ndim == 2:
-        return cho_solve(fac, X)
+        X = C.rows_match(X, fac.shape[0], "X")
+        return C.result(cho_solve(fac, X), "(λI + L)⁻¹X")
+    X = C.matrix(X, "X", "an (m, n) matrix")
+    if X.shape[0] > fac.shape[0] * fac.shape[1]:
+        raise ShapeError(f"X must have at most s·p = {fac.shape[0] * fac.shape[1]} rows, got {X.shape}")
     xp = xp_of(fac, X)
     m, p = X.shape[0], fac.shape[-1]
     Xb = _pad_rows(X, p, 0).reshape(fac.shape[0], p, X.shape[1])
-    Y = xp.linalg.solve(fac, Xb)
-    Z = xp.linalg.solve(fac.swapaxes(-1, -2), Y)
-    return Z.reshape(-1, X.shape[1])[:m]
+    try:
+        Y = xp.linalg.solve(fac, Xb)
+        Z = xp.linalg.solve(fac.swapaxes(-1, -2), Y)
+    except np.linalg.LinAlgError:
+        raise NotSPDError("fac is singular: not a Cholesky factor from cholesky_factor") from None
+    return C.result(Z.reshape(-1, X.shape[1])[:m], "(λI + L)⁻¹X")
 
 
 def smw_factor(U, lam):
-    """Cholesky factor of the capacitance ``λI + UᵀU`` (``r × r``) of (14)."""
+    """Cholesky factor of the capacitance ``λI + UᵀU`` (``r × r``) of (14); ``λ > 0``."""
+    U = C.matrix(U, "U", "an (m, r) matrix")
+    C.positive(lam, "lam")
     return _chol(lam * xp_of(U).eye(U.shape[1], dtype=U.dtype) + U.T @ U, "λI + UᵀU")
 
 
 def smw_solve(U, fac, lam, X):
     """NG+ (14), corrected (errata NG+-2): ``(λI + UUᵀ)⁻¹X = λ⁻¹[X − U(λI + UᵀU)⁻¹UᵀX]``."""
-    return (X - U @ cho_solve(fac, U.T @ X)) / lam
+    U = C.matrix(U, "U", "an (m, r) matrix")
+    fac = C.square(fac, "fac")
+    if fac.shape[0] != U.shape[1]:
+        raise ShapeError(f"fac must be ({U.shape[1]}, {U.shape[1]}) (from smw_factor(U, lam)), got {fac.shape}")
+    C.positive(lam, "lam")
+    X = C.rows_match(X, U.shape[0], "X")
+    return C.result((X - U @ cho_solve(fac, U.T @ X)) / lam, "(λI + UUᵀ)⁻¹X")
 
 
 def ls_factor(U, lam, sketch=None):
     """``(Q₁, R)``: thin QR of ``[ΩU; √λ I]`` (``Ω = I`` without ``sketch``), ``Q₁`` its top
-    block: the factorization of the regularized LS (15) / sketched LS (16)."""
+    block: the factorization of the regularized LS (15) / sketched LS (16); ``λ > 0``."""
+    U = C.matrix(U, "U", "an (m, r) matrix")
+    C.positive(lam, "lam")
+    sketch = _sketch(sketch, U.shape[0])
     xp = xp_of(U)
     r = U.shape[1]
     top = U if sketch is None else sketch.apply(U)
     Q, R = xp.linalg.qr(xp.concatenate([top, math.sqrt(lam) * xp.eye(r, dtype=U.dtype)], axis=0))
-    return Q[: top.shape[0]], R
+    return C.result((Q[: top.shape[0]], R), "the LS factorization (Q₁, R)")
 
 
 def ls_solve(U, fac, lam, X, sketch=None):
@@ -272,10 +393,20 @@ def ls_solve(U, fac, lam, X, sketch=None):
     ``D* = argmin_{D ∈ R^{r×n}} ‖Ω(U D − X)‖² + λ‖D‖²`` from :func:`ls_factor`; returns the
     direction's solve ``(X − U D*)/λ`` = ``(λI + UUᵀ)⁻¹X`` for (15) and
     ``(λI + UUᵀΩᵀΩ)⁻¹X`` (push-through) for (16)."""
-    Q1, R = fac
+    U = C.matrix(U, "U", "an (m, r) matrix")
+    if not isinstance(fac, (tuple, list)) or len(fac) != 2:
+        raise ArgumentTypeError(f"fac must be the pair (Q₁, R) from ls_factor, got {C._given(fac)}")
+    Q1, R = C.matrix(fac[0], "fac[0] (Q₁)"), C.square(fac[1], "fac[1] (R)")
+    sketch = _sketch(sketch, U.shape[0])
+    q = U.shape[0] if sketch is None else sketch.q
+    if R.shape[0] != U.shape[1] or Q1.shape != (q, U.shape[1]):
+        raise ShapeError(f"fac must be (Q₁ {(q, U.shape[1])}, R {(U.shape[1],) * 2}) from ls_factor(U, lam, sketch), "
+                         f"got {Q1.shape} and {R.shape}")
+    C.positive(lam, "lam")
+    X = C.rows_match(X, U.shape[0], "X")
     rhs = X if sketch is None else sketch.apply(X)
     D = solve_triangular(R, Q1.T @ rhs, lower=False)  # D ∈ R^{r×n}
-    return (X - U @ D) / lam
+    return C.result((X - U @ D) / lam, "(λI + UUᵀ)⁻¹X")
 
 
 # ------------------------------------------------------------------ curvature operator (6), (18)
@@ -295,7 +426,16 @@ def damped_operator(side, shape, L, lam):
     symmetrized (``(M + Mᵀ)/2``: rounding only) for the operators' symmetry check."""
     from ..operators import BlockDiagonal, Kronecker
 
-    m, n = shape
+    _side(side)
+    if not isinstance(shape, (list, tuple)) or len(shape) != 2:
+        raise ShapeError(f"shape must be the layer's (m, n), got {C._given(shape)}")
+    m, n = (C.integer(d, "shape", minimum=1) for d in shape)
+    L = _gram(L)
+    C.nonnegative(lam, "lam")
+    dim = m if side == "left" else n
+    if (L.ndim == 2 and L.shape[0] != dim) or (L.ndim == 3 and L.shape[0] * L.shape[1] < dim):
+        raise ShapeError(f"L must be ({dim}, {dim}) or blocks covering {dim} rows for side {side!r} and shape "
+                         f"{(m, n)}, got {L.shape}")
     xp = xp_of(L)
 
     def damped(M):
@@ -322,6 +462,18 @@ def damped_operator(side, shape, L, lam):
 
 
 # ------------------------------------------------------------------ projection (19), Lemma 6
+def _ball_args(Y, radius, L):
+    Y = C.finite(Y, "Y")
+    if Y.ndim not in (1, 2):
+        raise ShapeError(f"Y must be an (m,) vector or (m, n) matrix, got shape {Y.shape}")
+    C.positive(radius, "radius")
+    if L is not None:
+        L = C.symmetric(L, "L")
+        if L.shape[0] != Y.shape[0]:
+            raise ShapeError(f"L must be ({Y.shape[0]}, {Y.shape[0]}) to match Y, got {L.shape}")
+    return Y, L
+
+
 def project_ball(Y, radius, L=None):
     """Projection onto ``{X: ‖X‖_F ≤ radius}`` (NG+ (19); errata NG+-6).
 
@@ -332,11 +484,13 @@ def project_ball(Y, radius, L=None):
     of ``‖X(μ)‖_F = r`` in ``[0, w_max(‖Y‖_F/r − 1)]`` (at the right end every factor is
     ``≤ r/‖Y‖``), found by Brent's method to full precision. Returns ``(X, μ)``; a final
     rescale by ``min(1, r/‖X‖_F)`` removes rounding excursions outside the ball.
+    ``radius > 0``; ``L`` symmetric PSD ``(m, m)`` for ``Y`` ``(m, n)``.
     """
     from scipy.optimize import brentq
 
+    Y, L = _ball_args(Y, radius, L)
     xp = xp_of(Y)
-    nY = float(xp.linalg.norm(Y))
+    nY = float(C.result(xp.linalg.norm(Y), "‖Y‖_F"))
     if nY <= radius:
         return Y, 0.0
     if L is None:  # L = I: X = Y/(1 + μ), μ = ‖Y‖_F/r − 1
@@ -346,12 +500,15 @@ def project_ball(Y, radius, L=None):
     w_h = np.maximum(to_numpy(w).astype(F64), 0.0)
     z2 = to_numpy((Z * Z).sum(axis=1)).astype(F64)
 
+    def ratio(mu):  # w/(w + μ), 0 on the null space of L (also at μ = 0: X = L⁺L Y there)
+        return np.divide(w_h, w_h + mu, out=np.zeros_like(w_h), where=w_h > 0)
+
     def phi(mu):
-        return float(np.sum((w_h / (w_h + mu)) ** 2 * z2)) - radius**2
+        return float(np.sum(ratio(mu) ** 2 * z2)) - radius**2
 
     hi = float(w_h.max()) * (nY / radius - 1.0)
     mu = hi if phi(hi) >= 0 else brentq(phi, 0.0, hi, xtol=1e-300, rtol=4 * np.finfo(F64).eps, maxiter=500)
-    f = asarray_like(w_h / (w_h + mu), Y, dtype=Y.dtype)
+    f = asarray_like(ratio(mu), Y, dtype=Y.dtype)
     X = V @ (f[:, None] * Z)
     nX = float(xp.linalg.norm(X))
     if nX > radius:
@@ -363,7 +520,10 @@ def project_ball_dense(Y, radius, L):
     """Dense reference of the ``L``-norm projection (:func:`project_ball`): bisection on μ of
     ``‖X(μ)‖_F = r`` with ``X(μ) = (L + μI)^{-1} L Y`` by Cholesky solves (no
     eigendecomposition). Host float64."""
-    nY = float(np.linalg.norm(Y))
+    if L is None:
+        raise ArgumentTypeError("L must be an (m, m) matrix, got None (use project_ball for L = I)")
+    Y, L = _ball_args(Y, radius, L)
+    nY = float(C.result(np.linalg.norm(Y), "‖Y‖_F"))
     if nY <= radius:
         return Y, 0.0
     I = np.eye(L.shape[0])

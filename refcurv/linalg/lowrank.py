@@ -30,16 +30,31 @@ def _rank(rank, name="rank"):
 def brand_update(U, K, h, c=1.0, rank=None):
     """``(U', K')`` with ``U' diag(K') U'ᵀ`` the best rank-``rank`` approximation (largest
     eigenvalues, sorted descending) of ``U diag(K) Uᵀ + c h hᵀ``. ``rank=None`` keeps all
-    ``τ + 1`` (or ``τ`` when ``h ∈ range(U)``) directions."""
-    U = C.finite(U, "U")
-    if U.ndim != 2:
-        raise ShapeError(f"U must be a (d, τ) matrix, got shape {U.shape}")
+    ``τ + 1`` (or ``τ`` when ``h ∈ range(U)``) directions.
+
+    Precondition, checked: ``U`` has orthonormal columns, ``max|UᵀU − I| ≤ 100·√eps`` of its
+    dtype (``1.5e-6`` in float64; loose enough for the rounding drift of many updates, tight
+    enough to catch a ``U`` that is not orthonormal at all). The check costs ``O(dτ²)``, the
+    order of the update itself; a violation is :class:`~refcurv.errors.HyperParameterError`
+    (the result would silently be wrong). ``τ = 0`` (``U`` of shape ``(d, 0)``) is allowed."""
+    U = C.finite(U, "U", empty_ok=True)
+    if U.ndim != 2 or U.shape[0] < 1:
+        raise ShapeError(f"U must be a (d, τ) matrix with d ≥ 1, got shape {U.shape}")
     d, tau = U.shape
-    K = C.vector(K, "K", tau)
+    K = C.finite(K, "K", empty_ok=tau == 0)
+    if K.shape != (tau,):
+        raise ShapeError(f"K must be a vector of length {tau}, got shape {K.shape}")
     h = C.vector(h, "h", d)
-    if not np.isfinite(c):
-        raise HyperParameterError(f"c must be finite, got {c!r}")
+    c = C.real(c, "c")
+    if rank is not None:
+        rank = _rank(rank)
     xp = xp_of(U)
+    if tau:
+        dev = float(xp.abs(U.T @ U - xp.eye(tau, dtype=U.dtype)).max())
+        tol = 100 * float(np.sqrt(np.finfo(U.dtype).eps))
+        if not dev <= tol:
+            raise HyperParameterError(f"U must have orthonormal columns (max|UᵀU − I| ≤ {tol:.1e}), "
+                                      f"got max|UᵀU − I| = {dev:.3e}")
     m = U.T @ h
     resid = h - U @ m
     # second classical Gram–Schmidt pass ("twice is enough"): without it p = resid/r loses
@@ -63,17 +78,15 @@ def brand_update(U, K, h, c=1.0, rank=None):
     w, V = eigh((core + core.T) / 2)
     order = xp.argsort(-w)
     if rank is not None:
-        order = order[: _rank(rank)]
-    return basis @ V[:, order], w[order]
+        order = order[:rank]
+    return C.result((basis @ V[:, order], w[order]), "the updated eigenpairs (U', K')")
 
 
 def randomized_svd(X, rank, oversample=10, n_iter=2, seed=None):
     """Rank-``rank`` truncated SVD ``(U, s, Vt)`` of ``X`` by a Gaussian range finder with
     ``oversample`` extra columns and ``n_iter`` power iterations (re-orthonormalized by QR
     each time); the test matrix is drawn on the host with ``numpy.random.default_rng(seed)``."""
-    X = C.finite(X, "X")
-    if X.ndim != 2:
-        raise ShapeError(f"X must be a matrix, got shape {X.shape}")
+    X = C.matrix(X, "X")
     rank = _rank(rank)
     if rank > min(X.shape):
         raise HyperParameterError(f"rank must be ≤ min(X.shape) = {min(X.shape)}, got {rank}")
@@ -89,4 +102,4 @@ def randomized_svd(X, rank, oversample=10, n_iter=2, seed=None):
         Q, _ = xp.linalg.qr(X.T @ Q)
         Q, _ = xp.linalg.qr(X @ Q)
     Ub, s, Vt = xp.linalg.svd(Q.T @ X, full_matrices=False)
-    return (Q @ Ub)[:, :rank], s[:rank], Vt[:rank]
+    return C.result(((Q @ Ub)[:, :rank], s[:rank], Vt[:rank]), "the truncated SVD (U, s, Vt)")

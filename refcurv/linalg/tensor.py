@@ -11,11 +11,12 @@ thesis's ``i + 1``).
 from __future__ import annotations
 
 from ..backend import xp_of
-from ..errors import ShapeError
+from ..errors import ArgumentTypeError, ShapeError
 from . import _checks as C
 
 
 def _mode(A, i):
+    i = C.integer(i, "i", minimum=-A.ndim)
     if not -A.ndim <= i < A.ndim:
         raise ShapeError(f"mode {i} out of range for a tensor of order {A.ndim}")
     return i % A.ndim
@@ -35,18 +36,20 @@ def mode_product(A, U, i):
     if U.ndim != 2 or U.shape[1] != A.shape[i]:
         raise ShapeError(f"U must be (d', {A.shape[i]}) for mode {i}, got {U.shape}")
     xp = xp_of(A, U)
-    return xp.moveaxis(xp.tensordot(U, A, axes=(1, i)), 0, i)
+    return C.result(xp.moveaxis(xp.tensordot(U, A, axes=(1, i)), 0, i), f"A ×_{i} U")
 
 
 def contraction(A, i):
     """``A^{(i)} = mat_i(A) mat_i(A)ᵀ`` (thesis §4.2.1; TNT/Shampoo statistics)."""
     M = mat(A, i)
-    return M @ M.T
+    return C.result(M @ M.T, f"the contraction A^({i})")
 
 
 def kron_apply(Us, G):
     """``G ×_1 U_1 ⋯ ×_k U_k`` = ``(U_1 ⊗ ⋯ ⊗ U_k) vec̄(G)`` reshaped (Proposition 1)."""
     G = C.finite(G, "G")
+    if not isinstance(Us, (list, tuple)):
+        raise ArgumentTypeError(f"Us must be a list of matrices, got {type(Us).__name__}")
     if len(Us) != G.ndim:
         raise ShapeError(f"need one matrix per mode ({G.ndim}), got {len(Us)}")
     for i, U in enumerate(Us):

@@ -25,12 +25,14 @@ def spd_solve(A, B, name="A"):
     Cholesky first. If it fails (``A`` PD in exact arithmetic but not numerically
     factorizable), fall back to the symmetric eigendecomposition ``A = V diag(w) Vᵀ`` and
     ``X = V diag(1/w) Vᵀ B`` provided every ``w > n·eps·max|w|``; otherwise raise
-    :class:`NotSPDError`.
+    :class:`NotSPDError`. A result that overflows (finite ``A``, ``B`` too large or too
+    ill-conditioned) is :class:`~refcurv.errors.NonFiniteError`.
     """
+    C.label(name, "name")
     A = C.symmetric(A, name)
     B = C.rows_match(B, A.shape[0], "B")
     try:
-        return cho_solve(cholesky(A), B)
+        return C.result(cho_solve(cholesky(A), B), f"the solution X of {name} X = B")
     except np.linalg.LinAlgError:
         pass
     xp = xp_of(A)
@@ -39,15 +41,12 @@ def spd_solve(A, B, name="A"):
     if float(w.min()) <= floor:
         raise NotSPDError(f"{name} is not positive definite (smallest eigenvalue {float(w.min()):.3e})")
     VtB = V.T @ B
-    return V @ (VtB / (w[:, None] if B.ndim == 2 else w))
+    return C.result(V @ (VtB / (w[:, None] if B.ndim == 2 else w)), f"the solution X of {name} X = B")
 
 
 def _lam_U(lam, U):
     C.positive(lam, "lam")
-    U = C.finite(U, "U")
-    if U.ndim != 2:
-        raise ShapeError(f"U must be a matrix (n, ρ), got shape {U.shape}")
-    return U
+    return C.matrix(U, "U", "a matrix (n, ρ)")
 
 
 def lowrank_solve(lam, U, B):
@@ -56,7 +55,7 @@ def lowrank_solve(lam, U, B):
     B = C.rows_match(B, U.shape[0], "B")
     xp = xp_of(U, B)
     cap = lam * xp.eye(U.shape[1], dtype=U.dtype) + U.T @ U
-    return (B - U @ spd_solve(cap, U.T @ B, name="λI + UᵀU")) / lam
+    return C.result((B - U @ spd_solve(cap, U.T @ B, name="λI + UᵀU")) / lam, "(λI + UUᵀ)⁻¹B")
 
 
 def lowrank_inverse(lam, U):
@@ -76,9 +75,8 @@ def gn_solve(lam, J, H, B, scale=1.0, symmetric=True):
     """
     C.positive(lam, "lam")
     C.positive(scale, "scale")
-    J = C.finite(J, "J")
-    if J.ndim != 2:
-        raise ShapeError(f"J must be a matrix (m, n), got shape {J.shape}")
+    symmetric = C.flag(symmetric, "symmetric")
+    J = C.matrix(J, "J", "a matrix (m, n)")
     m = J.shape[0]
     H = C.square(H, "H")
     if H.shape[0] != m:
@@ -90,9 +88,13 @@ def gn_solve(lam, J, H, B, scale=1.0, symmetric=True):
         C.symmetric(H, "H")
         D = lam * spd_solve(H, xp.eye(m, dtype=J.dtype), name="H") + scale * (J @ J.T)
         D = (D + D.T) / 2
-        return (B - scale * (J.T @ spd_solve(D, JB, name="D"))) / lam
-    D = lam * xp.eye(m, dtype=J.dtype) + scale * (J @ J.T) @ H
-    return (B - scale * (J.T @ (H @ xp.linalg.solve(D, JB)))) / lam
+        return C.result((B - scale * (J.T @ spd_solve(D, JB, name="D"))) / lam, "(λI + s JᵀHJ)⁻¹B")
+    D = C.finite(lam * xp.eye(m, dtype=J.dtype) + scale * (J @ J.T) @ H, "D = λI + s J Jᵀ H")
+    try:
+        DJB = xp.linalg.solve(D, JB)
+    except np.linalg.LinAlgError:
+        raise NotSPDError("D = λI + s J Jᵀ H is singular: (5.7) needs D invertible") from None
+    return C.result((B - scale * (J.T @ (H @ DJB))) / lam, "(λI + s JᵀHJ)⁻¹B")
 
 
 def sherman_morrison(A_inv, u, v=None):
@@ -105,4 +107,4 @@ def sherman_morrison(A_inv, u, v=None):
     denom = 1.0 + float(v @ Au)
     if denom == 0.0:
         raise NotSPDError("A + u vᵀ is singular (1 + vᵀA⁻¹u = 0)")
-    return A_inv - xp_of(A_inv).outer(Au, vA) / denom
+    return C.result(A_inv - xp_of(A_inv).outer(Au, vA) / denom, "(A + u vᵀ)⁻¹")

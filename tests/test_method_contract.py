@@ -52,10 +52,23 @@ def test_state_is_typed_and_documented(name, kind):
         assert isinstance(s.diagnostics, dict)
 
 
-@pytest.mark.parametrize("name,kind", CASES)
+#: non-default configurations whose draws differ from the defaults' (more labels, sketches,
+#: subsets), so that injection is checked for every kind of draw
+DRAW_VARIANTS = [("kfac", dict(n_samples=2)), ("smw_ng", dict(fisher="mc", n2=4)), ("smw_ng_bd", dict(fisher="mc")),
+                 ("ngplus", dict(gram="sketch")), ("ngplus", dict(solver="sketch_ls")),
+                 ("seng", dict(sketch_size=3)), ("seng", dict(threshold=0, sketch_size_A=3, sketch_size_G=2)),
+                 ("seng", dict(history="hybrid", memory=4, hybrid_v=2)), ("tnt", dict(n_samples=2))]
+
+
+@pytest.mark.parametrize("name,kind", CASES + [(f"{n}|{i}", k) for i, (n, _) in enumerate(DRAW_VARIANTS) for k in NETS])
 @pytest.mark.parametrize("dense", [False, True], ids=["fast", "dense"])
 def test_injected_draws_are_bit_identical(name, kind, dense):
-    method, net, params, batches = _setup(name, kind)
+    if "|" in name:
+        base, i = name.split("|")
+        method, net, params, batches = _setup(base, kind)
+        method, name = REGISTRY[base](**DRAW_VARIANTS[int(i)][1]), base
+    else:
+        method, net, params, batches = _setup(name, kind)
     runs = []
     for inject in (False, True):
         state, p, out = method.init(net, params), params, []

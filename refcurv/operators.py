@@ -31,6 +31,7 @@ Structures:
 """
 from __future__ import annotations
 
+import warnings
 from functools import reduce
 
 import numpy as np
@@ -207,7 +208,9 @@ def _float_dtype(dtype):
     if dtype is None or isinstance(dtype, (bool, np.bool_, np.ndarray)):
         raise ArgumentTypeError(f"dtype must be a floating dtype such as numpy.float64, got {_describe(dtype)}")
     try:
-        dt = np.dtype(dtype)
+        with warnings.catch_warnings():  # deprecated aliases such as 'a' are refused below anyway
+            warnings.simplefilter("ignore", DeprecationWarning)
+            dt = np.dtype(dtype)
     except (TypeError, ValueError):
         raise ArgumentTypeError(f"dtype must be a floating dtype such as numpy.float64, got {_describe(dtype)}") from None
     if dt.kind != "f":

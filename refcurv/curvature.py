@@ -21,6 +21,14 @@ Fisher kinds (:data:`FISHER_KINDS`, the same words as the methods' ``fisher=``):
 closed form (for MSE, cross-entropy and BCE this equals the GGN, thesis (1.7));
 ``"mc"`` — that expectation estimated with ``S`` labels per input sampled from the model
 (seeded, or given as ``labels`` of shape ``(S, N, …)``); ``"empirical"`` — the data labels.
+
+Input policy (README): every argument is checked on entry — ``net`` a
+:class:`refcurv.nn.Sequential`, ``loss`` a refcurv loss *instance*, ``params``/``x`` real
+arrays (integer arrays are converted to float64; complex, boolean and non-numeric input is
+refused), ``blocks``/``per_sample`` real booleans, ``kind``/``conv``/``side`` one of their
+words, ``seed`` as :func:`refcurv.backend.rng_of` — and a non-finite result from finite
+input (overflow, e.g. ``x = 1e200``) raises :class:`~refcurv.errors.NonFiniteError` naming
+the quantity. Errors are :class:`~refcurv.errors.RefcurvError` subclasses.
 """
 from __future__ import annotations
 
@@ -29,20 +37,86 @@ import numpy as np
 from .backend import rng_of, xp_of
 from .errors import ArgumentTypeError, HyperParameterError, ShapeError
 from .nn.losses import _check_n_samples
+from .operators import _describe, _finite_result, _real_array, _real_number
 from .vec import layer_slices
 
 F64 = np.float64
 
+#: what a refcurv loss offers (duck-typed: refcurv.nn.MSE, CrossEntropy, BCE)
+_LOSS_API = ("grad", "hvp", "hessian", "check_targets", "sample", "fisher_output", "hessian_sqrt")
+
+
+# ---------------------------------------------------------------- input checks
+def _check_net(net):
+    from .nn.model import Sequential
+
+    if not isinstance(net, Sequential):
+        raise ArgumentTypeError(f"net must be a refcurv.nn.Sequential, got {_describe(net)}")
+    return net
+
+
+def _check_loss(loss, required=True):
+    if loss is None:
+        if required:
+            raise ArgumentTypeError("loss is required: a refcurv loss (MSE(), CrossEntropy(), BCE()), got None")
+        return None
+    if isinstance(loss, type):
+        raise ArgumentTypeError(f"loss must be a refcurv loss instance such as {loss.__name__}(), got the class itself")
+    if not all(hasattr(loss, a) for a in _LOSS_API):
+        raise ArgumentTypeError(f"loss must be a refcurv loss (MSE(), CrossEntropy(), BCE()), got {_describe(loss)}")
+    return loss
+
+
+def _check_params(net, params):
+    """Real finite arrays (ints converted, complex refused), then the network's own checks."""
+    if not isinstance(params, (list, tuple)):
+        raise ArgumentTypeError(f"params must be a list of per-layer arrays, got {_describe(params)}")
+    return net.check_params([_real_array(W, f"params[{j}]") for j, W in enumerate(params)])
+
+
+def _check_x(net, x, params):
+    return net.check_input(_real_array(x, "x"), xp=xp_of(x, params))
+
+
+def _flag(value, name):
+    """A real boolean: truthy strings (``blocks='yes'``), numbers and arrays are refused."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ArgumentTypeError(f"{name} must be True or False, got {_describe(value)}")
+    return bool(value)
+
+
+def _word(value, name, choices, hint="", expected=None):
+    if not isinstance(value, str) or value not in choices:
+        expected = expected or f"one of {tuple(choices)}"
+        raise HyperParameterError(f"{name} must be {expected}, got {_describe(value)}{hint}")
+    return value
+
+
+def _seed_and_samples(seed, n_samples):
+    """Type checks of ``seed`` (:func:`rng_of`) and ``n_samples`` even where they go unused."""
+    if seed is not None:
+        rng_of(seed)
+    if n_samples is not None:
+        _check_n_samples(n_samples)
+
+
+def _result(out, what):
+    """Refuse a non-finite result (overflow) from finite, checked input: ``out`` is an array or
+    a (nested) list of arrays."""
+    if isinstance(out, (list, tuple)):
+        for o in out:
+            _result(o, what)
+        return out
+    return _finite_result(out, what)
+
 
 def _setup(net, params, x, y, loss, need_y=True):
-    if loss is not None and not all(hasattr(loss, a) for a in ("grad", "hvp", "check_targets")):
-        raise ArgumentTypeError(f"loss must be a refcurv loss (MSE, CrossEntropy, BCE), got {loss!r}")
-    params = [W.astype(F64) for W in net.check_params(params)]
-    x = net.check_input(x, xp=xp_of(x, params)).astype(F64)
+    _check_net(net)
+    _check_loss(loss, required=need_y)
+    params = [W.astype(F64) for W in _check_params(net, params)]
+    x = _check_x(net, x, params).astype(F64)
     tr = net._forward(params, x)
-    if need_y:
-        if loss is None:
-            raise ArgumentTypeError("loss is required")
+    if need_y or (loss is not None and y is not None):
         y = loss.check_targets(y, tr.out)
     return params, x, y, tr
 
@@ -57,19 +131,24 @@ def _ret(M, net, blocks):
 
 def per_sample_grads(net, params, x, y, loss):
     """``(N, n)``: row ``i`` is ``u_i = ∇ψ_i`` (unscaled, SENG (3))."""
+    return _result(_per_sample_grads(net, params, x, y, loss), "per_sample_grads")
+
+
+def _per_sample_grads(net, params, x, y, loss):
     params, x, y, tr = _setup(net, params, x, y, loss)
     return net._flat(net._param_grads(tr, net._pull(params, tr, loss.grad(tr.out, y))))
 
 
 def grad(net, params, x, y, loss):
     """``(n,)`` mini-batch gradient ``(1/N) Σ u_i``."""
-    return per_sample_grads(net, params, x, y, loss).mean(axis=0)
+    return _result(_per_sample_grads(net, params, x, y, loss).mean(axis=0), "grad")
 
 
 def jacobian(net, params, x, y=None, loss=None):
-    """``(N, C, n)`` per-sample output Jacobians ``J_i``."""
+    """``(N, C, n)`` per-sample output Jacobians ``J_i``. ``y`` and ``loss`` are not used (a
+    uniform signature); when both are given they are checked against each other."""
     params, x, _, _ = _setup(net, params, x, y, loss, need_y=False)
-    return net.jacobian(params, x)
+    return _result(net.jacobian(params, x), "jacobian")
 
 
 def _per_sample_hessians(net, params, x, y, loss, output_hessian=True):
@@ -86,17 +165,21 @@ def _per_sample_hessians(net, params, x, y, loss, output_hessian=True):
 def hessian(net, params, x, y, loss, blocks=False, per_sample=False):
     """Exact Hessian ``(1/N) Σ ∇²ψ_i`` by the R-operator on the backward pass (one batched
     pass with ``n`` basis tangents). ``per_sample=True`` returns ``(N, n, n)``."""
-    H = _per_sample_hessians(net, params, x, y, loss)
+    blocks, per_sample = _flag(blocks, "blocks"), _flag(per_sample, "per_sample")
+    if blocks and per_sample:
+        raise ArgumentTypeError("blocks=True and per_sample=True cannot be combined (per_sample returns (N, n, n))")
+    H = _result(_per_sample_hessians(net, params, x, y, loss), "hessian")
     if per_sample:
         return H
-    return _ret(H.mean(axis=0), net, blocks)
+    return _result(_ret(H.mean(axis=0), net, blocks), "hessian")
 
 
 def hessian_residual(net, params, x, y, loss, blocks=False):
     """Second term of thesis (1.4): ``(1/N) Σ_i Σ_c [∂ℓ/∂f_i]_c ∂²f_{i,c}/∂θ²``: the R-op with
     the output Hessian switched off, so ``hessian = ggn + hessian_residual``."""
+    blocks = _flag(blocks, "blocks")
     R = _per_sample_hessians(net, params, x, y, loss, output_hessian=False)
-    return _ret(R.mean(axis=0), net, blocks)
+    return _result(_ret(R.mean(axis=0), net, blocks), "hessian_residual")
 
 
 def _sandwich(J, M):
@@ -107,8 +190,9 @@ def _sandwich(J, M):
 
 def ggn(net, params, x, y, loss, blocks=False):
     """Generalized Gauss-Newton ``(1/N) Σ J_iᵀ H_i J_i`` (thesis §1.2.2)."""
+    blocks = _flag(blocks, "blocks")
     params, x, y, tr = _setup(net, params, x, y, loss)
-    return _ret(_sandwich(net.jacobian(params, x), loss.hessian(tr.out)), net, blocks)
+    return _result(_ret(_sandwich(net.jacobian(params, x), loss.hessian(tr.out)), net, blocks), "ggn")
 
 
 #: the Fisher-kind words (= refcurv.methods.vocabulary.FISHER_KINDS; tests/test_identities.py
@@ -161,32 +245,33 @@ def fisher(net, params, x, y=None, loss=None, kind="exact", n_samples=None, seed
     ``(S, N, …)`` (then ``seed`` must be ``None`` and ``n_samples``, if given, ``S``).
     The third Fisher kind, ``"empirical"`` (data labels), is :func:`empirical_fisher`.
     """
-    if kind not in FISHER_KINDS[:2]:
-        raise HyperParameterError(
-            f"kind must be 'exact' or 'mc', got {kind!r} (the empirical Fisher is curvature.empirical_fisher)")
+    _word(kind, "kind", FISHER_KINDS[:2], " (the empirical Fisher is curvature.empirical_fisher)",
+          expected="'exact' or 'mc'")
+    blocks = _flag(blocks, "blocks")
+    _seed_and_samples(seed, n_samples)
     if labels is not None and kind != "mc":
         raise ArgumentTypeError(f"labels are sampled labels for kind='mc', not for kind={kind!r}")
+    _check_loss(loss)
     params, x, _, tr = _setup(net, params, x, y, loss, need_y=False)
-    if loss is None:
-        raise ArgumentTypeError("loss is required")
     if kind == "exact":
-        return _ret(_sandwich(net.jacobian(params, x), loss.fisher_output(tr.out)), net, blocks)
+        return _result(_ret(_sandwich(net.jacobian(params, x), loss.fisher_output(tr.out)), net, blocks), "fisher")
     xp = xp_of(x)
     U = _sampled_label_grads(net, params, tr, loss, n_samples, seed, labels)
     S, N = U.shape[:2]
-    return _ret(xp.einsum("snp,snq->pq", U, U) / (S * N), net, blocks)
+    return _result(_ret(xp.einsum("snp,snq->pq", U, U) / (S * N), net, blocks), "fisher")
 
 
 def empirical_fisher(net, params, x, y, loss, blocks=False):
     """Empirical Fisher ``(1/N) Σ u_i u_iᵀ`` (SENG (2), EFIM; thesis §1.2.2)."""
-    U = per_sample_grads(net, params, x, y, loss)
-    return _ret(U.T @ U / U.shape[0], net, blocks)
+    blocks = _flag(blocks, "blocks")
+    U = _per_sample_grads(net, params, x, y, loss)
+    return _result(_ret(U.T @ U / U.shape[0], net, blocks), "empirical_fisher")
 
 
 def preactivation_hessians(net, params, x, y, loss):
     """Per-sample ``∂²ψ_i/∂h_l²`` per trainable layer: list of ``(N, out·T, out·T)``."""
     params, x, y, _ = _setup(net, params, x, y, loss)
-    return net.preactivation_hessians(params, x, y, loss)
+    return _result(net.preactivation_hessians(params, x, y, loss), "preactivation_hessians")
 
 
 KFAC_KINDS = FISHER_KINDS
@@ -229,11 +314,10 @@ def kfac_factors(net, params, x, y, loss, kind="exact", conv="expand", n_samples
     Both coincide for Linear layers. Exact for a batch of one (MLP) and for deep linear
     MLPs with MSE (``G`` is then the same for every sample).
     """
-    if kind not in KFAC_KINDS:
-        hint = " ('ggn' is now 'exact')" if kind == "ggn" else ""
-        raise HyperParameterError(f"kind must be one of {KFAC_KINDS}, got {kind!r}{hint}")
-    if conv not in KFAC_CONV:
-        raise HyperParameterError(f"conv must be one of {KFAC_CONV}, got {conv!r}")
+    _word(kind, "kind", KFAC_KINDS, " ('ggn' is now 'exact')" if isinstance(kind, str) and kind == "ggn" else "")
+    _word(conv, "conv", KFAC_CONV)
+    _seed_and_samples(seed, n_samples)
+    _check_loss(loss)
     if labels is not None and kind != "mc":
         raise ArgumentTypeError(f"labels are sampled labels for kind='mc', not for kind={kind!r}")
     params, x, y, tr = _setup(net, params, x, y, loss, need_y=(kind == "empirical"))
@@ -254,11 +338,15 @@ def kfac_factors(net, params, x, y, loss, kind="exact", conv="expand", n_samples
             Af = a_hat.T @ a_hat / N
             Gf = w * xp.einsum("kno,knp->op", g_hat, g_hat) / N
         out.append((Af, Gf))
-    return out
+    return _result(out, "kfac_factors")
 
 
 def gfim_side(shape):
     """NG+ (4)-(5): ``"left"`` (``L``, ``m × m``) if ``m <= n`` for an ``m × n`` weight, else ``"right"``."""
+    if (not isinstance(shape, (tuple, list)) or len(shape) != 2
+            or not all(isinstance(d, (int, np.integer)) and not isinstance(d, (bool, np.bool_)) and d >= 1
+                       for d in shape)):
+        raise ShapeError(f"shape must be a weight shape (m, n) of two positive ints, got {_describe(shape)}")
     m, n = shape
     return "left" if m <= n else "right"
 
@@ -267,8 +355,7 @@ def gfim(net, params, x, y, loss, side="auto"):
     """NG+ generalized Fisher per layer (NG+ (2), (4)-(5)) from per-sample gradient
     matrices ``𝒢_i in R^{out x d}``: ``L = (1/N) Σ 𝒢_i 𝒢_iᵀ`` (``side="left"``),
     ``R = (1/N) Σ 𝒢_iᵀ 𝒢_i`` (``"right"``), or per layer by :func:`gfim_side` (``"auto"``)."""
-    if side not in ("auto", "left", "right"):
-        raise HyperParameterError(f"side must be 'auto', 'left' or 'right', got {side!r}")
+    _word(side, "side", ("auto", "left", "right"))
     params, x, y, tr = _setup(net, params, x, y, loss)
     xp = xp_of(x)
     grads = net._param_grads(tr, net._pull(params, tr, loss.grad(tr.out, y)))
@@ -279,7 +366,7 @@ def gfim(net, params, x, y, loss, side="auto"):
             out.append(xp.einsum("nij,nkj->ik", g, g) / g.shape[0])
         else:
             out.append(xp.einsum("nji,njk->ik", g, g) / g.shape[0])
-    return out
+    return _result(out, "gfim")
 
 
 # ======================================================================================
@@ -303,12 +390,45 @@ from .linalg.woodbury import spd_solve  # noqa: E402
 from .vec import unflatten  # noqa: E402
 
 
+def _check_factors(A, G):
+    """``A``, ``G``: equally long non-empty lists of real finite ``(N, d_l, T_l)`` and
+    ``(N, out_l, T_l)`` arrays (the same ``N ≥ 1`` throughout), as :meth:`Sequential.factors`
+    returns them."""
+    for name, F in (("A", A), ("G", G)):
+        if not isinstance(F, (list, tuple)) or not F:
+            raise ArgumentTypeError(f"{name} must be a non-empty list of per-layer arrays "
+                                    f"(from Sequential.factors), got {_describe(F)}")
+    if len(A) != len(G):
+        raise ShapeError(f"A and G must have one array per trainable layer each, got {len(A)} and {len(G)}")
+    A = [_real_array(a, f"A[{l}]") for l, a in enumerate(A)]
+    G = [_real_array(g, f"G[{l}]") for l, g in enumerate(G)]
+    N = A[0].shape[0] if A[0].ndim == 3 else None
+    for l, (a, g) in enumerate(zip(A, G)):
+        if a.ndim != 3 or g.ndim != 3 or a.shape[0] != N or g.shape[0] != N or a.shape[2] != g.shape[2] or N == 0:
+            raise ShapeError(f"A[{l}] and G[{l}] must be (N, d, T) and (N, out, T) with the same N >= 1 "
+                             f"for every layer, got shapes {tuple(a.shape)} and {tuple(g.shape)}")
+    return A, G
+
+
+def _check_layer_list(v, shapes, name):
+    """Per-layer arrays of the given shapes (real, finite)."""
+    if not isinstance(v, (list, tuple)) or len(v) != len(shapes):
+        raise ArgumentTypeError(f"{name} must be a list of {len(shapes)} per-layer arrays, got {_describe(v)}"
+                                + (f" of length {len(v)}" if isinstance(v, (list, tuple)) else ""))
+    out = [_real_array(t, f"{name}[{l}]") for l, t in enumerate(v)]
+    for l, (t, shp) in enumerate(zip(out, shapes)):
+        if tuple(t.shape) != tuple(shp):
+            raise ShapeError(f"{name}[{l}] must have shape {tuple(shp)}, got {tuple(t.shape)}")
+    return out
+
+
 def grad_from_factors(A, G):
     """Mini-batch gradient ``(1/N) Σ_i G_i A_iᵀ`` per layer (thesis (2.1), Algorithm 18), a
     list of ``(out, d)``, from the factors without forming per-sample gradients. Equals
     :func:`grad` (unflattened)."""
+    A, G = _check_factors(A, G)
     xp = xp_of(*A)
-    return [xp.einsum("not,ndt->od", g, a) / a.shape[0] for a, g in zip(A, G)]
+    return _result([xp.einsum("not,ndt->od", g, a) / a.shape[0] for a, g in zip(A, G)], "grad_from_factors")
 
 
 def ef_gram(A, G, blocks=False):
@@ -322,30 +442,43 @@ def ef_gram(A, G, blocks=False):
     ``blocks=True``: the per-layer Grams ``K^l_{ij} = (∇_{W_l}ψ_i)ᵀ ∇_{W_l}ψ_j`` as a list (the
     ``D_l`` of SMW-NG-BD, §5.8); their sum is the full Gram. Dense definition:
     ``U Uᵀ`` with ``U =`` :func:`per_sample_grads`."""
+    A, G = _check_factors(A, G)
+    blocks = _flag(blocks, "blocks")
     xp = xp_of(*A)
     out = []
     for a, g in zip(A, G):
         KA = xp.einsum("idt,jds->ijts", a, a)
         KG = xp.einsum("iot,jos->ijts", g, g)
         out.append((KA * KG).sum(axis=(-2, -1)))
-    return out if blocks else sum(out)
+    return _result(out if blocks else sum(out), "ef_gram")
 
 
 def ef_products(A, G, v):
     """``(∇_{W_l}ψ_iᵀ v_l)_i`` per layer: a list of ``(N,)`` with
     ``∇_{W_l}ψ_iᵀ v_l = Σ_t g_{i,t}ᵀ V_l a_{i,t}`` (``v`` per layer ``(out, d)``); their sum over
     layers is ``U v`` (``J g`` and ``J p`` of SMW-NG, thesis (5.6) with ``J = U``)."""
+    A, G = _check_factors(A, G)
+    v = _check_layer_list(v, [(g.shape[1], a.shape[1]) for a, g in zip(A, G)], "v")
     xp = xp_of(*A)
-    return [xp.einsum("iot,od,idt->i", g, w, a) for a, g, w in zip(A, G, v)]
+    return _result([xp.einsum("iot,od,idt->i", g, w, a) for a, g, w in zip(A, G, v)], "ef_products")
 
 
 def ef_transpose(A, G, z):
     """``Σ_i z_i ∇_{W_l}ψ_i = Σ_i z_i G_l[i] A_l[i]ᵀ`` per layer (``Uᵀ z``; the ``Jᵀ D⁻¹ J g``
     correction of (5.6) for SMW-NG). ``z``: ``(N,)`` for every layer, or a per-layer list
     (SMW-NG-BD: one ``z_l`` per block)."""
+    A, G = _check_factors(A, G)
+    N = A[0].shape[0]
+    if isinstance(z, (list, tuple)):
+        zs = _check_layer_list(z, [(N,)] * len(A), "z")
+    else:
+        z = _real_array(z, "z")
+        if z.shape != (N,):
+            raise ShapeError(f"z must have shape ({N},) (one weight per sample) or be a per-layer list, "
+                             f"got shape {tuple(z.shape)}")
+        zs = [z] * len(A)
     xp = xp_of(*A)
-    zs = z if isinstance(z, (list, tuple)) else [z] * len(A)
-    return [xp.einsum("i,iot,idt->od", zi, g, a) for a, g, zi in zip(A, G, zs)]
+    return _result([xp.einsum("i,iot,idt->od", zi, g, a) for a, g, zi in zip(A, G, zs)], "ef_transpose")
 
 
 class OutputJacobian:
@@ -356,21 +489,27 @@ class OutputJacobian:
     Dense definition: :func:`jacobian`."""
 
     def __init__(self, net, params, x):
-        self.net = net
-        self.params, x = net._prepare(params, x)
+        self.net = _check_net(net)
+        params = _check_params(net, params)
+        self.params, x = net._prepare(params, _check_x(net, x, params))
         self.tr = net._forward(self.params, x)
-        self.f = self.tr.out
+        self.f = _result(self.tr.out, "the network output f")
 
     def jvp(self, v):
         """``v``: per-layer ``(out, d)`` → ``J v`` ``(N, C)``."""
+        v = _check_layer_list(v, [W.shape for W in self.params], "v")
         _, df = self.net._push(self.params, self.tr, [t[None] for t in v])
-        return df[0]
+        return _result(df[0], "OutputJacobian.jvp(v)")
 
     def vjp(self, w):
         """``w`` ``(N, C)`` → ``Σ_i J_iᵀ w_i`` per layer ``(out, d)``."""
+        w = _real_array(w, "w")
+        if w.shape != self.f.shape:
+            raise ShapeError(f"w must have the output shape {tuple(self.f.shape)} (N, C), got {tuple(w.shape)}")
         xp = xp_of(w)
         G = self.net._pull(self.params, self.tr, w)
-        return [xp.einsum("not,ndt->od", g, self.tr.A[k]) for k, g in zip(self.net.trainable_index, G)]
+        return _result([xp.einsum("not,ndt->od", g, self.tr.A[k]) for k, g in zip(self.net.trainable_index, G)],
+                       "OutputJacobian.vjp(w)")
 
 
 class GGNOperator(Operator):
@@ -383,16 +522,22 @@ class GGNOperator(Operator):
     Hessian-free itself solves by CG). Dense definition: :func:`ggn` ``+ λI``."""
 
     def __init__(self, net, params, x, loss, damping=0.0):
-        self.net = net
+        self.loss = _check_loss(loss)
+        damping = _real_number(damping, "damping")
+        if damping < 0:
+            raise HyperParameterError(f"damping must be a finite number >= 0, got {damping!r}")
+        self.net = _check_net(net)
         self.J = OutputJacobian(net, params, x)
-        self.loss = loss
-        self.N = x.shape[0]
+        self.N = self.J.f.shape[0]
         self.damping = float(damping)
         self.n, self.dtype = net.n_params, self.J.f.dtype
 
     def ggn(self, v):
-        """``B v`` (no damping, no input checks: for inner loops such as CG), ``v`` of shape
-        ``(n,)`` or ``(n, k)``."""
+        """``B v`` (no damping), ``v`` of shape ``(n,)`` or ``(n, k)``; checked like
+        :meth:`matvec` (an O(n) check per product, negligible next to the passes)."""
+        return _finite_result(self._ggn(self._rhs(v)), "GGNOperator.ggn(v)")
+
+    def _ggn(self, v):
         J = self.J
         V = v[None] if v.ndim == 1 else v.T  # (K, n): the K tangents of one batched pass
         _, df = self.net._push(J.params, J.tr, unflatten(V, self.net))  # (K, N, C): J v
@@ -404,7 +549,7 @@ class GGNOperator(Operator):
         return out[0] if v.ndim == 1 else out.T
 
     def _matvec(self, v):
-        return self.ggn(v) + self.damping * v
+        return self._ggn(v) + self.damping * v
 
     def _solve(self, v):
         return spd_solve(self.todense(), v, "B + λI")

@@ -31,12 +31,13 @@ Structures:
 """
 from __future__ import annotations
 
+import warnings
 from functools import reduce
 
 import numpy as np
 
 from .backend import eigh, to_numpy, xp_of
-from .errors import ArgumentTypeError, ShapeError
+from .errors import ArgumentTypeError, HyperParameterError, NonFiniteError, NotSPDError, ShapeError
 from .linalg import _checks as C
 from .linalg.woodbury import spd_solve
 
@@ -44,9 +45,77 @@ __all__ = ["Operator", "ScaledIdentity", "Dense", "Kronecker", "KroneckerSum", "
            "BlockDiagonal", "Inverse"]
 
 
+# ---------------------------------------------------------------- input checks
+# (shared with refcurv.curvature; README "input policy": every argument is checked where it
+# enters, and bad input raises a RefcurvError whose message names the argument)
+def _describe(a):
+    """What was given, for an error message: the type, and dtype/shape for arrays."""
+    if hasattr(a, "dtype") and hasattr(a, "shape"):
+        return f"{type(a).__name__} of dtype {a.dtype} and shape {tuple(a.shape)}"
+    return f"{type(a).__name__} {a!r}" if isinstance(a, (int, float, str, bytes)) else type(a).__name__
+
+
+def _real_array(a, name):
+    """``a`` as a finite real floating array: integer arrays are converted to float64
+    (documented); complex (the imaginary part would be dropped), boolean, string and object
+    input is refused (:class:`ArgumentTypeError`), NaN/Inf too (:class:`NonFiniteError`)."""
+    xp = xp_of(a)
+    if isinstance(a, (str, bytes)) or a is None or isinstance(a, (bool, np.bool_)):
+        raise ArgumentTypeError(f"{name} must be a real floating array, got {_describe(a)}")
+    try:
+        arr = xp.asarray(a)
+    except (TypeError, ValueError) as e:  # ragged nested lists and the like
+        raise ArgumentTypeError(f"{name} must be a real floating array, got {type(a).__name__} ({e})") from None
+    if arr.dtype.kind in "iu":
+        arr = arr.astype(np.float64)
+    elif arr.dtype.kind != "f":
+        raise ArgumentTypeError(f"{name} must be a real floating (or integer) array, got {_describe(a)}")
+    return C.finite(arr, name)
+
+
+def _real_number(value, name):
+    """A real, finite Python/NumPy number (not a bool, not an array)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise HyperParameterError(f"{name} must be a finite real number, got {_describe(value)}")
+    if not np.isfinite(value):
+        raise HyperParameterError(f"{name} must be a finite real number, got {value!r}")
+    return value
+
+
+def _positive(value, name):
+    return C.positive(_real_number(value, name), name)
+
+
+def _finite_result(out, what):
+    """Raise :class:`NonFiniteError` naming ``what`` if a result computed from finite,
+    checked input is not finite (overflow)."""
+    xp = xp_of(out)
+    if not bool(xp.isfinite(out).all()):
+        raise NonFiniteError(f"{what} is not finite (overflow: the inputs are finite but too large)")
+    return out
+
+
+def _checked_result(f, what):
+    def wrapper(self, *args, **kwargs):
+        return _finite_result(f(self, *args, **kwargs), f"{type(self).__name__}.{what}")
+
+    wrapper.__name__, wrapper.__qualname__, wrapper.__doc__ = f.__name__, f.__qualname__, f.__doc__
+    wrapper._finite_checked = True
+    return wrapper
+
+
 class Operator:
     """Base class: a symmetric ``n × n`` matrix. Subclasses implement ``_matvec``,
-    ``_solve``, ``todense`` and may override ``eigvalsh``."""
+    ``_solve``, ``todense`` and may override ``eigvalsh``. ``matvec``, ``solve``,
+    ``todense`` and ``eigvalsh`` refuse a non-finite result from finite input
+    (:class:`~refcurv.errors.NonFiniteError`, overflow)."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for meth in ("todense", "eigvalsh"):
+            f = cls.__dict__.get(meth)
+            if f is not None and not getattr(f, "_finite_checked", False):
+                setattr(cls, meth, _checked_result(f, f"{meth}()"))
 
     n: int
     dtype = np.float64
@@ -56,18 +125,18 @@ class Operator:
         return (self.n, self.n)
 
     def _rhs(self, v):
-        v = C.finite(v, "v")
-        if v.ndim not in (1, 2) or v.shape[0] != self.n:
-            raise ShapeError(f"v must have {self.n} rows (shape (n,) or (n, k)), got shape {v.shape}")
+        v = _real_array(v, "v")
+        if v.ndim not in (1, 2) or v.shape[0] != self.n or v.size == 0:
+            raise ShapeError(f"v must have {self.n} rows (shape (n,) or (n, k) with k >= 1), got shape {v.shape}")
         return v
 
     def matvec(self, v):
         """``C v``."""
-        return self._matvec(self._rhs(v))
+        return _finite_result(self._matvec(self._rhs(v)), f"{type(self).__name__}.matvec(v)")
 
     def solve(self, v):
         """``C⁻¹ v``."""
-        return self._solve(self._rhs(v))
+        return _finite_result(self._solve(self._rhs(v)), f"{type(self).__name__}.solve(v)")
 
     def todense(self):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -96,9 +165,11 @@ class ScaledIdentity(Operator):
     """``c I`` (``c > 0``): SGD's curvature is ``I``."""
 
     def __init__(self, n, c=1.0, dtype=np.float64):
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
+            raise ArgumentTypeError(f"n must be an int >= 1, got {_describe(n)}")
+        if n < 1:  # ArgumentTypeError since the first release (tests/test_operators.py)
             raise ArgumentTypeError(f"n must be an int >= 1, got {n!r}")
-        self.n, self.c, self.dtype = int(n), float(C.positive(c, "c")), np.dtype(dtype)
+        self.n, self.c, self.dtype = int(n), float(_positive(c, "c")), _float_dtype(dtype)
 
     def _matvec(self, v):
         return self.c * v
@@ -117,7 +188,9 @@ class Dense(Operator):
     """An explicit symmetric matrix ``M`` (solved by Cholesky, :func:`~refcurv.linalg.woodbury.spd_solve`)."""
 
     def __init__(self, M, name="M"):
-        self.M = C.symmetric(M, name)
+        if not isinstance(name, str):
+            raise ArgumentTypeError(f"name must be a str (used in error messages), got {_describe(name)}")
+        self.M = _symmetric(M, name)
         self.n, self.dtype, self.name = self.M.shape[0], self.M.dtype, name
 
     def _matvec(self, v):
@@ -130,8 +203,31 @@ class Dense(Operator):
         return self.M
 
 
+def _float_dtype(dtype):
+    """A NumPy floating dtype (``None``, booleans, integer/complex dtypes and non-dtypes are refused)."""
+    if dtype is None or isinstance(dtype, (bool, np.bool_, np.ndarray)):
+        raise ArgumentTypeError(f"dtype must be a floating dtype such as numpy.float64, got {_describe(dtype)}")
+    try:
+        with warnings.catch_warnings():  # deprecated aliases such as 'a' are refused below anyway
+            warnings.simplefilter("ignore", DeprecationWarning)
+            dt = np.dtype(dtype)
+    except (TypeError, ValueError):
+        raise ArgumentTypeError(f"dtype must be a floating dtype such as numpy.float64, got {_describe(dtype)}") from None
+    if dt.kind != "f":
+        raise ArgumentTypeError(f"dtype must be a floating dtype such as numpy.float64, got {dt}")
+    return dt
+
+
+def _symmetric(A, name):
+    """A non-empty, square, finite, real, symmetric matrix (:func:`refcurv.linalg._checks.symmetric`)."""
+    A = _real_array(A, name)
+    if A.ndim != 2 or A.shape[0] != A.shape[1] or A.shape[0] == 0:
+        raise ShapeError(f"{name} must be a non-empty square matrix, got shape {tuple(A.shape)}")
+    return C.symmetric(A, name)
+
+
 def _factor(F, i):
-    return C.symmetric(F, f"factor {i}")
+    return _symmetric(F, f"factor {i}")
 
 
 class Kronecker(Operator):
@@ -205,8 +301,6 @@ class KroneckerSum(Operator):
         wb, Qb = eigh(self.B)
         D = wa[:, None] + wb[None, :]
         if float(D.min()) <= 0:
-            from .errors import NotSPDError
-
             raise NotSPDError(f"A ⊕ B is not positive definite (smallest eigenvalue {float(D.min()):.3e})")
         Y = Qa @ ((Qa.T @ X @ Qb) / D) @ Qb.T
         return Y.reshape(k, self.n).T.reshape(v.shape)
@@ -229,11 +323,15 @@ class LowRankPlusIdentity(Operator):
     the eigenbasis of the small core, which also gives ``eigvalsh`` without forming ``n × n``."""
 
     def __init__(self, c, U, K):
-        self.c = float(C.positive(c, "c"))
-        self.U = C.finite(U, "U")
-        if self.U.ndim != 2:
-            raise ShapeError(f"U must be a matrix (n, r), got shape {self.U.shape}")
-        self.K = C.vector(K, "K", self.U.shape[1])
+        self.c = float(_positive(c, "c"))
+        self.U = _real_array(U, "U")
+        if self.U.ndim != 2 or self.U.shape[0] == 0:
+            raise ShapeError(f"U must be a matrix (n, r) with n >= 1, got shape {tuple(self.U.shape)}")
+        K = _real_array(K, "K")
+        if K.ndim != 1 or K.shape[0] != self.U.shape[1]:
+            raise ShapeError(f"K must be a vector of length r = {self.U.shape[1]} (the columns of U), "
+                             f"got shape {tuple(K.shape)}")
+        self.K = K
         self.n, self.dtype = self.U.shape[0], self.U.dtype
 
     def _core(self):
@@ -250,9 +348,7 @@ class LowRankPlusIdentity(Operator):
     def _solve(self, v):
         P, w = self._core()
         lam = self.c + w
-        if float(lam.min()) <= 0:
-            from .errors import NotSPDError
-
+        if lam.size and float(lam.min()) <= 0:
             raise NotSPDError(f"c I + U diag(K) Uᵀ is not positive definite (eigenvalue {float(lam.min()):.3e})")
         V = v.reshape(self.n, -1)
         Pv = P.T @ V
@@ -278,21 +374,43 @@ class BlockDiagonal(Operator):
     weight tensor and bias tensor of one layer, or Ginger's ``blocks="tensor"``."""
 
     def __init__(self, blocks, index=None):
+        if not isinstance(blocks, (list, tuple)) or not blocks or not all(isinstance(b, Operator) for b in blocks):
+            raise ArgumentTypeError(
+                f"blocks must be a non-empty list of refcurv.operators.Operator, got {_describe(blocks)}"
+                + (f" of {', '.join(sorted({type(b).__name__ for b in blocks}))}"
+                   if isinstance(blocks, (list, tuple)) and blocks else ""))
         blocks = list(blocks)
-        if not blocks or not all(isinstance(b, Operator) for b in blocks):
-            raise ArgumentTypeError("blocks must be a non-empty list of refcurv.operators.Operator")
         self.blocks = blocks
         sizes = [b.n for b in blocks]
         self.n = int(sum(sizes))
         if index is None:
             stops = np.cumsum(sizes)
             index = [np.arange(s - n, s) for s, n in zip(stops, sizes)]
-        index = [np.asarray(i) for i in index]
-        if len(index) != len(blocks) or any(i.shape != (b.n,) for i, b in zip(index, blocks)):
-            raise ShapeError("index must give one index array of length block.n per block")
+        if not isinstance(index, (list, tuple)):
+            raise ArgumentTypeError(f"index must be None or a list of integer index arrays (one per block), "
+                                    f"got {_describe(index)}")
+        if len(index) != len(blocks):
+            raise ShapeError(f"index must give one index array per block ({len(blocks)}), got {len(index)}")
+        arrays = []
+        for b, (i, blk) in enumerate(zip(index, blocks)):
+            if isinstance(i, (str, bytes)) or i is None:
+                raise ArgumentTypeError(f"index[{b}] must be an integer index array, got {_describe(i)}")
+            try:
+                i = to_numpy(i)
+            except (TypeError, ValueError):
+                raise ArgumentTypeError(f"index[{b}] must be an integer index array, got {_describe(i)}") from None
+            if i.dtype.kind not in "iu":
+                raise ArgumentTypeError(f"index[{b}] must be an integer index array, got dtype {i.dtype}")
+            if i.shape != (blk.n,):
+                raise ShapeError(f"index[{b}] must have shape ({blk.n},) (block {b} has n = {blk.n}), got {i.shape}")
+            arrays.append(i)
+        index = arrays
         allidx = np.concatenate(index)
         if np.sort(allidx).tolist() != list(range(self.n)):
-            raise ShapeError(f"index must partition range({self.n})")
+            dup = sorted({int(j) for j in allidx if (allidx == j).sum() > 1})[:5]
+            bad = sorted({int(j) for j in allidx if not 0 <= j < self.n})[:5]
+            raise ShapeError(f"index must partition range({self.n}) (each entry of θ in exactly one block); "
+                             f"got duplicates {dup} and out-of-range entries {bad}")
         self.index = index
         self.dtype = np.result_type(*[b.dtype for b in blocks])
 
@@ -329,7 +447,7 @@ class Inverse(Operator):
 
     def __init__(self, B):
         if not isinstance(B, Operator):
-            raise ArgumentTypeError(f"Inverse needs a refcurv.operators.Operator, got {type(B).__name__}")
+            raise ArgumentTypeError(f"B must be a refcurv.operators.Operator, got {type(B).__name__}")
         self.B, self.n, self.dtype = B, B.n, B.dtype
 
     def _matvec(self, v):

@@ -7,6 +7,12 @@
 Each check runs on built-in problems with seeded data; ``jobs > 1`` runs them in a local
 process pool whose workers use one BLAS thread each (small matrices are slower and far
 noisier with multithreaded OpenBLAS on a shared machine).
+
+Arguments are checked on entry (README input policy): ``checks`` a non-empty list of
+:class:`~refcurv.verify.checks.Check`, ``seed`` a non-negative int, ``jobs`` an int ``>= 1``,
+``backend`` ``"numpy"`` or ``"cupy"``, ``progress`` a callable or ``None``, ``dask`` ``None``, a
+scheduler address ``"host:port"`` or a ``distributed.Client``; filters of :func:`select` are
+strings (or ``None``) and ``quick`` a bool. Bad input raises a :class:`refcurv.RefcurvError`.
 """
 from __future__ import annotations
 
@@ -14,7 +20,10 @@ import os
 import time
 from dataclasses import asdict, dataclass
 
-from .checks import all_checks
+import numpy as np
+
+from ..errors import ArgumentTypeError, HyperParameterError
+from .checks import Check, all_checks
 
 __all__ = ["Result", "run", "select", "environment"]
 
@@ -40,9 +49,46 @@ class Result:
         return asdict(self)
 
 
+AREAS = ("foundation", "linalg", "method")
+
+
+def _describe(v):
+    return f"{type(v).__name__} {v!r}" if isinstance(v, (int, float, str, bytes)) else type(v).__name__
+
+
+def _check_seed(seed):
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise ArgumentTypeError(f"seed must be a non-negative int, got {_describe(seed)}")
+    if seed < 0:
+        raise HyperParameterError(f"seed must be a non-negative int, got {seed!r}")
+    return int(seed)
+
+
+def _check_backend(backend):
+    if not isinstance(backend, str) or backend not in ("numpy", "cupy"):
+        raise HyperParameterError(f"backend must be 'numpy' or 'cupy', got {_describe(backend)}")
+    from ..backend import get_xp
+
+    get_xp(backend)  # refuses 'cupy' where CuPy cannot be imported
+    return backend
+
+
+def _check_flag(value, name):
+    if not isinstance(value, (bool, np.bool_)):
+        raise ArgumentTypeError(f"{name} must be True or False, got {_describe(value)}")
+    return bool(value)
+
+
 def select(method=None, check=None, quick=False, area=None):
-    """The checks to run: all, or those whose method / check name / area contains the given
-    substrings (case-insensitive); ``quick`` keeps the quick tier."""
+    """The checks to run: all, or those whose method / check name contains the given
+    substrings (case-insensitive) and whose area is ``area`` (one of :data:`AREAS`);
+    ``quick`` keeps the quick tier. An empty selection is an empty list."""
+    for name, value in (("method", method), ("check", check)):
+        if value is not None and not isinstance(value, str):
+            raise ArgumentTypeError(f"{name} must be a substring (str) or None, got {_describe(value)}")
+    quick = _check_flag(quick, "quick")
+    if area is not None and (not isinstance(area, str) or area not in AREAS):
+        raise HyperParameterError(f"area must be None or one of {AREAS}, got {_describe(area)}")
     out = []
     for c in all_checks():
         if quick and not c.quick:
@@ -79,11 +125,18 @@ def _one_blas_thread():
 
 def run_one(check_id, seed, backend="numpy", one_thread=False):
     """Run the check with this id (looked up in the registry, so that it can be sent to a
-    worker process or a Dask worker by name); ``one_thread`` limits BLAS to one thread."""
-    if one_thread:
+    worker process or a Dask worker by name); ``one_thread`` limits BLAS to one thread.
+    A check that raises has failed (the :class:`Result` says why); bad arguments of
+    ``run_one`` itself are refused."""
+    if not isinstance(check_id, str):
+        raise ArgumentTypeError(f"check_id must be a check id (str, Check.id), got {_describe(check_id)}")
+    seed, backend = _check_seed(seed), _check_backend(backend)
+    if _check_flag(one_thread, "one_thread"):
         with _one_blas_thread():
             return run_one(check_id, seed, backend)
-    check = next(c for c in all_checks() if c.id == check_id)
+    check = next((c for c in all_checks() if c.id == check_id), None)
+    if check is None:
+        raise HyperParameterError(f"check_id {check_id!r} is not a registered check (see refcurv.verify.select())")
     t0 = time.perf_counter()
     try:
         err, tol, detail = check.fn(check.problem, seed, backend)
@@ -99,6 +152,18 @@ def run(checks, seed=0, jobs=1, progress=None, backend="numpy", dask=None):
     """Run ``checks``; ``progress(result)`` is called as each finishes. Returns the results in
     the order of ``checks``. ``jobs > 1``: a local process pool; ``dask``: the address of an
     existing Dask scheduler (or a ``distributed.Client``), each check one task."""
+    if not isinstance(checks, (list, tuple)) or not all(isinstance(c, Check) for c in checks):
+        raise ArgumentTypeError(f"checks must be a list of refcurv.verify.checks.Check (from select()), "
+                                f"got {_describe(checks)}")
+    if not checks:
+        raise HyperParameterError("checks is empty: nothing to run (did select() match nothing?)")
+    seed, backend = _check_seed(seed), _check_backend(backend)
+    if isinstance(jobs, (bool, np.bool_)) or not isinstance(jobs, (int, np.integer)) or jobs < 1:
+        raise HyperParameterError(f"jobs must be an int >= 1, got {_describe(jobs)}")
+    if progress is not None and not callable(progress):
+        raise ArgumentTypeError(f"progress must be a callable or None, got {_describe(progress)}")
+    if dask is not None:
+        _check_dask(dask)
     ids = [c.id for c in checks]
     if dask is not None:
         return _run_dask(ids, seed, backend, dask, progress)
@@ -149,6 +214,24 @@ def _collect(finished, progress):
         if progress:
             progress(r)
     return done
+
+
+def _check_dask(dask):
+    """``dask``: a ``distributed.Client`` or a scheduler address ``[scheme://]host:port``."""
+    if isinstance(dask, str):
+        addr = dask.split("://", 1)[-1]
+        host, _, port = addr.rpartition(":")
+        if host and port.isdigit():
+            return dask
+        raise HyperParameterError(f"dask must be a scheduler address 'host:port' (or a distributed.Client), got {dask!r}")
+    try:
+        from distributed import Client
+    except ImportError:
+        Client = ()
+    if Client and isinstance(dask, Client):
+        return dask
+    raise ArgumentTypeError(f"dask must be None, a scheduler address 'host:port' or a distributed.Client, "
+                            f"got {_describe(dask)}")
 
 
 def _run_dask(ids, seed, backend, dask, progress):

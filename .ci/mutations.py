@@ -53,7 +53,7 @@ M = [
     ("refcurv/methods/shampoo.py", "lambda factors: [[[(inv_root_eigh(D, 2 * len(fs)), None, False)", "lambda factors: [[[(inv_root_eigh(D, len(fs)), None, False)", "tests/test_method_shampoo.py"),
     # smw / hessian_free (thesis 003 Ch.5) and the per-layer Gram kernels of refcurv.curvature
     ("refcurv/curvature.py", 'KG = xp.einsum("iot,jos->ijts", g, g)', 'KG = xp.einsum("iot,jos->ijst", g, g)', "tests/test_curvature_grams.py"),
-    ("refcurv/curvature.py", 'return [xp.einsum("iot,od,idt->i", g, w, a) for', 'return [xp.einsum("iot,od,idt->i", g, w, a) * 1.000001 for', "tests/test_curvature_grams.py"),
+    ("refcurv/curvature.py", '_result([xp.einsum("iot,od,idt->i", g, w, a) for', '_result([xp.einsum("iot,od,idt->i", g, w, a) * 1.000001 for', "tests/test_curvature_grams.py"),
     ("refcurv/methods/smw.py", "return drop * damping_lm", "return boost * damping_lm", "tests/test_method_smw.py"),
     ("refcurv/methods/smw.py", "pred = -float(gTp) - 0.5 * float(pBp)", "pred = -float(gTp) - float(pBp)", "tests/test_method_smw.py"),
     ("refcurv/methods/smw.py", 'w = xp.einsum("icd,id->ic", H, xp.linalg.solve(D, Jg).reshape(N, C))', 'w = xp.linalg.solve(D, Jg).reshape(N, C)', "tests/test_method_smw.py"),

@@ -74,16 +74,30 @@ def asarray_like(a, like, dtype=None):
         if isinstance(dtype, (bool, np.bool_)):
             raise ArgumentTypeError(f"dtype must be None or a NumPy dtype, got {dtype!r}")
         try:
-            dtype = np.dtype(dtype)
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # np.dtype("a")
+                dtype = np.dtype(dtype)
         except (TypeError, ValueError):
             raise ArgumentTypeError(f"dtype must be None or a NumPy dtype, got {type(dtype).__name__} {dtype!r}") from None
+    if a is None:
+        raise ArgumentTypeError("a must be array-like, got None")
     xp = xp_of(like)
     try:
         if dtype is not None and dtype.kind != "c" and np.iscomplexobj(a):
             raise ArgumentTypeError(f"a is complex and dtype {dtype} is not: the imaginary part would be dropped")
-        return xp.asarray(a, dtype=dtype)
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = xp.asarray(a, dtype=dtype)
     except (TypeError, ValueError) as e:
         raise ArgumentTypeError(f"a cannot be converted to an array of dtype {dtype}: {type(a).__name__} ({e})") from None
+    if out.dtype.kind in "fc" and not bool(xp.isfinite(out).all()):
+        src = to_numpy(a) if is_cupy_array(a) else np.asarray(a)
+        if src.dtype.kind in "fciu" and bool(np.isfinite(src).all()):
+            from .errors import NonFiniteError
+
+            raise NonFiniteError(f"a overflows dtype {out.dtype}: its values are out of that dtype's range")
+    return out
 
 
 def default_float(a):

@@ -78,7 +78,8 @@ def unflatten(theta, net_or_shapes):
     n = _n_params(shapes)
     theta = real_array(theta, "theta", int_dtype=None)
     if theta.ndim == 0 or theta.shape[-1] != n:
-        raise ShapeError(f"theta has {theta.shape[-1]} entries, the shapes need {n}")
+        raise ShapeError(f"theta must have {n} entries along its last axis (the shapes need {n}), "
+                         f"got shape {tuple(theta.shape)}")
     out, start = [], 0
     for o, d in shapes:
         out.append(theta[..., start : start + o * d].reshape(theta.shape[:-1] + (o, d)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import numbers
+import warnings
 
 import numpy as np
 
@@ -132,7 +133,9 @@ def check_dtype(dtype, name, kinds="f"):
     if dtype is None or isinstance(dtype, (bool, np.bool_)):
         raise ArgumentTypeError(f"{name} must be a floating dtype such as numpy.float64, got {describe(dtype)}")
     try:
-        dt = np.dtype(dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # np.dtype("a")
+            dt = np.dtype(dtype)
     except (TypeError, ValueError):
         raise ArgumentTypeError(
             f"{name} must be a floating dtype such as numpy.float64, got {describe(dtype)}") from None

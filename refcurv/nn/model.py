@@ -135,6 +135,8 @@ class Sequential:
     def check_input(self, x, xp=None):
         """Validate a batch ``x`` of shape ``(N, *input_shape)``: non-empty, finite, chaining.
         Integer arrays are converted to float64; bool, complex and non-numeric ``x`` are refused."""
+        if xp is not None and xp is not np and xp is not xp_of(x) and getattr(xp, "__name__", "") != "cupy":
+            raise ArgumentTypeError(f"xp must be None, numpy or cupy, got {type(xp).__name__}")
         xp = xp or xp_of(x)
         x = real_array(x, "x", xp=xp)
         first = self.layers[0]

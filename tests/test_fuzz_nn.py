@@ -258,22 +258,9 @@ def test_complex_inputs_are_refused():
         backend.asarray_like(np.ones(2) + 1j, X, dtype=np.float64)
 
 
-def test_overflow_raises_nonfinite_error_naming_the_quantity():
-    net = Sequential([Linear(3, 4), ReLU(), Linear(4, 2)])
-    p = net.init(0)
-    x = np.full((5, 3), 1e200)
-    with pytest.warns(None) if False else _no_warnings():
-        with pytest.raises(rc.NonFiniteError, match="Sequential.loss: the mini-batch loss|MSE.value"):
-            net.loss(p, x, np.zeros((5, 2)), MSE())
-        with pytest.raises(rc.NonFiniteError, match="Sequential.forward: the network output"):
-            net.forward([W * 1e200 for W in p], x)
-        with pytest.raises(rc.NonFiniteError, match="grad"):
-            net.grad(p, x, np.zeros((5, 2)), MSE())
-        with pytest.raises(rc.NonFiniteError, match="MSE.value"):
-            MSE().value(np.full((2, 2), 1e200), np.zeros((2, 2)))
-
-
 class _no_warnings:
+    """RuntimeWarnings (overflow) become errors: an overflow must be reported, not warned."""
+
     def __enter__(self):
         import warnings
 
@@ -283,6 +270,21 @@ class _no_warnings:
 
     def __exit__(self, *exc):
         return self._cm.__exit__(*exc)
+
+
+def test_overflow_raises_nonfinite_error_naming_the_quantity():
+    net = Sequential([Linear(3, 4), ReLU(), Linear(4, 2)])
+    p = net.init(0)
+    x = np.full((5, 3), 1e200)
+    with _no_warnings():
+        with pytest.raises(rc.NonFiniteError, match="Sequential.loss: the mini-batch loss|MSE.value"):
+            net.loss(p, x, np.zeros((5, 2)), MSE())
+        with pytest.raises(rc.NonFiniteError, match="Sequential.forward: the network output"):
+            net.forward([W * 1e200 for W in p], x)
+        with pytest.raises(rc.NonFiniteError, match="grad"):
+            net.grad(p, x, np.zeros((5, 2)), MSE())
+        with pytest.raises(rc.NonFiniteError, match="MSE.value"):
+            MSE().value(np.full((2, 2), 1e200), np.zeros((2, 2)))
 
 
 def test_a_loss_that_is_not_a_refcurv_loss_is_refused():

@@ -6,7 +6,12 @@ import numbers
 import numpy as np
 
 from .backend import rng_of
-from .errors import ArgumentTypeError, DivergenceError, HyperParameterError, NonFiniteError
+from .errors import (
+    ArgumentTypeError,
+    DivergenceError,
+    HyperParameterError,
+    NonFiniteError,
+)
 from .methods.base import Batch, Method
 from .nn import Sequential
 from .nn._checks import check_bool, describe

@@ -77,9 +77,10 @@ def unflatten(theta, net_or_shapes):
     shapes, _ = _shapes_and_bias(net_or_shapes)
     n = _n_params(shapes)
     theta = real_array(theta, "theta", int_dtype=None)
-    if theta.ndim == 0 or theta.shape[-1] != n:
-        raise ShapeError(f"theta must have {n} entries along its last axis (the shapes need {n}), "
-                         f"got shape {tuple(theta.shape)}")
+    if theta.ndim == 0:
+        raise ShapeError(f"theta must be a vector (…, {n}), got a scalar")
+    if theta.shape[-1] != n:
+        raise ShapeError(f"theta has {theta.shape[-1]} entries, the shapes need {n}")
     out, start = [], 0
     for o, d in shapes:
         out.append(theta[..., start : start + o * d].reshape(theta.shape[:-1] + (o, d)))

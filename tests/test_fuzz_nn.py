@@ -11,12 +11,33 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import refcurv as rc
-from refcurv import backend, train as train_mod, vec
-from refcurv.methods import REGISTRY, Batch
-from refcurv.nn import BCE, MSE, Conv2d, CrossEntropy, Flatten, Linear, ReLU, Sequential, Sigmoid, Softplus, Tanh
+from refcurv import backend, vec
+from refcurv import train as train_mod
+from refcurv.methods import REGISTRY
+from refcurv.nn import (
+    BCE,
+    MSE,
+    Conv2d,
+    CrossEntropy,
+    Flatten,
+    Linear,
+    ReLU,
+    Sequential,
+    Sigmoid,
+    Softplus,
+    Tanh,
+    layers,
+    losses,
+    model,
+)
 from refcurv.nn import autodiff as ad
-from refcurv.nn import layers, losses, model
-from refcurv.testing.fuzz import check_call, corrupt, malformed, positions, public_callables
+from refcurv.testing.fuzz import (
+    check_call,
+    corrupt,
+    malformed,
+    positions,
+    public_callables,
+)
 
 MODULES = [layers, losses, model, ad, vec, backend, train_mod]
 

@@ -40,7 +40,16 @@ import numpy as np
 
 from ..backend import xp_of
 from ..errors import ArgumentTypeError, EmptyBatchError, ShapeError
-from ._checks import check_bool, check_callable, check_finite, describe, finite_array, finite_result, quiet, real_array
+from ._checks import (
+    check_bool,
+    check_callable,
+    check_finite,
+    describe,
+    finite_array,
+    finite_result,
+    quiet,
+    real_array,
+)
 from .layers import Conv2d, Flatten, Linear, _Elementwise, _shape_arg
 
 __all__ = [

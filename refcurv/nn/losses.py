@@ -27,7 +27,14 @@ import itertools
 import numpy as np
 
 from ..backend import asarray_like, rng_of, to_numpy, xp_of
-from ..errors import ArgumentTypeError, EmptyBatchError, HyperParameterError, LabelError, NonFiniteError, ShapeError
+from ..errors import (
+    ArgumentTypeError,
+    EmptyBatchError,
+    HyperParameterError,
+    LabelError,
+    NonFiniteError,
+    ShapeError,
+)
 from ._checks import describe, finite_array, finite_result, quiet
 from .layers import sigmoid, sigmoid_d1
 

@@ -18,20 +18,37 @@ from __future__ import annotations
 import numpy as np
 
 from .backend import xp_of
-from .errors import HyperParameterError, ShapeError
+from .errors import ArgumentTypeError, HyperParameterError, ShapeError
+from .nn._checks import check_bool, describe, real_array
+from .nn.layers import _positive_int
 
 ORDERS = ("row", "col", "torch")
 
 
 def _shapes_and_bias(net_or_shapes, bias=None):
-    if hasattr(net_or_shapes, "param_shapes"):
-        shapes = net_or_shapes.param_shapes
-        bias = [m.bias for m in net_or_shapes.layers_trainable]
-    else:
-        shapes = [tuple(int(v) for v in s) for s in net_or_shapes]
-        if bias is None:
-            bias = [True] * len(shapes)
-    return shapes, list(bias)
+    """``(shapes, bias)`` of a ``Sequential`` or of a non-empty list of ``(out, d)`` pairs of
+    positive ints (``bias``: ``None`` = every layer has one, or one bool per layer)."""
+    from .nn import Sequential
+
+    if isinstance(net_or_shapes, Sequential):
+        return net_or_shapes.param_shapes, [m.bias for m in net_or_shapes.layers_trainable]
+    if not isinstance(net_or_shapes, (list, tuple)) or len(net_or_shapes) == 0:
+        raise ArgumentTypeError(
+            f"net_or_shapes must be a Sequential or a non-empty list of (out, d) shapes, got {describe(net_or_shapes)}")
+    shapes = []
+    for j, s in enumerate(net_or_shapes):
+        if not isinstance(s, (tuple, list, np.ndarray)) or len(s) != 2:
+            raise ShapeError(f"net_or_shapes[{j}] must be a pair (out, d), got {describe(s)}")
+        shapes.append(tuple(_positive_int(v, f"net_or_shapes[{j}]") for v in s))
+    if bias is None:
+        bias = [True] * len(shapes)
+    if not isinstance(bias, (list, tuple)) or len(bias) != len(shapes):
+        raise ArgumentTypeError(f"bias must be None or a list of {len(shapes)} bools, got {describe(bias)}")
+    return shapes, [check_bool(b, f"bias[{j}]") for j, b in enumerate(bias)]
+
+
+def _n_params(shapes):
+    return sum(o * d for o, d in shapes)
 
 
 def layer_slices(net_or_shapes):
@@ -45,16 +62,23 @@ def layer_slices(net_or_shapes):
 
 
 def flatten(params):
-    """Concatenate per-layer matrices row-major into one vector θ (refcurv order)."""
+    """Concatenate per-layer matrices row-major into one vector θ (refcurv order). ``params``:
+    a non-empty list of real arrays (integer arrays are kept as they are)."""
+    if not isinstance(params, (list, tuple)) or len(params) == 0:
+        raise ArgumentTypeError(f"params must be a non-empty list of arrays, got {describe(params)}")
     xp = xp_of(*params)
-    return xp.concatenate([xp.asarray(W).ravel() for W in params])
+    return xp.concatenate([real_array(W, f"params[{j}]", xp=xp, int_dtype=None).ravel()
+                           for j, W in enumerate(params)])
 
 
 def unflatten(theta, net_or_shapes):
     """Inverse of :func:`flatten`; ``net_or_shapes`` is a ``Sequential`` or a list of shapes.
     A leading batch axis ``(K, n)`` gives ``(K, out, d)`` matrices."""
     shapes, _ = _shapes_and_bias(net_or_shapes)
-    n = sum(o * d for o, d in shapes)
+    n = _n_params(shapes)
+    theta = real_array(theta, "theta", int_dtype=None)
+    if theta.ndim == 0:
+        raise ShapeError(f"theta must be a vector (…, {n}), got a scalar")
     if theta.shape[-1] != n:
         raise ShapeError(f"theta has {theta.shape[-1]} entries, the shapes need {n}")
     out, start = [], 0
@@ -66,7 +90,7 @@ def unflatten(theta, net_or_shapes):
 
 def permutation(net_or_shapes, order, bias=None):
     """Index array ``p`` mapping refcurv's row-major θ to ``order``: ``θ_order = θ[p]``."""
-    if order not in ORDERS:
+    if not isinstance(order, str) or order not in ORDERS:
         raise HyperParameterError(f"order must be one of {ORDERS}, got {order!r}")
     shapes, bias = _shapes_and_bias(net_or_shapes, bias)
     parts, start = [], 0
@@ -87,11 +111,22 @@ def permutation(net_or_shapes, order, bias=None):
 def to_order(a, net_or_shapes, order, matrix=False, bias=None):
     """Re-order a vector ``(…, n)`` into ``order``; ``matrix=True`` re-orders both axes
     of an ``(n, n)`` matrix (``M[p][:, p]``)."""
-    p = permutation(net_or_shapes, order, bias)
+    return _reorder(a, permutation(net_or_shapes, order, bias), matrix)
+
+
+def _reorder(a, p, matrix):
+    """``a[p][:, p]`` (``matrix``) or ``a[..., p]``, after checking ``a``'s shape. Any
+    numeric dtype (complex included: a permutation drops nothing) is accepted."""
+    matrix = check_bool(matrix, "matrix")
+    a = real_array(a, "a", int_dtype=None, kinds="fiucb")
+    n = len(p)
+    if matrix and (a.ndim != 2 or a.shape != (n, n)):
+        raise ShapeError(f"a must be an ({n}, {n}) matrix with matrix=True, got shape {tuple(a.shape)}")
+    if not matrix and (a.ndim == 0 or a.shape[-1] != n):
+        raise ShapeError(f"a must have {n} entries along its last axis, got shape {tuple(a.shape)}")
     return a[p][:, p] if matrix else a[..., p]
 
 
 def from_order(a, net_or_shapes, order, matrix=False, bias=None):
     """Inverse of :func:`to_order`."""
-    p = np.argsort(permutation(net_or_shapes, order, bias))
-    return a[p][:, p] if matrix else a[..., p]
+    return _reorder(a, np.argsort(permutation(net_or_shapes, order, bias)), matrix)

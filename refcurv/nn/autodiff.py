@@ -18,6 +18,12 @@ Arguments shared by every function:
   functions check nothing);
 * ``trace``: the :class:`Trace` of :func:`forward_trace` for the same ``params`` and input.
 
+The public functions validate their arguments (types, shapes, finiteness, that the trace
+was made for these layers; :class:`~refcurv.errors.RefcurvError` subclasses naming the
+argument) and refuse a non-finite result from finite input with
+:class:`~refcurv.errors.NonFiniteError`; :class:`~refcurv.nn.Sequential`, which has
+validated already, calls the unchecked underscored forms.
+
 Primal arrays are ``(N, ...)``; tangents and cotangents carry one more leading axis
 ``(K, N, ...)``. The only Python loops run over modules (and over the ``kh*kw`` kernel
 offsets inside im2col), never over samples or parameters.
@@ -33,8 +39,18 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..backend import xp_of
-from ..errors import ShapeError
-from .layers import Flatten
+from ..errors import ArgumentTypeError, EmptyBatchError, ShapeError
+from ._checks import (
+    check_bool,
+    check_callable,
+    check_finite,
+    describe,
+    finite_array,
+    finite_result,
+    quiet,
+    real_array,
+)
+from .layers import Conv2d, Flatten, Linear, _Elementwise, _shape_arg
 
 __all__ = [
     "Trace", "trainable_index", "feature_shapes", "forward_trace", "push_tangents",
@@ -53,6 +69,12 @@ class Trace:
     A: dict = field(default_factory=dict)
     out: object = None
 
+    def __post_init__(self):
+        for name, kind in (("inputs", list), ("in_shapes", list), ("A", dict)):
+            if not isinstance(getattr(self, name), kind):
+                raise ArgumentTypeError(
+                    f"Trace.{name} must be a {kind.__name__}, got {describe(getattr(self, name))}")
+
     @property
     def patches(self):
         """The patches ``A_l`` of the trainable modules, in order (a list)."""
@@ -60,12 +82,12 @@ class Trace:
 
 
 # ------------------------------------------------------------------ structure
-def trainable_index(layers):
+def _trainable_index(layers):
     """Indices (into ``layers``) of the trainable modules, in order."""
     return [k for k, m in enumerate(layers) if m.trainable]
 
 
-def feature_shapes(layers, input_shape):
+def _feature_shapes(layers, input_shape):
     """Feature shapes entering each module, plus the output's: ``len(layers) + 1`` tuples.
     Raises :class:`ShapeError` naming the first module that cannot take its input."""
     shapes = [tuple(input_shape)]
@@ -78,14 +100,14 @@ def feature_shapes(layers, input_shape):
 
 
 # ------------------------------------------------------------------ forward
-def forward_trace(layers, params, x):
+def _forward_trace(layers, params, x):
     """Forward pass (thesis Algorithm 1 line 2, Algorithm 17), batched over samples:
 
         a_0 = x,   A_l = A(a_{l-1}),   h_l = W_l A_l,   a_l = φ_l(h_l).
 
     Returns the :class:`Trace` (module inputs ``a``, feature shapes, patches ``A_l``,
     output ``f = a_L`` of shape ``(N, C)``) that the other passes read."""
-    shapes = feature_shapes(layers, x.shape[1:])
+    shapes = _feature_shapes(layers, x.shape[1:])
     tr = Trace(inputs=[], in_shapes=shapes[:-1])
     z, j = x, 0
     for k, m in enumerate(layers):
@@ -105,7 +127,7 @@ def forward_trace(layers, params, x):
 
 
 # -------------------------------------------------------- forward mode (R-op)
-def push_tangents(layers, params, trace, dparams=None, inject=None):
+def _push_tangents(layers, params, trace, dparams=None, inject=None):
     """Forward-mode tangents, the R-operator of the forward pass (thesis (5.11),
     Algorithm 19), batched over ``K`` tangents and the samples:
 
@@ -140,7 +162,7 @@ def push_tangents(layers, params, trace, dparams=None, inject=None):
 
 
 # ------------------------------------------------------ reverse mode (+ R-op)
-def pull_cotangents(layers, params, trace, dout, rop=None):
+def _pull_cotangents(layers, params, trace, dout, rop=None):
     """Backward pass (thesis Algorithm 1 line 4, Algorithms 18, 20-21): the output
     cotangent ``dout`` (``(…, N, C)``) pulled back to every trainable module's
     pre-activation,
@@ -195,14 +217,14 @@ def pull_cotangents(layers, params, trace, dout, rop=None):
 
 
 # ---------------------------------------------------------- per-sample gradients
-def weight_grads(A, G):
+def _weight_grads(A, G):
     """Per-sample weight gradients ``∇_{W_l} ψ_i = G_l A_lᵀ`` (thesis (2.1), Theorem 3 i:
     ``Σ_t g_t a_tᵀ`` over the ``T`` locations): ``A`` a list of ``(N, d, T)``, ``G`` a list
     of ``(…, N, out, T)`` → list of ``(…, N, out, d)``."""
     return [g @ a.swapaxes(-1, -2) for a, g in zip(A, G)]
 
 
-def flatten_layers(grads):
+def _flatten_layers(grads):
     """Concatenate per-layer ``(…, out, d)`` into ``(…, n)`` (row-major per layer, the
     order of :func:`refcurv.flatten`)."""
     xp = xp_of(*grads)
@@ -210,21 +232,21 @@ def flatten_layers(grads):
 
 
 # ------------------------------------------------------------ Jacobian products
-def jvp(layers, params, trace, V):
+def _jvp(layers, params, trace, V):
     """``J_i v`` for every sample (thesis Algorithm 19): ``V`` per trainable module
     ``(K, out, d)`` → ``(K, N, C)``."""
-    return push_tangents(layers, params, trace, V)[1]
+    return _push_tangents(layers, params, trace, V)[1]
 
 
-def vjp(layers, params, trace, w, per_sample=False):
+def _vjp(layers, params, trace, w, per_sample=False):
     """``Jᵀ w = Σ_i J_iᵀ w_i`` (thesis Algorithms 20-21): the backward pass from ``w``
     followed by ``G_l A_lᵀ``. ``w`` ``(…, N, C)`` → list of ``(…, out, d)``;
     ``per_sample=True`` keeps the sample axis, ``J_iᵀ w_i`` as ``(…, N, out, d)``."""
-    grads = weight_grads(trace.patches, pull_cotangents(layers, params, trace, w))
+    grads = _weight_grads(trace.patches, _pull_cotangents(layers, params, trace, w))
     return grads if per_sample else [g.sum(axis=-3) for g in grads]
 
 
-def output_basis(out):
+def _output_basis(out):
     """The ``C`` unit output cotangents for every sample: ``(C, N, C)``, entry
     ``[c, i, :] = e_c``, for an output ``out`` of shape ``(N, C)``."""
     xp = xp_of(out)
@@ -232,15 +254,15 @@ def output_basis(out):
     return xp.broadcast_to(xp.eye(C, dtype=out.dtype)[:, None, :], (C, N, C))
 
 
-def jacobian(layers, params, trace):
+def _jacobian(layers, params, trace):
     """Per-sample output Jacobians ``J_i = ∂f_i/∂θ``: ``(N, C, n)``, θ flattened row-major
     per layer; row ``c`` of ``J_i`` is ``J_iᵀ e_c`` (Algorithm 20), so ``C`` batched
     backward passes from :func:`output_basis`."""
-    grads = vjp(layers, params, trace, output_basis(trace.out), per_sample=True)
-    return xp_of(trace.out).moveaxis(flatten_layers(grads), 0, 1)  # (C, N, n) → (N, C, n)
+    grads = _vjp(layers, params, trace, _output_basis(trace.out), per_sample=True)
+    return xp_of(trace.out).moveaxis(_flatten_layers(grads), 0, 1)  # (C, N, n) → (N, C, n)
 
 
-def jacobian_gram(layers, params, trace):
+def _jacobian_gram(layers, params, trace):
     """``(J_i J_jᵀ)_{i,j}`` as ``(N, C, N, C)`` from the Kronecker structure, without
     forming ``J`` (thesis Algorithm 22, extended to conv layers):
 
@@ -248,7 +270,7 @@ def jacobian_gram(layers, params, trace):
 
     with ``g^c`` the pre-activation cotangents of the output basis vector ``e_c``."""
     xp = xp_of(trace.out)
-    G = pull_cotangents(layers, params, trace, output_basis(trace.out))
+    G = _pull_cotangents(layers, params, trace, _output_basis(trace.out))
     out = 0
     for A, g in zip(trace.patches, G):
         KA = xp.einsum("idt,jds->ijts", A, A)
@@ -257,7 +279,7 @@ def jacobian_gram(layers, params, trace):
 
 
 # ------------------------------------------------------------------ second order
-def hvp_per_sample(layers, params, trace, dout, V, output_hvp=None):
+def _hvp_per_sample(layers, params, trace, dout, V, output_hvp=None):
     """Per-sample Hessian-vector products ``∇²ψ_i v`` by the R-operator on the backward
     pass (Pearlmutter; forward-over-reverse). Differentiating ``∇_{W_l} ψ = G_l A_lᵀ``
     along ``v``:
@@ -274,11 +296,11 @@ def hvp_per_sample(layers, params, trace, dout, V, output_hvp=None):
     residual term ``Σ_c [∂ℓ/∂f_i]_c ∂²f_{i,c}/∂θ² v`` of (1.4). Returns a list of
     ``(K, N, out, d)``.
     """
-    tan_in, df = push_tangents(layers, params, trace, V)
+    tan_in, df = _push_tangents(layers, params, trace, V)
     ddout = output_hvp(df) if output_hvp is not None else 0 * df
-    G, dG = pull_cotangents(layers, params, trace, dout, rop=(tan_in, V, ddout))
+    G, dG = _pull_cotangents(layers, params, trace, dout, rop=(tan_in, V, ddout))
     out = []
-    for k, g, dg in zip(trainable_index(layers), G, dG):
+    for k, g, dg in zip(_trainable_index(layers), G, dG):
         m, s, t = layers[k], trace.in_shapes[k], tan_in[k]
         r = dg @ trace.A[k].swapaxes(-1, -2)
         if t is not None:
@@ -287,7 +309,7 @@ def hvp_per_sample(layers, params, trace, dout, V, output_hvp=None):
     return out
 
 
-def preactivation_hessians(layers, params, trace, dout, output_hvp):
+def _preactivation_hessians(layers, params, trace, dout, output_hvp):
     """Exact per-sample pre-activation Hessians ``∂²ψ_i/∂h_l²`` (thesis (2.2), ``G_l(i)``;
     Theorem 3 ii, ``G_{t,t'}``): for each trainable module, the identity basis of its
     pre-activation is injected as tangent (:func:`push_tangents` ``inject=``) and the
@@ -301,13 +323,267 @@ def preactivation_hessians(layers, params, trace, dout, output_hvp):
     dtype = trace.out.dtype
     N = trace.out.shape[0]
     out = []
-    for j, k in enumerate(trainable_index(layers)):
+    for j, k in enumerate(_trainable_index(layers)):
         m, s = layers[k], trace.in_shapes[k]
         hshape = tuple(m.out_shape(s))
         size = int(np.prod(hshape))
         E = xp.eye(size, dtype=dtype).reshape((size, 1) + hshape)
         E = xp.broadcast_to(E, (size, N) + hshape)
-        tan_in, df = push_tangents(layers, params, trace, inject=(k, E))
-        _, dG = pull_cotangents(layers, params, trace, dout, rop=(tan_in, None, output_hvp(df)))
+        tan_in, df = _push_tangents(layers, params, trace, inject=(k, E))
+        _, dG = _pull_cotangents(layers, params, trace, dout, rop=(tan_in, None, output_hvp(df)))
         out.append(xp.moveaxis(dG[j].reshape(size, N, size), 0, 2))
     return out
+
+
+# ------------------------------------------------------------------ checked public forms
+def _check_layers(layers):
+    if not isinstance(layers, (list, tuple)) or len(layers) == 0:
+        raise ArgumentTypeError(f"layers must be a non-empty list of refcurv layers, got {describe(layers)}")
+    for k, m in enumerate(layers):
+        if not isinstance(m, (Linear, Conv2d, Flatten, _Elementwise)):
+            raise ArgumentTypeError(f"layers[{k}] is not a refcurv layer: {describe(m)}")
+    if not _trainable_index(layers):
+        raise ArgumentTypeError("layers must contain at least one Linear or Conv2d")
+    return list(layers)
+
+
+def _check_params(layers, params):
+    idx = _trainable_index(layers)
+    if not isinstance(params, (list, tuple)):
+        raise ArgumentTypeError(f"params must be a list of arrays, got {describe(params)}")
+    if len(params) != len(idx):
+        raise ShapeError(f"params has {len(params)} arrays, the layers have {len(idx)} trainable layers")
+    out = []
+    for j, (W, k) in enumerate(zip(params, idx)):
+        W = real_array(W, f"params[{j}]")
+        if tuple(W.shape) != layers[k].param_shape:
+            raise ShapeError(f"params[{j}] has shape {tuple(W.shape)}, {layers[k]!r} needs {layers[k].param_shape}")
+        out.append(check_finite(W, f"params[{j}]"))
+    return out
+
+
+def _check_trace(layers, trace):
+    if not isinstance(trace, Trace):
+        raise ArgumentTypeError(f"trace must be a refcurv.nn.autodiff.Trace from forward_trace, got {describe(trace)}")
+    idx = _trainable_index(layers)
+    ok = (len(trace.inputs) == len(layers) == len(trace.in_shapes) and sorted(trace.A) == idx
+          and hasattr(trace.out, "shape") and getattr(trace.out, "ndim", 0) == 2)
+    if ok:
+        try:
+            ok = _feature_shapes(layers, trace.in_shapes[0]) == [tuple(s) for s in trace.in_shapes] + [
+                tuple(trace.out.shape[1:])]
+        except (ShapeError, TypeError, ValueError, ArgumentTypeError):
+            ok = False
+    if not ok:
+        raise ShapeError("trace was not made by forward_trace for these layers")
+    finite_array(trace.out, "trace.out")
+    return trace
+
+
+def _check_cotangent(w, trace, name, ndims=(2, 3)):
+    w = finite_array(w, name)
+    if w.ndim not in ndims or tuple(w.shape[-2:]) != tuple(trace.out.shape):
+        raise ShapeError(f"{name} must have shape (…, N, C) = (…, *{tuple(trace.out.shape)}) with "
+                         f"{' or '.join(map(str, ndims))} dimensions, got {tuple(w.shape)}")
+    return w
+
+
+def _check_batched_tangents(V, params, name, allow_none=False):
+    if not isinstance(V, (list, tuple)) or len(V) != len(params):
+        raise ShapeError(f"{name} must be a list of {len(params)} per-layer arrays (K, out, d), got {describe(V)}")
+    out, K = [], set()
+    for j, (t, W) in enumerate(zip(V, params)):
+        if t is None and allow_none:
+            out.append(None)
+            continue
+        t = finite_array(t, f"{name}[{j}]")
+        if t.ndim != 3 or tuple(t.shape[1:]) != tuple(W.shape):
+            raise ShapeError(f"{name}[{j}] must have shape (K, *{tuple(W.shape)}), got {tuple(t.shape)}")
+        K.add(t.shape[0])
+        out.append(t)
+    if len(K) > 1:
+        raise ShapeError(f"{name} entries must share the batch size K, got {sorted(K)}")
+    if K and 0 in K:
+        raise EmptyBatchError(f"{name} holds no tangents (K = 0)")
+    return out
+
+
+def _run(what, fn, *args, **kwargs):
+    with quiet():
+        out = fn(*args, **kwargs)
+    return finite_result(out, what)
+
+
+def trainable_index(layers):
+    """Indices (into ``layers``) of the trainable modules, in order."""
+    return _trainable_index(_check_layers(layers))
+
+
+def feature_shapes(layers, input_shape):
+    """Feature shapes entering each module, plus the output's: ``len(layers) + 1`` tuples.
+    Raises :class:`ShapeError` naming the first module that cannot take its input."""
+    return _feature_shapes(_check_layers(layers), _shape_arg(input_shape, "input_shape"))
+
+
+def forward_trace(layers, params, x):
+    """Checked :func:`_forward_trace`: ``x`` a finite real batch ``(N, *input_shape)`` with
+    ``N >= 1`` (ints → float64), ``params`` one finite matrix per trainable layer; computed
+    in their common dtype."""
+    layers = _check_layers(layers)
+    params = _check_params(layers, params)
+    x = finite_array(x, "x", min_ndim=2)
+    if x.shape[0] == 0:
+        raise EmptyBatchError("x is an empty batch (N = 0)")
+    dt = np.result_type(x.dtype, *(W.dtype for W in params))
+    params, x = [W.astype(dt, copy=False) for W in params], x.astype(dt, copy=False)
+    tr = _run("forward_trace: the network output", _forward_trace, layers, params, x)
+    finite_result(tr.out, "forward_trace: the network output f(x)")
+    return tr
+
+
+def push_tangents(layers, params, trace, dparams=None, inject=None):
+    """Checked :func:`_push_tangents`; ``dparams`` ``None`` or per trainable layer ``None`` or
+    ``(K, out, d)``; ``inject`` ``None`` or ``(k, t)`` with ``t`` ``(K, N, *out_shape of k)``."""
+    layers = _check_layers(layers)
+    params = _check_params(layers, params)
+    trace = _check_trace(layers, trace)
+    if dparams is not None:
+        dparams = _check_batched_tangents(dparams, params, "dparams", allow_none=True)
+    if inject is not None:
+        if not isinstance(inject, (tuple, list)) or len(inject) != 2:
+            raise ArgumentTypeError(f"inject must be None or a pair (k, t), got {describe(inject)}")
+        k = inject[0]
+        if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or not 0 <= k < len(layers):
+            raise ArgumentTypeError(f"inject[0] must be a module index in [0, {len(layers)}), got {describe(k)}")
+        t = finite_array(inject[1], "inject[1]")
+        want = (trace.out.shape[0],) + _feature_shapes(layers, trace.in_shapes[0])[k + 1]
+        if t.ndim < 1 or tuple(t.shape[1:]) != want or t.shape[0] == 0:
+            raise ShapeError(f"inject[1] must have shape (K, *{want}) with K >= 1, got {tuple(t.shape)}")
+        inject = (int(k), t)
+    return _run("push_tangents: the tangents", _push_tangents, layers, params, trace, dparams, inject)
+
+
+def pull_cotangents(layers, params, trace, dout, rop=None):
+    """Checked :func:`_pull_cotangents`: ``dout`` ``(…, N, C)``; ``rop`` ``None`` or
+    ``(tan_in, dparams, ddout)`` as returned/taken by :func:`push_tangents`."""
+    layers = _check_layers(layers)
+    params = _check_params(layers, params)
+    trace = _check_trace(layers, trace)
+    dout = _check_cotangent(dout, trace, "dout", ndims=(2, 3))
+    if rop is not None:
+        if not isinstance(rop, (tuple, list)) or len(rop) != 3:
+            raise ArgumentTypeError(f"rop must be None or a triple (tan_in, dparams, ddout), got {describe(rop)}")
+        tan_in, dparams, ddout = rop
+        if not isinstance(tan_in, (list, tuple)) or len(tan_in) != len(layers):
+            raise ShapeError(f"rop[0] (tan_in) must be a list of {len(layers)} module-input tangents, got {describe(tan_in)}")
+        tan_in = [None if t is None else finite_array(t, f"rop[0][{k}]") for k, t in enumerate(tan_in)]
+        for k, t in enumerate(tan_in):
+            want = tuple(trace.inputs[k].shape)
+            if t is not None and tuple(t.shape[1:]) != want:
+                raise ShapeError(f"rop[0][{k}] must have shape (K, *{want}), got {tuple(t.shape)}")
+        if dparams is not None:
+            dparams = _check_batched_tangents(dparams, params, "rop[1]", allow_none=True)
+        ddout = _check_cotangent(ddout, trace, "rop[2]", ndims=(3,))
+        if dout.ndim == 3 and dout.shape[0] != ddout.shape[0]:
+            raise ShapeError(f"rop[2] must have as many tangents as dout, got {ddout.shape[0]} and {dout.shape[0]}")
+        rop = (tan_in, dparams, ddout)
+    return _run("pull_cotangents: the pre-activation gradients", _pull_cotangents, layers, params, trace, dout, rop)
+
+
+def _array_list(a, name, min_ndim):
+    if not isinstance(a, (list, tuple)) or len(a) == 0:
+        raise ArgumentTypeError(f"{name} must be a non-empty list of arrays, got {describe(a)}")
+    return [finite_array(v, f"{name}[{j}]", min_ndim=min_ndim) for j, v in enumerate(a)]
+
+
+def weight_grads(A, G):
+    """Checked :func:`_weight_grads`: ``A`` a list of ``(N, d, T)``, ``G`` a list of
+    ``(…, N, out, T)``."""
+    A, G = _array_list(A, "A", 3), _array_list(G, "G", 3)
+    if len(A) != len(G):
+        raise ShapeError(f"A and G must have one array per layer each, got {len(A)} and {len(G)}")
+    for j, (a, g) in enumerate(zip(A, G)):
+        if a.ndim != 3 or g.shape[-3] != a.shape[0] or g.shape[-1] != a.shape[-1]:
+            raise ShapeError(f"G[{j}] {tuple(g.shape)} does not match A[{j}] {tuple(a.shape)}: "
+                             "expected A (N, d, T) and G (…, N, out, T)")
+    return _run("weight_grads: the per-sample gradients", _weight_grads, A, G)
+
+
+def flatten_layers(grads):
+    """Checked :func:`_flatten_layers`: per-layer ``(…, out, d)`` with one leading shape."""
+    grads = _array_list(grads, "grads", 2)
+    if len({tuple(g.shape[:-2]) for g in grads}) != 1:
+        raise ShapeError(f"grads must share their leading axes, got shapes {[tuple(g.shape) for g in grads]}")
+    return _flatten_layers(grads)
+
+
+def output_basis(out):
+    """Checked :func:`_output_basis`: ``out`` a network output ``(N, C)``."""
+    out = finite_array(out, "out", ndim=2)
+    if 0 in out.shape:
+        raise EmptyBatchError(f"out must have N >= 1 samples and C >= 1 outputs, got shape {tuple(out.shape)}")
+    return _output_basis(out)
+
+
+def _checked(layers, params, trace):
+    layers = _check_layers(layers)
+    params = _check_params(layers, params)
+    return layers, params, _check_trace(layers, trace)
+
+
+def jvp(layers, params, trace, V):
+    """Checked :func:`_jvp`: ``V`` per trainable layer ``(K, out, d)``."""
+    layers, params, trace = _checked(layers, params, trace)
+    V = _check_batched_tangents(V, params, "V")
+    return _run("jvp: J v", _jvp, layers, params, trace, V)
+
+
+def vjp(layers, params, trace, w, per_sample=False):
+    """Checked :func:`_vjp`: ``w`` ``(N, C)`` or ``(K, N, C)``; ``per_sample`` a bool."""
+    per_sample = check_bool(per_sample, "per_sample")
+    layers, params, trace = _checked(layers, params, trace)
+    w = _check_cotangent(w, trace, "w")
+    return _run("vjp: Jᵀ w", _vjp, layers, params, trace, w, per_sample=per_sample)
+
+
+def jacobian(layers, params, trace):
+    """Checked :func:`_jacobian`."""
+    return _run("jacobian: J", _jacobian, *_checked(layers, params, trace))
+
+
+def jacobian_gram(layers, params, trace):
+    """Checked :func:`_jacobian_gram`."""
+    return _run("jacobian_gram: J Jᵀ", _jacobian_gram, *_checked(layers, params, trace))
+
+
+def _checked_output_hvp(output_hvp, name):
+    def op(t):
+        r = real_array(output_hvp(t), f"the result of {name}")
+        if tuple(r.shape) != tuple(t.shape):
+            raise ShapeError(f"{name} must map (K, N, C) tangents to the same shape {tuple(t.shape)}, "
+                             f"got {tuple(r.shape)}")
+        return r
+    return op
+
+
+def hvp_per_sample(layers, params, trace, dout, V, output_hvp=None):
+    """Checked :func:`_hvp_per_sample`: ``dout`` ``(N, C)``, ``V`` per trainable layer
+    ``(K, out, d)``, ``output_hvp`` ``None`` or a callable ``(K, N, C) -> (K, N, C)``."""
+    layers, params, trace = _checked(layers, params, trace)
+    dout = _check_cotangent(dout, trace, "dout", ndims=(2,))
+    V = _check_batched_tangents(V, params, "V")
+    check_callable(output_hvp, "output_hvp", allow_none=True)
+    if output_hvp is not None:
+        output_hvp = _checked_output_hvp(output_hvp, "output_hvp")
+    return _run("hvp_per_sample: the Hessian-vector products", _hvp_per_sample,
+                layers, params, trace, dout, V, output_hvp)
+
+
+def preactivation_hessians(layers, params, trace, dout, output_hvp):
+    """Checked :func:`_preactivation_hessians`: ``dout`` ``(N, C)``, ``output_hvp`` a callable
+    ``(K, N, C) -> (K, N, C)``."""
+    layers, params, trace = _checked(layers, params, trace)
+    dout = _check_cotangent(dout, trace, "dout", ndims=(2,))
+    output_hvp = _checked_output_hvp(check_callable(output_hvp, "output_hvp"), "output_hvp")
+    return _run("preactivation_hessians: the pre-activation Hessians", _preactivation_hessians,
+                layers, params, trace, dout, output_hvp)

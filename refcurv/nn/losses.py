@@ -27,13 +27,40 @@ import itertools
 import numpy as np
 
 from ..backend import asarray_like, rng_of, to_numpy, xp_of
-from ..errors import HyperParameterError, LabelError, NonFiniteError, ShapeError
+from ..errors import (
+    ArgumentTypeError,
+    EmptyBatchError,
+    HyperParameterError,
+    LabelError,
+    NonFiniteError,
+    ShapeError,
+)
+from ._checks import describe, finite_array, finite_result, quiet
 from .layers import sigmoid, sigmoid_d1
 
 
+def _outputs(f, exact_2d=False):
+    """Network outputs ``f``: a finite real array ``(..., N, C)`` (exactly ``(N, C)`` if
+    ``exact_2d``) with ``N, C >= 1``; integer arrays are converted to float64."""
+    f = finite_array(f, "f")
+    if (f.ndim != 2) if exact_2d else (f.ndim < 2):
+        raise ShapeError(f"network output f must be {'2-D' if exact_2d else 'at least 2-D'} (N, C), got shape {f.shape}")
+    if f.shape[-2] == 0:
+        raise EmptyBatchError(f"network output f is an empty batch (N = 0), shape {f.shape}")
+    if f.shape[-1] == 0:
+        raise ShapeError(f"network output f has no outputs (C = 0), shape {f.shape}")
+    return f
+
+
+def _asarray(y, f, name):
+    try:
+        return xp_of(f).asarray(y)
+    except (TypeError, ValueError):
+        raise LabelError(f"{name} must be a numeric array, got {describe(y)}") from None
+
+
 def _check_outputs(f):
-    if f.ndim != 2:
-        raise ShapeError(f"network output f must be 2-D (N, C), got shape {f.shape}")
+    _outputs(f, exact_2d=True)
 
 
 def _check_finite(a, name):
@@ -41,9 +68,17 @@ def _check_finite(a, name):
         raise NonFiniteError(f"{name} contains NaN or Inf")
 
 
+def _broadcastable(a, shape, name, want):
+    try:
+        np.broadcast_shapes(tuple(a.shape), tuple(shape))
+    except ValueError:
+        raise ShapeError(f"{name} must broadcast against {want} {tuple(shape)}, got shape {tuple(a.shape)}") from None
+
+
 def _real_targets(y, f, loss_name, kinds):
     """Targets of the output's shape, numeric of a dtype kind in ``kinds``, finite; cast to ``f``'s dtype."""
-    y = xp_of(f).asarray(y)
+    _check_outputs(f)
+    y = _asarray(y, f, "y")
     if y.shape != f.shape:
         raise ShapeError(f"y for {loss_name} must have the output shape {f.shape}, got {y.shape}")
     if y.dtype.kind not in kinds:
@@ -53,12 +88,89 @@ def _real_targets(y, f, loss_name, kinds):
     return y
 
 
+class _Loss:
+    """The public methods of every loss: each validates its arguments (finite real outputs
+    ``f`` of shape ``(..., N, C)``, targets, tangents), runs the loss's formula (the
+    underscored method) and refuses a non-finite result with
+    :class:`~refcurv.errors.NonFiniteError` naming the quantity."""
+
+    name = ""
+
+    def _targets_like(self, y, f):  # pragma: no cover - every loss defines it
+        raise NotImplementedError
+
+    def _run(self, what, fn, *args):
+        with quiet():
+            out = fn(*args)
+        return finite_result(out, f"{type(self).__name__}.{what}")
+
+    def value(self, f, y):
+        """Per-sample losses ``ψ`` of shape ``(..., N)``."""
+        f = _outputs(f)
+        return self._run("value", self._value, f, self._targets_like(y, f))
+
+    def grad(self, f, y):
+        """``∂ℓ/∂f``, the shape of ``f``."""
+        f = _outputs(f)
+        return self._run("grad", self._grad, f, self._targets_like(y, f))
+
+    def hessian(self, f):
+        """``∂²ℓ/∂f²`` of shape ``(..., N, C, C)``."""
+        return self._run("hessian", self._hessian, _outputs(f))
+
+    def hessian_sqrt(self, f):
+        """``B`` with ``B Bᵀ = ∂²ℓ/∂f²``, ``(..., N, C, C)``."""
+        return self._run("hessian_sqrt", self._hessian_sqrt, _outputs(f))
+
+    def hvp(self, f, v):
+        """``∂²ℓ/∂f² v`` for tangents ``v`` of shape ``(..., N, C)`` (broadcast against ``f``)."""
+        f = _outputs(f)
+        v = finite_array(v, "v", min_ndim=1)
+        _broadcastable(v, f.shape, "v", "the output shape")
+        return self._run("hvp", self._hvp, f, v)
+
+    def sample(self, f, n_samples=1, seed=None):
+        """Targets drawn from ``p(y | f)``, ``(n_samples, N, …)``."""
+        f = _outputs(f, exact_2d=True)
+        _check_n_samples(n_samples)
+        return self._run("sample", self._sample, f, n_samples, seed)
+
+    def fisher_output(self, f):
+        """``E_{y ~ p(·|f)}[∇_f ℓ ∇_f ℓᵀ]``, ``(N, C, C)``."""
+        return self._run("fisher_output", self._fisher_output, _outputs(f, exact_2d=True))
+
+
+def _real_targets_like(y, f, loss_name, kinds):
+    """Targets for :meth:`value`/:meth:`grad`: real of a kind in ``kinds``, finite,
+    broadcasting against ``f``; non-floating targets are cast to ``f``'s dtype."""
+    y = _asarray(y, f, "y")
+    if y.dtype.kind not in kinds:
+        raise LabelError(f"y for {loss_name} must be real-valued, got dtype {y.dtype}")
+    if y.dtype.kind != "f":
+        y = y.astype(f.dtype)
+    _check_finite(y, "y")
+    _broadcastable(y, f.shape, "y", "the output shape")
+    return y
+
+
+def check_loss(loss, name="loss"):
+    """Refuse anything but a refcurv loss instance (:class:`MSE`, :class:`CrossEntropy`,
+    :class:`BCE`, or an object with their interface) with :class:`ArgumentTypeError`."""
+    if isinstance(loss, type):
+        raise ArgumentTypeError(f"{name} must be a loss instance such as refcurv.nn.MSE(), got the class {loss.__name__}")
+    if isinstance(loss, _Loss) or all(
+            callable(getattr(loss, a, None)) for a in ("value", "grad", "hvp", "check_targets", "sample")):
+        return loss
+    raise ArgumentTypeError(
+        f"{name} must be a refcurv loss (refcurv.nn.MSE, CrossEntropy, BCE), got {describe(loss)}")
+
+
 def _check_n_samples(n_samples):
     if isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)) or n_samples < 1:
         raise HyperParameterError(f"n_samples must be a positive int, got {n_samples!r}")
 
 
-class MSE:
+class MSE(_Loss):
     """``ψ = ½‖f − y‖²`` per sample (sum over outputs, no 1/C); output Hessian ``I``."""
 
     name = "mse"
@@ -66,35 +178,37 @@ class MSE:
     def check_targets(self, y, f):
         return _real_targets(y, f, "MSE", "fiu")
 
-    def value(self, f, y):
+    def _targets_like(self, y, f):
+        return _real_targets_like(y, f, "MSE", "fiu")
+
+    def _value(self, f, y):
         r = f - y
         return 0.5 * (r * r).sum(axis=-1)
 
-    def grad(self, f, y):
+    def _grad(self, f, y):
         return f - y
 
-    def hessian(self, f):
+    def _hessian(self, f):
         xp = xp_of(f)
         return xp.broadcast_to(xp.eye(f.shape[-1], dtype=f.dtype), f.shape + (f.shape[-1],)).copy()
 
-    def hessian_sqrt(self, f):
-        return self.hessian(f)
+    def _hessian_sqrt(self, f):
+        return self._hessian(f)
 
-    def hvp(self, f, v):
+    def _hvp(self, f, v):
         return v + 0 * f
 
-    def sample(self, f, n_samples=1, seed=None):
+    def _sample(self, f, n_samples=1, seed=None):
         """``y = f + ε``, ``ε ~ N(0, I)`` drawn on the host: returns ``(n_samples, N, C)``."""
-        _check_n_samples(n_samples)
         eps = rng_of(seed).standard_normal((n_samples,) + tuple(f.shape))
         return f + asarray_like(eps, f, dtype=f.dtype)
 
-    def fisher_output(self, f):
+    def _fisher_output(self, f):
         """``E[(f − y)(f − y)ᵀ] = Cov(ε) = I`` for ``y ~ N(f, I)``."""
-        return self.hessian(f)
+        return self._hessian(f)
 
 
-class CrossEntropy:
+class CrossEntropy(_Loss):
     """Softmax cross-entropy with integer labels: ``ψ = logsumexp(f) − f_y``.
 
     Output Hessian ``diag(p) − p pᵀ``, ``p = softmax(f)`` (thesis (1.6), sign fixed:
@@ -104,8 +218,8 @@ class CrossEntropy:
     name = "cross_entropy"
 
     def check_targets(self, y, f):
-        xp = xp_of(f)
-        y = xp.asarray(y)
+        f = _outputs(f, exact_2d=True)
+        y = _asarray(y, f, "y")
         N, C = f.shape
         if y.shape != (N,):
             raise ShapeError(f"y for CrossEntropy must be integer labels of shape ({N},), got {y.shape}")
@@ -115,8 +229,26 @@ class CrossEntropy:
             raise LabelError(f"y labels must lie in [0, {C}), got range [{int(y.min())}, {int(y.max())}]")
         return y
 
+    def _targets_like(self, y, f):
+        y = _asarray(y, f, "y")
+        C = f.shape[-1]
+        if y.dtype.kind not in "iu":
+            raise LabelError(f"y for CrossEntropy must have an integer dtype, got {y.dtype}")
+        _broadcastable(y, f.shape[:-1], "y", "the batch shape of f")
+        if y.size and (int(y.min()) < 0 or int(y.max()) >= C):
+            raise LabelError(f"y labels must lie in [0, {C}), got range [{int(y.min())}, {int(y.max())}]")
+        return y
+
     @staticmethod
     def probs(f):
+        """``softmax(f)`` over the last axis."""
+        f = _outputs(f)
+        with quiet():
+            out = CrossEntropy._probs(f)
+        return finite_result(out, "CrossEntropy.probs")
+
+    @staticmethod
+    def _probs(f):
         xp = xp_of(f)
         z = f - f.max(axis=-1, keepdims=True)
         e = xp.exp(z)
@@ -127,14 +259,14 @@ class CrossEntropy:
         xp = xp_of(f)
         return (y[..., None] == xp.arange(f.shape[-1])).astype(f.dtype)
 
-    def value(self, f, y):
+    def _value(self, f, y):
         xp = xp_of(f)
         m = f.max(axis=-1)
         lse = m + xp.log(xp.exp(f - m[..., None]).sum(axis=-1))
         return lse - (f * self._onehot(y, f)).sum(axis=-1)
 
-    def grad(self, f, y):
-        return self.probs(f) - self._onehot(y, f)
+    def _grad(self, f, y):
+        return self._probs(f) - self._onehot(y, f)
 
     @staticmethod
     def _probs_and_complements(f):
@@ -147,7 +279,7 @@ class CrossEntropy:
         off = 1 - xp.eye(C, dtype=f.dtype)
         return e / S, (e @ off) / S
 
-    def hessian(self, f):
+    def _hessian(self, f):
         xp = xp_of(f)
         p, q = self._probs_and_complements(f)
         H = -p[..., :, None] * p[..., None, :]
@@ -155,7 +287,7 @@ class CrossEntropy:
         H[..., idx, idx] = p * q
         return H
 
-    def hessian_sqrt(self, f):
+    def _hessian_sqrt(self, f):
         """``B = diag(√p) − p √pᵀ`` (diagonal ``√p_i q_i``); ``B Bᵀ = diag(p) − p pᵀ`` because ``Σ p = 1``."""
         xp = xp_of(f)
         p, q = self._probs_and_complements(f)
@@ -165,23 +297,22 @@ class CrossEntropy:
         B[..., idx, idx] = r * q
         return B
 
-    def hvp(self, f, v):
+    def _hvp(self, f, v):
         """``(diag(p) − p pᵀ) v = p ⊙ (v − pᵀv)`` with ``v_i − pᵀv = Σ_j p_j (v_i − v_j)``
         (no cancellation when one ``p_i ≈ 1``)."""
-        p = self.probs(f)
+        p = self._probs(f)
         diff = v[..., :, None] - v[..., None, :]
         return p * (diff * p[..., None, :]).sum(axis=-1)
 
-    def sample(self, f, n_samples=1, seed=None):
+    def _sample(self, f, n_samples=1, seed=None):
         """Labels ``y ~ Categorical(softmax(f))`` by inverse CDF of host uniforms: ``(n_samples, N)``."""
-        _check_n_samples(n_samples)
-        p = to_numpy(self.probs(f)).astype(np.float64)
+        p = to_numpy(self._probs(f)).astype(np.float64)
         u = rng_of(seed).random((n_samples, p.shape[0]))
         cdf = np.cumsum(p, axis=-1)
         labels = np.minimum((u[..., None] >= cdf).sum(axis=-1), p.shape[-1] - 1)
         return asarray_like(labels.astype(np.int64), f)
 
-    def fisher_output(self, f):
+    def _fisher_output(self, f):
         """``Σ_y p_y (p − e_y)(p − e_y)ᵀ``, enumerating the ``C`` labels (with
         ``p_y − 1 = −q_y`` taken from the accurate complement)."""
         xp = xp_of(f)
@@ -193,7 +324,7 @@ class CrossEntropy:
         return xp.einsum("ny,nyc,nyd->ncd", p, r, r)
 
 
-class BCE:
+class BCE(_Loss):
     """Sigmoid binary cross-entropy on logits, summed over outputs:
     ``ψ = Σ_j softplus(f_j) − y_j f_j`` with targets ``y in [0, 1]^C``.
 
@@ -211,31 +342,36 @@ class BCE:
             raise LabelError("y for BCE must lie in [0, 1]")
         return y
 
-    def value(self, f, y):
+    def _targets_like(self, y, f):
+        y = _real_targets_like(y, f, "BCE", "fiub")
+        if y.size and (float(y.min()) < 0 or float(y.max()) > 1):
+            raise LabelError("y for BCE must lie in [0, 1]")
+        return y
+
+    def _value(self, f, y):
         return (xp_of(f).logaddexp(0, f) - y * f).sum(axis=-1)
 
-    def grad(self, f, y):
+    def _grad(self, f, y):
         return sigmoid(f) - y
 
-    def hessian(self, f):
+    def _hessian(self, f):
         xp = xp_of(f)
         return sigmoid_d1(f)[..., :, None] * xp.eye(f.shape[-1], dtype=f.dtype)
 
-    def hessian_sqrt(self, f):
+    def _hessian_sqrt(self, f):
         xp = xp_of(f)
         return xp.sqrt(sigmoid_d1(f))[..., :, None] * xp.eye(f.shape[-1], dtype=f.dtype)
 
-    def hvp(self, f, v):
+    def _hvp(self, f, v):
         return sigmoid_d1(f) * v
 
-    def sample(self, f, n_samples=1, seed=None):
+    def _sample(self, f, n_samples=1, seed=None):
         """``y_j ~ Bernoulli(σ(f_j))`` independently: ``(n_samples, N, C)`` of 0/1 floats."""
-        _check_n_samples(n_samples)
         s = to_numpy(sigmoid(f)).astype(np.float64)
         u = rng_of(seed).random((n_samples,) + s.shape)
         return asarray_like((u < s).astype(np.float64), f, dtype=f.dtype)
 
-    def fisher_output(self, f):
+    def _fisher_output(self, f):
         """``E[(σ − y)(σ − y)ᵀ]`` over ``y ~ Bernoulli(σ)^C``: by enumerating all ``2^C``
         label vectors when ``C <= max_enumerated_outputs``, otherwise from independence
         (zero off-diagonal, ``σ(1 − σ)`` on the diagonal)."""

@@ -18,8 +18,10 @@ from ..errors import (
     ShapeError,
 )
 from . import autodiff as ad
+from ._checks import check_bool, check_dtype, finite_result, quiet, real_array
 from .autodiff import Trace  # noqa: F401  (re-exported: refcurv.nn.model.Trace)
-from .layers import Conv2d, Flatten, Linear, _Elementwise
+from .layers import Conv2d, Flatten, Linear, _Elementwise, _shape_arg
+from .losses import check_loss
 
 
 def _check_finite(a, name):
@@ -53,13 +55,13 @@ class Sequential:
             if not isinstance(m, (Linear, Conv2d, Flatten, _Elementwise)):
                 raise ArgumentTypeError(f"layers[{k}] is not a refcurv layer: {m!r}")
         self.layers = list(layers)
-        self.trainable_index = ad.trainable_index(self.layers)
+        self.trainable_index = ad._trainable_index(self.layers)
         if not self.trainable_index:
             raise ArgumentTypeError("layers must contain at least one Linear or Conv2d")
         self._check_chain()
         self.input_shape = None
         if input_shape is not None:
-            self.input_shape = tuple(int(s) for s in input_shape)
+            self.input_shape = _shape_arg(input_shape, "input_shape")
             self.feature_shapes(self.input_shape)
 
     def __repr__(self):
@@ -83,7 +85,7 @@ class Sequential:
 
     def feature_shapes(self, input_shape):
         """Feature shapes entering each module, plus the output's: ``len(layers) + 1`` tuples."""
-        return ad.feature_shapes(self.layers, input_shape)
+        return ad._feature_shapes(self.layers, _shape_arg(input_shape, "input_shape"))
 
     @property
     def layers_trainable(self):
@@ -100,7 +102,10 @@ class Sequential:
     # ------------------------------------------------------------ parameters
     def init(self, seed=0, dtype=np.float64):
         """Seeded init: every entry (weights and bias) ``~ U(−1/√fan_in, 1/√fan_in)``
-        (PyTorch's default range for Linear/Conv2d), drawn on the host."""
+        (PyTorch's default range for Linear/Conv2d), drawn on the host. ``seed``: ``None``, a
+        non-negative int, a ``SeedSequence`` or a ``Generator``; ``dtype``: a floating dtype
+        (an integer dtype would round every weight to zero and is refused)."""
+        dtype = check_dtype(dtype, "dtype")
         rng = rng_of(seed)
         out = []
         for m in self.layers_trainable:
@@ -109,7 +114,8 @@ class Sequential:
         return out
 
     def check_params(self, params):
-        """Validate ``params`` (list of per-layer matrices): count, shapes, finiteness."""
+        """Validate ``params`` (list of per-layer matrices): count, shapes, finiteness. Integer
+        arrays are converted to float64; bool, complex and non-numeric entries are refused."""
         if not isinstance(params, (list, tuple)):
             raise ArgumentTypeError(f"params must be a list of arrays, got {type(params).__name__}")
         if len(params) != len(self.trainable_index):
@@ -119,9 +125,7 @@ class Sequential:
         xp = xp_of(*params)
         out = []
         for j, (W, m) in enumerate(zip(params, self.layers_trainable)):
-            W = xp.asarray(W)
-            if W.dtype.kind not in "f":
-                W = W.astype(np.float64)
+            W = real_array(W, f"params[{j}]", xp=xp)
             if W.shape != m.param_shape:
                 raise ShapeError(f"params[{j}] has shape {W.shape}, {m!r} needs {m.param_shape}")
             _check_finite(W, f"params[{j}]")
@@ -129,11 +133,12 @@ class Sequential:
         return out
 
     def check_input(self, x, xp=None):
-        """Validate a batch ``x`` of shape ``(N, *input_shape)``: non-empty, finite, chaining."""
+        """Validate a batch ``x`` of shape ``(N, *input_shape)``: non-empty, finite, chaining.
+        Integer arrays are converted to float64; bool, complex and non-numeric ``x`` are refused."""
+        if xp is not None and xp is not np and xp is not xp_of(x) and getattr(xp, "__name__", "") != "cupy":
+            raise ArgumentTypeError(f"xp must be None, numpy or cupy, got {type(xp).__name__}")
         xp = xp or xp_of(x)
-        x = xp.asarray(x)
-        if x.dtype.kind not in "f":
-            x = x.astype(np.float64)
+        x = real_array(x, "x", xp=xp)
         first = self.layers[0]
         want = 2 if isinstance(first, Linear) else 4 if isinstance(first, Conv2d) else None
         if want is not None and x.ndim != want:
@@ -158,35 +163,47 @@ class Sequential:
     # Thin wrappers over the pure functions of refcurv.nn.autodiff, kept because
     # refcurv.curvature and some method modules call them on a prepared (params, trace).
     def _forward(self, params, x):
-        return ad.forward_trace(self.layers, params, x)
+        return ad._forward_trace(self.layers, params, x)
 
     def _push(self, params, tr, dparams=None, inject=None):
-        return ad.push_tangents(self.layers, params, tr, dparams, inject)
+        return ad._push_tangents(self.layers, params, tr, dparams, inject)
 
     def _pull(self, params, tr, dout, rop=None):
-        return ad.pull_cotangents(self.layers, params, tr, dout, rop)
+        return ad._pull_cotangents(self.layers, params, tr, dout, rop)
 
     def _param_grads(self, tr, G):
-        return ad.weight_grads(tr.patches, G)
+        return ad._weight_grads(tr.patches, G)
 
     @staticmethod
     def _flat(grads):
-        return ad.flatten_layers(grads)
+        return ad._flatten_layers(grads)
 
     @staticmethod
     def _output_basis(tr):
-        return ad.output_basis(tr.out)
+        return ad._output_basis(tr.out)
 
     # ------------------------------------------------------------ public API
-    def forward(self, params, x):
-        """Network output ``f(x)``, shape ``(N, C)`` (Algorithm 17; :func:`autodiff.forward_trace`)."""
+    def _traced(self, params, x, what):
+        """Validated ``(params, x)`` and their forward trace, the output checked finite."""
         params, x = self._prepare(params, x)
-        return ad.forward_trace(self.layers, params, x).out
+        with quiet():
+            tr = ad._forward_trace(self.layers, params, x)
+        finite_result(tr.out, f"Sequential.{what}: the network output f(x)")
+        return params, x, tr
 
-    def _trace_and_targets(self, params, x, y, loss):
-        params, x = self._prepare(params, x)
-        tr = ad.forward_trace(self.layers, params, x)
+    def forward(self, params, x):
+        """Network output ``f(x)``, shape ``(N, C)`` (Algorithm 17; :func:`autodiff.forward_trace`).
+        A non-finite output from finite input (overflow) raises :class:`NonFiniteError`."""
+        return self._traced(params, x, "forward")[2].out
+
+    def _trace_and_targets(self, params, x, y, loss, what="factors"):
+        loss = check_loss(loss)
+        params, x, tr = self._traced(params, x, what)
         return params, x, tr, loss.check_targets(y, tr.out)
+
+    @staticmethod
+    def _result(out, what):
+        return finite_result(out, f"Sequential.{what}")
 
     def factors(self, params, x, y, loss):
         """``(A, G)``: per trainable layer the patches ``A_l`` ``(N, d, T)`` (ones row
@@ -194,30 +211,39 @@ class Sequential:
         per-sample (unscaled) losses, so that ``∇_{W_l} ψ_i = G_l[i] A_l[i]ᵀ``
         (:func:`autodiff.forward_trace`, :func:`autodiff.pull_cotangents`)."""
         params, x, tr, y = self._trace_and_targets(params, x, y, loss)
-        return tr.patches, ad.pull_cotangents(self.layers, params, tr, loss.grad(tr.out, y))
+        with quiet():
+            G = ad._pull_cotangents(self.layers, params, tr, loss.grad(tr.out, y))
+        return tr.patches, self._result(G, "factors: the pre-activation gradients G")
 
     def per_sample_grads(self, params, x, y, loss):
         """Per-sample gradients ``u_i = ∇ψ_i`` as a list of ``(N, out, d)`` arrays
         (:func:`autodiff.weight_grads` of :meth:`factors`)."""
-        return ad.weight_grads(*self.factors(params, x, y, loss))
+        with quiet():
+            U = ad._weight_grads(*self.factors(params, x, y, loss))
+        return self._result(U, "per_sample_grads: the per-sample gradients")
 
     def loss(self, params, x, y, loss):
         """Mini-batch objective ``Ψ = (1/N) Σ ψ_i``."""
-        params, x = self._prepare(params, x)
-        f = ad.forward_trace(self.layers, params, x).out
-        return loss.value(f, loss.check_targets(y, f)).mean()
+        loss = check_loss(loss)
+        f = self._traced(params, x, "loss")[2].out
+        value = loss.value(f, loss.check_targets(y, f))
+        with quiet():
+            return self._result(value.mean(), "loss: the mini-batch loss")
 
     def grad(self, params, x, y, loss):
         """Mini-batch gradient ``∇Ψ = (1/N) Σ u_i`` as a list of ``(out, d)`` arrays."""
-        return [u.mean(axis=0) for u in self.per_sample_grads(params, x, y, loss)]
+        U = self.per_sample_grads(params, x, y, loss)
+        with quiet():
+            return self._result([u.mean(axis=0) for u in U], "grad: the gradient")
 
     def _check_tangents(self, v, params):
         if not isinstance(v, (list, tuple)) or len(v) != len(params):
-            raise ShapeError(f"v must be a list of {len(params)} per-layer arrays")
+            raise ShapeError(f"v must be a list of {len(params)} per-layer arrays, got {type(v).__name__}"
+                             + (f" of length {len(v)}" if isinstance(v, (list, tuple)) else ""))
         xp = xp_of(*params)
         out = []
         for j, (t, W) in enumerate(zip(v, params)):
-            t = xp.asarray(t, dtype=W.dtype)
+            t = real_array(t, f"v[{j}]", xp=xp).astype(W.dtype, copy=False)
             if t.shape[-2:] != W.shape or t.ndim not in (2, 3):
                 raise ShapeError(f"v[{j}] has shape {t.shape}, expected {W.shape} or (K, *{W.shape})")
             _check_finite(t, f"v[{j}]")
@@ -230,60 +256,66 @@ class Sequential:
     def jvp(self, params, x, v):
         """Forward-mode ``J v`` (Algorithm 19; :func:`autodiff.jvp`): ``v`` per-layer
         ``(out, d)`` → ``(N, C)``; batched ``(K, out, d)`` → ``(K, N, C)``."""
-        params, x = self._prepare(params, x)
+        params, x, tr = self._traced(params, x, "jvp")
         v, batched = self._check_tangents(v, params)
         if not batched:
             v = [t[None] for t in v]
-        df = ad.jvp(self.layers, params, ad.forward_trace(self.layers, params, x), v)
-        return df if batched else df[0]
+        with quiet():
+            df = ad._jvp(self.layers, params, tr, v)
+        return self._result(df if batched else df[0], "jvp: J v")
 
     def vjp(self, params, x, w, per_sample=False):
         """Reverse-mode ``Jᵀ w = Σ_i J_iᵀ w_i`` (Algorithms 20-21; :func:`autodiff.vjp`):
         ``w`` ``(N, C)`` → list of ``(out, d)``; batched ``(K, N, C)`` → ``(K, out, d)``.
         ``per_sample=True`` keeps the sample axis: ``J_iᵀ w_i`` as ``(…, N, out, d)``."""
-        params, x = self._prepare(params, x)
-        tr = ad.forward_trace(self.layers, params, x)
-        xp = xp_of(x)
-        w = xp.asarray(w, dtype=x.dtype)
+        per_sample = check_bool(per_sample, "per_sample")
+        params, x, tr = self._traced(params, x, "vjp")
+        w = real_array(w, "w", xp=xp_of(x)).astype(x.dtype, copy=False)
         if w.shape[-2:] != tr.out.shape or w.ndim not in (2, 3):
             raise ShapeError(f"w has shape {w.shape}, expected {tr.out.shape} or (K, *{tr.out.shape})")
         _check_finite(w, "w")
-        return ad.vjp(self.layers, params, tr, w, per_sample=per_sample)
+        with quiet():
+            return self._result(ad._vjp(self.layers, params, tr, w, per_sample=per_sample), "vjp: Jᵀ w")
 
     def jacobian(self, params, x):
         """Per-sample output Jacobians ``J_i = ∂f_i/∂θ``: ``(N, C, n)``, θ flattened
         row-major per layer. Computed by ``C`` batched backward passes
         (:func:`autodiff.jacobian`)."""
-        params, x = self._prepare(params, x)
-        return ad.jacobian(self.layers, params, ad.forward_trace(self.layers, params, x))
+        params, x, tr = self._traced(params, x, "jacobian")
+        with quiet():
+            return self._result(ad._jacobian(self.layers, params, tr), "jacobian: J")
 
     def jacobian_gram(self, params, x):
         """``(J_i J_jᵀ)_{i,j}`` as ``(N, C, N, C)`` from the Kronecker structure, without
         forming ``J`` (thesis Algorithm 22, extended to conv layers;
         :func:`autodiff.jacobian_gram`):
         ``J_i J_jᵀ[c, c'] = Σ_l Σ_{t,t'} (a_{i,t}ᵀ a_{j,t'}) (g^c_{i,t}ᵀ g^{c'}_{j,t'})``."""
-        params, x = self._prepare(params, x)
-        return ad.jacobian_gram(self.layers, params, ad.forward_trace(self.layers, params, x))
+        params, x, tr = self._traced(params, x, "jacobian_gram")
+        with quiet():
+            return self._result(ad._jacobian_gram(self.layers, params, tr), "jacobian_gram: J Jᵀ")
 
     def hvp_per_sample(self, params, x, y, loss, v, output_hessian=True):
         """Per-sample Hessian-vector products ``∇²ψ_i v`` by the R-operator on the
         backward pass (Pearlmutter; :func:`autodiff.hvp_per_sample`): ``v`` per-layer
         ``(K, out, d)`` → list of ``(K, N, out, d)``. ``output_hessian=False`` drops the
         loss-curvature term ``J_iᵀ H_i J_i v``, leaving the residual term of thesis (1.4)."""
-        params, x = self._prepare(params, x)
+        output_hessian = check_bool(output_hessian, "output_hessian")
+        params, x, tr, y = self._trace_and_targets(params, x, y, loss, "hvp_per_sample")
         v, batched = self._check_tangents(v, params)
         if not batched:
             raise ShapeError("hvp_per_sample takes batched tangents (K, out, d)")
-        tr = ad.forward_trace(self.layers, params, x)
-        y = loss.check_targets(y, tr.out)
         output_hvp = (lambda t: loss.hvp(tr.out, t)) if output_hessian else None
-        return ad.hvp_per_sample(self.layers, params, tr, loss.grad(tr.out, y), v, output_hvp)
+        dout = loss.grad(tr.out, y)
+        with quiet():
+            H = ad._hvp_per_sample(self.layers, params, tr, dout, v, output_hvp)
+        return self._result(H, "hvp_per_sample: the Hessian-vector products")
 
     def preactivation_hessians(self, params, x, y, loss):
         """Exact per-sample pre-activation Hessians ``∂²ψ_i/∂h_l²`` (thesis (2.2), ``G_l(i)``;
         Theorem 3 ii, ``G_{t,t'}``; :func:`autodiff.preactivation_hessians`): list of
         ``(N, m_l, m_l)`` with ``m_l = out·T`` and ``h_l`` flattened row-major over ``(out, T)``."""
-        params, x, tr, y = self._trace_and_targets(params, x, y, loss)
-        return ad.preactivation_hessians(
-            self.layers, params, tr, loss.grad(tr.out, y), lambda t: loss.hvp(tr.out, t)
-        )
+        params, x, tr, y = self._trace_and_targets(params, x, y, loss, "preactivation_hessians")
+        dout = loss.grad(tr.out, y)
+        with quiet():
+            H = ad._preactivation_hessians(self.layers, params, tr, dout, lambda t: loss.hvp(tr.out, t))
+        return self._result(H, "preactivation_hessians: the pre-activation Hessians")

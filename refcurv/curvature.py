@@ -75,7 +75,9 @@ def _check_params(net, params):
 
 
 def _check_x(net, x, params):
-    return net.check_input(_real_array(x, "x"), xp=xp_of(x, params))
+    # Sequential.check_input refuses complex/bool/non-numeric x, an empty batch
+    # (EmptyBatchError) and NaN/Inf; ints become float64
+    return net.check_input(x, xp=xp_of(x, params))
 
 
 def _flag(value, name):

@@ -200,7 +200,7 @@ def _raises(exc, name, fn, *args, **kwargs):
     with pytest.raises(exc) as info:
         fn(*args, **kwargs)
     msg = str(info.value)
-    assert name in msg and "\n" not in msg, msg
+    assert name.lower() in msg.lower() and "\n" not in msg, msg
     return msg
 
 

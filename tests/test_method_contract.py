@@ -170,11 +170,11 @@ def test_a_state_made_for_another_network_is_refused(name, kind):
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_unknown_and_retired_hyper_parameters_are_named(name):
-    from refcurv.errors import HyperParameterError
+    from refcurv.errors import ArgumentTypeError
     from refcurv.methods.vocabulary import RETIRED
 
-    with pytest.raises(HyperParameterError, match="no hyper-parameter 'dampnig'"):
+    with pytest.raises(ArgumentTypeError, match="no hyper-parameter 'dampnig'"):
         REGISTRY[name](dampnig=1.0)
     retired = next(k for k in RETIRED if k not in REGISTRY[name].hyper_parameters())
-    with pytest.raises(HyperParameterError, match="renamed"):
+    with pytest.raises(ArgumentTypeError, match="renamed"):
         REGISTRY[name](**{retired: 1.0})

@@ -133,6 +133,8 @@ def _recording_init(init):
     def wrapper(self, net, params, *args, **kwargs):
         from ..nn import Sequential
 
+        if net is None:  # a method whose init needs no network (step checks the network)
+            return init(self, net, params, *args, **kwargs)
         if not isinstance(net, Sequential):
             raise ArgumentTypeError(f"{self.name}: net must be a refcurv.nn.Sequential, got {type(net).__name__}")
         params = net.check_params(params)
@@ -184,7 +186,7 @@ class Method:
                     from .vocabulary import RETIRED
 
                     hint = f"; it was renamed: {RETIRED[k]}" if k in RETIRED else ""
-                    raise HyperParameterError(
+                    raise ArgumentTypeError(
                         f"{cls.name or cls.__name__} has no hyper-parameter {k!r}{hint} "
                         f"(hyper-parameters: {', '.join(sorted(names)) or 'none'})")
         return super().__new__(cls)

@@ -423,7 +423,7 @@ def test_d_t_second_moment_is_the_batch_fisher():
     m = Ginger()
     rng = np.random.default_rng(6)
     S = 3000
-    D = np.stack([fisher_vector(net, params, batch, m.draw(rng, None, net, params, batch).labels[0]) for _ in range(S)])
+    D = np.stack([fisher_vector(net, params, batch, m.draw(rng, m.init(net, params), net, params, batch).labels[0]) for _ in range(S)])
     iu = np.triu_indices(net.n_params)
     X = (D[:, :, None] * D[:, None, :])[:, iu[0], iu[1]]
     F = cv.fisher(net, params, x, None, CrossEntropy(), kind="exact")
@@ -501,7 +501,7 @@ def test_fisher_vector_dense_equals_fisher_vector():
     params = net.init(1)
     rng = np.random.default_rng(1)
     b = Batch(rng.standard_normal((7, 3)), rng.standard_normal((7, 2)), MSE())
-    draws = Ginger().draw(np.random.default_rng(2), None, net, params, b)
+    draws = Ginger().draw(np.random.default_rng(2), Ginger().init(net, params), net, params, b)
     assert draws.labels.shape == (1, 7, 2)
     d1 = fisher_vector(net, params, b, draws.labels[0])
     d2 = fisher_vector_dense(net, params, b, draws.labels[0])

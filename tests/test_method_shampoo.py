@@ -299,7 +299,7 @@ def test_bad_hyper_parameters():
         with pytest.raises(HyperParameterError, match=match):
             Shampoo(**kwargs)
     with pytest.raises(HyperParameterError, match="at least one batch"):
-        Shampoo().warm_start(Shampoo().init(None, None), _cnn(), _cnn().init(0), [])
+        Shampoo().warm_start(Shampoo().init(_cnn(), _cnn().init(0)), _cnn(), _cnn().init(0), [])
 
 
 def test_training_smoke_decreases_loss_on_a_cnn():

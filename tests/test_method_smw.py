@@ -253,8 +253,10 @@ def test_lm_rule_scripted_trajectory():
     np.testing.assert_allclose(got, expected_lm, rtol=16 * EPS, atol=0)
     # the method's copy of the rule, and λ = λ_LM + τ in the state
     M = SMWNG()
-    lam_lm = M.init(None, None).damping_lm
-    assert M.init(None, None).damping == 1.0 + 0.001 and M.init(None, None).damping_used is None
+    net = Sequential([Linear(2, 1)])
+    s0 = M.init(net, net.init(0))
+    lam_lm = s0.damping_lm
+    assert s0.damping == 1.0 + 0.001 and s0.damping_used is None
     for rho, want in zip(rhos, expected_lm[1:]):
         lam_lm = M.lm(lam_lm, rho)
         assert abs(lam_lm - want) <= 16 * EPS * want

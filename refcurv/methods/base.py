@@ -39,13 +39,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import inspect
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
 
 from ..backend import rng_of, xp_of
-from ..errors import ArgumentTypeError, DrawsError, HyperParameterError, StateError
+from ..errors import ArgumentTypeError, DrawsError, HyperParameterError, NonFiniteError, ShapeError, StateError
 from ..nn.layers import Conv2d
 
 #: State fields shared by several methods: one name, one meaning (tests/test_vocabulary.py
@@ -83,6 +86,12 @@ class State:
     diagnostics: Mapping = state_field("diagnostics", default={})
     param_shapes: tuple = state_field("param_shapes", default=None)
 
+    def __post_init__(self):
+        if isinstance(self.k, bool) or not isinstance(self.k, (int, np.integer)) or self.k < 0:
+            raise StateError(f"{type(self).__name__}: k must be an int >= 0, got {self.k!r}")
+        if not isinstance(self.diagnostics, Mapping):
+            raise StateError(f"{type(self).__name__}: diagnostics must be a dict, got {type(self.diagnostics).__name__}")
+
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
 
@@ -111,6 +120,13 @@ class Draws:
     sketches: Mapping = field(default_factory=dict)
     seeds: Mapping = field(default_factory=dict)
 
+    def __post_init__(self):
+        if not isinstance(self.method, str) or not self.method:
+            raise DrawsError(f"Draws: method must be a method's registry name (a str), got {self.method!r}")
+        for f in ("sketches", "seeds"):
+            if not isinstance(getattr(self, f), Mapping):
+                raise DrawsError(f"Draws: {f} must be a dict {{name: value}}, got {type(getattr(self, f)).__name__}")
+
 
 @dataclass(frozen=True)
 class Batch:
@@ -119,6 +135,11 @@ class Batch:
     x: Any
     y: Any
     loss: Any
+
+    def __post_init__(self):
+        check_loss(self.loss, "batch.loss")
+        for f in ("x", "y"):
+            _check_data(getattr(self, f), f"batch.{f}")
 
     def own_copy(self):
         """A copy of ``x`` and ``y``, for a method that keeps the batch for a later step
@@ -151,6 +172,202 @@ def refresh_due(k, T):
     return k % T == 0
 
 
+# ---------------------------------------------------------------------- entry checks
+# The input policy (README): every public method of a Method checks its arguments where they
+# enter. The checks go by parameter name, one meaning per name (the names of the interface
+# above); Method.__init_subclass__ applies them to every public method a subclass defines.
+
+def check_loss(loss, name="loss"):
+    """A refcurv loss (:class:`~refcurv.nn.MSE`, ``CrossEntropy``, ``BCE``), else
+    :class:`~refcurv.errors.ArgumentTypeError` naming ``name``."""
+    if not all(hasattr(loss, a) for a in ("grad", "hvp", "check_targets", "sample")):
+        raise ArgumentTypeError(f"{name} must be a refcurv loss (refcurv.nn.MSE, CrossEntropy, BCE), "
+                                f"got {type(loss).__name__}")
+    return loss
+
+
+def _check_data(a, name):
+    """Batch data (``x`` or targets ``y``): a real, non-empty array (or nested list) with a
+    batch axis. Integer data are the caller's: the network converts ``x`` to float64 and
+    the loss checks ``y``; complex data are refused (the imaginary part would be dropped)."""
+    if a is None or isinstance(a, (str, bytes, bool, numbers.Number, Mapping)):
+        raise ArgumentTypeError(f"{name} must be an array with a batch axis, got {type(a).__name__}")
+    dtype, shape = getattr(a, "dtype", None), getattr(a, "shape", None)
+    if dtype is None or shape is None:
+        try:
+            arr = np.asarray(a)
+        except (ValueError, TypeError) as e:
+            raise ArgumentTypeError(f"{name} must be an array with a batch axis, got {type(a).__name__} ({e})") from None
+        dtype, shape = arr.dtype, arr.shape
+    if np.dtype(dtype).kind not in "biuf":
+        raise ArgumentTypeError(f"{name} must be a real numeric array, got dtype {dtype}")
+    if len(shape) == 0:
+        raise ShapeError(f"{name} must have a batch axis, got a 0-d array")
+    if shape[0] == 0:
+        from ..errors import EmptyBatchError
+
+        raise EmptyBatchError(f"{name} is an empty batch (N = 0)")
+
+
+def _check_net(self, net, where):
+    from ..nn import Sequential
+
+    if not isinstance(net, Sequential):
+        raise ArgumentTypeError(f"{where}: net must be a refcurv.nn.Sequential, got {type(net).__name__}")
+    if not self.supports_conv and any(isinstance(m, Conv2d) for m in net.layers_trainable):
+        raise ArgumentTypeError(f"{self.name} is defined for Linear layers only; the network has Conv2d layers")
+    return net
+
+
+def _check_params(params, net, where):
+    if not isinstance(params, (list, tuple)):
+        raise ArgumentTypeError(f"{where}: params must be a list of per-layer arrays, got {type(params).__name__}")
+    for j, W in enumerate(params):
+        kind = getattr(getattr(W, "dtype", None), "kind", None)
+        if kind is None or kind not in "f":
+            raise ArgumentTypeError(f"{where}: params[{j}] must be a floating array (float32/float64), got "
+                                    f"{type(W).__name__ if kind is None else W.dtype}")
+    net.check_params(params)
+    return params
+
+
+def _check_batch(batch, net, where, name="batch"):
+    if not isinstance(batch, Batch):
+        raise ArgumentTypeError(f"{where}: {name} must be a refcurv.methods.Batch, got {type(batch).__name__}")
+    check_loss(batch.loss, f"{where}: {name}.loss")
+    if net is not None:
+        net.check_input(batch.x)
+        if np.shape(batch.y)[:1] != np.shape(batch.x)[:1]:
+            raise ShapeError(f"{where}: {name}.y has {np.shape(batch.y)[:1]} samples, {name}.x has "
+                             f"{np.shape(batch.x)[:1]}")
+    return batch
+
+
+def _check_grads(grads, where):
+    if not isinstance(grads, (list, tuple)) or not grads:
+        raise ArgumentTypeError(f"{where}: grads must be a non-empty list of per-layer arrays, got {grads!r:.60}")
+    for j, G in enumerate(grads):
+        kind = getattr(getattr(G, "dtype", None), "kind", None)
+        if kind is None or kind != "f" or G.ndim != 2:
+            raise ArgumentTypeError(f"{where}: grads[{j}] must be a 2-d floating array (out, d), got "
+                                    f"{type(G).__name__ if kind is None else f'{G.dtype} of shape {G.shape}'}")
+        if not bool(xp_of(G).isfinite(G).all()):
+            raise NonFiniteError(f"{where}: grads[{j}] contains NaN or Inf")
+    return grads
+
+
+def _check_draws_kind(self, draws, where):
+    if not isinstance(draws, Draws):
+        raise DrawsError(f"{where}: draws must be a refcurv.methods.Draws, got {type(draws).__name__}")
+    if draws.method != self.name:
+        raise DrawsError(f"{where}: draws were made by {draws.method!r}, not {self.name!r}")
+    return draws
+
+
+def _rng(seed, name):
+    """:func:`~refcurv.backend.rng_of`, its error naming the argument."""
+    try:
+        return rng_of(seed)
+    except (ArgumentTypeError, HyperParameterError) as e:
+        raise type(e)(f"{name}: {e}") from None
+
+
+def _check_flag(value, name):
+    if not isinstance(value, (bool, np.bool_)):
+        raise ArgumentTypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def _entry(fn):
+    """Decorator: check the arguments of a public method ``fn`` of a :class:`Method` by name
+    before it runs — ``state`` (:meth:`Method.check_state`), ``net`` (a ``Sequential`` this
+    method supports), ``params`` (floating arrays of the network's shapes, finite), ``batch``
+    / ``batches`` (:class:`Batch` with a refcurv loss and inputs the network takes), ``rng``
+    (a seed or Generator, converted by :func:`~refcurv.backend.rng_of`), ``seed``, ``draws``
+    (a :class:`Draws` of this method; ``step`` and ``check_draws`` check the rest), ``grads``,
+    ``dense`` (a bool). An optional argument left at ``None`` is the method's to handle."""
+    if getattr(fn, "_refcurv_entry", False):
+        return fn
+    sig = inspect.signature(fn)
+    names = set(sig.parameters)
+
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        try:
+            bound = sig.bind(self, *args, **kwargs)
+        except TypeError as e:
+            raise ArgumentTypeError(f"{self.name}.{fn.__name__}: {e}") from None
+        a = bound.arguments
+        where = f"{self.name}.{fn.__name__}"
+
+        def given(n):
+            return n in a and not (a[n] is None and sig.parameters[n].default is None)
+
+        if given("state"):
+            self.check_state(a["state"])
+        net = None
+        if given("net"):
+            net = _check_net(self, a["net"], where)
+        if given("params"):
+            if net is None:
+                raise ArgumentTypeError(f"{where}: params given without net")
+            a["params"] = _check_params(a["params"], net, where)
+        if given("batch"):
+            _check_batch(a["batch"], net, where)
+        if given("batches"):
+            bs = a["batches"]
+            if not isinstance(bs, (list, tuple)):
+                raise ArgumentTypeError(f"{where}: batches must be a list of Batch, got {type(bs).__name__}")
+            if not bs:
+                raise HyperParameterError(f"{where}: batches needs at least one batch, got []")
+            for i, b in enumerate(bs):
+                _check_batch(b, net, where, f"batches[{i}]")
+        if given("rng"):
+            a["rng"] = _rng(a["rng"], f"{where}: rng")
+        if given("seed"):
+            _rng(a["seed"], f"{where}: seed")
+        if given("draws") and fn.__name__ not in ("step", "check_draws"):
+            _check_draws_kind(self, a["draws"], where)
+        if a.get("grads") is not None:  # None: a method that returns its momentum buffer ignores grads
+            _check_grads(a["grads"], where)
+        if given("g_flat"):
+            g = a["g_flat"]
+            kind = getattr(getattr(g, "dtype", None), "kind", None)
+            if kind != "f" or g.ndim != 1 or (net is not None and g.shape[0] != net.n_params):
+                raise ArgumentTypeError(
+                    f"{where}: g_flat must be a 1-d floating array of the network's {getattr(net, 'n_params', '?')} "
+                    f"parameters, got {type(g).__name__ if kind is None else f'{g.dtype} of shape {g.shape}'}")
+            if not bool(xp_of(g).isfinite(g).all()):
+                raise NonFiniteError(f"{where}: g_flat contains NaN or Inf")
+        if given("k"):
+            check_int(a["k"], f"{where}: k", minimum=0)
+        if given("x2"):
+            _check_data(a["x2"], f"{where}: x2")
+            if net is not None:
+                net.check_input(a["x2"])
+        if given("y2"):
+            _check_data(a["y2"], f"{where}: y2")
+            if np.shape(a["y2"])[:1] != np.shape(a.get("x2"))[:1]:
+                raise ShapeError(f"{where}: y2 has {np.shape(a['y2'])[:1]} samples, x2 has {np.shape(a.get('x2'))[:1]}")
+        if given("loss"):
+            check_loss(a["loss"], f"{where}: loss")
+        if given("damping"):
+            check_positive(a["damping"], f"{where}: damping")
+        if given("damping_lm"):
+            check_positive(a["damping_lm"], f"{where}: damping_lm")
+        if given("rho") and not _is_real(a["rho"]):
+            raise ArgumentTypeError(f"{where}: rho must be a real number (NaN: no step taken), got {a['rho']!r}")
+        if "dense" in a:
+            _check_flag(a["dense"], f"{where}: dense")
+        return fn(*bound.args, **bound.kwargs)
+
+    wrapper._refcurv_entry = True
+    return wrapper
+
+
+entry_point = _entry
+
+
 class Method:
     """Base class. Subclasses are frozen dataclasses of hyper-parameters that set ``State``
     (their :class:`State` subclass) and implement ``init``, ``draw`` (optional), ``_fast``,
@@ -171,10 +388,16 @@ class Method:
 
     def __init_subclass__(cls, **kwargs):
         """Every ``init`` records the network's parameter shapes in the state (``step``
-        refuses a state made for another network) and validates its arguments."""
+        refuses a state made for another network), and every public method a subclass
+        defines checks its arguments where they enter (:func:`entry_point`)."""
         super().__init_subclass__(**kwargs)
         if "init" in vars(cls):
             cls.init = _recording_init(cls.init)
+        for a in dir(cls):  # own methods and those of mixins (the MRO)
+            v = inspect.getattr_static(cls, a)
+            if (not a.startswith("_") and a != "check_state" and inspect.isfunction(v)
+                    and not getattr(v, "_refcurv_entry", False)):
+                setattr(cls, a, entry_point(v))
 
     def __new__(cls, *args, **kwargs):
         # an unknown or retired hyper-parameter: one line naming it (the dataclass __init__
@@ -191,9 +414,11 @@ class Method:
                         f"(hyper-parameters: {', '.join(sorted(names)) or 'none'})")
         return super().__new__(cls)
 
+    @_entry
     def init(self, net, params):
         return self.State()
 
+    @_entry
     def draw(self, rng, state, net, params, batch):
         """All random numbers this step needs, as one :class:`Draws` (default: none)."""
         return Draws(method=self.name)
@@ -220,6 +445,7 @@ class Method:
             f"{self.name}: state must be a {want.__name__} (from {self.name}.init()), got "
             f"{type(state).__name__}{' (empty)' if not have else ''}; missing fields: {', '.join(missing) or 'none'}")
 
+    @_entry
     def check_draws(self, draws, state, net, params, batch):
         """Refuse draws made for another method or missing a field this method consumes
         (:class:`~refcurv.errors.DrawsError`). Subclasses extend it with shape checks."""
@@ -234,6 +460,7 @@ class Method:
         return draws
 
     # ------------------------------------------------------------------ step
+    @_entry
     def step(self, state, net, params, batch, rng=None, dense=False, draws=None):
         """One step: ``(direction, new_state)``. Pass either ``rng`` (the draws are made by
         :meth:`draw`) or ``draws`` (replayed exactly), not both."""
@@ -270,14 +497,19 @@ class Method:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ curvature
+    @_entry
     def curvature(self, state, net=None, params=None, batch=None, draws=None):
         """The curvature operator ``C`` (:mod:`refcurv.operators`) the step that returned
         ``state`` used: ``direction = −C⁻¹ rhs(state, g)``."""
         raise NotImplementedError(f"{self.name} does not expose its curvature")  # pragma: no cover
 
+    @_entry
     def rhs(self, state, grads):
         """The vector ``v`` (per layer) that the step solved with: the mini-batch gradient
-        ``grads`` by default; momentum methods return their buffer."""
+        ``grads`` by default; momentum methods return their buffer (and ignore ``grads``,
+        which may then be ``None``)."""
+        if grads is None:
+            raise ArgumentTypeError(f"{self.name}.rhs: grads (the mini-batch gradient per layer) is None")
         return grads
 
     @classmethod
@@ -325,8 +557,18 @@ def check_int(value, name, minimum=1):
         raise HyperParameterError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
+def _same_kind(value, choice):
+    """``value`` is of the kind of ``choice`` (a str for a str choice, an int — not a bool —
+    for an int choice), so that ``==`` is a plain comparison (no arrays, no ``True == 1``)."""
+    if isinstance(choice, str):
+        return isinstance(value, str)
+    if isinstance(choice, (int, np.integer)) and not isinstance(choice, bool):
+        return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    return value is choice
+
+
 def check_choice(value, name, choices):
-    if value not in choices:
+    if not any(_same_kind(value, c) and value == c for c in choices):
         raise HyperParameterError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 

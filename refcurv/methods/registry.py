@@ -6,6 +6,14 @@ class _Registry(dict):
     """``{name: Method class}``; an unknown name is an :class:`~refcurv.errors.UnknownMethodError`
     (a ``KeyError`` too) that lists the valid names."""
 
+    def __getitem__(self, name):
+        if not isinstance(name, str):
+            from ..errors import UnknownMethodError
+
+            raise UnknownMethodError(f"a method name must be a str, got {type(name).__name__}; "
+                                     f"registered: {', '.join(sorted(self))}")
+        return super().__getitem__(name)
+
     def __missing__(self, name):
         from ..errors import UnknownMethodError
 

@@ -88,11 +88,11 @@ import numpy as np
 from .. import curvature as cv
 from ..backend import asarray_like, to_numpy, xp_of
 from ..curvature import OutputJacobian, ef_gram, ef_products, ef_transpose, grad_from_factors
-from ..errors import ArgumentTypeError, DrawsError, HyperParameterError, StateError
+from ..errors import ArgumentTypeError, DrawsError, HyperParameterError, NonFiniteError, StateError
 from ..linalg.woodbury import spd_solve
 from ..operators import BlockDiagonal, Dense
 from ..vec import layer_slices, unflatten
-from .base import Draws, Method, State, check_choice, check_int, check_positive, state_field
+from .base import Draws, Method, State, _is_real, check_choice, check_int, check_positive, state_field
 from .registry import register
 
 #: losses whose output Hessian is SPD (diagonal with positive entries): (5.6) applies
@@ -218,7 +218,7 @@ class LMMethod(Method):
             check_int(self.n2, "n2")
         if self.accept_threshold is not None:
             eta = self.accept_threshold
-            if isinstance(eta, bool) or not np.isfinite(eta) or not 0 < eta < eps:
+            if not _is_real(eta) or not np.isfinite(eta) or not 0 < eta < eps:
                 raise HyperParameterError(
                     f"accept_threshold must lie in (0, lm_threshold) = (0, {eps}) (Theorem 6), got {eta!r}"
                 )
@@ -226,7 +226,10 @@ class LMMethod(Method):
     # -------------------------------------------------------------- LM
     def lm(self, damping_lm, rho):
         """:func:`lm_update` with this method's ``boost``, ``drop``, ``lm_threshold``."""
-        return lm_update(damping_lm, rho, self.boost, self.drop, self.lm_threshold)
+        lam = lm_update(damping_lm, rho, self.boost, self.drop, self.lm_threshold)
+        if not np.isfinite(lam):
+            raise NonFiniteError(f"{self.name}: the LM damping λ_LM overflowed ({damping_lm!r} · boost = {lam!r})")
+        return lam
 
     def init(self, net, params):
         lam_lm = float(self.damping)

@@ -229,6 +229,19 @@ class TNT(TensorMethod):
                              f"got {tuple(np.shape(draws.labels))}")
         return draws
 
+    def _check_stat_labels(self, labels, batch, where):
+        """``labels`` of the statistics: ``(S, N) + y.shape[1:]`` real targets, ``S ≥ 1``, or
+        ``y.shape`` (one set, ``S = 1``); ignored for ``fisher="exact"``."""
+        if self.fisher == "exact":
+            return labels
+        kind = getattr(getattr(labels, "dtype", None), "kind", None)
+        want = tuple(np.shape(batch.y))
+        shape = tuple(getattr(labels, "shape", ()))
+        if kind is None or kind not in "iuf" or (shape != want and (len(shape) < 1 or shape[0] < 1 or shape[1:] != want)):
+            raise DrawsError(f"{self.name}.{where}: labels must be a real array of shape (S, N, …) = (S,) + {want} or {want}, "
+                             f"got {type(labels).__name__ if kind is None else f'{labels.dtype} of shape {shape}'}")
+        return labels
+
     def _labels(self, draws, batch):
         """``(S, N, …)`` labels of this step's statistics (``None`` for ``fisher="exact"``)."""
         if self.fisher == "mc":
@@ -242,6 +255,7 @@ class TNT(TensorMethod):
         """Per layer, per tensor, ``[Ḡ^{(i)}]`` at ``labels`` ``(S, N, …)`` (fast path):
         per-sample gradients for the cotangents ``∇_f ℓ(f, y_s)`` (or the columns of
         ``B_n``, ``B_n B_nᵀ = F_n``, for ``fisher="exact"``), split into tensors, contracted."""
+        self._check_stat_labels(labels, batch, "batch_statistics")
         xp = xp_of(batch.x)
         f = net.forward(params, batch.x)
         if self.fisher == "exact":
@@ -286,6 +300,7 @@ class TNT(TensorMethod):
         """Per layer, per tensor, ``[E[G^{(i)}]]`` by the definition: the tensor's block of
         ``Σ = E[vec̄(G) vec̄(G)ᵀ]`` from :mod:`refcurv.curvature`, reduced by the partial trace
         :func:`~refcurv.linalg.kronecker.mode_marginal` (independent of the fast path)."""
+        self._check_stat_labels(labels, batch, "dense_statistics")
         x, loss = batch.x, batch.loss
         N = x.shape[0]
         if self.fisher == "exact":

@@ -25,9 +25,12 @@ Fast forms
   sketch (14) — ``sketch="uniform"`` or ``"leverage"`` (``p_i ∝ ‖U_{i,:}‖²``), with or without
   replacement — with refcurv's *unbiased* weights (``E[ΩᵀΩ] = I``; errata E4 explains why
   (14)'s ``e_iᵀ/p_i`` is not). ``Ω = I`` (``q ≥ n``, uniform, without replacement: every row
-  once, weight ``√(n/n) = 1``) gives (8) exactly. Without replacement ``q`` is clamped to the
-  number of rows with positive probability; a zero ``U`` makes ``Ξ = 0``, ``b̂ = 0`` for any
-  ``Ω`` (uniform is then used).
+  once, weight ``√(n/n) = 1``) gives (8) exactly. ``sketch_size`` is one number for the whole
+  network, so a layer with fewer rows than ``q`` takes every row it can (without replacement:
+  all rows with positive probability; ``Ω = I`` for uniform) — SENG's documented reading of a
+  network-wide ``q``. The kernel :func:`refcurv.linalg.sketch.row_sampling`, which samples one
+  matrix, refuses ``q`` larger than its rows instead (the README's input policy). A zero
+  ``U`` makes ``Ξ = 0``, ``b̂ = 0`` for any ``Ω`` (uniform is then used).
   *Dense matrix of the approximation.* By the push-through identity,
   ``(λI + U UᵀS)^{-1} = (1/λ)(I − U(λI + UᵀSU)^{-1}UᵀS)`` for ``S = ΩᵀΩ``, so (13) is exactly
   ``d̂ = −(λI + M̂)^{-1} g`` with the non-symmetric ``M̂ = U Uᵀ ΩᵀΩ`` (its non-zero

@@ -110,6 +110,14 @@ def test_wrong_draws_are_refused(name, kind):
     if method.draw_fields:
         with pytest.raises(DrawsError, match=method.draw_fields[0]):
             method.step(state, net, params, batches[0], draws=Draws(method=name))
+    good = method.draw(np.random.default_rng(0), state, net, params, batches[0])
+    if good.labels is not None:  # class indices out of range: refused before any arithmetic
+        bad = np.array(good.labels, copy=True)
+        bad.flat[0] = -1
+        for dense in (False, True):
+            with pytest.raises(DrawsError, match=rf"{name}: draws\.labels\[0\] is not a valid target"):
+                method.step(state, net, params, batches[0], dense=dense,
+                            draws=Draws(method=name, labels=bad, sketches=good.sketches, seeds=good.seeds))
 
 
 @pytest.mark.parametrize("name,kind", CASES)

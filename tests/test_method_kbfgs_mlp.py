@@ -541,7 +541,7 @@ def test_authors_fast_equals_dense_over_a_run(pb, variant, memory, lam, tau):
     the dense form (its own replay: L-BFGS recursion, H_g ⊗ H_a, skip rules written out) along 8 steps:
     directions, every state entry and the diagnostics. Tolerance as for the paper variant."""
     net = pb.net
-    method = _make(variant, damping=lam, memory=memory, variant="authors", weight_decay=tau)
+    method = _make(variant, damping=lam, memory=memory, variant="authors", l2=tau)
     params, batches = _batches(pb, 8)
     sf = sd = method.init(net, params)
     for k, batch in enumerate(batches):
@@ -664,12 +664,12 @@ def test_authors_momentum_includes_weight_decay():
     """m ← βm + (1−β)(∇f̄ + τW), W with its bias column (the gradient of f̄ + (τ/2)‖θ‖²);
     with a warm start and H_g = I the first direction is −(1−β)(∇f̄ + τW)H_a; τ defaults to
     the authors' 1e-5."""
-    assert KBFGSMLP(variant="authors").effective_weight_decay == 1e-5 and KBFGSMLP().effective_weight_decay == 0.0
+    assert KBFGSMLP(variant="authors").effective_l2 == 1e-5 and KBFGSMLP().effective_l2 == 0.0
     rng = np.random.default_rng(8)
     net = Sequential([Linear(3, 4), Tanh(), Linear(4, 2)])
     params = net.init(0)
     data = Batch(rng.standard_normal((20, 3)), rng.integers(0, 2, 20), CrossEntropy())
-    method = KBFGSLMLP(variant="authors", weight_decay=0.05, momentum=0.7, beta=0.7, damping=0.2)
+    method = KBFGSLMLP(variant="authors", l2=0.05, momentum=0.7, beta=0.7, damping=0.2)
     state = method.warm_start(method.init(net, params), net, params, data)
     H0 = [np.linalg.inv(A + np.sqrt(0.2) * np.eye(len(A))) for A in state.A]
     ms = [np.zeros_like(W) for W in params]
@@ -729,7 +729,7 @@ def _explicit_authors(method, net, params, x, y, loss, steps, lr, batch_size, se
     (1−μ₂)s̃ᵀs̃/(s̃ᵀs̃ − s̃ᵀy), ỹ = θ₂y + (1−θ₂)s̃; used iff s̃ᵀỹ > max(0, 1e-4 s̃ᵀs̃‖ḡ‖); L-BFGS by
     the two-loop recursion from H_0 = I; H_a by BFGS on (H_a v, A^{LM} H_a v), v = (mean
     input, 1), used iff s_aᵀy_a > 1e-4 s_aᵀs_a‖v‖. Returns (params, number of skipped pairs)."""
-    lam, b, mu1, tau = np.sqrt(method.damping), method.beta, method.mu1, method.effective_weight_decay
+    lam, b, mu1, tau = np.sqrt(method.damping), method.beta, method.mu1, method.effective_l2
     mu = method.momentum
     rng = np.random.default_rng(seed)
     outs = [W.shape[0] for W in params]
@@ -804,7 +804,7 @@ def test_authors_deferred_second_pass_reproduces_explicit_authors_algorithm(vari
     fires; and, driven by hand after warm_start, the same with the warm-start A. Differences are
     evaluation orders only: relative 1e-10. Both forms."""
     x, y, net = _offset_regression()
-    method = _make(variant, damping=0.01, memory=3, variant="authors", weight_decay=1e-3)
+    method = _make(variant, damping=0.01, memory=3, variant="authors", l2=1e-3)
     p0 = net.init(4)
     got, _ = train(method, net, p0, x, y, MSE(), steps=8, lr=0.3, batch_size=16, seed=11, dense=dense)
     want, skipped = _explicit_authors(method, net, p0, x, y, MSE(), steps=8, lr=0.3, batch_size=16, seed=11)
@@ -815,7 +815,7 @@ def test_authors_deferred_second_pass_reproduces_explicit_authors_algorithm(vari
     # warm start (on other data), then the same loop as train()
     xc, yc = _classification(64, seed=3)
     net = Sequential([Linear(4, 5), Tanh(), Linear(5, 3)])
-    method = _make(variant, damping=0.05, memory=3, variant="authors", weight_decay=1e-3)
+    method = _make(variant, damping=0.05, memory=3, variant="authors", l2=1e-3)
     params = p0 = net.init(4)
     warm = (xc[:40] + 0.5, yc[:40])
     state = method.warm_start(method.init(net, params), net, params, Batch(*warm, CrossEntropy()))
@@ -842,13 +842,13 @@ def test_authors_training_smoke_decreases_loss(variant):
 def test_authors_bad_hyper_parameters():
     for cls in (KBFGSMLP, KBFGSLMLP):
         for kwargs, match in [({"variant": "code"}, "variant"), ({"variant": "authors", "algorithm": "alg5"}, "alg4"),
-                              ({"variant": "authors", "weight_decay": -1e-5}, "weight_decay"),
-                              ({"variant": "authors", "weight_decay": float("nan")}, "weight_decay"),
-                              ({"variant": "authors", "weight_decay": True}, "weight_decay"),
-                              ({"weight_decay": 1e-5}, "weight_decay")]:
+                              ({"variant": "authors", "l2": -1e-5}, "l2"),
+                              ({"variant": "authors", "l2": float("nan")}, "l2"),
+                              ({"variant": "authors", "l2": True}, "l2"),
+                              ({"l2": 1e-5}, "l2")]:
             with pytest.raises(HyperParameterError, match=match):
                 cls(**kwargs)
-    assert KBFGSMLP(variant="authors", weight_decay=0.0).effective_weight_decay == 0.0 and KBFGSMLP(weight_decay=0.0).effective_weight_decay == 0.0
+    assert KBFGSMLP(variant="authors", l2=0.0).effective_l2 == 0.0 and KBFGSMLP(l2=0.0).effective_l2 == 0.0
 
 
 # ------------------------------------------ (10) shared vocabulary with Chapter 3

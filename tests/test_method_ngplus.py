@@ -221,7 +221,7 @@ def test_sketched_ls_16_with_identity_sketch_is_exact_and_is_push_through_form()
     lam = 0.1
     method = NGPlus(damping=lam, solver="sketch_ls", side="left")
     exact, _ = NGPlus(damping=lam, solver="smw", side="left").step(method.init(net, params), net, params, batch)
-    ident = Draws(method="ngplus", sketches={f"Omega_{j}": np.eye(m) for j, (m, _) in enumerate(net.param_shapes)})
+    ident = Draws(method="ngplus", sketches={f"Omega/{j}": np.eye(m) for j, (m, _) in enumerate(net.param_shapes)})
     for dense in (False, True):
         d_id, _ = method.step(method.init(net, params), net, params, batch, draws=ident, dense=dense)
         for a, b in zip(d_id, exact):
@@ -269,7 +269,7 @@ def test_sketch_17_is_unbiased():
     dims = [7, 8]  # right layer (7, 6): sketch over m = 7; left layer (3, 8): over n = 8
     for j, side in enumerate(st0.sides):
         P, Q = (G[j], A[j]) if side == "left" else (A[j], G[j])
-        Om = np.stack([d.sketches[f"Omega_{j}"] for d in draws])  # (S, q, dim)
+        Om = np.stack([d.sketches[f"Omega/{j}"] for d in draws])  # (S, q, dim)
         assert Om.shape == (S, 2, dims[j])
         assert np.all((Om != 0).sum(axis=2) == 1)  # row sampling: one entry per row
         assert_clt(np.einsum("sqa,sqb->sab", Om, Om), np.eye(dims[j]))
@@ -618,7 +618,7 @@ def test_injected_sketches_are_bit_identical_and_drawn_only_at_refreshes(cfg, de
                 draws = method.draw(np.random.default_rng(k), state, net, params, b)
                 dims = method._sketch_dims(state)
                 if k % method.T_inv == 0:
-                    assert sorted(draws.sketches) == sorted(dims) == [f"Omega_{j}" for j in range(2)]
+                    assert sorted(draws.sketches) == sorted(dims) == [f"Omega/{j}" for j in range(2)]
                     assert all(draws.sketches[key].shape == (method.sketch_size, dims[key]) for key in dims)
                 else:
                     assert draws.sketches == {} and draws.labels is None
@@ -649,7 +649,7 @@ def test_a_non_row_sampling_sketch_is_consumed_as_given():
     psg = net.per_sample_grads(params, batch.x, batch.y, batch.loss)
     for j, side in enumerate(state.sides):
         g = psg[j] if side == "left" else psg[j].swapaxes(1, 2)
-        O = draws.sketches[f"Omega_{j}"]
+        O = draws.sketches[f"Omega/{j}"]
         L = np.einsum("nab,bc,ndc->ad", g, O.T @ O, g) / len(g)
         assert_close(_stat(s_f, j), L, rtol=1e-12)
         kappa = _kappa(method, L, None)
@@ -664,11 +664,11 @@ def test_wrong_sketches_are_refused_naming_the_field():
     state = method.init(net, params)
     good = method.draw(np.random.default_rng(0), state, net, params, batch)
     bad = {
-        "is missing": {"Omega_0": good.sketches["Omega_0"]},
-        r"\(q, 8\) matrix": dict(good.sketches, Omega_1=np.ones((2, 7))),
-        "matrix": dict(good.sketches, Omega_0=np.ones(7)),
-        "finite": dict(good.sketches, Omega_0=np.full((2, 7), np.nan)),
-        "does not consume": dict(good.sketches, Omega_2=np.ones((2, 3))),
+        "is missing": {"Omega/0": good.sketches["Omega/0"]},
+        r"\(q, 8\) matrix": {**good.sketches, "Omega/1": np.ones((2, 7))},
+        "matrix": {**good.sketches, "Omega/0": np.ones(7)},
+        "finite": {**good.sketches, "Omega/0": np.full((2, 7), np.nan)},
+        "does not consume": {**good.sketches, "Omega/2": np.ones((2, 3))},
     }
     for msg, sk in bad.items():
         with pytest.raises(DrawsError, match=msg):

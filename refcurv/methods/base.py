@@ -110,7 +110,10 @@ class Draws:
       Fisher), shape ``(n_samples, N, …)`` with ``…`` the shape of one target of the loss
       (``()`` for cross-entropy class indices, ``(C,)`` for MSE/BCE); ``None`` if unused;
     * ``sketches``: ``{name: array}`` — sampled row indices, sketch weights or sketch
-      matrices, named as in the method's docstring;
+      matrices. One naming scheme: ``"Omega/<layer>"`` a dense sketch matrix,
+      ``"Omega/<layer>/index"`` and ``"Omega/<layer>/weight"`` a row-sampling sketch (with
+      ``Omega_A``/``Omega_G`` for the two sides of an implicit layer), ``"subset"`` a sample
+      subset; the method's docstring lists its keys;
     * ``seeds``: ``{name: int}`` — seeds for kernels that draw internally (e.g. a randomized
       SVD's test matrix), named as in the method's docstring.
     """
@@ -457,7 +460,28 @@ class Method:
             v = getattr(draws, f)
             if v is None or (isinstance(v, Mapping) and not v):
                 raise DrawsError(f"{self.name}: draws.{f} is missing (this method consumes {', '.join(self.draw_fields)})")
+        if draws.labels is not None and net is not None and batch is not None:
+            self._check_label_values(draws.labels, net, batch)
         return draws
+
+    def _check_label_values(self, labels, net, batch):
+        """Every sampled label is a valid target of the loss (class indices in range, real
+        targets of the output's shape): DrawsError naming the method and ``draws.labels``."""
+        from ..errors import LabelError, ShapeError
+
+        try:
+            L = np.asarray(labels)
+        except Exception:  # noqa: BLE001 - anything NumPy cannot read is refused below
+            L = None
+        if L is None or L.ndim < 2:
+            raise DrawsError(f"{self.name}: draws.labels must be an array (n_samples, N, …), got "
+                             f"{type(labels).__name__} of shape {getattr(L, 'shape', None)}")
+        out = tuple(net.feature_shapes(tuple(np.shape(batch.x)[1:]))[-1])
+        for s_ in range(L.shape[0]):
+            try:
+                batch.loss.check_targets(L[s_], np.zeros((L.shape[1],) + out))
+            except (LabelError, ShapeError) as e:
+                raise DrawsError(f"{self.name}: draws.labels[{s_}] is not a valid target: {e}") from None
 
     # ------------------------------------------------------------------ step
     @_entry

@@ -125,7 +125,7 @@ undamped moving-average pair; ``A^{LM} = A + √λ I``; 0.9 for every moving ave
 correction; L-BFGS with ``p = 100`` pairs in compact form with ``H_0 = γI``, γ = 1; the second
 pass on the same mini-batch) is what the paper variant already does. The four departures:
 
-1. weight decay in the momentum: ``m ← μm + (1−μ)(∇f̄ + τW)``, ``τ = weight_decay``
+1. weight decay in the momentum: ``m ← μm + (1−μ)(∇f̄ + τW)``, ``τ = l2``
    (default ``1e-5``), ``W`` including the bias column (the gradient of
    ``f̄ + (τ/2)‖θ‖²``; the (s, y) passes use the unregularized loss);
 2. no moving average of ``A`` at the first iteration (``k = 0``): ``A`` stays at its warm-start
@@ -219,7 +219,7 @@ class _KBFGSMLPBase(KBFGSCore):
     ``H_a = (A^{LM})⁻¹`` and no gradient momentum), ``skip_factor`` c (alg5 skips a pair when
     ``ỹᵀHỹ/s̃ᵀỹ > c/μ₁``; c = 1 is Algorithm 5 line 17, c = 2 the "2/μ₁" of §2.3 — see
     errata), ``variant`` ("paper" | "authors": the authors' code, module docstring — with
-    ``algorithm="alg4"`` only), ``weight_decay`` τ ≥ 0 of the authors' momentum
+    ``algorithm="alg4"`` only), ``l2`` τ ≥ 0 of the authors' momentum
     ``m ← μm + (1−μ)(∇f̄ + τW)`` (``None``: ``1e-5`` for "authors"; "paper" has none)."""
 
     damping: float = 0.3
@@ -230,7 +230,7 @@ class _KBFGSMLPBase(KBFGSCore):
     algorithm: str = "alg4"
     skip_factor: float = 1.0
     variant: str = "paper"
-    weight_decay: float | None = None
+    l2: float | None = None
 
     supports_conv = False
     exact_algorithms = ("alg5",)
@@ -246,17 +246,17 @@ class _KBFGSMLPBase(KBFGSCore):
         check_choice(self.variant, "variant", ("paper", "authors"))
         if self.variant == "authors" and self.algorithm != "alg4":
             raise HyperParameterError("variant='authors' is the authors' Algorithm 4; it needs algorithm='alg4'")
-        if self.weight_decay is not None:
-            check_nonnegative(self.weight_decay, "weight_decay")
-            if self.variant == "paper" and self.weight_decay != 0:
-                raise HyperParameterError("weight_decay is part of variant='authors' (the paper's algorithm has none)")
+        if self.l2 is not None:
+            check_nonnegative(self.l2, "l2")
+            if self.variant == "paper" and self.l2 != 0:
+                raise HyperParameterError("l2 is part of variant='authors' (the paper's algorithm has none)")
 
     @property
-    def effective_weight_decay(self):
+    def effective_l2(self):
         """Weight decay τ of the momentum gradient (0 for "paper")."""
         if self.variant == "paper":
             return 0.0
-        return AUTHORS_WEIGHT_DECAY if self.weight_decay is None else float(self.weight_decay)
+        return AUTHORS_WEIGHT_DECAY if self.l2 is None else float(self.l2)
 
     # -------------------------------------------------------------- hooks
     def _h0_scale(self, lambda_G):
@@ -289,7 +289,7 @@ class _KBFGSMLPBase(KBFGSCore):
 
     def _gradient(self, g, W):
         if self.variant == "authors":  # departure 1: gradient of f̄ + (τ/2)‖θ‖² (bias column included)
-            return g + self.effective_weight_decay * W
+            return g + self.effective_l2 * W
         return g
 
     # ------------------------------------------------------------ dense form
@@ -358,7 +358,7 @@ class _KBFGSMLPBase(KBFGSCore):
         # line 8: m ← μm + (1−μ)∇f̄ ("ema") or μm + ∇f̄ ("heavy_ball"); Algorithm 5: m = ∇f̄
         g = net.grad(params, batch.x, batch.y, batch.loss)
         if authors:  # departure 1: the gradient of f̄ + (τ/2)‖θ‖²
-            g = [gl + self.effective_weight_decay * W for gl, W in zip(g, params)]
+            g = [gl + self.effective_l2 * W for gl, W in zip(g, params)]
         if alg5:
             m = g
         else:

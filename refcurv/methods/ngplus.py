@@ -57,7 +57,7 @@ tested on its own) are written for the left side.
   (the code's ``1/(B·√(H_out·W_out))``); everything else as the paper.
 
 Draws (:class:`~refcurv.methods.Draws`): at refresh steps of a sketched configuration
-(``gram="sketch"`` or ``solver="sketch_ls"``), ``sketches["Omega_<j>"]`` is layer ``j``'s
+(``gram="sketch"`` or ``solver="sketch_ls"``), ``sketches["Omega/<j>"]`` is layer ``j``'s
 sketch *matrix* ``Ω ∈ R^{q×dim}`` (``q = sketch_size`` when drawn by :meth:`NGPlus.draw`; an injected sketch may use any
 ``q``; ``dim`` the long side ``n`` of the oriented layer for (17), the short side ``m`` for
 (16)); nothing is drawn otherwise. Both
@@ -264,7 +264,7 @@ def _host(a):
 
 def sketch_key(j):
     """The :attr:`Draws.sketches` key of layer ``j``'s sketch matrix."""
-    return f"Omega_{j}"
+    return f"Omega/{j}"
 
 
 def _curvature_of(state, method_name):
@@ -288,7 +288,7 @@ class NGPlus(Method):
     q = 8 for (16)/(17); ``variant`` = "paper" ("authors": design §8).
 
     State: :class:`NGPlusState`. Diagnostics: ``refreshed`` and ``stats_refreshed`` (both
-    true at the refresh steps ``k ≡ 0 (mod T_inv)``). Draws: ``sketches["Omega_<j>"]`` at
+    true at the refresh steps ``k ≡ 0 (mod T_inv)``). Draws: ``sketches["Omega/<j>"]`` at
     refresh steps of a sketched configuration (module docstring).
 
     ``rhs(state, g)`` is the mini-batch gradient ``g``. ``curvature(state)`` is, per layer,

@@ -21,7 +21,9 @@ HYPER_PARAMETERS = {
     "phase": ("", "refresh phase: 'k0' refreshes at 0-based k ≡ 0 (mod T); 'paper' the schedule the paper prints"),
     "fisher": ("", "Fisher kind: 'exact' (closed-form expectation = GGN), 'mc' (sampled labels), 'empirical' (data labels)"),
     "n_samples": ("S", "sampled labels per input for fisher='mc'"),
-    "weight_decay": ("γ (thesis Alg. 15/16), τ (K-BFGS code)", "decoupled weight decay added to the direction"),
+    "weight_decay": ("γ (thesis Alg. 15/16)", "decoupled weight decay: γW added to the direction, outside the preconditioner"),
+    "l2": ("τ (K-BFGS authors' code)", "L2 regularization: τW added to the gradient before the momentum and "
+                                       "the preconditioner (coupled; variant='authors'; None: the authors' 1e-5)"),
     "memory": ("p (L-BFGS, SENG history)", "number of past pairs / vectors kept"),
     "sketch_size": ("q (SENG, NG+)", "number of sampled rows of a sketch"),
     "blocks": ("", "block structure: 'full' (one block), 'layer', 'tensor'"),

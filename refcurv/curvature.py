@@ -238,17 +238,23 @@ def _sampled_label_grads(net, params, tr, loss, n_samples, seed, labels=None):
 
 
 def fisher(net, params, x, y=None, loss=None, kind="exact", n_samples=None, seed=None, blocks=False, labels=None):
-    """Fisher of the model's predictive distribution (thesis (1.7)); labels ``y`` are not used.
+    """Fisher matrices (thesis (1.7)), one function for the three kinds of the vocabulary.
 
     ``kind="exact"``: ``(1/N) Σ J_iᵀ F_i J_i`` with ``F_i = E_y[∇_f ℓ ∇_f ℓᵀ]`` from
     :meth:`fisher_output` (an expectation over labels, independent of the Hessian code).
     ``kind="mc"``: ``S`` labels per input drawn from the model — ``n_samples`` of them
     (default 1) with ``numpy.random.default_rng(seed)``, or the given ``labels`` of shape
     ``(S, N, …)`` (then ``seed`` must be ``None`` and ``n_samples``, if given, ``S``).
-    The third Fisher kind, ``"empirical"`` (data labels), is :func:`empirical_fisher`.
+    ``kind="exact"`` and ``"mc"`` do not use ``y``. ``kind="empirical"``: the data labels
+    ``y`` (required), i.e. :func:`empirical_fisher`.
     """
-    _word(kind, "kind", FISHER_KINDS[:2], " (the empirical Fisher is curvature.empirical_fisher)",
-          expected="'exact' or 'mc'")
+    _word(kind, "kind", FISHER_KINDS, "", expected="'exact', 'mc' or 'empirical'")
+    if kind == "empirical":
+        if labels is not None or seed is not None or n_samples is not None:
+            raise ArgumentTypeError("labels, seed and n_samples are for kind='mc', not for kind='empirical'")
+        if y is None:
+            raise ArgumentTypeError("kind='empirical' needs the data labels y")
+        return empirical_fisher(net, params, x, y, loss, blocks=blocks)
     blocks = _flag(blocks, "blocks")
     _seed_and_samples(seed, n_samples)
     if labels is not None and kind != "mc":

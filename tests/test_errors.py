@@ -121,8 +121,12 @@ def test_layer_hyper_parameters():
 
 def test_curvature_arguments(mlp):
     net, params, x, y = mlp
-    with pytest.raises(HyperParameterError, match="kind must be 'exact' or 'mc'"):
+    with pytest.raises(HyperParameterError, match="kind must be 'exact', 'mc' or 'empirical'"):
+        cv.fisher(net, params, x, loss=CrossEntropy(), kind="ggn")
+    with pytest.raises(ArgumentTypeError, match="needs the data labels y"):
         cv.fisher(net, params, x, loss=CrossEntropy(), kind="empirical")
+    np.testing.assert_array_equal(cv.fisher(net, params, x, y, CrossEntropy(), kind="empirical"),
+                                  cv.empirical_fisher(net, params, x, y, CrossEntropy()))
     with pytest.raises(HyperParameterError, match="n_samples must be a positive int"):
         cv.fisher(net, params, x, loss=CrossEntropy(), kind="mc", n_samples=0)
     with pytest.raises(HyperParameterError, match="conv must be one of"):

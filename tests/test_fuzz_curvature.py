@@ -238,7 +238,8 @@ def test_bad_kinds_are_refused():
     net, params, x, y, loss = _problem()
     msg = _raises(HyperParameterError, "kind", curvature.kfac_factors, net, params, x, y, loss, kind="ggn")
     assert "'exact'" in msg
-    _raises(HyperParameterError, "kind", curvature.fisher, net, params, x, loss=loss, kind="empirical")
+    _raises(HyperParameterError, "kind", curvature.fisher, net, params, x, loss=loss, kind="ggn")
+    _raises(ArgumentTypeError, "y", curvature.fisher, net, params, x, loss=loss, kind="empirical")
     for bad in (None, 1, np.array(["exact"]), ["mc"]):
         _raises(HyperParameterError, "kind", curvature.fisher, net, params, x, loss=loss, kind=bad)
         _raises(HyperParameterError, "kind", curvature.kfac_factors, net, params, x, y, loss, kind=bad)

@@ -11,7 +11,7 @@ from refcurv.errors import (ArgumentTypeError, HyperParameterError, NonFiniteErr
                             ShapeError)
 from refcurv.linalg import (batched, damping, ema, gfim, kronecker, lowrank, quasi_newton, roots, sketch,
                             tensor, woodbury)
-from refcurv.testing.fuzz import check_call, corrupt, malformed, positions, public_callables
+from refcurv.testing.fuzz import check_call, fuzz_one, fuzzable, public_callables
 
 MODULES = [batched, woodbury, quasi_newton, damping, roots, lowrank, sketch, tensor, kronecker, ema, gfim]
 
@@ -201,14 +201,10 @@ def test_valid_example_is_accepted(key):
     assert check_call(key, fn, args, kwargs) == "accepted"
 
 
-@pytest.mark.parametrize("key", sorted(k for k in EXAMPLES if positions(*EXAMPLES[k]()[1:])))
+@pytest.mark.parametrize("key", fuzzable(EXAMPLES))
 @given(data=st.data())
 def test_malformed_argument_is_refused_clearly(key, data):
-    fn, args, kwargs = EXAMPLES[key]()
-    pos = data.draw(st.sampled_from(positions(args, kwargs)))
-    name, value = data.draw(malformed())
-    args, kwargs = corrupt(args, kwargs, pos, value)
-    check_call(key, fn, args, kwargs, f"{pos}={name}")
+    fuzz_one(EXAMPLES, key, data)
 
 
 # ---------------------------------------------------------------- one test per class of bad input (issue 14)

@@ -27,7 +27,7 @@ from refcurv.errors import (
 )
 from refcurv.methods import REGISTRY, Batch, Draws, Method, State, describe
 from refcurv.nn import MSE, CrossEntropy, Linear, Sequential, Tanh
-from refcurv.testing.fuzz import check_call, corrupt, malformed, positions, public_callables
+from refcurv.testing.fuzz import check_call, fuzz_one, fuzzable, public_callables
 
 N = 6
 
@@ -184,16 +184,10 @@ def test_valid_example_is_accepted(key):
     assert check_call(key, fn, args, kwargs) == "accepted"
 
 
-@pytest.mark.parametrize("key", sorted(EXAMPLES))
+@pytest.mark.parametrize("key", fuzzable(EXAMPLES))
 @given(data=st.data())
 def test_malformed_argument_is_refused_clearly(key, data):
-    fn, args, kwargs = EXAMPLES[key]()
-    if not positions(args, kwargs):
-        return
-    pos = data.draw(st.sampled_from(positions(args, kwargs)))
-    name, value = data.draw(malformed())
-    args, kwargs = corrupt(args, kwargs, pos, value)
-    check_call(key, fn, args, kwargs, f"{pos}={name}")
+    fuzz_one(EXAMPLES, key, data)
 
 
 # ---------------------------------------------------------------- one test per class of bad input

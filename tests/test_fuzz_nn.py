@@ -33,9 +33,8 @@ from refcurv.nn import (
 from refcurv.nn import autodiff as ad
 from refcurv.testing.fuzz import (
     check_call,
-    corrupt,
-    malformed,
-    positions,
+    fuzz_one,
+    fuzzable,
     public_callables,
 )
 
@@ -219,17 +218,13 @@ def test_valid_example_is_accepted(key):
     assert check_call(key, fn, args, kwargs) == "accepted"
 
 
-FUZZED = sorted(k for k in EXAMPLES if positions(*EXAMPLES[k]()[1:]))
+FUZZED = fuzzable(EXAMPLES)
 
 
 @pytest.mark.parametrize("key", FUZZED)
 @given(data=st.data())
 def test_malformed_argument_is_refused_clearly(key, data):
-    fn, args, kwargs = EXAMPLES[key]()
-    pos = data.draw(st.sampled_from(positions(args, kwargs)))
-    name, value = data.draw(malformed())
-    args, kwargs = corrupt(args, kwargs, pos, value)
-    check_call(key, fn, args, kwargs, f"{pos}={name}")
+    fuzz_one(EXAMPLES, key, data)
 
 
 # --------------------------------------------------------------- one test per class of bad input

@@ -114,3 +114,18 @@ def check_call(name, fn, args, kwargs, what=""):
     if _finite(list(args) + list(kwargs.values())) and not _finite(out):
         raise AssertionError(f"{name}({what}) returned a non-finite result from finite input")
     return "accepted"
+
+
+def fuzzable(examples):
+    """The keys of ``examples`` whose valid call has at least one argument to corrupt."""
+    return sorted(k for k in examples if positions(*examples[k]()[1:]))
+
+
+def fuzz_one(examples, key, data):
+    """One hypothesis example: the valid call of ``key`` with one argument (drawn) replaced by
+    one malformed value (drawn), checked by :func:`check_call`."""
+    fn, args, kwargs = examples[key]()
+    pos = data.draw(st.sampled_from(positions(args, kwargs)))
+    name, value = data.draw(malformed())
+    args, kwargs = corrupt(args, kwargs, pos, value)
+    return check_call(key, fn, args, kwargs, f"{pos}={name}")

@@ -107,9 +107,7 @@ def quantity_flags(q, net_name, loss_name, N):
     flags = []
     if f in REDUCTION_FAMILY and N > 1:
         flags.append("loss_reduction")
-    if f in MSE_FAMILY and loss_name == "MSE" and opts.get("kind") != "mc":
-        # the sampled-label Fisher of a ‖f − y‖² loss with N(f, I) labels is 4×; flagged where
-        # the deterministic factor 2 (or 4) applies
+    if f in MSE_FAMILY and loss_name == "MSE":
         flags.append("mse_scaling")
     if opts.get("kind") == "mc" and opts.get("n_samples", 1) > 1:
         flags.append("mc_sample_scaling")

@@ -35,7 +35,7 @@ def test_shipped_set_covers_every_method_quantity_network_and_loss():
     assert {c["quantity"] for c in m["cases"] if c["kind"] == "quantity"} == set(QUANTITIES)
     assert all(c["steps"] == 3 for c in m["cases"] if c["kind"] == "method")
     for kind in ("method", "quantity"):
-        assert {c["network"]["name"] for c in m["cases"] if c["kind"] == kind} >= {"mlp", "cnn"}
+        assert {c["network"]["name"] for c in m["cases"] if c["kind"] == kind} >= {"mlp", "cnn", "seq", "seq_tokens"}
         assert {c["loss"] for c in m["cases"] if c["kind"] == kind} == {"CrossEntropy", "MSE", "BCE"}
     size = sum(os.path.getsize(os.path.join(DATA_DIR, f)) for f in os.listdir(DATA_DIR))
     assert size < 5e6, f"shipped set is {size / 1e6:.2f} MB"

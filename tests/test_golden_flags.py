@@ -52,15 +52,20 @@ def _loss_grad(loss, f, y, mse_no_half):
 
 
 def _loss_hessian(loss, f, mse_no_half):
-    """Output Hessian per sample (= the output Fisher for these losses)."""
-    N, C = f.shape
+    """Output Hessian per sample (= the output Fisher for these losses), ``(N, P·C, P·C)`` for
+    outputs ``(N, P, C)`` (per-position outputs: block diagonal over the P positions)."""
+    N, C = f.shape[0], f.shape[-1]
+    f = f.reshape(N, -1, C)
+    P = f.shape[1]
     if loss == "MSE":
-        return np.broadcast_to((2.0 if mse_no_half else 1.0) * np.eye(C), (N, C, C))
-    if loss == "BCE":
+        H = np.broadcast_to((2.0 if mse_no_half else 1.0) * np.eye(C), (N, P, C, C))
+    elif loss == "BCE":
         s = 1 / (1 + np.exp(-f))
-        return np.einsum("nc,cd->ncd", s * (1 - s), np.eye(C))
-    p = _softmax(f)
-    return np.einsum("nc,cd->ncd", p, np.eye(C)) - np.einsum("nc,nd->ncd", p, p)
+        H = np.einsum("npc,cd->npcd", s * (1 - s), np.eye(C))
+    else:
+        p = _softmax(f)
+        H = np.einsum("npc,cd->npcd", p, np.eye(C)) - np.einsum("npc,npd->npcd", p, p)
+    return np.einsum("npcd,pq->npcqd", H, np.eye(P)).reshape(N, P * C, P * C)
 
 
 def numpy_quantity(case, arrays, mistake=None):
@@ -71,9 +76,10 @@ def numpy_quantity(case, arrays, mistake=None):
     N = x.shape[0]
     red = (lambda a: a.sum(axis=0)) if mistake == "loss_reduction" else (lambda a: a.mean(axis=0))  # noqa: E731
     mse2 = mistake == "mse_scaling"
-    f = net.forward(params, x)
-    J = cv.jacobian(net, params, x)  # (N, C, n)
-    U = np.einsum("ncp,nc->np", J, _loss_grad(case["loss"], f, y, mse2))
+    f = net.forward(params, x)  # (N, C), or (N, T, C) with per-position outputs
+    J = cv.jacobian(net, params, x).reshape(N, -1, net.n_params)  # (N, T·C, n)
+    r = lambda yy: _loss_grad(case["loss"], f, yy, mse2).reshape(N, -1)  # noqa: E731
+    U = np.einsum("ncp,nc->np", J, r(y))
     if fn == "per_sample_grads":
         return {"out": U}
     if fn == "grad":
@@ -85,7 +91,7 @@ def numpy_quantity(case, arrays, mistake=None):
     if fn == "fisher":  # mc, from the recorded labels
         L = arrays["labels"]
         S = L.shape[0]
-        Us = np.stack([np.einsum("ncp,nc->np", J, _loss_grad(case["loss"], f, L[s], mse2)) for s in range(S)])
+        Us = np.stack([np.einsum("ncp,nc->np", J, r(L[s])) for s in range(S)])
         per_n = np.einsum("snp,snq->npq", Us, Us) / (1 if mistake == "mc_sample_scaling" else S)
         return {"out": red(per_n)}
     if fn == "hessian":

@@ -21,6 +21,16 @@ NETWORKS = {
         {"type": "Conv2d", "c_in": 2, "c_out": 2, "kernel_size": [3, 3], "stride": 2, "padding": 1, "bias": True},
         {"type": "Tanh"}, {"type": "Flatten"},
         {"type": "Linear", "in_features": 8, "out_features": 3, "bias": True}]},
+    # Linear layers on sequences (T = 4 positions of d = 3 features, shared weights): "seq" pools
+    # the positions (SequenceMean: the reduce setting of Eschenhagen et al. 2023) before the head,
+    # "seq_tokens" keeps one output per position (the loss sums over positions: expand setting)
+    "seq": {"input_shape": [4, 3], "layers": [
+        {"type": "Linear", "in_features": 3, "out_features": 4, "bias": True}, {"type": "Tanh"},
+        {"type": "SequenceMean"},
+        {"type": "Linear", "in_features": 4, "out_features": 3, "bias": True}]},
+    "seq_tokens": {"input_shape": [4, 3], "layers": [
+        {"type": "Linear", "in_features": 3, "out_features": 4, "bias": True}, {"type": "Tanh"},
+        {"type": "Linear", "in_features": 4, "out_features": 3, "bias": True}]},
     # one layer with one output: G is 1 × 1, so G ⊗ A = A ⊗ G (the Kronecker order cannot show)
     "logreg": {"input_shape": [4], "layers": [
         {"type": "Linear", "in_features": 4, "out_features": 1, "bias": True}]},
@@ -42,7 +52,8 @@ def build_net(spec):
     for L in spec["layers"]:
         kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in L.items() if k != "type"}
         cls = getattr(nn, L["type"], None)
-        if cls is None or L["type"] not in ("Linear", "Conv2d", "Tanh", "ReLU", "Sigmoid", "Softplus", "Flatten"):
+        if cls is None or L["type"] not in ("Linear", "Conv2d", "Tanh", "ReLU", "Sigmoid", "Softplus", "Flatten",
+                                                 "SequenceMean"):
             from .format import GoldenError
 
             raise GoldenError(f"unknown layer type {L['type']!r} in the network spec")
@@ -62,16 +73,17 @@ def build_loss(name):
 
 def make_data(net, input_shape, loss_name, N, seed):
     """``(x, y)``: standard normal inputs; class indices (CrossEntropy), standard normal
-    targets (MSE) or Bernoulli(½) targets as floats (BCE)."""
+    targets (MSE) or Bernoulli(½) targets as floats (BCE); one target per position for a
+    network with per-position outputs ``(T, C)``."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((N,) + tuple(input_shape))
-    C = net.feature_shapes(tuple(input_shape))[-1][0]
+    out = tuple(net.feature_shapes(tuple(input_shape))[-1])
     if loss_name == "CrossEntropy":
-        y = rng.integers(0, C, N).astype(np.int64)
+        y = rng.integers(0, out[-1], (N,) + out[:-1]).astype(np.int64)
     elif loss_name == "MSE":
-        y = rng.standard_normal((N, C))
+        y = rng.standard_normal((N,) + out)
     else:
-        y = (rng.random((N, C)) < 0.5).astype(np.float64)
+        y = (rng.random((N,) + out) < 0.5).astype(np.float64)
     return x, y
 
 
@@ -94,11 +106,21 @@ QUANTITIES = {
 FUNCTION = {q: ("fisher" if q.startswith("fisher_") else "kfac_factors" if q.startswith("kfac_factors")
                 else q) for q in QUANTITIES}
 
+MATRIX_CASES = {("cnn", "ce"), ("seq", "ce"), ("seq_tokens", "mse")}
 CNN_CE_ONLY = ("hessian", "ggn", "fisher_exact", "fisher_mc", "fisher_empirical", "empirical_fisher")
 
 #: families of the quantity flags (the quantities whose numbers the mistake can move)
 REDUCTION_FAMILY = ("grad", "hessian", "ggn", "fisher", "empirical_fisher", "gfim")
 MSE_FAMILY = ("per_sample_grads", "grad", "hessian", "ggn", "fisher", "empirical_fisher")
+
+
+def max_locations(net_name):
+    """The largest number of locations ``T`` (conv output positions, sequence positions) a
+    trainable layer of the network sees (1 for an MLP)."""
+    spec = NETWORKS[net_name]
+    net = build_net(spec)
+    shapes = net.feature_shapes(tuple(spec["input_shape"]))
+    return max(m.n_locations(shapes[k]) for k, m in zip(net.trainable_index, net.layers_trainable))
 
 
 def quantity_flags(q, net_name, loss_name, N):
@@ -112,7 +134,7 @@ def quantity_flags(q, net_name, loss_name, N):
     if opts.get("kind") == "mc" and opts.get("n_samples", 1) > 1:
         flags.append("mc_sample_scaling")
     if f == "kfac_factors":
-        if net_name == "cnn":
+        if max_locations(net_name) > 1:
             flags.append("conv_location_scaling")
         if net_name != "mlp_nobias":
             flags.append("bias_handling")
@@ -122,11 +144,12 @@ def quantity_flags(q, net_name, loss_name, N):
 def quantity_cases():
     cases = []
     for net_name, loss in (("mlp", "ce"), ("mlp", "mse"), ("mlp", "bce"), ("cnn", "ce"), ("cnn", "mse"),
-                           ("cnn", "bce")):
+                           ("cnn", "bce"), ("seq", "ce"), ("seq", "bce"), ("seq_tokens", "mse"),
+                           ("seq_tokens", "ce")):
         for q in QUANTITIES:
-            # the CNN's 65 × 65 matrices once per quantity (cross-entropy) keep the set small;
-            # its factors, gradients, Jacobians and Grams for every loss
-            if net_name == "cnn" and loss != "ce" and q in CNN_CE_ONLY:
+            # the CNN's 65 × 65 (and the sequence nets') matrices once per quantity keep the set
+            # small; their factors, gradients, Jacobians and Grams for every loss
+            if net_name != "mlp" and (net_name, loss) not in MATRIX_CASES and q in CNN_CE_ONLY:
                 continue
             cases.append(_qcase(q, net_name, loss, N_DEFAULT))
     # batch of one (the 1/N cannot show) and no bias (the ones row cannot show)
@@ -162,6 +185,10 @@ KFAC_CASES = [
      ["bias_handling", "conv_location_scaling", "damping_split", "ema_scaling", "kronecker_order"]),
     ("cnn", "ce", {"conv": "reduce", "split": "sqrt"},
      ["bias_handling", "conv_location_scaling", "ema_scaling", "kronecker_order"]),
+    ("seq_tokens", "ce", {}, ["bias_handling", "conv_location_scaling", "damping_split", "ema_scaling",
+                              "kronecker_order"]),
+    ("seq", "mse", {"conv": "reduce", "fisher": "exact"},
+     ["bias_handling", "conv_location_scaling", "damping_split", "ema_scaling", "kronecker_order"]),
 ]
 
 
@@ -171,7 +198,8 @@ def _suffix(opts):
 
 def method_cases(names=None):
     """One case per registered method on an MLP (cross-entropy) and, where the method
-    supports conv layers, a CNN (MSE; BCE for every third method), plus KFAC's flag variants."""
+    supports conv layers, a CNN (MSE; BCE for every third method) and a sequence network
+    (alternating pooled / per-position outputs and losses), plus KFAC's flag variants."""
     from ..methods import REGISTRY
 
     cases = []
@@ -185,6 +213,7 @@ def method_cases(names=None):
         cases.append(_mcase(name, "mlp", "ce", {}, []))
         if getattr(cls, "supports_conv", True):
             cases.append(_mcase(name, "cnn", "bce" if i % 3 == 0 else "mse", {}, []))
+            cases.append(_mcase(name, *(("seq", "mse") if i % 2 else ("seq_tokens", "ce")), {}, []))
         else:
             cases.append(_mcase(name, "mlp", "mse", {}, []))
     return cases

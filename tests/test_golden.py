@@ -243,3 +243,20 @@ def test_cli_failing_case_exits_1(small, capsys):
     test_consistently_tampered_output_fails_the_recomputation(small)
     assert main(["golden", "check", str(small)]) == 1
     assert "FAIL (out)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: export(None), "out must be a directory path"),
+    (lambda: export("", methods=["kfac"]), "out must be a directory path"),
+    (lambda: export("/tmp/never", methods="kfac"), "methods must be None or a non-empty list"),
+    (lambda: export("/tmp/never", methods=["adamw"]), "methods: unknown name 'adamw'"),
+    (lambda: export("/tmp/never", quantities=[3]), "quantities: unknown name 3"),
+    (lambda: check(42), "directory must be a directory path"),
+    (lambda: check(DATA_DIR, ids="grad.mlp-ce"), "ids must be None or a collection"),
+    (lambda: load_manifest(None), "directory must be a directory path"),
+])
+def test_bad_arguments_are_one_line_refcurv_errors(call, message):
+    from refcurv import ArgumentTypeError
+
+    with pytest.raises(ArgumentTypeError, match=message):
+        call()

@@ -126,6 +126,15 @@ def check(directory, ids=None):
     """Verify every case of ``directory`` (or those whose id is in ``ids``): a list of
     :class:`CaseResult`. Raises :class:`GoldenError` on a file or manifest that cannot be
     trusted."""
+    from .format import check_path
+
+    directory = check_path(directory, "directory")
+    if ids is not None:
+        if isinstance(ids, str) or not isinstance(ids, (list, tuple, set, frozenset)):
+            from ..errors import ArgumentTypeError
+
+            raise ArgumentTypeError(f"ids must be None or a collection of case ids, got {ids!r}")
+        ids = set(ids)
     manifest = load_manifest(directory)
     results = []
     for entry in manifest["cases"]:

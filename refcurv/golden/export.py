@@ -252,7 +252,12 @@ def export(out, methods=None, quantities=None):
     """Compute the selected cases (all by default) and write ``out/manifest.json`` and one
     ``.npz`` per case; returns the manifest."""
     from .. import __version__
+    from ..methods import REGISTRY
+    from .format import check_names, check_path
 
+    out = check_path(out, "out")
+    methods = check_names(methods, "methods", set(REGISTRY))
+    quantities = check_names(quantities, "quantities", set(K.FUNCTION) | set(K.FUNCTION.values()))
     selected = K.all_cases(methods, quantities)
     if not selected:
         raise GoldenError("no case matches the selection")

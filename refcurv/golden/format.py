@@ -41,6 +41,31 @@ class GoldenError(RefcurvError, ValueError):
     a malformed manifest or an unknown schema version (one line naming what is wrong)."""
 
 
+def check_path(p, name):
+    """A directory argument: a non-empty str or ``os.PathLike`` (ArgumentTypeError otherwise)."""
+    from ..errors import ArgumentTypeError
+
+    if isinstance(p, os.PathLike):
+        p = os.fspath(p)
+    if not isinstance(p, str) or not p:
+        raise ArgumentTypeError(f"{name} must be a directory path (a non-empty str or os.PathLike), got {p!r}")
+    return p
+
+
+def check_names(v, name, known):
+    """``None`` or a list/tuple/set of names from ``known`` (one line naming the first bad one)."""
+    from ..errors import ArgumentTypeError
+
+    if v is None:
+        return None
+    if isinstance(v, str) or not isinstance(v, (list, tuple, set, frozenset)) or not v:
+        raise ArgumentTypeError(f"{name} must be None or a non-empty list of names, got {v!r}")
+    for x in v:
+        if not isinstance(x, str) or x not in known:
+            raise ArgumentTypeError(f"{name}: unknown name {x!r}; known: {', '.join(sorted(known))}")
+    return list(v)
+
+
 def sha256(a):
     """sha256 of an array's raw C-order bytes (hex)."""
     return hashlib.sha256(np.asarray(a).tobytes(order="C")).hexdigest()
@@ -132,6 +157,7 @@ def dump_manifest(manifest, path):
 
 def load_manifest(directory):
     """The manifest of a golden directory, structurally validated (:func:`validate_manifest`)."""
+    directory = check_path(directory, "directory")
     path = os.path.join(directory, MANIFEST)
     if not os.path.isdir(directory):
         raise GoldenError(f"{directory!r} is not a directory")

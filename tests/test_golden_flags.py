@@ -237,6 +237,54 @@ def test_kfac_flag_fails_exactly_the_flagged_vectors(flag):
             f"{'flagged' if cid in flagged else 'not flagged'} {flag}")
 
 
+# ------------------------------------------------------------------ momentum, any method
+MOMENTUM_IDS = [cid for cid, c in CASES.items() if c["kind"] == "method" and "momentum_form" in c["hyper_parameters"]]
+
+
+def numpy_momentum_directions(case, arrays, mistake=None):
+    """Every momentum method's direction is ``d_k = −C_k⁻¹ m_k`` (README, "Curvature
+    operators"), and ``C_k`` does not depend on the momentum buffer: the buffer
+    ``m_k = μ m_{k−1} + g_k`` (heavy ball) or ``μ m_{k−1} + (1 − μ) g_k`` (EMA) is computed here
+    in NumPy from the recorded parameters' mini-batch gradients, optionally in the other form
+    (the mistake), and ``C_k`` is taken from refcurv's operator replayed on the recorded draws."""
+    from refcurv.golden.check import _layers as layers
+    from refcurv.golden.export import draws_from_arrays, method_instance
+    from refcurv.golden.format import from_json_value
+    from refcurv.methods import REGISTRY, Batch
+
+    net, loss = build_net(case["network"]), build_loss(case["loss"])
+    defaults = REGISTRY[case["method"]].hyper_parameters()
+    hp = {k: from_json_value(v, defaults.get(k)) for k, v in case["hyper_parameters"].items()}
+    method = method_instance({"method": case["method"], "options": hp})
+    batch = Batch(arrays["x"], arrays["y"], loss)
+    mu = hp["momentum"]
+    heavy = (hp["momentum_form"] == "heavy_ball") != (mistake == "momentum_scaling")
+    state, m, out = method.init(net, layers(arrays, "step0/params")), None, {}
+    for k in range(case["steps"]):
+        params = layers(arrays, f"step{k}/params")
+        draws = draws_from_arrays(case["method"], arrays, f"step{k}/draws")
+        _, state = method.step(state, net, params, batch, draws=draws, dense=True)
+        C = method.curvature(state, net, params, batch, draws).todense()
+        g = np.concatenate([gi.ravel() for gi in net.grad(params, arrays["x"], arrays["y"], loss)])
+        m = (mu * m if m is not None else 0.0) + (1.0 if heavy else 1.0 - mu) * g
+        d = -np.linalg.solve(C, m)
+        for l, sl in enumerate(__import__("refcurv").vec.layer_slices(net)):
+            out[f"step{k}/direction/{l}"] = d[sl].reshape(params[l].shape)
+    return out
+
+
+def test_momentum_flag_fails_exactly_the_flagged_vectors_of_every_momentum_method():
+    methods = {CASES[cid]["method"] for cid in MOMENTUM_IDS}
+    assert {"kfac", "tnt", "shampoo", "kbfgs", "kbfgs-mlp"} <= methods
+    flagged = {cid for cid in MOMENTUM_IDS if "momentum_scaling" in CASES[cid]["flags"]}
+    assert flagged and flagged != set(MOMENTUM_IDS)
+    for cid in MOMENTUM_IDS:
+        case = CASES[cid]
+        arrays = _arrays(case)
+        assert not _fails(case, arrays, numpy_momentum_directions(case, arrays)), f"{cid}: correct version fails"
+        assert _fails(case, arrays, numpy_momentum_directions(case, arrays, "momentum_scaling")) == (cid in flagged), cid
+
+
 def test_every_flag_is_exercised_and_described():
     from refcurv.golden import FLAGS
 

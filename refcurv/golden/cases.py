@@ -192,6 +192,13 @@ KFAC_CASES = [
 ]
 
 
+def method_flags(hp):
+    """Flags of a method case with hyper-parameters ``hp`` beyond KFAC's hand-built variants:
+    a gradient momentum ``μ > 0`` with a ``momentum_form`` shows the (1 − μ) mistake."""
+    mu = hp.get("momentum")
+    return ["momentum_scaling"] if "momentum_form" in hp and isinstance(mu, (int, float)) and mu > 0 else []
+
+
 def _suffix(opts):
     return "".join(f"-{k.replace('_', '')}{v}" for k, v in sorted(opts.items()))
 
@@ -210,12 +217,13 @@ def method_cases(names=None):
             for net_name, loss, opts, flags in KFAC_CASES:
                 cases.append(_mcase(name, net_name, loss, opts, flags))
             continue
-        cases.append(_mcase(name, "mlp", "ce", {}, []))
+        flags = method_flags(cls.hyper_parameters())
+        cases.append(_mcase(name, "mlp", "ce", {}, flags))
         if getattr(cls, "supports_conv", True):
-            cases.append(_mcase(name, "cnn", "bce" if i % 3 == 0 else "mse", {}, []))
-            cases.append(_mcase(name, *(("seq", "mse") if i % 2 else ("seq_tokens", "ce")), {}, []))
+            cases.append(_mcase(name, "cnn", "bce" if i % 3 == 0 else "mse", {}, flags))
+            cases.append(_mcase(name, *(("seq", "mse") if i % 2 else ("seq_tokens", "ce")), {}, flags))
         else:
-            cases.append(_mcase(name, "mlp", "mse", {}, []))
+            cases.append(_mcase(name, "mlp", "mse", {}, flags))
     return cases
 
 

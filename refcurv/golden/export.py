@@ -163,6 +163,8 @@ def run_method_step(method, state, net, params, batch, draws):
     if C is not None:
         C = np.asarray(C, dtype=np.float64)
         kappa = float(np.linalg.cond(C))
+        if not np.isfinite(kappa):  # a singular operator: the largest κ float64 can resolve
+            kappa = 1.0 / np.finfo(np.float64).eps
         if net.n_params <= MAX_DENSE:
             out["curvature"] = C
     out.update(_layer_arrays("direction", d))

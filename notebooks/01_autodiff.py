@@ -196,7 +196,8 @@ plot_outer_product(results["CNN"]);
 # tangent multiplies the *primal* input). Differentiating the backward pass along the same
 # tangent (`pull_cotangents(..., rop=...)`, inside `Sequential.hvp_per_sample`) gives the exact
 # per-sample Hessian-vector products `∇²ψ_i v` — second-order backprop, no finite
-# differences. autograd's counterparts: `make_jvp` (forward mode) and the Hessian of each ψ_i.
+# differences. autograd's counterparts: `make_jvp` on the network (forward mode) and on its
+# per-sample gradients (forward-over-reverse), and `hessian` of the mean loss.
 
 # %%
 K = 3   # tangents at once
@@ -207,8 +208,8 @@ for name, r in results.items():
     Jv = ad.jvp(net.layers, params, r["tr"], V)                               # (K, N, C)
     Jv_ref = np.stack([make_jvp(lambda th: reference_forward(name, th, x))(theta)(v)[1] for v in Vflat])
     Hv = ad.flatten_layers(net.hvp_per_sample(params, x, y, loss, V))         # (K, N, n)
-    H_i = jacobian(jacobian(lambda th: reference_losses(name, th, x, y)))(theta)   # (N, n, n)
-    Hv_ref = np.einsum("inm,km->kin", H_i, Vflat)
+    per_sample_grad = jacobian(lambda th: reference_losses(name, th, x, y))          # θ ↦ (N, n)
+    Hv_ref = np.stack([make_jvp(per_sample_grad)(theta)(v)[1] for v in Vflat])      # forward over reverse
     H_ref = hessian(lambda th: anp.mean(reference_losses(name, th, x, y)))(theta)
     tol = tolerance(net.n_params, kind="residual")
     errors[(name, "R-op  J_i v")] = (rel_err(Jv, Jv_ref), tol)

@@ -180,7 +180,8 @@ assert_clt(draws, F)
 # The EF uses the *data* labels. Only when the data are distributed as the model predicts
 # (at the optimum of a well-specified model) is `u_i u_iᵀ` an unbiased estimate of
 # `J_iᵀ F_i J_i`; elsewhere the two matrices differ by O(1) — they can even point the
-# preconditioner in different directions (Kunstner et al., 2019). We make a well-specified
+# preconditioner in different directions (Kunstner, Hennig & Balles, "Limitations of the
+# empirical Fisher approximation for natural gradient descent", NeurIPS 2019). We make a well-specified
 # problem: a teacher with parameters θ* labels N = 2000 inputs by sampling from its own
 # predictive distribution. Per sample, `X_i = u_i u_iᵀ − J_iᵀ F_i J_i` has mean zero at θ*,
 # and not at a random θ₀.
@@ -221,7 +222,7 @@ plot_ef_vs_fisher({"θ*": pair_star, "θ₀": pair_0});
 print(f"‖EF − F‖/‖F‖ at the teacher θ*: {ef_err_star:.3f};  at a random θ₀: {ef_err_0:.3f}")
 
 # %% [markdown]
-# **Claim** ([Ren-thesis] §1.2.2; Kunstner et al.): EF = Fisher in expectation at the optimum
+# **Claim** ([Ren-thesis] §1.2.2; Kunstner et al. 2019): EF = Fisher in expectation at the optimum
 # of a well-specified model, not elsewhere. **Holds**: at θ* the per-sample differences have
 # mean zero within the CLT bound (what is left, printed above, is sampling noise of order
 # `1/√N`), while at θ₀ the CLT check rejects and the relative difference is O(1).

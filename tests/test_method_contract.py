@@ -176,6 +176,21 @@ def test_a_state_made_for_another_network_is_refused(name, kind):
         method.step(state, net, params, batches[0], rng=0)
 
 
+@pytest.mark.parametrize("name,kind", CASES)
+@pytest.mark.parametrize("dense", [False, True])
+def test_a_stepped_state_stays_bound_to_its_network(name, kind, dense):
+    """After a step (either form) the state still names its network, so a later step on
+    another network is refused rather than silently mixing curvature of two networks."""
+    method, net, params, batches = _setup(name, kind)
+    state = method.init(net, params)
+    _, state = method.step(state, net, params, batches[0], rng=0, dense=dense)
+    assert state.param_shapes == tuple(tuple(s) for s in net.param_shapes)
+    other = Sequential([Linear(3, 5), Tanh(), Linear(5, 3)]) if kind == "mlp" else \
+        Sequential([Conv2d(1, 3, 2), Tanh(), Flatten(), Linear(12, 3)])
+    with pytest.raises(StateError, match=f"{name}: the state was made for a network"):
+        method.step(state, other, other.init(0), batches[0], rng=0)
+
+
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_unknown_and_retired_hyper_parameters_are_named(name):
     from refcurv.errors import ArgumentTypeError

@@ -507,12 +507,18 @@ class Method:
             raise ArgumentTypeError(f"{self.name}.step: pass rng or draws, not both")
         self.check_draws(draws, state, net, params, batch)
         if not dense:
-            return self._fast(state, net, params, batch, draws)
-        # design §3: the reference computes in float64 whatever the input dtype (the fast
-        # form runs in the input dtype, so float32 behaviour can be studied against it)
-        params = [_float64(W) for W in params]
-        batch = Batch(_float64(batch.x), _float64(batch.y), batch.loss)
-        return self._dense(state, net, params, batch, draws)
+            d, new_state = self._fast(state, net, params, batch, draws)
+        else:
+            # design §3: the reference computes in float64 whatever the input dtype (the fast
+            # form runs in the input dtype, so float32 behaviour can be studied against it)
+            params = [_float64(W) for W in params]
+            batch = Batch(_float64(batch.x), _float64(batch.y), batch.loss)
+            d, new_state = self._dense(state, net, params, batch, draws)
+        # a state rebuilt from scratch by a form must still say which network it belongs to,
+        # or check_state could no longer refuse it for another network
+        if new_state.param_shapes is None:
+            new_state = new_state.replace(param_shapes=tuple(tuple(s) for s in net.param_shapes))
+        return d, new_state
 
     def _fast(self, state, net, params, batch, draws):  # pragma: no cover - abstract
         raise NotImplementedError

@@ -217,9 +217,26 @@ def _check_net(self, net, where):
 
     if not isinstance(net, Sequential):
         raise ArgumentTypeError(f"{where}: net must be a refcurv.nn.Sequential, got {type(net).__name__}")
-    if not self.supports_conv and any(isinstance(m, Conv2d) for m in net.layers_trainable):
-        raise ArgumentTypeError(f"{self.name} is defined for Linear layers only; the network has Conv2d layers")
+    _check_one_location(self, net, net.input_shape)
     return net
+
+
+def _check_one_location(self, net, input_shape):
+    """Methods defined for fully connected layers (``supports_conv = False``: thesis Ch.2
+    K-BFGS, whose ``H_a`` pair and mean activation assume one location per sample) refuse
+    Conv2d layers and Linear layers applied to sequences (``T > 1`` positions)."""
+    if self.supports_conv:
+        return
+    if any(isinstance(m, Conv2d) for m in net.layers_trainable):
+        raise ArgumentTypeError(f"{self.name} is defined for Linear layers only; the network has Conv2d layers")
+    if input_shape is None:
+        return
+    shapes = net.feature_shapes(input_shape)
+    for j, (m, s) in enumerate(zip(net.layers, shapes)):
+        if getattr(m, "trainable", False) and len(s) > 1:
+            raise ArgumentTypeError(
+                f"{self.name} is defined for Linear layers on one location per sample; layers[{j}] is "
+                f"a Linear on a sequence of feature shape {s} (use its conv version, e.g. kbfgs)")
 
 
 def _check_params(params, net, where):
@@ -499,8 +516,7 @@ class Method:
             raise ArgumentTypeError(
                 f"{self.name}: batch.loss must be a refcurv loss (refcurv.nn.MSE, CrossEntropy, BCE), "
                 f"got {type(batch.loss).__name__}")
-        if not self.supports_conv and any(isinstance(m, Conv2d) for m in net.layers_trainable):
-            raise ArgumentTypeError(f"{self.name} is defined for Linear layers only; the network has Conv2d layers")
+        _check_one_location(self, net, tuple(np.shape(batch.x)[1:]))
         if draws is None:
             draws = self.draw(rng_of(rng), state, net, params, batch)
         elif rng is not None:

@@ -415,8 +415,10 @@ class SMWGN(LMMethod):
         K = net.jacobian_gram(params, x2)  # (N, C, N, C)
         xp = xp_of(K)
         N, C = K.shape[:2]
-        f = net.forward(params, x2)
-        H = loss.hessian(f)  # (N, C, C)
+        op = OutputJacobian(net, params, x2)
+        # on a sequence output (T, C) the loss is summed over positions: its Hessian on the
+        # flattened output (T·C) is block diagonal (refcurv.nn.losses._over_positions)
+        H = net._loss_for(loss, op.tr).hessian(op.f)  # (N, C, C), C = T·C for sequences
         form = self._resolve_form(loss, H)
         I_N = xp.eye(N, dtype=K.dtype)
         if form == "symmetric":
@@ -441,6 +443,7 @@ class SMWGN(LMMethod):
         g = grad_from_factors(A, G)
         D, form = self.capacitance(net, params, x2, y2, loss, lam)
         op = OutputJacobian(net, params, x2)
+        loss = net._loss_for(loss, op.tr)
         xp = xp_of(D)
         N, C = op.f.shape
         H = loss.hessian(op.f)

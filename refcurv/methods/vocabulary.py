@@ -97,6 +97,9 @@ HYPER_PARAMETERS = {
 
     # ---- additions: qng / ginger
 
+    # ---- additions: baselines (sgd, adam, natural_gradient)
+    "nesterov": ("", "SGD: Nesterov momentum, d = −(g + μ m) instead of the heavy ball's d = −m (PyTorch's form)"),
+
 }
 
 #: retired names → the name that replaced them (CHANGELOG.md); none may be a hyper-parameter.

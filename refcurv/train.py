@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numbers
+import time
 
 import numpy as np
 
@@ -38,15 +39,54 @@ def _samples(a, name):
     return a
 
 
-def train(method, net, params, x, y, loss, steps, lr, batch_size=None, seed=0, dense=False):
+def _check_reference(reference):
+    """``None``, a registry name, a :class:`Method` instance, or a callable
+    ``(net, params, batch) -> direction``; returned as ``(method or None, callable or None)``."""
+    if reference is None:
+        return None, None
+    if isinstance(reference, str):
+        from .methods import REGISTRY
+
+        return REGISTRY[reference](), None
+    if isinstance(reference, Method):
+        return reference, None
+    if callable(reference) and not isinstance(reference, type):
+        return None, reference
+    raise ArgumentTypeError("reference must be None, a method name such as 'natural_gradient', a method instance "
+                            f"or a callable (net, params, batch) -> direction, got {describe(reference)}")
+
+
+def _cosine(d, r):
+    """cos∠(d, r) of two flat vectors; NaN when either is zero (no direction to compare)."""
+    nd, nr = float(np.linalg.norm(d)), float(np.linalg.norm(r))
+    return float(d @ r) / (nd * nr) if nd > 0 and nr > 0 else float("nan")
+
+
+def train(method, net, params, x, y, loss, steps, lr, batch_size=None, seed=0, dense=False, reference=None):
     """Run ``steps`` updates ``θ ← θ + lr_k · direction_k`` on mini-batches of ``(x, y)``.
 
     ``lr`` is a finite positive number or a callable ``k -> lr_k``; ``batch_size=None`` uses
     the full data. One ``numpy.random.Generator(seed)`` drives both the batch sampling
-    (without replacement) and the method's draws. Returns ``(params, history)`` with
-    ``history["loss"]`` the full-data objective before each step and after the last. A run
-    whose loss, step or parameters become non-finite stops with
-    :class:`~refcurv.errors.DivergenceError` naming the step. ``x``/``y`` may be arrays or
+    (without replacement) and the method's draws. Returns ``(params, history)``:
+
+    * ``history["loss"]``: the full-data objective before each step and after the last
+      (``steps + 1`` values);
+    * ``history["time"]``: cumulative wall-clock seconds spent in the method's steps and
+      updates (``steps + 1`` values from 0; loss evaluations and the reference excluded);
+    * ``history["direction_norm"]``: ``‖direction_k‖`` (flat θ) per step;
+    * ``history["lr"]``: the learning rate used per step;
+    * ``history["cosine"]`` (only with ``reference``): ``cos∠(direction_k, r_k)`` per step,
+      with ``r_k`` the reference direction at the same parameters and mini-batch.
+
+    ``reference``: a registry name (e.g. ``"natural_gradient"``, default hyper-parameters), a
+    method instance (e.g. ``REGISTRY["natural_gradient"](damping=1e-3)``, to match the
+    damping) or a callable ``(net, params, batch) -> direction`` (per-layer list). A reference
+    method keeps its own state along the trained trajectory and draws from a generator
+    spawned from the run's, so adding a reference does not change the run.
+
+    A run whose loss, step or parameters become non-finite stops with
+    :class:`~refcurv.errors.DivergenceError` naming the step; its ``history`` attribute holds
+    the history up to that step. ``x``/``y`` may be arrays or
     lists; ``net`` a :class:`~refcurv.nn.Sequential`, ``loss`` a refcurv loss instance,
     ``dense`` a bool.
     """
@@ -69,28 +109,62 @@ def train(method, net, params, x, y, loss, steps, lr, batch_size=None, seed=0, d
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
                                    or not 1 <= batch_size <= N):
         raise HyperParameterError(f"batch_size must be None or an int in [1, {N}], got {batch_size!r}")
+    ref_method, ref_fn = _check_reference(reference)
     rng = rng_of(seed)
-    history = {"loss": [float(net.loss(params, x, y, loss))]}
+    history = {"loss": [float(net.loss(params, x, y, loss))], "time": [0.0], "direction_norm": [], "lr": []}
+    if reference is not None:
+        history["cosine"] = []
+        # its own stream: spawning does not advance the run's generator
+        ref_rng = rng.spawn(1)[0]
+        ref_state = ref_method.init(net, params) if ref_method is not None else None
     state = method.init(net, params)
-    for k in range(steps):
-        idx = slice(None) if batch_size is None else rng.choice(N, size=batch_size, replace=False)
-        try:
-            direction, state = method.step(state, net, params, Batch(x[idx], y[idx], loss), rng, dense=dense)
-        except NonFiniteError as e:
-            raise DivergenceError(f"{method.name} diverged at step {k}: {e}") from e
-        a = schedule(k)
-        if isinstance(a, bool) or not isinstance(a, numbers.Real) or not np.isfinite(a):
-            raise HyperParameterError(f"lr({k}) must be a finite number, got {a!r}")
-        with np.errstate(over="ignore", invalid="ignore"):
-            new = [W + a * D for W, D in zip(params, direction)]
-        if not all(np.isfinite(W).all() for W in new):
-            raise DivergenceError(f"{method.name} diverged at step {k}: parameters not finite (lr = {a:g})")
-        params = new
-        try:
-            value = float(net.loss(params, x, y, loss))
-        except NonFiniteError as e:
-            raise DivergenceError(f"{method.name} diverged at step {k}: {e} (lr = {a:g})") from e
-        if not np.isfinite(value):
-            raise DivergenceError(f"{method.name} diverged at step {k}: loss {value} (lr = {a:g})")
-        history["loss"].append(value)
+    elapsed = 0.0
+    try:
+        for k in range(steps):
+            idx = slice(None) if batch_size is None else rng.choice(N, size=batch_size, replace=False)
+            batch = Batch(x[idx], y[idx], loss)
+            t0 = time.perf_counter()
+            try:
+                direction, state = method.step(state, net, params, batch, rng, dense=dense)
+            except NonFiniteError as e:
+                raise DivergenceError(f"{method.name} diverged at step {k}: {e}") from e
+            a = schedule(k)
+            if isinstance(a, bool) or not isinstance(a, numbers.Real) or not np.isfinite(a):
+                raise HyperParameterError(f"lr({k}) must be a finite number, got {a!r}")
+            with np.errstate(over="ignore", invalid="ignore"):
+                new = [W + a * D for W, D in zip(params, direction)]
+            if not all(np.isfinite(W).all() for W in new):
+                raise DivergenceError(f"{method.name} diverged at step {k}: parameters not finite (lr = {a:g})")
+            elapsed += time.perf_counter() - t0
+            flat = np.concatenate([np.ravel(D) for D in direction]).astype(np.float64)
+            history["direction_norm"].append(float(np.linalg.norm(flat)))
+            history["lr"].append(float(a))
+            if reference is not None:
+                r, ref_state = _reference_direction(ref_method, ref_fn, ref_state, net, params, batch, ref_rng, k)
+                history["cosine"].append(_cosine(flat, r))
+            params = new
+            try:
+                value = float(net.loss(params, x, y, loss))
+            except NonFiniteError as e:
+                raise DivergenceError(f"{method.name} diverged at step {k}: {e} (lr = {a:g})") from e
+            if not np.isfinite(value):
+                raise DivergenceError(f"{method.name} diverged at step {k}: loss {value} (lr = {a:g})")
+            history["loss"].append(value)
+            history["time"].append(elapsed)
+    except DivergenceError as e:
+        e.history = history  # the run up to the step that diverged, for plotting
+        raise
     return params, history
+
+
+def _reference_direction(ref_method, ref_fn, ref_state, net, params, batch, rng, k):
+    """``(flat float64 reference direction at params on batch, the reference's new state)``."""
+    if ref_method is not None:
+        r, ref_state = ref_method.step(ref_state, net, params, batch, rng)
+    else:
+        r = ref_fn(net, params, batch)
+        shapes = [tuple(np.shape(D)) for D in r] if isinstance(r, (list, tuple)) else None
+        if shapes != [tuple(s) for s in net.param_shapes]:
+            raise ArgumentTypeError(f"reference returned {describe(r)}, not a per-layer list of the parameter "
+                                    f"shapes {[tuple(s) for s in net.param_shapes]} (step {k})")
+    return np.concatenate([np.ravel(D) for D in r]).astype(np.float64), ref_state

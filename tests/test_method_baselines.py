@@ -160,28 +160,32 @@ def test_curvature_before_a_step_is_a_state_error():
 
 # ------------------------------------------------------------------ natural gradient
 
-def _ggn_direction(params, b, F_bar, lam):
+def _ggn_direction(params, b, F_bar, lam, g=None):
     """−(F̄_l + λI)⁻¹ g_l with the solve written here (numpy.linalg.solve per block)."""
-    g = NET.grad(params, b.x, b.y, b.loss)
+    g = NET.grad(params, b.x, b.y, b.loss) if g is None else g
     return [-np.linalg.solve(F + lam * np.eye(F.shape[0]), gl.ravel()).reshape(gl.shape) for F, gl in zip(F_bar, g)]
 
 
 @pytest.mark.parametrize("loss", [CrossEntropy(), MSE()], ids=["ce", "mse"])
 @pytest.mark.parametrize("beta", [0.0, 0.7])
 @pytest.mark.parametrize("dense", [False, True], ids=["fast", "dense"])
-def test_natural_gradient_is_the_damped_exact_block_solve(loss, beta, dense):
+@pytest.mark.parametrize("mu,form", [(0.0, "heavy_ball"), (0.9, "ema"), (0.5, "heavy_ball")])
+def test_natural_gradient_is_the_damped_exact_block_solve(loss, beta, dense, mu, form):
     """With fisher='exact' the blocks are the GGN's (the exact Fisher equals the GGN for
     these losses, thesis §1.2), built here by refcurv.curvature.ggn — another code path
     (the loss Hessian instead of fisher_output) — averaged with β and solved by
     numpy.linalg.solve. Tolerance: forward error of the solve, C·n·eps·κ(F̄_l + λI)."""
     lam = 1e-2
-    method = REGISTRY["natural_gradient"](damping=lam, beta=beta)
-    params, state, F_bar = NET.init(0), None, None
+    method = REGISTRY["natural_gradient"](damping=lam, beta=beta, momentum=mu, momentum_form=form)
+    params, state, F_bar, m = NET.init(0), None, None, None
     state = method.init(NET, params)
     for k, b in enumerate(_batches(4, loss=loss)):
         F = cv.ggn(NET, params, b.x, b.y, b.loss, blocks=True)
         F_bar = F if F_bar is None else [beta * a + (1 - beta) * c for a, c in zip(F_bar, F)]
-        want = _ggn_direction(params, b, F_bar, lam)
+        g = NET.grad(params, b.x, b.y, b.loss)
+        c = 1.0 if form == "heavy_ball" else 1 - mu
+        m = [c * gi for gi in g] if m is None else [mu * a + c * gi for a, gi in zip(m, g)]
+        want = _ggn_direction(params, b, F_bar, lam, g=m)
         d, state = method.step(state, NET, params, b, rng=k, dense=dense)
         kappa = max(np.linalg.cond(Fb + lam * np.eye(Fb.shape[0])) for Fb in F_bar)
         assert _rel(d, want) <= forward_tol(NET.n_params, kappa), (k, _rel(d, want))

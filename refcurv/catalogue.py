@@ -59,3 +59,74 @@ def render():
     for name, text in CONVENTIONS:
         lines.append(f"  {name:<16} {text}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ guidance (notebook 7)
+#: the notebook problem the guidance was measured on (notebooks/07_training.py)
+GUIDANCE_PROBLEM = {
+    "data": "scikit-learn digits (load_digits), x / 16, 512 samples (numpy.random.default_rng(0).permutation)",
+    "net": "Linear(64, 10) – Tanh – Linear(10, 10), net.init(0)",
+    "loss": "CrossEntropy (mean over samples)",
+    "batch_size": 32,
+    "steps": 30,
+    "seed": 0,
+    "lrs": (0.03, 0.1, 0.3, 1.0, 3.0),
+    "dampings": (1e-3, 1e-2, 1e-1, 1.0),
+    "worked": "no divergence or failed solve, and final full-data loss <= 0.5 x initial (2.30)",
+    "other hyper-parameters": "the method's defaults",
+}
+
+
+def digits_problem(hidden=(10,), n=512, seed=0):
+    """``(net, params, x, y, loss)``: the notebooks' problem — scikit-learn's bundled digits
+    (``load_digits``, 8×8 images, no download), pixels scaled to [0, 1], ``n`` samples drawn
+    without replacement by ``numpy.random.default_rng(seed)``, an MLP ``64 – hidden… – 10``
+    with Tanh, cross-entropy. Needs scikit-learn (the ``notebooks`` extra)."""
+    import numpy as np
+
+    from .errors import ArgumentTypeError, HyperParameterError
+
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise ArgumentTypeError("digits_problem needs scikit-learn (pip install refcurv[notebooks])") from None
+    if not isinstance(hidden, (tuple, list)) or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0
+                                                         for h in hidden):
+        raise HyperParameterError(f"hidden must be a tuple of positive ints (layer widths), got {hidden!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 1797:
+        raise HyperParameterError(f"n must be an int in [1, 1797] (the digits set has 1797 samples), got {n!r}")
+    from .nn import CrossEntropy, Linear, Sequential, Tanh
+
+    X, y = load_digits(return_X_y=True)
+    idx = np.random.default_rng(seed).permutation(len(X))[:n]
+    widths = (64,) + tuple(hidden) + (10,)
+    layers = []
+    for a, b in zip(widths[:-1], widths[1:]):
+        layers += [Linear(a, b), Tanh()]
+    net = Sequential(layers[:-1])
+    return net, net.init(0), X[idx] / 16.0, y[idx], CrossEntropy()
+
+
+def measure_guidance(names=None, fraction=0.5):
+    """Run :func:`refcurv.train.sweep` on :data:`GUIDANCE_PROBLEM` for each registered method
+    (or ``names``) and summarize with :func:`refcurv.train.worked_ranges`:
+    ``{name: (summary, records)}``. This is how :data:`GUIDANCE` was measured (notebook 7)."""
+    from .methods import REGISTRY
+    from .train import sweep, worked_ranges
+
+    P = GUIDANCE_PROBLEM
+    net, params, x, y, loss = digits_problem()
+    out = {}
+    for name in (sorted(REGISTRY) if names is None else names):
+        recs = sweep(name, net, params, x, y, loss, P["steps"], P["lrs"], P["dampings"],
+                     batch_size=P["batch_size"], seed=P["seed"])
+        out[name] = (worked_ranges(recs, fraction), recs)
+    return out
+
+
+def guidance_entry(summary):
+    """The :data:`GUIDANCE` entry of a :func:`refcurv.train.worked_ranges` summary."""
+    b = summary["best"]
+    return {"lr": summary["lr"], "damping": summary["damping"],
+            "best": None if b is None else (b["lr"], b["damping"], round(b["loss"], 3)),
+            "worked": (summary["worked"], summary["runs"])}

@@ -168,3 +168,120 @@ def _reference_direction(ref_method, ref_fn, ref_state, net, params, batch, rng,
             raise ArgumentTypeError(f"reference returned {describe(r)}, not a per-layer list of the parameter "
                                     f"shapes {[tuple(s) for s in net.param_shapes]} (step {k})")
     return np.concatenate([np.ravel(D) for D in r]).astype(np.float64), ref_state
+
+
+def compare_directions(reference, methods, net, params, x, y, loss, steps, lr, batch_size=None, seed=0):
+    """Cosine similarity, per layer, of each method's direction to ``reference``'s along the
+    reference's own trajectory ([Ren-thesis] §4.8, Figure 4.1: "we always followed the
+    trajectory produced by the block Fisher method").
+
+    ``reference``: a method instance (e.g. ``REGISTRY["natural_gradient"](beta=0.9,
+    momentum=0.9, momentum_form="ema")``) whose directions move the parameters,
+    ``θ ← θ + lr·r_k``; ``methods``: ``{label: method instance}``, each stepped at the same
+    parameters on the same mini-batch and keeping its own state (its statistics are computed
+    at the reference's points, as in the thesis). Each method draws from its own generator
+    spawned from ``seed``'s, so the trajectory does not depend on which methods are compared.
+
+    Returns ``{"loss": [steps + 1 full-data losses], "cosine": {label: (steps, L) array}}``
+    with ``cosine[label][k, l] = cos∠(d_{k,l}, r_{k,l})`` on the flattened layer-``l``
+    parameters (NaN where a direction is zero). Divergence of the reference is a
+    :class:`~refcurv.errors.DivergenceError` naming the step, as in :func:`train`.
+    """
+    if not isinstance(reference, Method):
+        raise ArgumentTypeError(f"reference must be a method instance such as REGISTRY['natural_gradient'](), "
+                                f"got {describe(reference)}")
+    if not isinstance(methods, dict) or not methods:
+        raise ArgumentTypeError(f"methods must be a non-empty dict {{label: method instance}}, got {describe(methods)}")
+    for label, m in methods.items():
+        if not isinstance(m, Method):
+            raise ArgumentTypeError(f"methods[{label!r}] must be a method instance, got {describe(m)}")
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
+        raise HyperParameterError(f"steps must be a non-negative int, got {steps!r}")
+    schedule = _check_lr(lr)
+    if not isinstance(net, Sequential):
+        raise ArgumentTypeError(f"net must be a refcurv.nn.Sequential, got {describe(net)}")
+    loss = check_loss(loss)
+    params = net.check_params(params)
+    x, y = _samples(x, "x"), _samples(y, "y")
+    N = len(x)
+    if len(y) != N:
+        raise HyperParameterError(f"x and y must have the same number of samples, got {N} and {len(y)}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
+                                   or not 1 <= batch_size <= N):
+        raise HyperParameterError(f"batch_size must be None or an int in [1, {N}], got {batch_size!r}")
+    rng = rng_of(seed)
+    rngs = dict(zip(methods, rng.spawn(len(methods))))
+    states = {label: m.init(net, params) for label, m in methods.items()}
+    ref_state = reference.init(net, params)
+    cos = {label: np.full((steps, len(net.param_shapes)), np.nan) for label in methods}
+    losses = [float(net.loss(params, x, y, loss))]
+    for k in range(steps):
+        idx = slice(None) if batch_size is None else rng.choice(N, size=batch_size, replace=False)
+        batch = Batch(x[idx], y[idx], loss)
+        try:
+            r, ref_state = reference.step(ref_state, net, params, batch, rng)
+        except NonFiniteError as e:
+            raise DivergenceError(f"{reference.name} diverged at step {k}: {e}") from e
+        for label, m in methods.items():
+            d, states[label] = m.step(states[label], net, params, batch, rngs[label])
+            cos[label][k] = [_cosine(np.ravel(a).astype(np.float64), np.ravel(b).astype(np.float64))
+                             for a, b in zip(d, r)]
+        a = schedule(k)
+        params = [W + a * D for W, D in zip(params, r)]
+        value = float(net.loss(params, x, y, loss)) if all(np.isfinite(W).all() for W in params) else float("nan")
+        if not np.isfinite(value):
+            raise DivergenceError(f"{reference.name} diverged at step {k}: loss {value} (lr = {a:g})")
+        losses.append(value)
+    return {"loss": losses, "cosine": cos}
+
+
+def sweep(name, net, params, x, y, loss, steps, lrs, dampings=None, batch_size=None, seed=0, **hyper):
+    """Train registry method ``name`` for every learning rate in ``lrs`` and every damping in
+    ``dampings`` (``None``: the method's default damping, or none for a method without one),
+    other hyper-parameters ``hyper``; same data, seed and initial parameters for every run.
+
+    Returns a list of records ``{"lr", "damping", "loss" (final full-data loss; inf when the
+    run diverged or a solve failed), "initial", "time" (seconds in the steps), "error"
+    (the one-line error of a failed run, else None), "history" (:func:`train`'s; up to the
+    failure for a diverged run, None for another failure)}``. :func:`worked_ranges` summarizes it.
+    A failed run is data here, not an exception: that is what a sweep measures.
+    """
+    from .errors import RefcurvError
+    from .methods import REGISTRY
+
+    cls = REGISTRY[name]
+    has_damping = "damping" in cls.hyper_parameters()
+    grid = [None] if dampings is None or not has_damping else list(dampings)
+    out = []
+    for lam in grid:
+        hp = dict(hyper, **({} if lam is None else {"damping": lam}))
+        for a in lrs:
+            rec = {"lr": float(a), "damping": None if not has_damping else float(hp.get("damping",
+                   cls.hyper_parameters()["damping"])), "error": None}
+            try:
+                _, h = train(cls(**hp), net, params, x, y, loss, steps, a, batch_size=batch_size, seed=seed)
+                rec.update(loss=h["loss"][-1], initial=h["loss"][0], time=h["time"][-1], history=h)
+            except RefcurvError as e:  # divergence, a solve that is not SPD, a root that failed
+                rec.update(loss=float("inf"), initial=float(net.loss(params, x, y, loss)),
+                           time=float("nan"), error=f"{type(e).__name__}: {e}", history=getattr(e, "history", None))
+            out.append(rec)
+    return out
+
+
+def worked_ranges(records, fraction=0.5):
+    """Summarize a :func:`sweep`: a run "worked" when it finished and its final loss is at most
+    ``fraction`` × the initial loss. ``best`` is the run with the lowest final loss;
+    ``lr`` is the (min, max) of the learning rates that worked *at the best run's damping*,
+    ``damping`` the (min, max) of the dampings that worked *at the best run's learning rate*
+    (a cross through the best point: the set that worked need not be a rectangle), ``None``
+    where nothing worked or the method has no damping; ``worked`` / ``runs`` count the runs.
+    The ranges cannot reach past the sweep's grid."""
+    if not records:
+        raise HyperParameterError("records must be a non-empty list of sweep records, got []")
+    ok = [r for r in records if np.isfinite(r["loss"]) and r["loss"] <= fraction * r["initial"]]
+    best = min(records, key=lambda r: r["loss"])
+    lrs = [r["lr"] for r in ok if r["damping"] == best["damping"]]
+    lams = [r["damping"] for r in ok if r["lr"] == best["lr"] and r["damping"] is not None]
+    return {"lr": (min(lrs), max(lrs)) if lrs else None,
+            "damping": (min(lams), max(lams)) if lams else None,
+            "best": best if best in ok else None, "worked": len(ok), "runs": len(records)}

@@ -2,17 +2,17 @@
 
 # (name, seed reference, what refcurv provides for it, status)
 METHODS = [
-    ("SENG", "001 §2-§4 (7)-(28); 000 §3.4 (24)-(25)", "EFIM SMW / sketched / implicit, distributed", "available"),
-    ("NG+", "002 (2)-(19)", "GFIM L/R, SMW, sketches, block-diagonal, online Newton", "available"),
-    ("SMW-GN / SMW-NG / SMW-NG-BD", "003 Ch.5 (5.2)-(5.7), Alg. 17-23", "SMW solves with Gram blocks, LM rule", "available"),
-    ("Hessian-free", "003 Ch.5", "CG on GGN-vector products", "available"),
-    ("KFAC", "003 Alg. 7, 12", "Kronecker factors (expand/reduce), damped inverse", "available"),
-    ("K-BFGS / K-BFGS(L) (MLP)", "003 Ch.2, Alg. 3-5", "DD-damped BFGS/L-BFGS H_g, Hessian-action H_a", "available"),
-    ("K-BFGS / K-BFGS(L) (conv)", "003 Ch.3, Alg. 8-10", "D_P D_LM, minibatched Hessian action (3.15)", "available"),
-    ("TNT", "003 Ch.4 (4.2)-(4.10), Alg. 13-15", "tensor-normal Fisher, mode products", "available"),
-    ("Shampoo", "003 Alg. 16", "inverse roots (coupled Newton), mode products", "available"),
-    ("QNG", "004 §2.2 (9)-(13)", "product-form EMA, truncation", "available"),
-    ("Ginger", "004 §2.3, Alg. 1", "low-rank inverse with Brand update", "available"),
+    ("SENG", "[SENG] §2-§4 (7)-(28); [SENG-conf] §3.4 (24)-(25)", "EFIM SMW / sketched / implicit, distributed", "available"),
+    ("NG+", "[NG+] (2)-(19)", "GFIM L/R, SMW, sketches, block-diagonal, online Newton", "available"),
+    ("SMW-GN / SMW-NG / SMW-NG-BD", "[Ren-thesis] Ch.5 (5.2)-(5.7), Alg. 17-23", "SMW solves with Gram blocks, LM rule", "available"),
+    ("Hessian-free", "[Ren-thesis] Ch.5", "CG on GGN-vector products", "available"),
+    ("KFAC", "[Ren-thesis] Alg. 7, 12", "Kronecker factors (expand/reduce), damped inverse", "available"),
+    ("K-BFGS / K-BFGS(L) (MLP)", "[Ren-thesis] Ch.2, Alg. 3-5", "DD-damped BFGS/L-BFGS H_g, Hessian-action H_a", "available"),
+    ("K-BFGS / K-BFGS(L) (conv)", "[Ren-thesis] Ch.3, Alg. 8-10", "D_P D_LM, minibatched Hessian action (3.15)", "available"),
+    ("TNT", "[Ren-thesis] Ch.4 (4.2)-(4.10), Alg. 13-15", "tensor-normal Fisher, mode products", "available"),
+    ("Shampoo", "[Ren-thesis] Alg. 16", "inverse roots (coupled Newton), mode products", "available"),
+    ("QNG", "[QNG-Ginger] §2.2 (9)-(13)", "product-form EMA, truncation", "available"),
+    ("Ginger", "[QNG-Ginger] §2.3, Alg. 1", "low-rank inverse with Brand update", "available"),
 ]
 
 CURVATURE = [

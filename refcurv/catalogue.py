@@ -58,6 +58,14 @@ def render():
     lines += ["", "Conventions:"]
     for name, text in CONVENTIONS:
         lines.append(f"  {name:<16} {text}")
+    lines += ["", "Guidance: learning rate and damping that worked on the digits MLP (notebooks/07_training.py;",
+              "lr range at the best damping, damping range at the best lr; bounded by the sweep's grid):"]
+    for name, g in sorted(GUIDANCE.items()):
+        lr = "none worked" if g["lr"] is None else f"lr {g['lr'][0]:g}–{g['lr'][1]:g}"
+        lam = "" if g["damping"] is None else f"   damping {g['damping'][0]:g}–{g['damping'][1]:g}"
+        best = "" if g["best"] is None else f"   best lr {g['best'][0]:g}" + (
+            "" if g["best"][1] is None else f", damping {g['best'][1]:g}") + f" → loss {g['best'][2]:g}"
+        lines.append(f"  {name:<28} {lr}{lam}{best}   ({g['worked'][0]}/{g['worked'][1]} runs worked)")
     return "\n".join(lines)
 
 
@@ -74,6 +82,36 @@ GUIDANCE_PROBLEM = {
     "dampings": (1e-3, 1e-2, 1e-1, 1.0),
     "worked": "no divergence or failed solve, and final full-data loss <= 0.5 x initial (2.30)",
     "other hyper-parameters": "the method's defaults",
+}
+
+
+#: learning-rate and damping ranges that worked on GUIDANCE_PROBLEM, measured by
+#: measure_guidance() in notebooks/07_training.py (REFCURV_FULL_SWEEP=1; CI re-runs the best run and
+#: the ends of the lr range). Per method: ``lr`` — (min, max) learning rate that worked at the best
+#: run's damping; ``damping`` — (min, max) damping that worked at the best run's learning rate (None:
+#: the method has no damping); ``best`` — (lr, damping, final loss) of the run with the lowest final
+#: loss; ``worked`` — (runs that worked, runs). Ranges cannot reach past the grid (GUIDANCE_PROBLEM).
+GUIDANCE = {
+    'adam': {"lr": (0.03, 0.1), "damping": (0.001, 0.1), "best": (0.1, 0.001, 0.353), "worked": (8, 20)},
+    'ginger': {"lr": (0.1, 0.1), "damping": (0.1, 0.1), "best": (0.1, 0.1, 0.854), "worked": (2, 20)},
+    'hessian_free': {"lr": (0.1, 1.0), "damping": (0.1, 1.0), "best": (1.0, 0.1, 0.179), "worked": (10, 20)},
+    'kbfgs': {"lr": (0.3, 3.0), "damping": (1.0, 1.0), "best": (1.0, 1.0, 0.14), "worked": (9, 20)},
+    'kbfgs-l': {"lr": (0.3, 3.0), "damping": (1.0, 1.0), "best": (1.0, 1.0, 0.14), "worked": (9, 20)},
+    'kbfgs-l-mlp': {"lr": (1.0, 3.0), "damping": (0.1, 1.0), "best": (3.0, 0.1, 0.252), "worked": (8, 20)},
+    'kbfgs-mlp': {"lr": (1.0, 3.0), "damping": (0.1, 1.0), "best": (3.0, 0.1, 0.252), "worked": (8, 20)},
+    'kfac': {"lr": (0.03, 0.3), "damping": (0.001, 0.1), "best": (0.3, 0.01, 0.133), "worked": (12, 20)},
+    'natural_gradient': {"lr": (0.03, 0.3), "damping": (0.01, 0.1), "best": (0.3, 0.01, 0.177), "worked": (10, 20)},
+    'ngplus': {"lr": (1.0, 3.0), "damping": (0.1, 1.0), "best": (3.0, 1.0, 0.55), "worked": (8, 20)},
+    'ngplus_online_newton': {"lr": (0.1, 1.0), "damping": (0.001, 0.1), "best": (0.3, 0.01, 0.286), "worked": (11, 20)},
+    'qng': {"lr": (1.0, 1.0), "damping": None, "best": (1.0, None, 0.868), "worked": (1, 5)},
+    'seng': {"lr": (0.1, 3.0), "damping": (0.01, 1.0), "best": (1.0, 0.1, 0.298), "worked": (10, 20)},
+    'seng_distributed': {"lr": (0.1, 1.0), "damping": (0.1, 0.1), "best": (0.3, 0.1, 0.294), "worked": (7, 20)},
+    'sgd': {"lr": (1.0, 1.0), "damping": None, "best": (1.0, None, 0.695), "worked": (1, 5)},
+    'shampoo': {"lr": (0.03, 0.3), "damping": (0.001, 1.0), "best": (0.1, 0.01, 0.247), "worked": (11, 20)},
+    'smw_gn': {"lr": (0.1, 1.0), "damping": (0.1, 1.0), "best": (1.0, 0.1, 0.179), "worked": (10, 20)},
+    'smw_ng': {"lr": (0.3, 3.0), "damping": (0.1, 1.0), "best": (1.0, 0.1, 0.341), "worked": (9, 20)},
+    'smw_ng_bd': {"lr": (0.1, 3.0), "damping": (0.01, 0.1), "best": (0.3, 0.1, 0.358), "worked": (10, 20)},
+    'tnt': {"lr": (0.03, 0.1), "damping": (0.001, 0.1), "best": (0.03, 0.1, 0.13), "worked": (7, 20)},
 }
 
 

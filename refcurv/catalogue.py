@@ -128,15 +128,18 @@ def digits_problem(hidden=(10,), n=512, seed=0):
         from sklearn.datasets import load_digits
     except ImportError:  # pragma: no cover - depends on the environment
         raise ArgumentTypeError("digits_problem needs scikit-learn (pip install refcurv[notebooks])") from None
-    if not isinstance(hidden, (tuple, list)) or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0
-                                                         for h in hidden):
+    if not isinstance(hidden, (tuple, list)) or not all(
+            isinstance(h, (int, np.integer)) and not isinstance(h, bool) and h > 0 for h in hidden):
         raise HyperParameterError(f"hidden must be a tuple of positive ints (layer widths), got {hidden!r}")
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 1797:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= 1797:
         raise HyperParameterError(f"n must be an int in [1, 1797] (the digits set has 1797 samples), got {n!r}")
     from .nn import CrossEntropy, Linear, Sequential, Tanh
 
+    from .backend import rng_of
+
+    rng = rng_of(seed)
     X, y = load_digits(return_X_y=True)
-    idx = np.random.default_rng(seed).permutation(len(X))[:n]
+    idx = rng.permutation(len(X))[:n]
     widths = (64,) + tuple(hidden) + (10,)
     layers = []
     for a, b in zip(widths[:-1], widths[1:]):
@@ -147,22 +150,30 @@ def digits_problem(hidden=(10,), n=512, seed=0):
 
 def measure_guidance(names=None, fraction=0.5):
     """Run :func:`refcurv.train.sweep` on :data:`GUIDANCE_PROBLEM` for each registered method
-    (or ``names``) and summarize with :func:`refcurv.train.worked_ranges`:
-    ``{name: (summary, records)}``. This is how :data:`GUIDANCE` was measured (notebook 7)."""
+    (or each name of the list ``names``) and summarize it as a :data:`GUIDANCE` entry:
+    ``{name: (entry, records)}``. This is how :data:`GUIDANCE` was measured (notebook 7);
+    ``fraction`` is :func:`refcurv.train.worked_ranges`'s criterion (0.5 for GUIDANCE)."""
+    from .errors import ArgumentTypeError
     from .methods import REGISTRY
     from .train import sweep, worked_ranges
 
+    if names is None:
+        names = sorted(REGISTRY)
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise ArgumentTypeError(f"names must be None or a list of method names, got {names!r:.80}")
+    for n in names:
+        REGISTRY[n]  # an unknown name: UnknownMethodError listing the registered ones
     P = GUIDANCE_PROBLEM
     net, params, x, y, loss = digits_problem()
     out = {}
-    for name in (sorted(REGISTRY) if names is None else names):
-        recs = sweep(name, net, params, x, y, loss, P["steps"], P["lrs"], P["dampings"],
+    for name in names:
+        recs = sweep(name, net, params, x, y, loss, P["steps"], list(P["lrs"]), list(P["dampings"]),
                      batch_size=P["batch_size"], seed=P["seed"])
-        out[name] = (worked_ranges(recs, fraction), recs)
+        out[name] = (_entry(worked_ranges(recs, fraction)), recs)
     return out
 
 
-def guidance_entry(summary):
+def _entry(summary):
     """The :data:`GUIDANCE` entry of a :func:`refcurv.train.worked_ranges` summary."""
     b = summary["best"]
     return {"lr": summary["lr"], "damping": summary["damping"],

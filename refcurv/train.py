@@ -227,7 +227,10 @@ def compare_directions(reference, methods, net, params, x, y, loss, steps, lr, b
             cos[label][k] = [_cosine(np.ravel(a).astype(np.float64), np.ravel(b).astype(np.float64))
                              for a, b in zip(d, r)]
         a = schedule(k)
-        params = [W + a * D for W, D in zip(params, r)]
+        if isinstance(a, bool) or not isinstance(a, numbers.Real) or not np.isfinite(a):
+            raise HyperParameterError(f"lr({k}) must be a finite number, got {a!r}")
+        with np.errstate(over="ignore", invalid="ignore"):
+            params = [W + a * D for W, D in zip(params, r)]
         value = float(net.loss(params, x, y, loss)) if all(np.isfinite(W).all() for W in params) else float("nan")
         if not np.isfinite(value):
             raise DivergenceError(f"{reference.name} diverged at step {k}: loss {value} (lr = {a:g})")
@@ -235,53 +238,81 @@ def compare_directions(reference, methods, net, params, x, y, loss, steps, lr, b
     return {"loss": losses, "cosine": cos}
 
 
+def _check_grid(values, name):
+    """A non-empty list/tuple of finite numbers > 0 (learning rates, dampings)."""
+    if not isinstance(values, (list, tuple)) or not values:
+        raise HyperParameterError(f"{name} must be a non-empty list of numbers > 0, got {describe(values)}")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not np.isfinite(v) or v <= 0:
+            raise HyperParameterError(f"{name} must hold finite numbers > 0, got {v!r}")
+    return [float(v) for v in values]
+
+
+#: the failures a sweep records as data: the run diverged, or a solve / root failed on the way
+SWEEP_FAILURES = ("DivergenceError", "NotSPDError", "NewtonConvergenceError", "NonFiniteError")
+
+
 def sweep(name, net, params, x, y, loss, steps, lrs, dampings=None, batch_size=None, seed=0, **hyper):
     """Train registry method ``name`` for every learning rate in ``lrs`` and every damping in
     ``dampings`` (``None``: the method's default damping, or none for a method without one),
     other hyper-parameters ``hyper``; same data, seed and initial parameters for every run.
 
-    Returns a list of records ``{"lr", "damping", "loss" (final full-data loss; inf when the
-    run diverged or a solve failed), "initial", "time" (seconds in the steps), "error"
-    (the one-line error of a failed run, else None), "history" (:func:`train`'s; up to the
-    failure for a diverged run, None for another failure)}``. :func:`worked_ranges` summarizes it.
-    A failed run is data here, not an exception: that is what a sweep measures.
+    Returns a list of records ``{"lr", "damping", "loss" (final full-data loss; None when the
+    run failed), "initial", "time" (seconds in the steps; None when it failed), "error" (the
+    one-line error of a failed run, else None), "history" (:func:`train`'s; up to the failure
+    for a diverged run, None for a failed solve)}``. A run that diverges or whose solve or
+    root fails (:data:`SWEEP_FAILURES`) is data here, not an exception: that is what a sweep
+    measures; bad arguments are refused before any run. :func:`worked_ranges` summarizes it.
     """
-    from .errors import RefcurvError
+    from . import errors
     from .methods import REGISTRY
 
     cls = REGISTRY[name]
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
+        raise HyperParameterError(f"steps must be a non-negative int, got {steps!r}")
+    lrs = _check_grid(lrs, "lrs")
     has_damping = "damping" in cls.hyper_parameters()
-    grid = [None] if dampings is None or not has_damping else list(dampings)
+    grid = [None] if dampings is None or not has_damping else _check_grid(dampings, "dampings")
+    methods = [(lam, cls(**dict(hyper, **({} if lam is None else {"damping": lam})))) for lam in grid]
+    failures = tuple(getattr(errors, e) for e in SWEEP_FAILURES)
+    # every argument checked once, by a run of no steps (it evaluates the initial loss)
+    _, h0 = train(methods[0][1], net, params, x, y, loss, 0, lrs[0], batch_size=batch_size, seed=seed)
+    initial = h0["loss"][0]
     out = []
-    for lam in grid:
-        hp = dict(hyper, **({} if lam is None else {"damping": lam}))
+    for lam, method in methods:
         for a in lrs:
-            rec = {"lr": float(a), "damping": None if not has_damping else float(hp.get("damping",
-                   cls.hyper_parameters()["damping"])), "error": None}
+            rec = {"lr": a, "damping": None if not has_damping else float(method.damping), "initial": initial,
+                   "error": None}
             try:
-                _, h = train(cls(**hp), net, params, x, y, loss, steps, a, batch_size=batch_size, seed=seed)
-                rec.update(loss=h["loss"][-1], initial=h["loss"][0], time=h["time"][-1], history=h)
-            except RefcurvError as e:  # divergence, a solve that is not SPD, a root that failed
-                rec.update(loss=float("inf"), initial=float(net.loss(params, x, y, loss)),
-                           time=float("nan"), error=f"{type(e).__name__}: {e}", history=getattr(e, "history", None))
+                _, h = train(method, net, params, x, y, loss, steps, a, batch_size=batch_size, seed=seed)
+                rec.update(loss=h["loss"][-1], time=h["time"][-1], history=h)
+            except failures as e:
+                rec.update(loss=None, time=None, error=f"{type(e).__name__}: {e}", history=getattr(e, "history", None))
             out.append(rec)
     return out
 
 
 def worked_ranges(records, fraction=0.5):
     """Summarize a :func:`sweep`: a run "worked" when it finished and its final loss is at most
-    ``fraction`` × the initial loss. ``best`` is the run with the lowest final loss;
-    ``lr`` is the (min, max) of the learning rates that worked *at the best run's damping*,
-    ``damping`` the (min, max) of the dampings that worked *at the best run's learning rate*
-    (a cross through the best point: the set that worked need not be a rectangle), ``None``
-    where nothing worked or the method has no damping; ``worked`` / ``runs`` count the runs.
-    The ranges cannot reach past the sweep's grid."""
-    if not records:
-        raise HyperParameterError("records must be a non-empty list of sweep records, got []")
-    ok = [r for r in records if np.isfinite(r["loss"]) and r["loss"] <= fraction * r["initial"]]
-    best = min(records, key=lambda r: r["loss"])
+    ``fraction`` × the initial loss. ``best`` is the run that worked with the lowest final
+    loss; ``lr`` is the (min, max) of the learning rates that worked *at the best run's
+    damping*, ``damping`` the (min, max) of the dampings that worked *at the best run's
+    learning rate* (a cross through the best point: the set that worked need not be a
+    rectangle), ``None`` where nothing worked or the method has no damping; ``worked`` /
+    ``runs`` count the runs. The ranges cannot reach past the sweep's grid."""
+    if not isinstance(records, (list, tuple)) or not records:
+        raise HyperParameterError(f"records must be a non-empty list of sweep records, got {describe(records)}")
+    for i, r in enumerate(records):
+        if not isinstance(r, dict) or not {"lr", "damping", "loss", "initial"} <= set(r):
+            raise ArgumentTypeError(f"records[{i}] must be a sweep record (a dict with lr, damping, loss, initial), "
+                                    f"got {describe(r)}")
+    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0 < fraction <= 1:
+        raise HyperParameterError(f"fraction must be a number in (0, 1], got {fraction!r}")
+    ok = [r for r in records if r["loss"] is not None and np.isfinite(r["loss"]) and r["loss"] <= fraction * r["initial"]]
+    if not ok:
+        return {"lr": None, "damping": None, "best": None, "worked": 0, "runs": len(records)}
+    best = min(ok, key=lambda r: r["loss"])
     lrs = [r["lr"] for r in ok if r["damping"] == best["damping"]]
     lams = [r["damping"] for r in ok if r["lr"] == best["lr"] and r["damping"] is not None]
-    return {"lr": (min(lrs), max(lrs)) if lrs else None,
-            "damping": (min(lams), max(lams)) if lams else None,
-            "best": best if best in ok else None, "worked": len(ok), "runs": len(records)}
+    return {"lr": (min(lrs), max(lrs)), "damping": (min(lams), max(lams)) if lams else None,
+            "best": best, "worked": len(ok), "runs": len(records)}

@@ -4,7 +4,7 @@ the stored best runs reproduce, and sweep / worked_ranges summarize as documente
 import numpy as np
 import pytest
 
-from refcurv.catalogue import GUIDANCE, GUIDANCE_PROBLEM, digits_problem, guidance_entry, render
+from refcurv.catalogue import GUIDANCE, GUIDANCE_PROBLEM, _entry, digits_problem, render
 from refcurv.errors import HyperParameterError
 from refcurv.methods import REGISTRY
 from refcurv.train import sweep, worked_ranges
@@ -61,19 +61,19 @@ def test_worked_ranges_is_a_cross_through_the_best_run():
     0.01 failed); damping range at lr 0.1: {0.01, 0.1}; the run (1.0, 0.1) worked but lies
     off the cross, so it widens neither range."""
     recs = [_rec(0.03, 0.01, 1.5), _rec(0.1, 0.01, 0.2), _rec(0.3, 0.01, 0.9),
-            _rec(0.1, 0.1, 0.5), _rec(0.1, 1.0, float("inf")), _rec(1.0, 0.1, 0.4), _rec(1.0, 0.01, 3.0)]
+            _rec(0.1, 0.1, 0.5), _rec(0.1, 1.0, None), _rec(1.0, 0.1, 0.4), _rec(1.0, 0.01, 3.0)]
     w = worked_ranges(recs)
     assert w["lr"] == (0.1, 0.3) and w["damping"] == (0.01, 0.1)
     assert w["best"]["lr"] == 0.1 and w["worked"] == 4 and w["runs"] == 7
-    assert guidance_entry(w) == {"lr": (0.1, 0.3), "damping": (0.01, 0.1), "best": (0.1, 0.01, 0.2), "worked": (4, 7)}
-    none = worked_ranges([_rec(0.1, None, 1.9), _rec(1.0, None, float("inf"))])
+    assert _entry(w) == {"lr": (0.1, 0.3), "damping": (0.01, 0.1), "best": (0.1, 0.01, 0.2), "worked": (4, 7)}
+    none = worked_ranges([_rec(0.1, None, 1.9), _rec(1.0, None, None)])
     assert none["lr"] is None and none["damping"] is None and none["best"] is None and none["worked"] == 0
     with pytest.raises(HyperParameterError, match="records"):
         worked_ranges([])
 
 
 def test_sweep_records_failures_as_data():
-    """A learning rate that diverges is a record with loss inf and the error's one line, not
+    """A learning rate that diverges is a record with loss None and the error's one line, not
     an exception; a method without damping ignores the damping grid."""
     from refcurv.nn import MSE, Linear, Sequential
 
@@ -82,7 +82,7 @@ def test_sweep_records_failures_as_data():
     recs = sweep("sgd", net, net.init(0), x, x, MSE(), 30, [1e-6, 10.0], dampings=[0.1, 1.0])
     assert [r["damping"] for r in recs] == [None, None]
     assert recs[0]["error"] is None and recs[0]["loss"] < recs[0]["initial"]
-    assert recs[1]["loss"] == float("inf") and recs[1]["error"].startswith("DivergenceError: sgd diverged at step")
+    assert recs[1]["loss"] is None and recs[1]["error"].startswith("DivergenceError: sgd diverged at step")
     assert recs[1]["history"] is not None and len(recs[1]["history"]["loss"]) >= 1
 
 

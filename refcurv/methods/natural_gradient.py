@@ -39,7 +39,7 @@ import numpy as np
 from scipy.linalg import block_diag
 
 from .. import curvature as cv
-from ..backend import to_numpy
+from ..backend import to_numpy, xp_of
 from ..errors import DrawsError, StateError
 from ..linalg.woodbury import spd_solve
 from ..operators import BlockDiagonal, Dense
@@ -129,7 +129,7 @@ class NaturalGradient(Method):
         if self.fisher == "exact":
             J = net.jacobian(params, batch.x)                               # (N, C, n)
             Fo = batch.loss.fisher_output(net.forward(params, batch.x))     # (N, C, C)
-            FJ = np.einsum("nab,nbp->nap", Fo, J)
+            FJ = xp_of(J).einsum("nab,nbp->nap", Fo, J)
             N = J.shape[0]
             out, start = [], 0
             for o, d in net.param_shapes:
@@ -144,8 +144,9 @@ class NaturalGradient(Method):
             U = net.per_sample_grads(params, batch.x, batch.y, batch.loss)    # per layer (N, out, d)
         else:  # the S label sets stacked as S·N samples (the draws, consumed exactly)
             S = draws.labels.shape[0]
-            x = np.concatenate([batch.x] * S)
-            ys = np.asarray(draws.labels).reshape((-1,) + tuple(np.shape(draws.labels)[2:]))
+            xp = xp_of(batch.x)
+            x = xp.concatenate([batch.x] * S)
+            ys = xp.asarray(draws.labels).reshape((-1,) + tuple(np.shape(draws.labels)[2:]))
             U = net.per_sample_grads(params, x, ys, batch.loss)
         out = []
         for u in U:
@@ -161,7 +162,8 @@ class NaturalGradient(Method):
         if state.F_bar is not None:
             F = [self.beta * Fo + (1 - self.beta) * Fn for Fo, Fn in zip(state.F_bar, F)]
         lam = self.damping
-        d = [-spd_solve(Fl + lam * np.eye(Fl.shape[0], dtype=dt), mi.ravel(), "F̄_l + λI").reshape(mi.shape)
+        xp = xp_of(g[0])
+        d = [-spd_solve(Fl + lam * xp.eye(Fl.shape[0], dtype=dt), mi.ravel(), "F̄_l + λI").reshape(mi.shape)
              for Fl, mi in zip(F, m)]
         return d, state.replace(k=state.k + 1, m=m, F_bar=F, damping_used=lam, diagnostics={"damping": float(lam)})
 

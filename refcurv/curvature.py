@@ -407,7 +407,7 @@ def gfim(net, params, x, y, loss, side="auto"):
 
 
 # ======================================================================================
-# Per-layer Gram matrices and matrix-free products (thesis 003 Ch.5 §5.3, Algorithms 17-22)
+# Per-layer Gram matrices and matrix-free products ([Ren-thesis] Ch.5 §5.3, Algorithms 17-22)
 # ======================================================================================
 #
 # Kernels of the fast forms of SMW-GN / SMW-NG / SMW-NG-BD and Hessian-free, public so that a
@@ -469,7 +469,7 @@ def grad_from_factors(A, G):
 
 
 def ef_gram(A, G, blocks=False):
-    """Gram matrix of the per-sample gradients, ``K_{ij} = u_iᵀ u_j`` ``(N, N)`` (thesis 003
+    """Gram matrix of the per-sample gradients, ``K_{ij} = u_iᵀ u_j`` ``(N, N)`` ([Ren-thesis]
     §5.3.3, the ``J Jᵀ`` of SMW-NG's ``D_t`` in (5.6) with ``H = I``; erratum SMW-1), from the
     factors by the Kronecker structure of each layer's gradient:
 

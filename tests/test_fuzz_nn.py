@@ -181,6 +181,16 @@ EXAMPLES = {
     "train.train": lambda: (train_mod.train, (REGISTRY["sgd"](), _mlp(), _mlp().init(0), X, Y["cross_entropy"],
                                               CrossEntropy(), 2, 0.1),
                             {"batch_size": 3, "seed": 0, "dense": False}),
+    "train.train#reference": lambda: (train_mod.train, (REGISTRY["sgd"](), _mlp(), _mlp().init(0), X,
+                                                        Y["cross_entropy"], CrossEntropy(), 2, 0.1),
+                                      {"reference": REGISTRY["adam"]()}),
+    "train.compare_directions": lambda: (train_mod.compare_directions,
+                                         (REGISTRY["sgd"](), {"adam": REGISTRY["adam"]()}, _mlp(), _mlp().init(0), X,
+                                          Y["cross_entropy"], CrossEntropy(), 2, 0.1), {"batch_size": 3, "seed": 0}),
+    "train.sweep": lambda: (train_mod.sweep, ("adam", _mlp(), _mlp().init(0), X, Y["cross_entropy"], CrossEntropy(),
+                                              2, [0.1]), {"dampings": [1e-3], "batch_size": 3, "seed": 0}),
+    "train.worked_ranges": lambda: (train_mod.worked_ranges,
+                                    ([{"lr": 0.1, "damping": 0.01, "loss": 0.5, "initial": 2.0}],), {"fraction": 0.5}),
 }
 
 for _name, _cls in ACTS.items():

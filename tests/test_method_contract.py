@@ -69,7 +69,8 @@ def test_state_is_typed_and_documented(name, kind):
 DRAW_VARIANTS = [("kfac", dict(n_samples=2)), ("smw_ng", dict(fisher="mc", n2=4)), ("smw_ng_bd", dict(fisher="mc")),
                  ("ngplus", dict(gram="sketch")), ("ngplus", dict(solver="sketch_ls")),
                  ("seng", dict(sketch_size=3)), ("seng", dict(threshold=0, sketch_size_A=3, sketch_size_G=2)),
-                 ("seng", dict(history="hybrid", memory=4, hybrid_v=2)), ("tnt", dict(n_samples=2))]
+                 ("seng", dict(history="hybrid", memory=4, hybrid_v=2)), ("tnt", dict(n_samples=2)),
+                 ("natural_gradient", dict(fisher="mc", n_samples=2)), ("sgd", dict(momentum=0.9, nesterov=True))]
 
 
 @pytest.mark.parametrize("name,kind", CASES + [(f"{n}|{i}", k) for i, (n, _) in enumerate(DRAW_VARIANTS) for k in NETS])

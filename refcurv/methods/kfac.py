@@ -1,4 +1,4 @@
-"""KFAC for Linear and Conv2d layers (thesis 003 Algorithm 7 (MLP) and Algorithm 12 (CNN);
+"""KFAC for Linear and Conv2d layers ([Ren-thesis] Algorithm 7 (MLP) and Algorithm 12 (CNN);
 Martens & Grosse 2015; Grosse & Martens 2016 (KFC)).
 
 **Factors.** Per layer, the curvature block is approximated by a Kronecker product of two
@@ -165,7 +165,7 @@ class KFAC(Method):
     phase: str = "k0"
 
     name = "kfac"
-    seed_ref = "003 Alg. 7, 12; (3.6)-(3.9)"
+    seed_ref = "[Ren-thesis] Alg. 7, 12; (3.6)-(3.9)"
     summary = "Kronecker-factored curvature (G ⊗ A per layer), damped split, inverted every T_inv steps"
     State = KFACState
 

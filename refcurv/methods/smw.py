@@ -1,5 +1,5 @@
 """Subsampled Gauss-Newton / natural gradient with Levenberg-Marquardt damping, inverted by
-Sherman-Morrison-Woodbury: SMW-GN, SMW-NG, SMW-NG-BD (thesis = seed 003, Chapter 5).
+Sherman-Morrison-Woodbury: SMW-GN, SMW-NG, SMW-NG-BD ([Ren-thesis], Chapter 5).
 
 Notation (thesis §5.2-§5.5; refcurv conventions of the README). A step sees the batch
 ``S₁`` (``N₁`` samples) and draws ``S₂ ⊆ S₁`` (``N₂`` samples; Algorithm 23 line 3):
@@ -380,7 +380,7 @@ class SMWGN(LMMethod):
     """
 
     name = "smw_gn"
-    seed_ref = "003 Ch.5 (5.2), (5.4)-(5.7), Alg. 17-23"
+    seed_ref = "[Ren-thesis] Ch.5 (5.2), (5.4)-(5.7), Alg. 17-23"
     summary = "subsampled Gauss-Newton + LM damping, SMW inverse (5.6)/(5.7)"
     State = SMWGNState
 
@@ -544,7 +544,7 @@ class SMWNG(_FisherLM):
     """
 
     name = "smw_ng"
-    seed_ref = "003 Ch.5 (5.3)-(5.6), §5.3.3, Alg. 23"
+    seed_ref = "[Ren-thesis] Ch.5 (5.3)-(5.6), §5.3.3, Alg. 23"
     summary = "subsampled (empirical) Fisher natural gradient + LM damping, SMW inverse (5.6)"
     State = SMWNGState
 
@@ -597,7 +597,7 @@ class SMWNGBD(_FisherLM):
     """
 
     name = "smw_ng_bd"
-    seed_ref = "003 Ch.5 §5.8 (block-diagonal (5.3)), (5.6)"
+    seed_ref = "[Ren-thesis] Ch.5 §5.8 (block-diagonal (5.3)), (5.6)"
     summary = "block-diagonal (per layer) SMW-NG + LM damping"
     State = SMWNGBDState
 

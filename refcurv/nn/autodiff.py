@@ -1,7 +1,7 @@
 """The autodiff core as pure functions, one per equation; :class:`~refcurv.nn.Sequential`
 is a thin shell that validates its input and calls them.
 
-Notation (thesis = Ren's thesis, seed ``003``: Ch.2 Algorithm 1 and (2.1)-(2.2), Ch.3
+Notation (thesis = Ren's thesis, seed ``[Ren-thesis]``: Ch.2 Algorithm 1 and (2.1)-(2.2), Ch.3
 Theorem 3, Ch.5 (5.10)-(5.11) and Algorithms 17-22; SENG (3)). For trainable module ``l``
 with weight matrix ``W_l in R^{out x d}`` (bias = last column) and input ``a_{l-1}``:
 

@@ -295,7 +295,7 @@ def sketch_unbiased_weights(problem, seed, backend="numpy"):
 
 
 def seng_lemma5(problem, seed, backend="numpy"):
-    """SENG Lemma 5 (001 App. C, (36)): the sketched SMW coefficients obey
+    """SENG Lemma 5 ([SENG] App. C, (36)): the sketched SMW coefficients obey
     ``‖b − b̂‖ ≤ (√ε + η) / ((1 − η)√h₁) ‖g‖`` with η, ε measured on the drawn sketch
     (tests/test_sketch.py derives the statement); reported as the ratio to the bound."""
     from ..linalg import sketch as SK

@@ -128,7 +128,10 @@ class NaturalGradient(Method):
         (exact) or ``U_lᵀ U_l / (S N)`` (sampled or data labels), on BLAS."""
         if self.fisher == "exact":
             J = net.jacobian(params, batch.x)                               # (N, C, n)
-            Fo = batch.loss.fisher_output(net.forward(params, batch.x))     # (N, C, C)
+            tr = net._traced(params, batch.x, "forward")[2]
+            # the loss on the flattened output: for a sequence (T, C) the sum over positions,
+            # whose output Fisher is block diagonal (refcurv.nn.losses._over_positions)
+            Fo = net._loss_for(batch.loss, tr).fisher_output(tr.out)       # (N, C, C)
             FJ = xp_of(J).einsum("nab,nbp->nap", Fo, J)
             N = J.shape[0]
             out, start = [], 0

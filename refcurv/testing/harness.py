@@ -264,9 +264,9 @@ class Report:
             q, v = w.worst
             lines.append(f"{'failing' if not w.ok else 'worst'} case: {w.description}")
             lines.append(f"  {q}: {v}")
-            bad = [f"{k}: error {u.error:.3e} > tol {u.tolerance:.3e}" for k, u in w.verdicts.items() if not u.ok]
-            if len(bad) > 1:
-                lines += ["  " + b for b in bad[:8]]
+            bad = [f"{k}: error {u.error:.3e} > tolerance {u.tolerance:.3e}" for k, u in w.verdicts.items()
+                   if not u.ok and k != q]
+            lines += ["  also " + b for b in bad[:8]]
         if self.saved:
             lines.append(f"saved: {self.saved}")
         if self.reproducer:

@@ -110,6 +110,12 @@ def test_float32_declared_but_float64_returned():
     (dict(nets=("rnn",)), RefcurvError, "nets"),
     (dict(losses=()), RefcurvError, "losses"),
     (dict(dtype=np.int64), RefcurvError, "dtype"),
+    (dict(hyper={"fisher": "ggn"}), RefcurvError, "hyper fisher"),
+    (dict(hyper={"n_samples": 0}), RefcurvError, "n_samples"),
+    (dict(hyper={"damping": 1.0}), RefcurvError, "takes"),
+    (dict(target="kfac", hyper={"dampnig": 1.0}), RefcurvError, "dampnig"),
+    (dict(target="kfac", hyper={"damping": -1.0}), RefcurvError, "damping"),
+    (dict(seed=-1), RefcurvError, "seed"),
 ])
 def test_bad_arguments_one_line(kw, err, words):
     args = dict(target="per_sample_grads", impl=psg, max_examples=2)
@@ -274,3 +280,57 @@ def test_gram():
         U = np_per_sample_grads(case.spec, case.params, case.x, case.y, case.loss_name)
         return U @ U.T
     assert check_implementation("gram", gram, nets="mlp").ok
+
+
+# ---------------------------------------------------------------------- input policy (fuzz)
+from refcurv.testing.fuzz import MALFORMED, check_call, corrupt, positions  # noqa: E402
+
+
+def _grad_impl(case):
+    return cv.grad(case.net, case.params, case.x, case.y, case.loss)
+
+
+FUZZ = {
+    "compare": lambda: (compare_fn(), (np.ones(3), np.ones(3)), dict(dtype=np.float64, n=3, cond=1.0, kind="forward")),
+    "Conventions": lambda: (Conventions, (), dict(Conventions().asdict())),
+    "Conventions.from_dict": lambda: (Conventions.from_dict, (Conventions().asdict(),), {}),
+    "Conventions.scales": lambda: (Conventions().scales, ("mse", 3, 4), {}),
+    "Conventions.check_quantity": lambda: (Conventions().check_quantity, ("grad",), {}),
+    "check_implementation": lambda: (check_implementation, ("grad", _grad_impl),
+                                     dict(conventions=Conventions(), dtype=np.float64, max_examples=1, steps=1,
+                                          hyper=None, nets=("mlp",), losses=("mse",), seed=0, save_dir=None)),
+}
+
+
+def compare_fn():
+    from refcurv.testing import compare
+    return compare
+
+
+@pytest.mark.parametrize("key", sorted(FUZZ))
+def test_malformed_arguments_are_refused_in_one_line(key):
+    fn, args, kwargs = FUZZ[key]()
+    assert check_call(key, fn, args, kwargs) == "accepted"
+    for pos in positions(args, kwargs):
+        for name, value in MALFORMED.items():
+            a, k = corrupt(args, kwargs, pos, value)
+            check_call(key, fn, a, k, f"{pos}={name}")
+
+
+def test_float32_method_steps():
+    """refcurv's own KFAC fast form run in float32 (its fast forms run in the input dtype) is
+    judged at float32 tolerance against the float64 dense form, on parameters rounded to float32
+    at every step."""
+    from refcurv.methods import REGISTRY, Batch
+
+    def impl(case):
+        m = REGISTRY["kfac"](**case.hyper)
+        state, out = m.init(case.net, case.params), []
+        for st in case.steps:
+            assert all(W.dtype == np.float32 for W in st.params) and st.x.dtype == np.float32
+            d, state = m.step(state, case.net, st.params, Batch(st.x, st.y, case.loss), draws=st.draws)
+            out.append(d)
+        return out
+    r = check_implementation("kfac", impl, dtype=np.float32, hyper=dict(fisher="exact"), max_examples=10)
+    assert r.ok, str(r)
+    assert all(v.dtype == "float32" for c in r.cases for v in c.verdicts.values())

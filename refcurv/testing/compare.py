@@ -90,7 +90,7 @@ def compare(actual, expected, *, dtype=None, n=None, cond=1.0, kind="forward"):
     if isinstance(cond, (bool, np.bool_)) or not isinstance(cond, (int, float, np.integer, np.floating)) \
             or not np.isfinite(cond) or cond < 1:
         raise HyperParameterError(f"cond must be a finite number >= 1, got {cond!r}")
-    if kind not in ("forward", "residual"):
+    if not isinstance(kind, str) or kind not in ("forward", "residual"):
         raise HyperParameterError(f"kind must be 'forward' or 'residual', got {kind!r}")
     tol = float(tolerance(int(n), float(cond), dt, kind))
     if not np.all(np.isfinite(a)):

@@ -406,7 +406,10 @@ def _method_run(case, method_name):
         refs.append((conv.signed(conv.vector(d_flat, net)), None if C is None else conv.matrix(C, net), cond))
         cast = np.dtype(case.dtype)
         steps.append(Step(k, [W.astype(cast) for W in params], xk, yk, draws, case))
-        params = [W + LR * np.asarray(Di, dtype=np.float64) for W, Di in zip(params, d)]
+        # the next step's parameters, rounded to the implementation's dtype (it receives
+        # them rounded, so the reference is computed from exactly what it sees)
+        params = [(W + LR * np.asarray(Di, dtype=np.float64)).astype(cast).astype(np.float64)
+                  for W, Di in zip(params, d)]
         state = new
     return refs, tuple(steps)
 
@@ -667,7 +670,10 @@ def check_implementation(target, impl, conventions=None, dtype=np.float64, max_e
         raise ConventionsError(f"Conventions.bias='separate' is not available for method {target!r} (its blocks are joint)")
     if target not in QUANTITIES and conventions.conv == "backpack":
         raise ConventionsError(f"Conventions.conv='backpack' is a factor convention; method {target!r} has conv 'expand' or 'reduce'")
+    if hyper is not None and (not isinstance(hyper, dict) or not all(isinstance(k, str) for k in hyper)):
+        raise HyperParameterError(f"hyper must be None or a dict {{name: value}}, got {type(hyper).__name__}")
     hyper = {} if hyper is None else dict(hyper)
+    _check_hyper(target, hyper)
     if target == "kfac":
         if "conv" in hyper and hyper["conv"] != conventions.conv:
             raise ConventionsError(f"hyper conv={hyper['conv']!r} contradicts Conventions.conv={conventions.conv!r}")
@@ -681,12 +687,11 @@ def check_implementation(target, impl, conventions=None, dtype=np.float64, max_e
     for name, v, lo in (("max_examples", max_examples, 1), ("steps", steps, 1), ("max_batch", max_batch, 2)):
         if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < lo:
             raise HyperParameterError(f"{name} must be an int >= {lo}, got {v!r}")
-    nets = (nets,) if isinstance(nets, str) else tuple(nets)
-    losses = (losses,) if isinstance(losses, str) else tuple(losses)
-    if not nets or any(k not in NETS for k in nets):
-        raise HyperParameterError(f"nets must be a non-empty subset of {NETS}, got {nets!r}")
-    if not losses or any(k not in LOSSES for k in losses):
-        raise HyperParameterError(f"losses must be a non-empty subset of {LOSSES}, got {losses!r}")
+    nets, losses = _words(nets, "nets", NETS), _words(losses, "losses", LOSSES)
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise HyperParameterError(f"seed must be a non-negative int, got {seed!r}")
+    if save_dir is not None and not isinstance(save_dir, (str, os.PathLike)):
+        raise HyperParameterError(f"save_dir must be None or a path, got {type(save_dir).__name__}")
     if target in ("kbfgs-mlp", "kbfgs-l-mlp") and "cnn" in nets:
         nets = tuple(k for k in nets if k == "mlp") or ("mlp",)  # these methods are for Linear layers only
 
@@ -731,6 +736,37 @@ def check_implementation(target, impl, conventions=None, dtype=np.float64, max_e
             report.reproducer = ("check_implementation(..., save_dir=DIR) saves the failing case; then\n"
                                  + _reproducer(os.path.join("DIR", f"{target}-failure.npz"), target))
     return report
+
+
+QUANTITY_HYPER = {"fisher": ("exact", "mc", "empirical"), "n_samples": None,
+                  "of": ("ggn", "hessian", "fisher", "empirical_fisher")}
+
+
+def _check_hyper(target, hyper):
+    """Refuse hyper-parameters the target does not take, before any case runs."""
+    from ..methods import REGISTRY
+    if target not in QUANTITIES:
+        probe = dict(hyper)
+        if "damping" in REGISTRY[target].hyper_parameters():
+            probe.setdefault("damping", 0.1)  # drawn per case; any valid value to probe the rest
+        REGISTRY[target](**probe)  # the method's own one-line refusal
+        return
+    for k, v in hyper.items():
+        if k not in QUANTITY_HYPER:
+            raise HyperParameterError(f"hyper for target {target!r} takes {sorted(QUANTITY_HYPER)}, got {k!r}")
+        if k == "n_samples":
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise HyperParameterError(f"hyper n_samples must be a positive int, got {v!r}")
+        elif not isinstance(v, str) or v not in QUANTITY_HYPER[k]:
+            raise HyperParameterError(f"hyper {k} must be one of {QUANTITY_HYPER[k]}, got {v!r}")
+
+
+def _words(value, name, choices):
+    value = (value,) if isinstance(value, str) else value
+    if not isinstance(value, (list, tuple)) or not value or any(not isinstance(k, str) or k not in choices
+                                                                  for k in value):
+        raise HyperParameterError(f"{name} must be a non-empty subset of {choices}, got {value!r}")
+    return tuple(value)
 
 
 def assert_conforms(target, impl, **kwargs):

@@ -226,7 +226,8 @@ def from_torch(module, input_shape, dtype=np.float64):
 
 def _torch_dtype(torch, dtype):
     if not isinstance(dtype, torch.dtype):
-        raise ArgumentTypeError(f"dtype must be a torch floating dtype such as torch.float64, got {describe(dtype)}")
+        # not describe(): a NumPy scalar type (np.float64) has class-level dtype/shape attributes
+        raise ArgumentTypeError(f"dtype must be a torch floating dtype such as torch.float64, got {dtype!r}")
     if not dtype.is_floating_point:
         raise HyperParameterError(f"dtype must be a torch floating dtype such as torch.float64, got {dtype}")
     return dtype

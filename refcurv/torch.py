@@ -24,12 +24,13 @@ and ``M_torch = M[np.ix_(p, p)]`` for any curvature matrix ``M`` in refcurv orde
 Kronecker factors. refcurv's KFAC block of a layer is ``G ⊗ A`` on its row-major ``vec(W)``,
 with the joint ``A`` of the homogeneous input ``[a; 1]`` (ones row LAST, thesis (3.1)).
 Splitting ``A = [[A_ww, a_wb], [a_wbᵀ, a_bb]]`` (``A_ww`` the first ``fan_in`` rows and
-columns, ``a_bb = A[-1, -1]``, which is 1 for Linear layers' mean of ones), the same block in
+columns, ``a_bb = A[-1, -1]``, 1 in refcurv's factors: the mean of the ones row), the same block in
 PyTorch's ``[weight.ravel(), bias]`` order is ``[[G ⊗ A_ww, G ⊗ a_wb], [G ⊗ a_wbᵀ, a_bb G]]``:
 the weight's block is ``G ⊗ A_ww`` (``(G ⊗ A_ww) weight.ravel() = (G weight A_wwᵀ).ravel()``)
 and the bias's is ``a_bb G``. A library that treats weight and bias as separate blocks
 (curvlinops' ``separate_weight_and_bias=True``) keeps the two diagonal blocks and drops the
-cross terms; ``permutation`` converts the dense form (``(G ⊗ A)[np.ix_(q, q)]`` with ``q`` the
+cross terms (:func:`kronecker_to_torch` gives those two blocks as factor pairs);
+``permutation`` converts the dense joint form (``(G ⊗ A)[np.ix_(q, q)]`` with ``q`` the
 layer's part of ``p``).
 """
 from __future__ import annotations
@@ -55,7 +56,7 @@ from .vec import permutation as _vec_permutation
 from .vec import unflatten
 
 __all__ = ["from_torch", "torch_module", "to_torch", "from_torch_tensors", "permutation",
-           "loss_from_torch", "LossMap", "SUPPORTED"]
+           "kronecker_to_torch", "loss_from_torch", "LossMap", "SUPPORTED"]
 
 #: The PyTorch modules :func:`from_torch` converts (nested ``Sequential`` is flattened,
 #: ``Identity`` dropped).
@@ -303,6 +304,8 @@ def to_torch(net, mats):
             lead = W.shape[:-2]
         elif W.shape[:-2] != lead:
             raise ShapeError(f"mats[{j}] has leading axes {W.shape[:-2]}, mats[0] has {lead}")
+        if not np.isfinite(W).all():
+            raise NonFiniteError(f"mats[{j}] contains NaN or Inf")
         fan_in = layer.fan_in
         wshape = ((layer.out_features, layer.in_features) if isinstance(layer, Linear)
                   else (layer.c_out, layer.c_in) + tuple(layer.kernel_size))
@@ -392,6 +395,47 @@ def permutation(net):
     ``M[np.ix_(p, p)]``, and back with ``np.argsort(p)``. (:func:`refcurv.vec.permutation`
     with ``order="torch"``.)"""
     return _vec_permutation(_check_net(net), "torch")
+
+
+def kronecker_to_torch(net, factors):
+    """refcurv's Kronecker factors as factor pairs per PyTorch parameter tensor.
+
+    ``factors``: per trainable layer ``(A, G)`` as :func:`refcurv.curvature.kfac_factors`
+    returns them (layer block ``G ⊗ A`` on refcurv's row-major ``vec(W)``, ``A`` the joint
+    factor of ``[a; 1]`` with the ones row LAST). Returns, in ``module.parameters()`` order, one
+    pair ``(G, A_p)`` of torch tensors per parameter with block ``G ⊗ A_p`` on that tensor's
+    row-major ``ravel()``: the weight's ``A_p = A[:fan_in, :fan_in]`` (Conv2d: rows ``(c_in,
+    kh, kw)``, the order of ``weight.ravel()``), the bias's ``A_p = A[-1:, -1:]`` (1×1: the
+    bias block is ``A[-1, -1] · G``). The weight–bias cross blocks ``G ⊗ A[:fan_in, -1]`` are
+    not in this form (weight and bias as separate blocks, curvlinops'
+    ``separate_weight_and_bias=True``); the full joint block in PyTorch's order is
+    ``(G ⊗ A)[np.ix_(q, q)]`` with ``q`` the layer's part of :func:`permutation`."""
+    torch = _import_torch()
+    _check_net(net)
+    layers = net.layers_trainable
+    if not isinstance(factors, (list, tuple)) or len(factors) != len(layers):
+        raise ShapeError(f"factors must be a list of {len(layers)} (A, G) pairs, got {describe(factors)}"
+                         + (f" of length {len(factors)}" if isinstance(factors, (list, tuple)) else ""))
+    out = []
+    for j, (pair, layer) in enumerate(zip(factors, layers)):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise ShapeError(f"factors[{j}] must be a pair (A, G), got {describe(pair)}")
+        A = to_numpy(real_array(pair[0], f"factors[{j}][0] (A)"))
+        G = to_numpy(real_array(pair[1], f"factors[{j}][1] (G)"))
+        d, o = layer.param_shape[1], layer.out_features
+        if A.shape != (d, d):
+            raise ShapeError(f"factors[{j}][0] (A) has shape {A.shape}, {layer!r} needs ({d}, {d})")
+        if G.shape != (o, o):
+            raise ShapeError(f"factors[{j}][1] (G) has shape {G.shape}, {layer!r} needs ({o}, {o})")
+        for name, M in (("A", A), ("G", G)):
+            if not np.isfinite(M).all():
+                raise NonFiniteError(f"factors[{j}] ({name}) contains NaN or Inf")
+        t = lambda M: torch.from_numpy(np.array(M, copy=True))  # noqa: E731  (no memory shared)
+        f = layer.fan_in
+        out.append((t(G), t(A[:f, :f])))
+        if layer.bias:
+            out.append((t(G), t(A[f:, f:])))
+    return out
 
 
 # --------------------------------------------------------------------------- losses

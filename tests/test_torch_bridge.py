@@ -472,6 +472,8 @@ def test_tensor_converters_bad_input():
         rt.to_torch(net, params[:1])
     with pytest.raises(ShapeError, match=r"mats\[1\] has shape \(2, 1\)"):
         rt.to_torch(net, [params[0], params[1].T])
+    with pytest.raises(NonFiniteError, match=r"mats\[0\] contains NaN"):
+        rt.to_torch(net, [np.full_like(params[0], np.nan), params[1]])
     with pytest.raises(ShapeError, match="flat theta"):
         rt.to_torch(net, np.zeros(5))
     with pytest.raises(ArgumentTypeError, match="net must be a refcurv.nn.Sequential"):
@@ -523,3 +525,29 @@ def test_import_needs_no_torch_and_a_call_says_what_to_install(monkeypatch):
                          capture_output=True, text=True, check=True,
                          cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("conv", ["expand", "reduce"])
+def test_kronecker_to_torch_is_the_separate_weight_bias_part(conv):
+    """Per torch parameter, G ⊗ A_p equals the joint block permuted to torch order with the
+    weight–bias cross blocks removed; shapes match the parameters'."""
+    from scipy.linalg import block_diag
+
+    m = nn.Sequential(nn.Conv2d(2, 3, 2, stride=2, bias=True), nn.Tanh(), nn.Flatten(),
+                      nn.Linear(12, 4, bias=False), nn.Sigmoid(), nn.Linear(4, 3)).double()
+    net, params = rt.from_torch(m, (2, 4, 4))
+    x, y, _ = data("cross_entropy", 5, (2, 4, 4), 3, 0)
+    fac = cv.kfac_factors(net, params, x, y, rc.nn.CrossEntropy(), conv=conv)
+    pairs = rt.kronecker_to_torch(net, fac)
+    assert [np.prod([G.shape[0], A.shape[0]]) for G, A in pairs] == [p.numel() for p in m.parameters()]
+    mine = block_diag(*[np.kron(G.numpy(), A.numpy()) for G, A in pairs])
+    joint = block_diag(*[np.kron(G, A) for A, G in fac])
+    p = rt.permutation(net)
+    want = joint[np.ix_(p, p)]
+    owner = np.repeat(np.arange(len(pairs)), [p.numel() for p in m.parameters()])
+    want[owner[:, None] != owner[None, :]] = 0.0  # keep the per-tensor diagonal blocks
+    assert np.array_equal(mine, want)
+    with pytest.raises(ShapeError, match=r"factors\[1\]\[0\] \(A\) has shape \(13, 13\)"):
+        rt.kronecker_to_torch(net, [fac[0], (np.eye(13), fac[1][1]), fac[2]])
+    with pytest.raises(ShapeError, match="factors must be a list of 3"):
+        rt.kronecker_to_torch(net, fac[:2])

@@ -242,7 +242,7 @@ def _check_loss_and_grad(spec, shape, C, bias, lname, reduction, N, seed):
     net, params = rt.from_torch(m, shape)
     lm = rt.loss_from_torch(LOSS_CLASSES[lname](reduction=reduction), C, batch_size=N)
     assert lm.reduction == reduction
-    assert lm.scale == (lm.loss_scale if reduction == "mean" else lm.loss_scale * N)
+    assert lm.scale == (lm.per_sample_scale if reduction == "mean" else lm.per_sample_scale * N)
     x, y, yt = data(lname, N, shape, C, seed)
     value_t, grads_t = torch_grad(m, LOSS_CLASSES[lname](reduction=reduction), x, yt)
     value_r = net.loss(params, x, y, lm.loss)
@@ -291,9 +291,16 @@ def test_loss_scales_as_stated():
     assert rt.loss_from_torch(nn.BCEWithLogitsLoss(), 4).scale == 0.25
     assert rt.loss_from_torch(nn.BCEWithLogitsLoss(reduction="sum"), 4, batch_size=3).scale == 3.0
     lm = rt.loss_from_torch(nn.MSELoss(reduction="sum"), 4, batch_size=3)
-    assert (lm.reduction, lm.loss_scale) == ("sum", 2.0) and isinstance(lm.loss, rc.nn.MSE)
+    assert (lm.reduction, lm.per_sample_scale) == ("sum", 2.0) and isinstance(lm.loss, rc.nn.MSE)
     loss, scale, formula, *_ = rt.loss_from_torch(nn.CrossEntropyLoss(), 4)
-    assert isinstance(loss, rc.nn.CrossEntropy) and "N" in formula
+    assert isinstance(loss, rc.nn.CrossEntropy) and formula.endswith("scale 1 = 1")
+    assert rt.loss_from_torch(nn.MSELoss(), 4).formula.endswith("scale 2/C = 0.5")
+    # sequence outputs (T, C): PyTorch's mean also runs over the T positions
+    assert rt.loss_from_torch(nn.MSELoss(), (5, 4)).scale == 2 / 20
+    assert rt.loss_from_torch(nn.CrossEntropyLoss(), (5, 4)).scale == 1 / 5
+    assert rt.loss_from_torch(nn.BCEWithLogitsLoss(), (5, 4)).scale == 1 / 20
+    assert rt.loss_from_torch(nn.MSELoss(reduction="sum"), (5, 4), batch_size=3).scale == 6.0
+    assert rt.loss_from_torch(nn.CrossEntropyLoss(), (5, 4)).formula.endswith("scale 1/T = 0.2")
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -511,6 +518,10 @@ def test_loss_from_torch_bad_n_outputs():
         rt.loss_from_torch(nn.MSELoss(), 2.0)
     with pytest.raises(HyperParameterError, match="n_outputs must be >= 1"):
         rt.loss_from_torch(nn.MSELoss(), 0)
+    with pytest.raises(ShapeError, match=r"n_outputs must be C or a sequence output's shape \(T, C\)"):
+        rt.loss_from_torch(nn.MSELoss(), (2, 3, 4))
+    with pytest.raises(HyperParameterError, match=r"n_outputs\[0\] \(T\) must be >= 1"):
+        rt.loss_from_torch(nn.MSELoss(), (0, 3))
     # the default ignore_index (-100) is never a class: accepted
     assert rt.loss_from_torch(nn.CrossEntropyLoss(), 3).scale == 1.0
 

@@ -193,9 +193,46 @@ def test_backpack_conv_factors():
     Fe = cv.kfac_factors(net, params, x, y, CrossEntropy(), conv="expand")
     Fr = cv.kfac_factors(net, params, x, y, CrossEntropy(), conv="reduce")
     out = Conventions(conv="backpack").kfac_factors(Fe, Fr, net, [4, 1], g_scale=2.0)
-    np.testing.assert_array_equal(out[0][0], Fe[0][0])
-    np.testing.assert_allclose(out[0][1], 2.0 * 4 * Fr[0][1], rtol=1e-15)
+    np.testing.assert_allclose(out[0][0], 4 * Fe[0][0], rtol=1e-15)
+    np.testing.assert_allclose(out[0][1], 2.0 * Fr[0][1], rtol=1e-15)
+    # the Kronecker block is T·G_reduce ⊗ A_expand (design §9)
+    np.testing.assert_allclose(np.kron(out[0][1], out[0][0]), np.kron(2.0 * 4 * Fr[0][1], Fe[0][0]), rtol=1e-14)
     np.testing.assert_allclose(out[1][1], 2.0 * Fe[1][1], rtol=1e-15)  # Linear: T = 1, all agree
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_backpack_kflr_is_the_backpack_convention(reduction):
+    """BackPACK's KFLR factors (per parameter: weight [G, A], bias [G]) on a CNN with MSELoss
+    are refcurv's exact KFAC factors in Conventions(conv="backpack", bias="separate",
+    loss_scale="torch") — the convention measured, not assumed."""
+    torch = pytest.importorskip("torch")
+    backpack = pytest.importorskip("backpack")
+    from backpack.extensions import KFLR
+
+    from refcurv.testing.harness import _locations, _torch_module
+    spec = (("conv", 2, 3, 2, 1, 1, True), ("act", "tanh"), ("flatten",), ("linear", 48, 2, True))
+    net = Sequential([Conv2d(2, 3, 2, stride=1, padding=1), Tanh(), Flatten(), Linear(48, 2)], input_shape=(2, 3, 3))
+    params = net.init(seed=0)
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((3, 2, 3, 3)), rng.standard_normal((3, 2))
+    mod = backpack.extend(_torch_module(spec, params, torch.float64))
+    lossf = backpack.extend(torch.nn.MSELoss(reduction=reduction))
+    with backpack.backpack(KFLR()):
+        lossf(mod(torch.tensor(x)), torch.tensor(y)).backward()
+    c = Conventions(conv="backpack", bias="separate", loss_scale="torch", reduction=reduction)
+    s, _ = c.scales("mse", 2, 3)
+    Fe = cv.kfac_factors(net, params, x, y, MSE(), conv="expand")
+    Fr = cv.kfac_factors(net, params, x, y, MSE(), conv="reduce")
+    ours = c.kfac_factors(Fe, Fr, net, _locations(net, x), g_scale=s)
+    theirs = [p.kflr for p in mod.parameters()]
+    assert len(ours) == len(theirs) == 4
+    n = 3 * net.n_params * 16  # samples × parameters × locations: the longest sum
+    for (A, G), kflr in zip(ours, theirs):
+        assert compare(kflr[0], G, n=n).ok
+        if len(kflr) > 1:
+            assert compare(kflr[1], A, n=n).ok
+        else:
+            assert A.shape == (1, 1) and A[0, 0] == 1.0
 
 
 # ------------------------------------------------------------------ compare

@@ -133,8 +133,11 @@ class Conventions:
     * ``conv`` -- the conv factors of KFAC (``refcurv.curvature.kfac_factors``; ``T`` output
       locations): ``"expand"`` ``A = (1/(NT)) Σ_{n,t} a aᵀ``, ``G = (1/N) Σ_{n,t} g gᵀ``;
       ``"reduce"`` ``A = (1/N) Σ_n â âᵀ`` (``â = mean_t a``), ``G = (1/N) Σ_n ĝ ĝᵀ``
-      (``ĝ = Σ_t g``); ``"backpack"`` (BackPACK's KFLR, design §9): ``A = A_expand``,
-      ``G = T · G_reduce``. All three coincide for Linear layers (``T = 1``).
+      (``ĝ = Σ_t g``); ``"backpack"`` (BackPACK's KFLR, design §9: the block
+      ``T·G_reduce ⊗ A_expand``, measured against backpack-for-pytorch 1.7.1 in
+      tests/test_conventions.py): ``A = T·A_expand = (1/N) Σ_{n,t} a aᵀ``, ``G = G_reduce``,
+      and with ``bias="separate"`` the bias factor ``G_reduce`` alone (``A_bb = 1``, the exact
+      bias block). All three coincide for Linear layers (``T = 1``).
     * ``damping`` -- where the damping ``λ`` sits in a Kronecker-factored curvature (KFAC,
       with the undamped factors ``Γ, Ω`` of the last inverse refresh, KFC scaling):
       ``"method"``: the method's own (KFAC: ``(Γ + √λ/π I) ⊗ (Ω + π√λ I)``, ``π`` by its
@@ -316,12 +319,15 @@ class Conventions:
                 A, G = Ae, Ge
             elif self.conv == "reduce":
                 A, G = Ar, Gr
-            else:  # BackPACK KFLR: T · G_reduce ⊗ A_expand
-                A, G = Ae, T * Gr
+            else:  # BackPACK's KFLR: T·A_expand (a sum over positions) and G_reduce
+                A, G = T * np.asarray(Ae, dtype=np.float64), Gr
             G = g_scale * np.asarray(G, dtype=np.float64)
             A = np.asarray(A, dtype=np.float64)
             if self.bias == "separate" and m.bias:
-                out += [(A[:-1, :-1], G), (A[-1:, -1:], G)]
+                # BackPACK's bias factor is G_reduce alone, the exact bias block (ĝ = Σ_t g is
+                # the bias gradient's cotangent), not G_reduce·T of the joint split
+                A_b = np.ones((1, 1)) if self.conv == "backpack" else A[-1:, -1:]
+                out += [(A[:-1, :-1], G), (A_b, G)]
             else:
                 out.append((A, G))
         return out

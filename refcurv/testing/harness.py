@@ -230,8 +230,8 @@ def _SequenceMean():
 def build(spec, input_shape):
     """refcurv ``Sequential`` from a spec (:mod:`refcurv.testing.strategies`, plus
     ``("mean",)`` for :class:`~refcurv.nn.SequenceMean`)."""
-    from ..nn import Conv2d, Flatten, Linear, SequenceMean, Sequential
-    from .strategies import ACTIVATIONS
+    from ..nn import Conv2d, Flatten, Linear, ReLU, SequenceMean, Sequential, Sigmoid, Softplus, Tanh
+    acts = {"relu": ReLU, "tanh": Tanh, "sigmoid": Sigmoid, "softplus": Softplus}  # strategies.ACTIVATIONS
     layers = []
     for sp in spec:
         if sp[0] == "linear":
@@ -239,7 +239,7 @@ def build(spec, input_shape):
         elif sp[0] == "conv":
             layers.append(Conv2d(sp[1], sp[2], sp[3], stride=sp[4], padding=sp[5], bias=sp[6]))
         elif sp[0] == "act":
-            layers.append(ACTIVATIONS[sp[1]]())
+            layers.append(acts[sp[1]]())
         elif sp[0] == "mean":
             layers.append(SequenceMean())
         else:
@@ -787,8 +787,11 @@ def check_implementation(target, impl, conventions=None, dtype=np.float64, max_e
     if target in ("kbfgs-mlp", "kbfgs-l-mlp") and "cnn" in nets:
         nets = tuple(k for k in nets if k == "mlp") or ("mlp",)  # these methods are for Linear layers only
 
-    from hypothesis import HealthCheck, Phase, given, settings
-    from hypothesis import seed as hseed
+    try:
+        from hypothesis import HealthCheck, Phase, given, settings
+        from hypothesis import seed as hseed
+    except ImportError:
+        raise ImportError("refcurv.testing.check_implementation needs hypothesis: pip install 'refcurv[test]'") from None
 
     cases, state = [], {"last_failure": None, "impl_error": None}
 

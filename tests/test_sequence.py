@@ -14,12 +14,16 @@ Tolerances: two exact float64 algorithms (batched backprop/R-op vs autograd trac
 tiny nets, compared at the suite's autodiff bound (tolerance.py, ``AUTODIFF_RTOL``); the
 method's fast-vs-dense comparison at ``forward_tol``/``residual_tol`` as test_method_kfac.
 """
+import itertools
+
 import autograd.numpy as anp
 import numpy as np
 import pytest
 from autograd import grad as agrad
 from autograd import hessian as ahessian
 from autograd import jacobian as ajacobian
+from hypothesis import given
+from hypothesis import strategies as st
 from oracle import ACT, per_sample_loss
 
 import refcurv as rc
@@ -27,8 +31,20 @@ from refcurv import curvature as cv
 from refcurv.errors import ShapeError
 from refcurv.methods.base import Batch
 from refcurv.methods.kfac import KFAC
-from refcurv.nn import (BCE, MSE, Conv2d, CrossEntropy, Flatten, Linear, ReLU, Sequential, SequenceMean, Sigmoid,
-                        Softplus, Tanh)
+from refcurv.nn import (
+    BCE,
+    MSE,
+    Conv2d,
+    CrossEntropy,
+    Flatten,
+    Linear,
+    ReLU,
+    SequenceMean,
+    Sequential,
+    Sigmoid,
+    Softplus,
+    Tanh,
+)
 from refcurv.testing.tolerance import assert_close, forward_tol, rel_err, residual_tol
 
 LOSSES = {"mse": MSE, "cross_entropy": CrossEntropy, "bce": BCE}
@@ -250,6 +266,27 @@ def test_sequence_nets_match_autograd(case):
                 assert_close(G, G_ref, what=f"G {conv} {kind} layer {layer}")
 
 
+@given(st.sampled_from(["expand", "reduce", "flatten"]), st.sampled_from(sorted(ACTS)), st.sampled_from(sorted(LOSSES)),
+       st.tuples(st.booleans(), st.booleans()), st.integers(1, 4), st.integers(1, 3), st.integers(1, 4),
+       st.integers(1, 4), st.integers(1, 3), st.integers(0, 2**31 - 1))
+def test_random_sequence_nets_match_autograd(arch, act, loss_name, biases, T, N, d, h, C, seed):
+    """Shapes hypothesis draws (``T = 1``, one feature, one class included): outputs,
+    per-sample gradients, GGN and both KFAC flavours (exact Fisher) against the reference."""
+    spec = spec_of(arch, act, biases, d=d, h=h, C=C, T=T)
+    net, params, x, y = data(spec, loss_name, N=N, T=T, seed=seed)
+    loss = LOSSES[loss_name]()
+    ref, theta = Ref(spec, loss_name, x, y), rc.flatten(params)
+    assert_close(net.forward(params, x), np.asarray(ref_forward(spec, theta, x)), what="forward")
+    assert_close(cv.per_sample_grads(net, params, x, y, loss), ajacobian(ref.psi)(theta), what="per-sample grads")
+    J, H = ajacobian(ref.f)(theta), ref.output_hessians(theta)
+    assert_close(cv.ggn(net, params, x, y, loss), np.einsum("ncp,ncd,ndq->pq", J, H, J) / N, what="ggn")
+    for conv in ("expand", "reduce"):
+        for layer, (A, G) in enumerate(cv.kfac_factors(net, params, x, y, loss, conv=conv)):
+            A_ref, G_ref = ref.kfac(theta, layer, H, conv)
+            assert_close(A, A_ref, what=f"A {conv} layer {layer}")
+            assert_close(G, G_ref, what=f"G {conv} layer {layer}")
+
+
 @pytest.mark.parametrize("loss_name", list(LOSSES))
 def test_preactivation_hessians_of_a_sequence_layer(loss_name):
     """``∂²ψ_i/∂h_l²`` with ``h_l`` flattened row-major over ``(out, T)`` (the documented
@@ -266,8 +303,8 @@ def test_preactivation_hessians_of_a_sequence_layer(loss_name):
         h = a @ W[:, :-1].T + W[:, -1]  # (N, T, out)
         N, T, out = h.shape
 
-        def total(v):  # v: h in (N, out, T) order, flattened
-            hh = anp.transpose(anp.reshape(v, (N, out, T)), (0, 2, 1))
+        def total(v, shape=(N, out, T), layer=layer):  # v: h in (N, out, T) order, flattened
+            hh = anp.transpose(anp.reshape(v, shape), (0, 2, 1))
             return anp.sum(ref_psi(loss_name, ref_forward(spec, theta, x, start=layer, h_start=hh), y))
 
         Hfull = ahessian(total)(np.transpose(h, (0, 2, 1)).ravel()).reshape(N, out * T, N, out * T)
@@ -311,7 +348,7 @@ def test_sequence_linear_is_a_1x1_convolution(loss_name, bias):
 # ------------------------------------------------------------------ Eschenhagen et al. exactness
 def _deep_linear(setting, widths, biases, T):
     layers = []
-    for k, (i, o) in enumerate(zip(widths[:-1], widths[1:])):
+    for k, (i, o) in enumerate(itertools.pairwise(widths)):
         if setting == "reduce" and k == len(widths) - 2:
             layers.append(SequenceMean())  # the reduction before the last layer (a classifier head)
         layers.append(Linear(i, o, bias=biases[k]))

@@ -562,3 +562,41 @@ def test_kronecker_to_torch_is_the_separate_weight_bias_part(conv):
         rt.kronecker_to_torch(net, [fac[0], (np.eye(13), fac[1][1]), fac[2]])
     with pytest.raises(ShapeError, match="factors must be a list of 3"):
         rt.kronecker_to_torch(net, fac[:2])
+
+
+# ----------------------------------------------------------------------------- input-policy fuzz
+def _fuzz_net():
+    return rc.nn.Sequential([rc.nn.Conv2d(1, 2, 2), rc.nn.Tanh(), rc.nn.Flatten(), rc.nn.Linear(8, 2)])
+
+
+def _fuzz_examples():
+    """A valid call per public callable of refcurv.torch (the fuzz test corrupts one argument)."""
+    net = _fuzz_net()
+    params = net.init(0)
+    m = rt.torch_module(net, params)
+    x = np.random.default_rng(0).standard_normal((3, 1, 3, 3))
+    fac = cv.kfac_factors(net, params, x, np.array([0, 1, 1]), rc.nn.CrossEntropy())
+    return {
+        "from_torch": lambda: (rt.from_torch, (m, (1, 3, 3)), {"dtype": np.float64}),
+        "torch_module": lambda: (rt.torch_module, (net, params), {"dtype": torch.float32}),
+        "to_torch": lambda: (rt.to_torch, (net, params), {}),
+        "from_torch_tensors": lambda: (rt.from_torch_tensors, (net, list(m.parameters())), {"dtype": np.float64}),
+        "permutation": lambda: (rt.permutation, (net,), {}),
+        "kronecker_to_torch": lambda: (rt.kronecker_to_torch, (net, fac), {}),
+        "loss_from_torch": lambda: (rt.loss_from_torch, (nn.MSELoss(reduction="sum"), 2), {"batch_size": 3}),
+        "LossMap": lambda: (rt.LossMap, (rc.nn.MSE(), 1.0, "f", "mean", 1.0), {}),
+    }
+
+
+def test_fuzz_examples_cover_every_public_callable():
+    from refcurv.testing.fuzz import public_callables
+
+    assert set(public_callables(rt)) == set(_fuzz_examples())
+
+
+@pytest.mark.parametrize("key", sorted(_fuzz_examples()))
+@given(data=st.data())
+def test_fuzz_refcurv_torch(key, data):
+    from refcurv.testing.fuzz import fuzz_one
+
+    fuzz_one(_fuzz_examples(), key, data)

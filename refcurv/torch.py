@@ -49,7 +49,20 @@ from .errors import (
     ShapeError,
     UnsupportedLayerError,
 )
-from .nn import BCE, MSE, Conv2d, CrossEntropy, Flatten, Linear, ReLU, Sequential, Sigmoid, Softplus, Tanh
+from .nn import (
+    BCE,
+    MSE,
+    Conv2d,
+    CrossEntropy,
+    Flatten,
+    Linear,
+    ReLU,
+    Sequential,
+    Sigmoid,
+    Softplus,
+    Tanh,
+)
+from .nn import SequenceMean as _SequenceMean  # not a public name here: rt.SequenceMean is the torch module
 from .nn._checks import check_dtype, describe, real_array
 from .nn.layers import _positive_int
 from .vec import permutation as _vec_permutation
@@ -61,7 +74,8 @@ __all__ = ["from_torch", "torch_module", "to_torch", "from_torch_tensors", "perm
 #: The PyTorch modules :func:`from_torch` converts (nested ``Sequential`` is flattened,
 #: ``Identity`` dropped).
 SUPPORTED = ("Linear", "Conv2d", "ReLU", "Tanh", "Sigmoid", "Softplus", "Flatten")
-_SUPPORTED_LINE = "supported: " + ", ".join(SUPPORTED) + " (and nested Sequential, Identity)"
+_SUPPORTED_LINE = ("supported: " + ", ".join(SUPPORTED)
+                   + " (and nested Sequential, Identity, refcurv.torch.SequenceMean)")
 
 
 def _import_torch():
@@ -70,6 +84,34 @@ def _import_torch():
     except ImportError:
         raise ImportError("refcurv.torch needs PyTorch: pip install 'refcurv[torch]'") from None
     return torch
+
+
+_CLASSES = {}
+
+
+def _torch_sequence_mean(torch):
+    """The PyTorch module of :class:`refcurv.nn.SequenceMean` (``(N, T, d) -> (N, d)``, the mean
+    over positions), defined on first use so that this module imports without PyTorch."""
+    cls = _CLASSES.get("SequenceMean")
+    if cls is None:
+        class SequenceMean(torch.nn.Module):
+            """Mean over the positions of a sequence, ``(N, T, d) -> (N, d)``: PyTorch has no
+            module for it; this one is :class:`refcurv.nn.SequenceMean` (the reduce setting of
+            Eschenhagen et al. 2023, e.g. a transformer's mean pooling)."""
+
+            def forward(self, x):
+                return x.mean(dim=-2)
+
+        SequenceMean.__module__ = __name__
+        _CLASSES["SequenceMean"] = cls = SequenceMean
+    return cls
+
+
+def __getattr__(name):
+    # refcurv.torch.SequenceMean: a torch.nn.Module class, so it needs PyTorch when asked for
+    if name == "SequenceMean":
+        return _torch_sequence_mean(_import_torch())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _check_net(net):
@@ -140,6 +182,8 @@ def _layer(torch, path, m):
             _refuse(path, m, f"beta={m.beta} is not supported (refcurv's Softplus is log(1 + e^h), beta 1)")
         # m.threshold: refcurv computes the exact log(1 + e^h) everywhere (see from_torch).
         return Softplus()
+    if t is _CLASSES.get("SequenceMean"):
+        return _SequenceMean()
     if t is nn.Flatten:
         if m.start_dim != 1 or m.end_dim != -1:
             _refuse(path, m, f"start_dim={m.start_dim}, end_dim={m.end_dim}: only Flatten(start_dim=1, end_dim=-1) "
@@ -172,7 +216,10 @@ def from_torch(module, input_shape, dtype=np.float64):
 
     ``module``: a ``torch.nn.Sequential`` of ``Linear``, ``Conv2d``, ``ReLU``, ``Tanh``,
     ``Sigmoid``, ``Softplus``, ``Flatten`` (nested ``Sequential`` flattened, ``Identity``
-    dropped). ``input_shape``: the per-sample input shape, e.g. ``(3, 8, 8)`` or ``(d,)``.
+    dropped) and ``refcurv.torch.SequenceMean``. ``input_shape``: the per-sample input shape,
+    e.g. ``(3, 8, 8)``, ``(d,)`` or a sequence ``(T, d)`` (``Linear`` then shares its weight
+    over the T positions, as ``torch.nn.Linear`` on ``(N, T, d)``; the network's output is
+    ``(N, T, C)`` unless a ``Flatten`` or ``SequenceMean`` removes the positions).
     ``params[l]`` is layer ``l``'s ``[weight.reshape(out, -1), bias]`` (bias last column, none
     with ``bias=False``), copied to ``dtype`` (float64 by default; no memory is shared).
 
@@ -187,8 +234,6 @@ def from_torch(module, input_shape, dtype=np.float64):
     and ``σ(−h) < e^{−t}`` in slope, only where a pre-activation exceeds ``t`` (2.1e-9 at the
     default ``t = 20``); below it they agree to rounding.
 
-    Sequence inputs ``(T, d)`` to a ``Linear`` layer need refcurv's sequence support in
-    :class:`~refcurv.nn.Linear`; without it such an ``input_shape`` is a ``ShapeError``.
     """
     torch = _import_torch()
     if not isinstance(module, torch.nn.Module):
@@ -207,10 +252,6 @@ def from_torch(module, input_shape, dtype=np.float64):
         msg = str(e)
         k = re.search(r"layers\[(\d+)\]", msg)
         where = f" (layers[{k.group(1)}] is {_where(*leaves[int(k.group(1))])})" if k else ""
-        first = layers[0]
-        if (isinstance(first, Linear) and isinstance(input_shape, (tuple, list)) and len(input_shape) == 2
-                and input_shape[-1] == first.in_features):
-            where += "; sequence inputs (T, d) to Linear need refcurv's sequence support, which this build lacks"
         raise type(e)(f"module with input_shape {input_shape!r}: {msg}{where}") from None
     params = []
     for (path, m), layer in zip(leaves, layers):
@@ -261,6 +302,8 @@ def torch_module(net, params, dtype=None):
             mods.append(t)
         elif isinstance(m, Flatten):
             mods.append(nn.Flatten())
+        elif isinstance(m, _SequenceMean):
+            mods.append(_torch_sequence_mean(torch)())
         else:
             mods.append({ReLU: nn.ReLU, Tanh: nn.Tanh, Sigmoid: nn.Sigmoid, Softplus: nn.Softplus}[type(m)]())
     return nn.Sequential(*mods)

@@ -95,8 +95,9 @@ def grad_cond(U):
 
 def torch_ggn(m, loss_module, x, yt):
     """GGN of the torch loss in torch's parameter order by torch.func: ``Jᵀ H J`` with ``J`` the
-    Jacobian of the flattened outputs (N·C) in the flat parameters and ``H`` the Hessian of the
-    loss in the flattened outputs."""
+    Jacobian of the flattened outputs (N·C, or N·T·C) in the flat parameters and ``H`` the
+    Hessian of the loss in the flattened outputs. ``loss_module(out, yt)`` takes the outputs in
+    the model's shape."""
     from torch.func import functional_call, hessian, jacrev
 
     names = [n for n, _ in m.named_parameters()]
@@ -114,7 +115,8 @@ def torch_ggn(m, loss_module, x, yt):
 
     out = f(theta).detach()
     J = jacrev(f)(theta)
-    H = hessian(lambda o: loss_module(o.reshape(len(x), -1), yt))(out)
+    shape = m(xt).shape
+    H = hessian(lambda o: loss_module(o.reshape(shape), yt))(out)
     return (J.T @ H @ J).detach().numpy()
 
 
@@ -438,16 +440,66 @@ def test_from_torch_bad_arguments():
         rt.from_torch(bad, (3,))
 
 
-def test_sequence_inputs_to_linear():
-    m = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
-    try:
-        net, params = rt.from_torch(m, (5, 4))
-    except ShapeError as e:  # this build's Linear takes vectors only: say so in one line
-        assert "sequence" in str(e) and "\n" not in str(e)
-        return
-    x = np.random.default_rng(0).standard_normal((2, 5, 4))
-    assert rel_err(net.forward(params, x), m(torch.from_numpy(x)).detach().numpy()) <= tolerance(
-        net.n_params, kind="residual")
+def torch_sequence_loss(lname, reduction):
+    """The PyTorch loss on sequence outputs (N, T, C) as people write it: cross-entropy on the
+    (N·T, C) reshaped logits and (N·T,) labels; MSE and BCE elementwise on (N, T, C)."""
+    module = LOSS_CLASSES[lname](reduction=reduction)
+    if lname == "cross_entropy":
+        return lambda out, y: module(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+    return module
+
+
+SEQ_HEADS = {
+    # per-position outputs (N, T, C): the loss sums over positions
+    "positions": lambda d, h, T, C: [nn.Linear(d, h), nn.Tanh(), nn.Linear(h, C)],
+    # flatten the positions, then a classifier
+    "flatten": lambda d, h, T, C: [nn.Linear(d, h), nn.Softplus(), nn.Flatten(), nn.Linear(T * h, C)],
+    # mean over positions (the reduce setting), then a classifier
+    "mean": lambda d, h, T, C: [nn.Linear(d, h), nn.Sigmoid(), rt.SequenceMean(), nn.Linear(h, C, bias=False)],
+}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("lname", sorted(LOSS_CLASSES))
+@pytest.mark.parametrize("head", sorted(SEQ_HEADS))
+def test_sequence_models(head, lname, reduction):
+    """Linear layers on (N, T, d) inputs: outputs, loss × scale (PyTorch's mean also over T for
+    per-position outputs), gradients and the GGN in torch order, against PyTorch / torch.func."""
+    N, T, d, h, C = 3, 4, 3, 5, 3
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        m = nn.Sequential(*SEQ_HEADS[head](d, h, T, C)).double()
+    net, params = rt.from_torch(m, (T, d))
+    out_shape = (T, C) if head == "positions" else C
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((N, T, d))
+    lead = (N, T) if head == "positions" else (N,)
+    y = {"cross_entropy": rng.integers(0, C, size=lead), "mse": rng.standard_normal(lead + (C,)),
+         "bce": rng.random(lead + (C,))}[lname]
+    yt = torch.from_numpy(y)
+    f_t = m(torch.from_numpy(x))
+    f_r = net.forward(params, x)
+    assert f_r.shape == tuple(f_t.shape)
+    assert rel_err(f_r, f_t.detach().numpy()) <= tolerance(net.n_params, kind="residual")
+    lm = rt.loss_from_torch(LOSS_CLASSES[lname](reduction=reduction), out_shape, batch_size=N)
+    loss_t = torch_sequence_loss(lname, reduction)
+    m.zero_grad()
+    value = loss_t(f_t, yt)
+    value.backward()
+    tol = tolerance(net.n_params * T * C, kind="residual")
+    assert abs(float(value.detach()) - lm.scale * net.loss(params, x, y, lm.loss)) <= tol * abs(float(value.detach()))
+    U = np.concatenate([u.reshape(N, -1) for u in net.per_sample_grads(params, x, y, lm.loss)], axis=1)
+    mine = [lm.scale * t for t in rt.to_torch(net, net.grad(params, x, y, lm.loss))]
+    assert rel_err(flat_torch([p.grad for p in m.parameters()]), flat_torch(mine)) <= tolerance(
+        net.n_params * T * C, cond=grad_cond(U), kind="forward")
+    G_t = torch_ggn(m, loss_t, x, yt)
+    M = cv.ggn(net, params, x, y, lm.loss)
+    p = rt.permutation(net)
+    assert rel_err(G_t, lm.scale * M[np.ix_(p, p)]) <= tol
+    # and the round trip keeps the positions' modules
+    m2 = rt.torch_module(net, params)
+    assert [type(a) for a in m2] == [type(a) for a in m]
+    assert torch.equal(m2(torch.from_numpy(x)), f_t)
 
 
 def test_tensor_converters_bad_input():

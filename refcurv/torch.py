@@ -233,7 +233,6 @@ def from_torch(module, input_shape, dtype=np.float64):
     the exact ``log(1 + e^h)`` everywhere. They differ by ``log1p(e^{−h}) < e^{−t}`` in value
     and ``σ(−h) < e^{−t}`` in slope, only where a pre-activation exceeds ``t`` (2.1e-9 at the
     default ``t = 20``); below it they agree to rounding.
-
     """
     torch = _import_torch()
     if not isinstance(module, torch.nn.Module):
@@ -445,14 +444,28 @@ def kronecker_to_torch(net, factors):
 
     ``factors``: per trainable layer ``(A, G)`` as :func:`refcurv.curvature.kfac_factors`
     returns them (layer block ``G ⊗ A`` on refcurv's row-major ``vec(W)``, ``A`` the joint
-    factor of ``[a; 1]`` with the ones row LAST). Returns, in ``module.parameters()`` order, one
-    pair ``(G, A_p)`` of torch tensors per parameter with block ``G ⊗ A_p`` on that tensor's
-    row-major ``ravel()``: the weight's ``A_p = A[:fan_in, :fan_in]`` (Conv2d: rows ``(c_in,
-    kh, kw)``, the order of ``weight.ravel()``), the bias's ``A_p = A[-1:, -1:]`` (1×1: the
-    bias block is ``A[-1, -1] · G``). The weight–bias cross blocks ``G ⊗ A[:fan_in, -1]`` are
-    not in this form (weight and bias as separate blocks, curvlinops'
+    factor of ``[a; 1]`` with the ones row LAST; thesis (2.3), (3.6)), or a method's curvature
+    operator that is a per-layer ``BlockDiagonal`` of ``Kronecker(G, A)`` blocks (KFAC's
+    ``method.curvature(state)``, damping included). Returns, in ``module.parameters()`` order,
+    one pair ``(G, A_p)`` of torch tensors per parameter with block ``G ⊗ A_p`` on that
+    tensor's row-major ``ravel()``: the weight's ``A_p = A[:fan_in, :fan_in]`` (Conv2d: rows
+    ``(c_in, kh, kw)``, the order of ``weight.ravel()``), the bias's ``A_p = A[-1:, -1:]`` (1×1:
+    the bias block is ``A[-1, -1] · G``). The weight–bias cross blocks ``G ⊗ A[:fan_in, -1]``
+    are not in this form (weight and bias as separate blocks, curvlinops'
     ``separate_weight_and_bias=True``); the full joint block in PyTorch's order is
     ``(G ⊗ A)[np.ix_(q, q)]`` with ``q`` the layer's part of :func:`permutation`."""
+    from .operators import BlockDiagonal, Kronecker
+
+    if isinstance(factors, BlockDiagonal):
+        pairs = []
+        for b, blk in enumerate(factors.blocks):
+            if not isinstance(blk, Kronecker) or len(blk.factors) != 2:
+                raise ShapeError(f"factors.blocks[{b}] must be a Kronecker(G, A) of two factors, got {blk!r}"
+                                 .replace("\n", " "))
+            pairs.append((blk.factors[1], blk.factors[0]))
+        if not all(np.array_equal(i, np.arange(i[0], i[0] + len(i))) for i in factors.index if len(i)):
+            raise ShapeError("factors must be a per-layer BlockDiagonal (consecutive blocks), got one with an index")
+        factors = pairs
     torch = _import_torch()
     _check_net(net)
     layers = net.layers_trainable

@@ -652,3 +652,22 @@ def test_fuzz_refcurv_torch(key, data):
     from refcurv.testing.fuzz import fuzz_one
 
     fuzz_one(_fuzz_examples(), key, data)
+
+
+def test_kronecker_to_torch_of_kfacs_curvature_operator():
+    """KFAC's curvature operator (BlockDiagonal of Kronecker(Γ̃, Ω̃)) converts as its factors do."""
+    from refcurv.methods import REGISTRY, Batch
+
+    net = rc.nn.Sequential([rc.nn.Linear(3, 4), rc.nn.Tanh(), rc.nn.Linear(4, 2, bias=False)])
+    params = net.init(0)
+    x, y, _ = data("cross_entropy", 5, (3,), 2, 1)
+    batch = Batch(x, y, rc.nn.CrossEntropy())
+    method = REGISTRY["kfac"](damping=1e-2)
+    state0 = method.init(net, params)
+    _, state = method.step(state0, net, params, batch, rng=0)
+    C = method.curvature(state, net, params, batch, None)
+    pairs = rt.kronecker_to_torch(net, C)
+    assert [tuple(G.shape) + tuple(A.shape) for G, A in pairs] == [(4, 4, 3, 3), (4, 4, 1, 1), (2, 2, 4, 4)]
+    assert np.array_equal(pairs[0][0].numpy(), C.blocks[0].factors[0])
+    assert np.array_equal(pairs[1][1].numpy(), C.blocks[0].factors[1][3:, 3:])
+    assert np.array_equal(pairs[2][1].numpy(), C.blocks[1].factors[1])

@@ -9,7 +9,9 @@ functions, so ``import refcurv.torch`` works without it and only a call needs it
   (parameters, gradients, directions, per-sample gradients with a leading axis) to and from
   PyTorch's per-parameter tensors (``module.parameters()`` order).
 * :func:`permutation` is the index array between refcurv's flat θ and PyTorch's
-  (``torch.nn.utils.parameters_to_vector``) order.
+  (``torch.nn.utils.parameters_to_vector``) order; a matrix converts with it, or with
+  ``refcurv.to_order(M, net, "torch", matrix=True)`` / ``refcurv.from_order``.
+* :func:`kronecker_to_torch` gives refcurv's Kronecker factors per PyTorch parameter tensor.
 * :func:`loss_from_torch` maps a PyTorch loss module to a refcurv loss and the factor between
   the two (:class:`LossMap`).
 

@@ -64,14 +64,25 @@ from .nn import (
     Softplus,
     Tanh,
 )
-from .nn import SequenceMean as _SequenceMean  # not a public name here: rt.SequenceMean is the torch module
+from .nn import (
+    SequenceMean as _SequenceMean,  # not a public name here: rt.SequenceMean is the torch module
+)
 from .nn._checks import check_dtype, describe, real_array
 from .nn.layers import _positive_int
 from .vec import permutation as _vec_permutation
 from .vec import unflatten
 
-__all__ = ["from_torch", "torch_module", "to_torch", "from_torch_tensors", "permutation",
-           "kronecker_to_torch", "loss_from_torch", "LossMap", "SUPPORTED"]
+__all__ = [
+    "SUPPORTED",
+    "LossMap",
+    "from_torch",
+    "from_torch_tensors",
+    "kronecker_to_torch",
+    "loss_from_torch",
+    "permutation",
+    "to_torch",
+    "torch_module",
+]
 
 #: The PyTorch modules :func:`from_torch` converts (nested ``Sequential`` is flattened,
 #: ``Identity`` dropped).
@@ -488,11 +499,11 @@ def kronecker_to_torch(net, factors):
         for name, M in (("A", A), ("G", G)):
             if not np.isfinite(M).all():
                 raise NonFiniteError(f"factors[{j}] ({name}) contains NaN or Inf")
-        t = lambda M: torch.from_numpy(np.array(M, copy=True))  # noqa: E731  (no memory shared)
         f = layer.fan_in
-        out.append((t(G), t(A[:f, :f])))
+        # copies: the tensors share no memory with refcurv's factors
+        out.append((torch.tensor(G), torch.tensor(A[:f, :f])))
         if layer.bias:
-            out.append((t(G), t(A[f:, f:])))
+            out.append((torch.tensor(G), torch.tensor(A[f:, f:])))
     return out
 
 

@@ -18,20 +18,19 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch.func internals
 nn = torch.nn
 
-import refcurv as rc  # noqa: E402
-from refcurv import curvature as cv  # noqa: E402
-from refcurv import torch as rt  # noqa: E402
-from refcurv.errors import (  # noqa: E402
+import refcurv as rc
+from refcurv import curvature as cv
+from refcurv import torch as rt
+from refcurv.errors import (
     ArgumentTypeError,
     HyperParameterError,
     NonFiniteError,
     ShapeError,
     UnsupportedLayerError,
 )
-from refcurv.testing.strategies import build, cnn_specs, mlp_specs  # noqa: E402
-from refcurv.testing.tolerance import rel_err, tolerance  # noqa: E402
+from refcurv.testing.strategies import build, cnn_specs, mlp_specs
+from refcurv.testing.tolerance import rel_err, tolerance
 
-EPS64 = np.finfo(np.float64).eps
 TORCH_ACT = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "softplus": nn.Softplus}
 LOSS_CLASSES = {"mse": nn.MSELoss, "cross_entropy": nn.CrossEntropyLoss, "bce": nn.BCEWithLogitsLoss}
 
@@ -225,7 +224,7 @@ def test_permutation_by_hand():
 
 @given(torch_cases())
 def test_permutation_is_torchs_parameter_order(case):
-    spec, shape, C, bias, *_ = case
+    spec, shape, _, bias, *_ = case
     m = torch_from_spec(spec, 0, bias)
     n = sum(p.numel() for p in m.parameters())
     # label every torch parameter entry by its position in torch's own flat order
@@ -294,7 +293,7 @@ def test_loss_scales_as_stated():
     assert rt.loss_from_torch(nn.BCEWithLogitsLoss(reduction="sum"), 4, batch_size=3).scale == 3.0
     lm = rt.loss_from_torch(nn.MSELoss(reduction="sum"), 4, batch_size=3)
     assert (lm.reduction, lm.per_sample_scale) == ("sum", 2.0) and isinstance(lm.loss, rc.nn.MSE)
-    loss, scale, formula, *_ = rt.loss_from_torch(nn.CrossEntropyLoss(), 4)
+    loss, _, formula, *_ = rt.loss_from_torch(nn.CrossEntropyLoss(), 4)
     assert isinstance(loss, rc.nn.CrossEntropy) and formula.endswith("scale 1 = 1")
     assert rt.loss_from_torch(nn.MSELoss(), 4).formula.endswith("scale 2/C = 0.5")
     # sequence outputs (T, C): PyTorch's mean also runs over the T positions

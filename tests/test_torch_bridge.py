@@ -670,3 +670,27 @@ def test_kronecker_to_torch_of_kfacs_curvature_operator():
     assert np.array_equal(pairs[0][0].numpy(), C.blocks[0].factors[0])
     assert np.array_equal(pairs[1][1].numpy(), C.blocks[0].factors[1][3:, 3:])
     assert np.array_equal(pairs[2][1].numpy(), C.blocks[1].factors[1])
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_float32_model_is_judged_at_float32(kind):
+    """A float32 PyTorch model: its weights widen exactly to refcurv's float64, its gradient stays
+    float32 through from_torch_tensors and agrees with refcurv's float64 gradient at float32's
+    tolerance (and, being float32, not at float64's)."""
+    spec, shape = EXPLICIT[kind]
+    m = torch_from_spec(spec, 9).float()
+    net, params = rt.from_torch(m, shape)
+    assert all(np.array_equal(W.astype(np.float32), W) for W in params)  # exact widening
+    N, C = 6, 3
+    x, y, yt = data("cross_entropy", N, shape, C, 3)
+    m.zero_grad()
+    nn.CrossEntropyLoss()(m(torch.from_numpy(x).float()), yt).backward()
+    g32 = rt.from_torch_tensors(net, [p.grad for p in m.parameters()])
+    assert all(g.dtype == np.float32 for g in g32)
+    lm = rt.loss_from_torch(nn.CrossEntropyLoss(), C)
+    g = net.grad(params, x, y, lm.loss)
+    U = np.concatenate([u.reshape(N, -1) for u in net.per_sample_grads(params, x, y, lm.loss)], axis=1)
+    err = rel_err(rc.flatten(g32), lm.scale * rc.flatten(g))
+    n = net.n_params + N * C
+    assert err <= tolerance(n, cond=grad_cond(U), dtype=np.float32, kind="forward")
+    assert err > tolerance(n, cond=grad_cond(U), dtype=np.float64, kind="forward")

@@ -12,7 +12,7 @@ Candidates: ``refcurv.curvature.per_sample_grads`` (flat ``(N, n)``, float64 gro
 ``--before DIR`` also times an older refcurv tree importable as ``refcurv_before`` from ``DIR``
 (``git archive <commit> refcurv | tar -x -C DIR && mv DIR/refcurv DIR/refcurv_before``).
 
-    python benchmarks/linear_gemm.py [--N 128] [--repeats 15] [--before /tmp/before] [--json out.json]
+    PYTHONPATH=. python benchmarks/linear_gemm.py [--N 128] [--T 0] [--repeats 15] [--before DIR] [--json FILE]
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def candidates(pkg, tag, widths, x, y):
     }, params
 
 
-def torch_candidates(widths, params, x, y):
+def torch_candidates(widths, params, x, y, check=None):
     import torch
     from torch.func import functional_call, grad, vmap
 
@@ -67,10 +67,17 @@ def torch_candidates(widths, params, x, y):
     xt, yt = torch.tensor(x), torch.tensor(y)
 
     def one(pp, xi, yi):
+        # refcurv's per-sample loss: summed over the positions of a sequence (README "Sequences")
         out = functional_call(model, pp, (xi[None],))
-        return torch.nn.functional.cross_entropy(out, yi[None])
+        return torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), yi.reshape(-1), reduction="sum")
 
     psg = vmap(grad(one), in_dims=(None, 0, 0))
+    if check is not None:  # the two agree before they are timed
+        g = psg(p, xt, yt)
+        ref = [np.concatenate([g[f"{k}.weight"].numpy(), g[f"{k}.bias"].numpy()[..., None]], axis=-1)
+               for k in (str(2 * j) for j in range(len(params)))]
+        err = max(np.linalg.norm(a - b) / np.linalg.norm(b) for a, b in zip(check(), ref))
+        assert err < 1e-10, f"refcurv and torch.func per-sample gradients differ: {err:.2e}"
     return {"torch.func vmap(grad)": lambda: psg(p, xt, yt)}
 
 
@@ -78,7 +85,7 @@ def gemm_chain(params, x):
     def run():
         z = x
         for k, W in enumerate(params):
-            z = z @ W[:, :-1].T + W[:, -1]
+            z = (z.reshape(-1, z.shape[-1]) @ W[:, :-1].T + W[:, -1]).reshape(z.shape[:-1] + (W.shape[0],))
             if k < len(params) - 1:
                 z = np.maximum(z, 0)
         return z
@@ -89,6 +96,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--N", type=int, default=128)
     ap.add_argument("--widths", default="784,300,100,10")
+    ap.add_argument("--T", type=int, default=0, help="sequence length (0: vector inputs)")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--before", default=None)
     ap.add_argument("--json", default=None)
@@ -97,14 +105,15 @@ def main(argv=None):
 
     widths = [int(w) for w in args.widths.split(",")]
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((args.N, widths[0]))
-    y = rng.integers(0, widths[-1], args.N)
+    seq = (args.T,) if args.T else ()
+    x = rng.standard_normal((args.N, *seq, widths[0]))
+    y = rng.integers(0, widths[-1], (args.N, *seq))
     with threadpool_limits(1):
         cands, params = candidates("refcurv", "now", widths, x, y)
         if args.before:
             sys.path.insert(0, args.before)
             cands.update(candidates("refcurv_before", "before", widths, x, y)[0])
-        cands.update(torch_candidates(widths, params, x, y))
+        cands.update(torch_candidates(widths, params, x, y, check=cands["now Sequential.per_sample_grads"]))
         cands.update(gemm_chain(params, x))
         names = list(cands)
         for name in names:  # warm-up
@@ -121,11 +130,13 @@ def main(argv=None):
         n_params = sum(W.size for W in params)
         report = {"machine": platform.processor() or platform.machine(), "python": platform.python_version(),
                   "numpy": np.__version__, "blas_threads": [i["num_threads"] for i in threadpool_info()],
-                  "N": args.N, "widths": widths, "n_params": n_params, "repeats": args.repeats, "results": {}}
+                  "N": args.N, "T": args.T, "widths": widths, "n_params": n_params, "repeats": args.repeats,
+                  "results": {}}
         for n in names:
             t = np.array(times[n])
             report["results"][n] = {"median_s": float(np.median(t)), "ratio_to_torch_func": float(np.median(t / ref))}
-    print(f"MLP {widths}, n = {n_params}, N = {args.N}, float64, 1 BLAS thread, {args.repeats} paired rounds")
+    where = f", sequences T = {args.T}" if args.T else ""
+    print(f"MLP {widths}{where}, n = {n_params}, N = {args.N}, float64, 1 BLAS thread, {args.repeats} paired rounds")
     for n, v in report["results"].items():
         print(f"  {n:40s} {1e3 * v['median_s']:9.2f} ms   {v['ratio_to_torch_func']:6.2f} × torch.func")
     if args.json:

@@ -22,6 +22,8 @@ import pytest
 from autograd import grad as agrad
 from autograd import hessian as ahessian
 from autograd import jacobian as ajacobian
+from hypothesis import given
+from hypothesis import strategies as st
 from oracle import ACT, per_sample_loss
 
 import refcurv as rc
@@ -262,6 +264,27 @@ def test_sequence_nets_match_autograd(case):
                 A_ref, G_ref = ref.kfac(theta, layer, M, conv)
                 assert_close(A, A_ref, what=f"A {conv} {kind} layer {layer}")
                 assert_close(G, G_ref, what=f"G {conv} {kind} layer {layer}")
+
+
+@given(st.sampled_from(["expand", "reduce", "flatten"]), st.sampled_from(sorted(ACTS)), st.sampled_from(sorted(LOSSES)),
+       st.tuples(st.booleans(), st.booleans()), st.integers(1, 4), st.integers(1, 3), st.integers(1, 4),
+       st.integers(1, 4), st.integers(1, 3), st.integers(0, 2**31 - 1))
+def test_random_sequence_nets_match_autograd(arch, act, loss_name, biases, T, N, d, h, C, seed):
+    """Shapes hypothesis draws (``T = 1``, one feature, one class included): outputs,
+    per-sample gradients, GGN and both KFAC flavours (exact Fisher) against the reference."""
+    spec = spec_of(arch, act, biases, d=d, h=h, C=C, T=T)
+    net, params, x, y = data(spec, loss_name, N=N, T=T, seed=seed)
+    loss = LOSSES[loss_name]()
+    ref, theta = Ref(spec, loss_name, x, y), rc.flatten(params)
+    assert_close(net.forward(params, x), np.asarray(ref_forward(spec, theta, x)), what="forward")
+    assert_close(cv.per_sample_grads(net, params, x, y, loss), ajacobian(ref.psi)(theta), what="per-sample grads")
+    J, H = ajacobian(ref.f)(theta), ref.output_hessians(theta)
+    assert_close(cv.ggn(net, params, x, y, loss), np.einsum("ncp,ncd,ndq->pq", J, H, J) / N, what="ggn")
+    for conv in ("expand", "reduce"):
+        for layer, (A, G) in enumerate(cv.kfac_factors(net, params, x, y, loss, conv=conv)):
+            A_ref, G_ref = ref.kfac(theta, layer, H, conv)
+            assert_close(A, A_ref, what=f"A {conv} layer {layer}")
+            assert_close(G, G_ref, what=f"G {conv} layer {layer}")
 
 
 @pytest.mark.parametrize("loss_name", list(LOSSES))

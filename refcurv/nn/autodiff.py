@@ -270,16 +270,18 @@ def _outer_sum(g, a, out=None):
 
 
 def _certainly_finite(A, G):
-    """``True`` if every ``G_i A_iᵀ`` is finite by a bound: ``T · max|g| · max|a| < 1e300``
-    (each entry is a sum of ``T`` products). An O(size of the factors) test that spares the
-    O(N·n) finiteness scan of the per-sample gradients in the common case; when it fails
-    the caller scans the result."""
+    """``True`` if every ``G_i A_iᵀ`` is finite by a bound: each entry is a sum of ``T``
+    products, so ``|entry| ≤ T · max|g| · max|a|``, required below half the largest number
+    of the result's dtype (the half absorbs the rounding of the sum). An O(size of the
+    factors) test that spares the O(N·n) finiteness scan of the per-sample gradients in the
+    common case; when it fails (or a factor holds NaN/Inf) the caller scans the result."""
     xp = xp_of(*A)
     for a, g in zip(A, G):
         if a.size == 0 or g.size == 0:
             continue
+        limit = 0.5 * float(np.finfo(np.result_type(a.dtype, g.dtype)).max)
         bound = float(xp.abs(a).max()) * float(xp.abs(g).max()) * a.shape[-1]
-        if not bound < 1e300:
+        if not bound < limit:
             return False
     return True
 

@@ -7,8 +7,9 @@ Trainable layers are written in one form (thesis Ch.3 (3.1)-(3.2), SENG (3)):
 
     h = W A(a),        W in R^{out x d},   A(a) in R^{d x T}
 
-where ``A`` is the patch operator: for Linear, ``T = 1`` and ``A(a) = [a; 1]``; for
-Conv2d, ``A(a)`` holds the im2col patches, one column per output location
+where ``A`` is the patch operator: for Linear, ``T = 1`` and ``A(a) = [a; 1]`` (or, on a
+sequence ``(T, in)`` with the weight shared over the positions, one column ``[a_t; 1]`` per
+position); for Conv2d, ``A(a)`` holds the im2col patches, one column per output location
 (``T = H_out W_out``, row-major over ``(H_out, W_out)``), rows ordered ``(c_in, kh, kw)``
 -- the row order of ``weight.reshape(out, -1)`` for a PyTorch ``(out, c_in, kh, kw)``
 kernel -- and a final ones row when the layer has a bias (homogeneous coordinate).

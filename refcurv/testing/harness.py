@@ -141,7 +141,7 @@ class Case:
             from ..torch import torch_module
         except ImportError:
             torch_module = None
-        if torch_module is None or any(sp[0] == "mean" for sp in self.spec):  # SequenceMean: our builder
+        if torch_module is None:
             return _torch_module(self.spec, params, tdt)
         return torch_module(self.net, [np.asarray(W, dtype=np.float64) for W in params], dtype=tdt)
 

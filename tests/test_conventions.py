@@ -193,9 +193,46 @@ def test_backpack_conv_factors():
     Fe = cv.kfac_factors(net, params, x, y, CrossEntropy(), conv="expand")
     Fr = cv.kfac_factors(net, params, x, y, CrossEntropy(), conv="reduce")
     out = Conventions(conv="backpack").kfac_factors(Fe, Fr, net, [4, 1], g_scale=2.0)
-    np.testing.assert_array_equal(out[0][0], Fe[0][0])
-    np.testing.assert_allclose(out[0][1], 2.0 * 4 * Fr[0][1], rtol=1e-15)
+    np.testing.assert_allclose(out[0][0], 4 * Fe[0][0], rtol=1e-15)
+    np.testing.assert_allclose(out[0][1], 2.0 * Fr[0][1], rtol=1e-15)
+    # the Kronecker block is T·G_reduce ⊗ A_expand (design §9)
+    np.testing.assert_allclose(np.kron(out[0][1], out[0][0]), np.kron(2.0 * 4 * Fr[0][1], Fe[0][0]), rtol=1e-14)
     np.testing.assert_allclose(out[1][1], 2.0 * Fe[1][1], rtol=1e-15)  # Linear: T = 1, all agree
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_backpack_kflr_is_the_backpack_convention(reduction):
+    """BackPACK's KFLR factors (per parameter: weight [G, A], bias [G]) on a CNN with MSELoss
+    are refcurv's exact KFAC factors in Conventions(conv="backpack", bias="separate",
+    loss_scale="torch") — the convention measured, not assumed."""
+    torch = pytest.importorskip("torch")
+    backpack = pytest.importorskip("backpack")
+    from backpack.extensions import KFLR
+
+    from refcurv.testing.harness import _locations, _torch_module
+    spec = (("conv", 2, 3, 2, 1, 1, True), ("act", "tanh"), ("flatten",), ("linear", 48, 2, True))
+    net = Sequential([Conv2d(2, 3, 2, stride=1, padding=1), Tanh(), Flatten(), Linear(48, 2)], input_shape=(2, 3, 3))
+    params = net.init(seed=0)
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((3, 2, 3, 3)), rng.standard_normal((3, 2))
+    mod = backpack.extend(_torch_module(spec, params, torch.float64))
+    lossf = backpack.extend(torch.nn.MSELoss(reduction=reduction))
+    with backpack.backpack(KFLR()):
+        lossf(mod(torch.tensor(x)), torch.tensor(y)).backward()
+    c = Conventions(conv="backpack", bias="separate", loss_scale="torch", reduction=reduction)
+    s, _ = c.scales("mse", 2, 3)
+    Fe = cv.kfac_factors(net, params, x, y, MSE(), conv="expand")
+    Fr = cv.kfac_factors(net, params, x, y, MSE(), conv="reduce")
+    ours = c.kfac_factors(Fe, Fr, net, _locations(net, x), g_scale=s)
+    theirs = [p.kflr for p in mod.parameters()]
+    assert len(ours) == len(theirs) == 4
+    n = 3 * net.n_params * 16  # samples × parameters × locations: the longest sum
+    for (A, G), kflr in zip(ours, theirs):
+        assert compare(kflr[0], G, n=n).ok
+        if len(kflr) > 1:
+            assert compare(kflr[1], A, n=n).ok
+        else:
+            assert A.shape == (1, 1) and A[0, 0] == 1.0
 
 
 # ------------------------------------------------------------------ compare
@@ -248,3 +285,33 @@ def test_compare_torch_tensor():
     e = np.linspace(1, 2, 7)
     assert compare(torch.tensor(e, dtype=torch.float32), e).dtype == "float32"
     assert compare([torch.tensor(e[:3]), torch.tensor(e[3:])], e).error == 0.0
+
+
+def test_for_torch_loss_refuses_what_refcurv_cannot_represent():
+    torch = pytest.importorskip("torch")
+    for mod in (torch.nn.CrossEntropyLoss(label_smoothing=0.1), torch.nn.CrossEntropyLoss(weight=torch.ones(3)),
+                torch.nn.MSELoss(reduction="none")):
+        with pytest.raises(RefcurvError) as e:
+            Conventions.for_torch_loss(mod, 3)
+        assert "\n" not in str(e.value)
+    c = Conventions.for_torch_loss(torch.nn.MSELoss(reduction="sum"), 3)
+    assert c.loss_scale == "torch" and c.scales("mse", 3, 5) == (10.0, 2.0)
+    assert Conventions.for_torch_loss(torch.nn.MSELoss(), 4).loss_scale == 0.5
+
+
+@pytest.mark.parametrize("name, reduction", [(n, r) for n in ("mse", "cross_entropy", "bce") for r in ("mean", "sum")])
+def test_torch_loss_scales_on_sequence_outputs(name, reduction):
+    """ψ_n sums the per-position losses; PyTorch's mean also runs over the T positions."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(1)
+    N, T, C = 3, 4, 2
+    f = rng.standard_normal((N, T, C))
+    loss = {"mse": MSE(), "cross_entropy": CrossEntropy(), "bce": BCE()}[name]
+    y = rng.integers(0, C, (N, T)) if name == "cross_entropy" else rng.random((N, T, C))
+    psi = np.asarray(loss.value(f, y)).sum(axis=1)  # per-position losses (N, T) summed over T
+    mod = {"mse": torch.nn.MSELoss, "cross_entropy": torch.nn.CrossEntropyLoss,
+           "bce": torch.nn.BCEWithLogitsLoss}[name](reduction=reduction)
+    tf = torch.tensor(f).transpose(1, 2) if name == "cross_entropy" else torch.tensor(f)  # class axis 1
+    s, p = Conventions.for_torch_loss(mod, (T, C)).scales(loss, (T, C), N)
+    assert float(mod(tf, torch.tensor(y))) == pytest.approx(s * psi.mean(), rel=1e-14)
+    assert float(mod(tf[:1], torch.tensor(y[:1]))) == pytest.approx(p * psi[0], rel=1e-14)

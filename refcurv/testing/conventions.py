@@ -47,15 +47,29 @@ DAMPINGS = ("method", "sqrt", "exact")
 _VEC_ORDER = {"refcurv": "row", "torch": "torch", "column_major": "col"}
 
 # PyTorch's losses against refcurv's per-sample ψ and mean over N (design §9): the factor
-# s with torch_loss = s · Ψ, by (loss, reduction); C = number of outputs, N = batch size.
-#   MSELoss: Σ_{n,c} (f−y)² = 2 Σ_n ψ_n, mean over N·C: 2/C, sum: 2N
-#   CrossEntropyLoss: ψ_n itself, mean over N: 1, sum: N
-#   BCEWithLogitsLoss: Σ_{n,c} softplus(f)−y f = Σ_n ψ_n, mean over N·C: 1/C, sum: N
+# s with torch_loss = s · Ψ, by (loss, reduction); C = number of outputs, T = positions of a
+# sequence output (ψ_n sums over them; PyTorch's mean runs over them too), N = batch size.
+#   MSELoss: Σ (f−y)² = 2 Σ_n ψ_n, mean over N·T·C: 2/(TC), sum: 2N
+#   CrossEntropyLoss: Σ_t −log softmax(f_t)_y = ψ_n, mean over N·T: 1/T, sum: N
+#   BCEWithLogitsLoss: Σ softplus(f)−y f = Σ_n ψ_n, mean over N·T·C: 1/(TC), sum: N
 _TORCH_SCALES = {
-    ("mse", "mean"): lambda C, N: 2.0 / C, ("mse", "sum"): lambda C, N: 2.0 * N,
-    ("cross_entropy", "mean"): lambda C, N: 1.0, ("cross_entropy", "sum"): lambda C, N: float(N),
-    ("bce", "mean"): lambda C, N: 1.0 / C, ("bce", "sum"): lambda C, N: float(N),
+    ("mse", "mean"): lambda T, C, N: 2.0 / (T * C), ("mse", "sum"): lambda T, C, N: 2.0 * N,
+    ("cross_entropy", "mean"): lambda T, C, N: 1.0 / T, ("cross_entropy", "sum"): lambda T, C, N: float(N),
+    ("bce", "mean"): lambda T, C, N: 1.0 / (T * C), ("bce", "sum"): lambda T, C, N: float(N),
 }
+
+
+def _TC(n_outputs):
+    """``(T, C)`` from C or a sequence output's ``(T, C)``."""
+    if isinstance(n_outputs, (tuple, list)) and len(n_outputs) == 2:
+        T, C = n_outputs
+    else:
+        T, C = 1, n_outputs
+    for v in (T, C):
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ConventionsError(f"n_outputs must be a positive int C or a pair (T, C), got {n_outputs!r}")
+    return int(T), int(C)
+
 
 # quantities that are vectors or full matrices: their layout is `order` alone
 VECTOR_QUANTITIES = ("per_sample_grads", "grad", "direction")
@@ -104,8 +118,9 @@ class Conventions:
       the default per-sample loss ``ℓ_n`` below.
     * ``loss_scale`` -- ``s`` with ``L_user = s · Ψ`` (``Ψ`` refcurv's mean loss), a positive
       number, or ``"torch"``: PyTorch's factor for the case's loss with this ``reduction``
-      (``MSELoss`` mean ``2/C``, sum ``2N``; ``CrossEntropyLoss`` mean 1, sum ``N``;
-      ``BCEWithLogitsLoss`` mean ``1/C``, sum ``N``; C outputs, N samples).
+      (``MSELoss`` mean ``2/(TC)``, sum ``2N``; ``CrossEntropyLoss`` mean ``1/T``, sum ``N``;
+      ``BCEWithLogitsLoss`` mean ``1/(TC)``, sum ``N``; C outputs, T positions of a sequence
+      output (1 otherwise), N samples).
     * ``per_sample_scale`` -- ``p`` with ``ℓ_n = p · ψ_n``; ``None``: ``s`` for mean, ``s/N``
       for sum (the loss applied to a batch of one, as ``torch.func`` per-sample gradients
       compute it). curvlinops' MSE per-sample loss ``‖f−y‖²`` is ``p = 2``.
@@ -118,8 +133,11 @@ class Conventions:
     * ``conv`` -- the conv factors of KFAC (``refcurv.curvature.kfac_factors``; ``T`` output
       locations): ``"expand"`` ``A = (1/(NT)) Σ_{n,t} a aᵀ``, ``G = (1/N) Σ_{n,t} g gᵀ``;
       ``"reduce"`` ``A = (1/N) Σ_n â âᵀ`` (``â = mean_t a``), ``G = (1/N) Σ_n ĝ ĝᵀ``
-      (``ĝ = Σ_t g``); ``"backpack"`` (BackPACK's KFLR, design §9): ``A = A_expand``,
-      ``G = T · G_reduce``. All three coincide for Linear layers (``T = 1``).
+      (``ĝ = Σ_t g``); ``"backpack"`` (BackPACK's KFLR, design §9: the block
+      ``T·G_reduce ⊗ A_expand``, measured against backpack-for-pytorch 1.7.1 in
+      tests/test_conventions.py): ``A = T·A_expand = (1/N) Σ_{n,t} a aᵀ``, ``G = G_reduce``,
+      and with ``bias="separate"`` the bias factor ``G_reduce`` alone (``A_bb = 1``, the exact
+      bias block). All three coincide for Linear layers (``T = 1``).
     * ``damping`` -- where the damping ``λ`` sits in a Kronecker-factored curvature (KFAC,
       with the undamped factors ``Γ, Ω`` of the last inverse refresh, KFC scaling):
       ``"method"``: the method's own (KFAC: ``(Γ + √λ/π I) ⊗ (Ω + π√λ I)``, ``π`` by its
@@ -202,29 +220,32 @@ class Conventions:
         reduction = getattr(loss_module, "reduction", None)
         if reduction not in REDUCTIONS:
             raise ConventionsError(f"loss_module.reduction must be 'mean' or 'sum', got {reduction!r}")
-        if isinstance(n_outputs, (bool, np.bool_)) or not isinstance(n_outputs, (int, np.integer)) or n_outputs < 1:
-            raise ConventionsError(f"n_outputs must be a positive int, got {n_outputs!r}")
-        if reduction == "mean":
-            scale = _TORCH_SCALES[(name, "mean")](int(n_outputs), None)
-            try:  # the bridge's table, when it is there, must agree with ours
-                from ..torch import loss_from_torch  # noqa: PLC0415
-                bridge = float(loss_from_torch(loss_module, n_outputs).scale)
-                if not np.isclose(bridge, scale, rtol=1e-15):  # pragma: no cover - a disagreement is a bug
-                    raise ConventionsError(f"refcurv.torch.loss_from_torch gives scale {bridge}, expected {scale}")
-            except ImportError:
-                pass
-        else:
-            scale = "torch"
+        T, C = _TC(n_outputs)
+        try:
+            from ..torch import loss_from_torch  # noqa: PLC0415 - optional extra
+        except ImportError:  # pragma: no cover - the bridge module is part of refcurv
+            loss_from_torch = None
+        if loss_from_torch is not None:
+            # the bridge refuses what refcurv cannot represent (weights, label smoothing, …),
+            # and its factors must agree with the table above (per sample: batch_size=1)
+            lm = loss_from_torch(loss_module, n_outputs if T == 1 else (T, C), batch_size=1)
+            want = _TORCH_SCALES[(name, reduction)](T, C, 1)
+            if not np.isclose(lm.scale, want, rtol=1e-15):  # pragma: no cover - a disagreement is a bug
+                raise ConventionsError(f"refcurv.torch.loss_from_torch gives scale {lm.scale}, the table {want}")
+        # the sum's factor grows with N: resolved per case by scales()
+        scale = _TORCH_SCALES[(name, "mean")](T, C, None) if reduction == "mean" else "torch"
         fields.setdefault("order", "torch")
         return cls(reduction=reduction, loss_scale=scale, **fields)
 
     # ------------------------------------------------------------------ scales
     def scales(self, loss, n_outputs, N):
         """``(s, p)``: ``L_user = s·Ψ`` and ``ℓ_n = p·ψ_n`` for a case with this loss (a refcurv
-        loss or its name), ``n_outputs`` outputs and ``N`` samples."""
+        loss or its name), ``n_outputs`` outputs (C, or ``(T, C)`` for a sequence output) and
+        ``N`` samples."""
         name = loss_name(loss)
+        T, C = _TC(n_outputs)
         if self.loss_scale == "torch":
-            s = _TORCH_SCALES[(name, self.reduction)](n_outputs, N)
+            s = _TORCH_SCALES[(name, self.reduction)](T, C, N)
         else:
             s = self.loss_scale
         if self.per_sample_scale is not None:
@@ -298,12 +319,15 @@ class Conventions:
                 A, G = Ae, Ge
             elif self.conv == "reduce":
                 A, G = Ar, Gr
-            else:  # BackPACK KFLR: T · G_reduce ⊗ A_expand
-                A, G = Ae, T * Gr
+            else:  # BackPACK's KFLR: T·A_expand (a sum over positions) and G_reduce
+                A, G = T * np.asarray(Ae, dtype=np.float64), Gr
             G = g_scale * np.asarray(G, dtype=np.float64)
             A = np.asarray(A, dtype=np.float64)
             if self.bias == "separate" and m.bias:
-                out += [(A[:-1, :-1], G), (A[-1:, -1:], G)]
+                # BackPACK's bias factor is G_reduce alone, the exact bias block (ĝ = Σ_t g is
+                # the bias gradient's cotangent), not G_reduce·T of the joint split
+                A_b = np.ones((1, 1)) if self.conv == "backpack" else A[-1:, -1:]
+                out += [(A[:-1, :-1], G), (A_b, G)]
             else:
                 out.append((A, G))
         return out

@@ -1,0 +1,551 @@
+"""Check the PyTorch curvature libraries curvlinops, BackPACK, ASDL and NNGeometry against
+refcurv, in each library's own convention (refcurv converts; every factor is stated).
+
+    python examples/check_peers.py            # every setting
+    python examples/check_peers.py --quick    # CI: one network per family, < 2 minutes
+
+Needs: refcurv with the ``torch`` extra, curvlinops-for-pytorch, backpack-for-pytorch,
+asdfghjkl, nngeometry (a missing library is reported and skipped). Seeded; prints a table
+(library, quantity, setting, error, tolerance, verdict) and exits 1 on an unexplained
+disagreement. These libraries are not ground truth: a disagreement is classified from the
+definition as a convention (with its factor), a bug in the library (file, line, and the
+one-line fix, which this script applies by monkeypatching and re-checks), or a refcurv
+problem. See ``docs/peers.md`` for the derivations.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import inspect
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
+
+import refcurv  # noqa: E402
+from refcurv import curvature as cv  # noqa: E402
+from refcurv.nn import BCE, MSE, CrossEntropy  # noqa: E402
+from refcurv.testing.peers import (kfac_matrix, labels_from_sampled_grads,  # noqa: E402
+                                   labels_from_torch_samples, loss_scale, torch_order)
+from refcurv.testing.tolerance import tolerance  # noqa: E402
+
+torch = None  # imported in main(): the module must import with numpy only (tests read it)
+
+ROWS = []
+SEED = 0
+
+
+# ----------------------------------------------------------------------------- plumbing
+
+def compare(actual, expected, n):
+    """Relative Frobenius error and the tolerance model's residual bound C·n·u for a
+    float64 result accumulated over ``n`` terms (refcurv.testing.compare when it exists)."""
+    actual, expected = np.asarray(actual, dtype=float), np.asarray(expected, dtype=float)
+    if actual.shape != expected.shape:
+        return np.inf, 0.0
+    try:
+        from refcurv.testing import compare as rc_compare  # the harness engineer's
+        v = rc_compare(actual, expected, dtype=np.float64, n=n, kind="residual")
+        return float(v.error), float(v.tolerance)
+    except ImportError:
+        err = float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-300))
+        return err, tolerance(n, 1.0, np.float64, "residual")
+
+
+def record(lib, quantity, setting, actual, expected, n, note="agrees", known=None):
+    """One table row. ``known``: a classification for a disagreement that is explained (a
+    library bug whose fix is checked by a separate row); such rows do not fail the run."""
+    err, tol = compare(actual, expected, n)
+    ok = err <= tol
+    if ok:
+        verdict = "ok"
+    elif known is not None:
+        verdict, note = "BUG", known
+    else:
+        verdict, note = "FAIL", "unexplained disagreement"
+    ROWS.append(dict(lib=lib, quantity=quantity, setting=setting, error=err, tol=tol, verdict=verdict,
+                     note=note, fail=(not ok and known is None) or (ok and known is not None and known != "")))
+    return ok
+
+
+def skip(lib, why):
+    ROWS.append(dict(lib=lib, quantity="-", setting="-", error=np.nan, tol=np.nan, verdict="skip", note=why, fail=False))
+
+
+@contextlib.contextmanager
+def patched(obj, name, new):
+    old = getattr(obj, name)
+    setattr(obj, name, new)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+@contextlib.contextmanager
+def source_patch(module, qualname, old, new):
+    """Re-define ``module.qualname`` (a function or a method ``Class.meth``) from its source
+    with the one-line edit ``old -> new`` (exactly one occurrence): how a proposed library
+    fix is verified without touching the installed files."""
+    parts = qualname.split(".")
+    owner = module
+    for p in parts[:-1]:
+        owner = getattr(owner, p)
+    fn = getattr(owner, parts[-1])
+    src = inspect.getsource(fn)
+    if src.count(old) != 1:
+        raise RuntimeError(f"patch target {old!r} found {src.count(old)} times in {qualname}")
+    import textwrap
+    src = textwrap.dedent(src.replace(old, new))
+    ns = dict(vars(module))
+    exec(compile(src, inspect.getsourcefile(fn), "exec"), ns)
+    with patched(owner, parts[-1], ns[parts[-1]]):
+        yield
+
+
+class Recorder:
+    """Wraps a callable and keeps its return values (the library's own random draws)."""
+
+    def __init__(self, fn, bound=False):
+        self.fn, self.out, self.bound = fn, [], bound
+
+    def __call__(self, *a, **k):
+        r = self.fn(*a, **k)
+        self.out.append(r)
+        return r
+
+
+# ----------------------------------------------------------------------------- problems
+
+def from_torch(module, input_shape):
+    """``(net, params)`` from a torch Sequential: refcurv.torch.from_torch when the bridge is
+    installed, else the same conversion written here (W = [weight.reshape(out, -1), bias])."""
+    try:
+        from refcurv.torch import from_torch as bridge
+        return bridge(module, input_shape)
+    except ImportError:
+        pass
+    from refcurv import nn as rnn
+    layers, params = [], []
+    for m in module:
+        name = type(m).__name__
+        if name == "Linear":
+            layers.append(rnn.Linear(m.in_features, m.out_features, bias=m.bias is not None))
+        elif name == "Conv2d":
+            layers.append(rnn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride[0],
+                                     padding=m.padding[0], bias=m.bias is not None))
+        elif name in ("ReLU", "Tanh", "Sigmoid", "Softplus", "Flatten"):
+            layers.append(getattr(rnn, name)())
+            continue
+        else:
+            raise refcurv.ArgumentTypeError(f"module: unsupported layer {name}")
+        w = m.weight.detach().double().numpy().reshape(m.weight.shape[0], -1)
+        if m.bias is not None:
+            w = np.concatenate([w, m.bias.detach().double().numpy()[:, None]], axis=1)
+        params.append(w)
+    return rnn.Sequential(layers), params
+
+
+def problems(quick, C=3):
+    """(name, torch module, input shape) -- MLP and CNN with C outputs, with and without bias."""
+    nn = torch.nn
+    out = []
+    for bias in (True, False):
+        torch.manual_seed(SEED)
+        mlp = nn.Sequential(nn.Linear(4, 5, bias=bias), nn.Tanh(), nn.Linear(5, C, bias=bias))
+        torch.manual_seed(SEED + 1)
+        cnn = nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1, bias=bias), nn.ReLU(), nn.Flatten(),
+                            nn.Linear(12, C, bias=bias))
+        out.append((f"mlp{'' if bias else '-nobias'}", mlp.double(), (4,)))
+        out.append((f"cnn{'' if bias else '-nobias'}", cnn.double(), (2, 4, 4)))
+    return out[:2] if quick else out
+
+
+LOSSES = {"cross_entropy": CrossEntropy, "mse": MSE, "bce": BCE}
+
+
+def data(loss_name, input_shape, N=4, C=3):
+    rng = np.random.default_rng(SEED + 7)
+    x = rng.standard_normal((N,) + tuple(input_shape))
+    if loss_name == "cross_entropy":
+        y = np.array([0, 1, 2, 1][:N])
+    elif loss_name == "mse":
+        y = rng.standard_normal((N, C))
+    else:
+        y = rng.integers(0, 2, (N, C)).astype(float)
+    return x, y
+
+
+def torch_loss(loss_name, reduction="mean"):
+    nn = torch.nn
+    return {"cross_entropy": nn.CrossEntropyLoss, "mse": nn.MSELoss, "bce": nn.BCEWithLogitsLoss}[loss_name](
+        reduction=reduction)
+
+
+def ty(y, loss_name):
+    return torch.as_tensor(y, dtype=torch.long if loss_name == "cross_entropy" else torch.float64)
+
+
+def outputs(net, params, x):
+    return np.asarray(net.forward(params, x))
+
+
+def flat_params(module):
+    return [p for p in module.parameters()]
+
+
+def dense_of(op, P):
+    """Dense matrix of a curvlinops operator (parameters() order)."""
+    return (op @ torch.eye(P, dtype=torch.float64)).detach().numpy()
+
+
+def kfac_T(net, x):
+    """Output locations T per trainable layer (1 for Linear)."""
+    _, params = None, None
+    T, shape = [], tuple(x.shape[1:])
+    for m in net.layers:
+        if getattr(m, "trainable", False):
+            T.append(m.n_locations(shape))
+        shape = m.out_shape(shape)
+    return T
+
+
+# ----------------------------------------------------------------------------- BackPACK
+
+def check_backpack(quick):
+    lib = "backpack"
+    from backpack import backpack, extend
+    from backpack import extensions as ext
+    from backpack.core.derivatives.nll_base import NLLLossDerivatives
+
+    for loss_name in ("cross_entropy", "mse", "bce"):
+        # BackPACK's BCEWithLogitsLoss supports one output only (bcewithlogitsloss.py:79)
+        C = 1 if (loss_name == "bce" and lib == "backpack") else 3
+        for name, module, ishape in problems(quick, C):
+            for reduction in (("mean",) if quick else ("mean", "sum")):
+                setting = f"{name} {loss_name} {reduction}"
+                x, y = data(loss_name, ishape, C=C)
+                net, params = from_torch(module, ishape)
+                loss = LOSSES[loss_name]()
+                N = x.shape[0]
+                s = loss_scale(loss, reduction, C, N)
+                P = sum(p.numel() for p in module.parameters())
+                model = extend(module)
+                lf = extend(torch_loss(loss_name, reduction))
+                xt, yt = torch.as_tensor(x), ty(y, loss_name)
+
+                # per-sample gradients and DiagGGNExact
+                model.zero_grad()
+                with backpack(ext.BatchGrad(), ext.DiagGGNExact()):
+                    lf(model(xt), yt).backward()
+                bg = np.concatenate([p.grad_batch.detach().reshape(N, -1).numpy() for p in model.parameters()], 1)
+                U = torch_order(net, np.asarray(cv.per_sample_grads(net, params, x, y, loss)))
+                record("backpack", "BatchGrad", setting, bg, (s / N) * U, P,
+                       "convention: grad_batch_i = (s/N)·u_i (gradient of sample i's term of the reduced loss)")
+                dg = np.concatenate([p.diag_ggn_exact.detach().reshape(-1).numpy() for p in model.parameters()])
+                Gm = torch_order(net, np.asarray(cv.ggn(net, params, x, y, loss)))
+                record("backpack", "DiagGGNExact", setting, dg, s * np.diag(Gm), P, "convention: s·diag(GGN)")
+
+                # KFLR (exact) and KFAC (MC, replayed)
+                T = kfac_T(net, x)
+                model.zero_grad()
+                with backpack(ext.KFLR()):
+                    lf(model(xt), yt).backward()
+                got = _backpack_kron(model, "kflr")
+                Fe = cv.kfac_factors(net, params, x, y, loss, kind="exact", conv="expand")
+                Fr = cv.kfac_factors(net, params, x, y, loss, kind="exact", conv="reduce")
+                mixed = [(Ae, Gr) for (Ae, _), (_, Gr) in zip(Fe, Fr)]
+                want = s * kfac_matrix(net, mixed, bias="separate", conv_scale=T)
+                record("backpack", "KFLR", setting, got, want, P,
+                       "convention: s·(T·G_reduce ⊗ A_expand) weight, s·G_reduce bias (separate)")
+                S = 2
+                rec = Recorder(NLLLossDerivatives.compute_sampled_grads)
+                model.zero_grad()
+                with patched(NLLLossDerivatives, "compute_sampled_grads", lambda self, *a, **k: rec(self, *a, **k)):
+                    torch.manual_seed(SEED)
+                    with backpack(ext.KFAC(mc_samples=S)):
+                        lf(model(xt), yt).backward()
+                got = _backpack_kron(model, "kfac")
+                labels = labels_from_sampled_grads(loss, outputs(net, params, x), rec.out[-1].detach().numpy())
+                Fe = cv.kfac_factors(net, params, x, y, loss, kind="mc", conv="expand", labels=labels)
+                Fr = cv.kfac_factors(net, params, x, y, loss, kind="mc", conv="reduce", labels=labels)
+                mixed = [(Ae, Gr) for (Ae, _), (_, Gr) in zip(Fe, Fr)]
+                want = s * kfac_matrix(net, mixed, bias="separate", conv_scale=T)
+                record("backpack", f"KFAC mc (S={S}, replayed)", setting, got, want, P,
+                       "convention: as KFLR, labels mapped by labels_from_sampled_grads (MSE: N(f,½I))")
+                _unextend(model)
+
+
+def _backpack_kron(model, attr):
+    from scipy.linalg import block_diag
+    blocks = []
+    for p in model.parameters():
+        fs = [f.detach().numpy() for f in getattr(p, attr)]
+        B = fs[0]
+        for f in fs[1:]:
+            B = np.kron(B, f)
+        blocks.append(B)
+    return block_diag(*blocks)
+
+
+def _unextend(model):
+    from backpack.utils.module_classification import is_no_op  # noqa: F401  (BackPACK keeps hooks; harmless)
+
+
+# ----------------------------------------------------------------------------- curvlinops
+
+def check_curvlinops(quick):
+    lib = "curvlinops"
+    import curvlinops as cl
+    import curvlinops.fisher as clf
+
+    for loss_name in ("cross_entropy", "mse", "bce"):
+        # BackPACK's BCEWithLogitsLoss supports one output only (bcewithlogitsloss.py:79)
+        C = 1 if (loss_name == "bce" and lib == "backpack") else 3
+        for name, module, ishape in problems(quick, C):
+            for reduction in (("mean",) if quick else ("mean", "sum")):
+                setting = f"{name} {loss_name} {reduction}"
+                x, y = data(loss_name, ishape, C=C)
+                net, params = from_torch(module, ishape)
+                loss = LOSSES[loss_name]()
+                N = x.shape[0]
+                s = loss_scale(loss, reduction, C, N)
+                ps = flat_params(module)
+                P = sum(p.numel() for p in ps)
+                lf = torch_loss(loss_name, reduction)
+                batch = [(torch.as_tensor(x), ty(y, loss_name))]
+                kw = dict(check_deterministic=False)
+                f = outputs(net, params, x)
+
+                H = torch_order(net, np.asarray(cv.hessian(net, params, x, y, loss)))
+                record("curvlinops", "Hessian", setting, dense_of(cl.HessianLinearOperator(module, lf, ps, batch, **kw), P),
+                       s * H, P, "convention: s·H")
+                Gm = torch_order(net, np.asarray(cv.ggn(net, params, x, y, loss)))
+                record("curvlinops", "GGN", setting, dense_of(cl.GGNLinearOperator(module, lf, ps, batch, **kw), P),
+                       s * Gm, P, "convention: s·GGN")
+                EF = torch_order(net, np.asarray(cv.empirical_fisher(net, params, x, y, loss)))
+                ef_factor = s * s * (N if reduction == "mean" else 1.0 / N)
+                if loss_name != "cross_entropy" and reduction == "mean":
+                    ef_factor *= C  # mean over N·C loss terms: curvlinops rescales by the C terms
+                record("curvlinops", "EF", setting, dense_of(cl.EFLinearOperator(module, lf, ps, batch, **kw), P),
+                       ef_factor * EF, P, "convention: c·Σ∇ℓ_n∇ℓ_nᵀ, see docs (MSE mean: 4/C)")
+
+                S = 2
+                rec_fac = clf.make_grad_output_sampler
+                recs = []
+
+                def fac(lossf, _orig=rec_fac):
+                    r = Recorder(_orig(lossf))
+                    recs.append(r)
+                    return r
+
+                with patched(clf, "make_grad_output_sampler", fac):
+                    op = cl.FisherMCLinearOperator(module, lf, ps, batch, mc_samples=S, seed=SEED, **kw)
+                    got = dense_of(op, P)
+                g = recs[-1].out[-1].detach().numpy()
+                labels = labels_from_sampled_grads(loss, f, g)
+                Fmc = torch_order(net, np.asarray(cv.fisher(net, params, x, loss=loss, kind="mc", labels=labels)))
+                record("curvlinops", f"FisherMC (S={S}, replayed)", setting, got, s * Fmc, P,
+                       "convention: s·F_mc, labels mapped (MSE N(f,½I) -> N(f,I))")
+
+                # KFAC: fisher types x expand/reduce x separate/joint bias
+                kinds = (("type-2", "exact"), ("mc", "mc"), ("empirical", "empirical"))
+                convs = ("expand",) if (quick or name.startswith("mlp")) else ("expand", "reduce")
+                for ftype, kind in kinds:
+                    for conv in convs:
+                        for sep in ((True, False) if not quick or ftype == "type-2" else (True,)):
+                            kf = cl.KFACLinearOperator(module, lf, ps, batch, fisher_type=ftype, mc_samples=S,
+                                                       kfac_approx=conv, separate_weight_and_bias=sep, seed=SEED,
+                                                       **kw)
+                            rec = Recorder(kf.draw_label)
+                            kf.draw_label = rec
+                            got = dense_of(kf, P)
+                            extra = {}
+                            if kind == "mc":
+                                ys = np.stack([r.detach().numpy() for r in rec.out])
+                                extra = dict(labels=labels_from_torch_samples(loss, f, ys))
+                            F = cv.kfac_factors(net, params, x, y, loss, kind=kind, conv=conv, **extra)
+                            fac_s = s
+                            if kind == "empirical":
+                                fac_s = ef_factor
+                            want = fac_s * kfac_matrix(net, F, bias="separate" if sep else "joint")
+                            record("curvlinops", f"KFAC {ftype} {conv} {'separate' if sep else 'joint'}",
+                                   setting, got, want, P, "convention: factor as the matching dense quantity")
+
+
+# ----------------------------------------------------------------------------- ASDL
+
+def check_asdl(quick):
+    import asdl
+    import torch.nn.functional as Fn
+
+    for name, module, ishape in problems(quick):
+        for loss_name in ("cross_entropy", "mse"):
+            setting = f"{name} {loss_name}"
+            x, y = data(loss_name, ishape)
+            net, params = from_torch(module, ishape)
+            loss = LOSSES[loss_name]()
+            N = x.shape[0]
+            P = sum(p.numel() for p in module.parameters())
+            xt, yt = torch.as_tensor(x), ty(y, loss_name)
+            f = outputs(net, params, x)
+            ltype = asdl.LOSS_CROSS_ENTROPY if loss_name == "cross_entropy" else asdl.LOSS_MSE
+
+            def run(ftype, shape, S=1, seed=None):
+                cfg = asdl.FisherConfig(fisher_type=ftype, fisher_shapes=[shape], loss_type=ltype, data_size=N,
+                                        n_mc_samples=S, seed=seed)
+                fm = asdl.get_fisher_maker(module, cfg)
+                dummy = fm.setup_model_call(module, xt)
+                if loss_name == "cross_entropy":
+                    fm.setup_loss_call(Fn.cross_entropy, dummy, yt, reduction="sum")
+                else:  # ASDL's MSE is ½‖f−y‖² summed (its fisher_mse var=1 convention)
+                    fm.setup_loss_call(lambda o, t: 0.5 * Fn.mse_loss(o, t, reduction="sum"), dummy, yt)
+                fm.forward_and_backward()
+                return fm
+
+            def full(fm):
+                return module.fisher.data.detach().numpy()
+
+            Fx = torch_order(net, np.asarray(cv.fisher(net, params, x, loss=loss, kind="exact")))
+            record("asdl", "fisher_exact full", setting, full(run(asdl.FISHER_EXACT, asdl.SHAPE_FULL)), Fx, P,
+                   "agrees (ASDL: per-sample ½‖f−y‖², mean over N)")
+            EF = torch_order(net, np.asarray(cv.empirical_fisher(net, params, x, y, loss)))
+            record("asdl", "fisher_emp full", setting, full(run(asdl.FISHER_EMP, asdl.SHAPE_FULL)), EF, P, "agrees")
+            for S in ((1, 2) if True else (1,)):
+                dist = torch.distributions.Categorical if loss_name == "cross_entropy" else torch.distributions.Normal
+                rec = Recorder(dist.sample)
+                with patched(dist, "sample", lambda self, *a, **k: rec(self, *a, **k)):
+                    got = full(run(asdl.FISHER_MC, asdl.SHAPE_FULL, S=S, seed=SEED))
+                ys = np.stack([r.detach().numpy() for r in rec.out])
+                labels = ys.astype(np.int64) if loss_name == "cross_entropy" else ys  # N(f, I): refcurv's
+                Fmc = torch_order(net, np.asarray(cv.fisher(net, params, x, loss=loss, kind="mc", labels=labels)))
+                known = None
+                if S > 1:
+                    known = ("bug: asdl/fisher.py:456/490 divide the loss by S, so the Fisher by S² (F_mc/S); "
+                             "fix: / n_mc_samples ** 0.5")
+                record("asdl", f"fisher_mc full (S={S}, replayed)", setting, got, Fmc, P, "agrees", known=known)
+                if S > 1:
+                    cls = "FisherMCCrossEntropy" if loss_name == "cross_entropy" else "FisherMCMSE"
+                    old = "/ n_mc_samples,"
+                    rec = Recorder(dist.sample)
+                    with source_patch(asdl.fisher, f"{cls}._fisher_loop", old, "/ n_mc_samples ** 0.5,"), \
+                            patched(dist, "sample", lambda self, *a, **k: rec(self, *a, **k)):
+                        got = full(run(asdl.FISHER_MC, asdl.SHAPE_FULL, S=S, seed=SEED))
+                    ys = np.stack([r.detach().numpy() for r in rec.out])
+                    labels = ys.astype(np.int64) if loss_name == "cross_entropy" else ys
+                    Fmc = torch_order(net, np.asarray(cv.fisher(net, params, x, loss=loss, kind="mc", labels=labels)))
+                    record("asdl", f"fisher_mc full (S={S}) + fix", setting, got, Fmc, P,
+                           "agrees with the one-line fix applied")
+            # Kronecker: A with the ones row (joint bias), expand
+            fm = run(asdl.FISHER_EXACT, asdl.SHAPE_KRON)
+            blocks = []
+            for m in module.modules():
+                fk = getattr(m, "fisher", None)
+                if fk is not None and m is not module and fk.kron is not None:
+                    blocks.append(np.kron(fk.kron.B.detach().numpy(), fk.kron.A.detach().numpy()))
+            from scipy.linalg import block_diag
+            got = block_diag(*blocks)
+            F = cv.kfac_factors(net, params, x, y, loss, kind="exact", conv="expand")
+            record("asdl", "fisher_exact kron", setting, got, kfac_matrix(net, F, bias="joint", order="refcurv"), P,
+                   "agrees (joint bias, KFC expand; compared in refcurv order: ASDL's A holds the ones row)")
+
+
+# ----------------------------------------------------------------------------- NNGeometry
+
+def check_nngeometry(quick):
+    from nngeometry import metrics
+    from nngeometry.object import PMatDense, PMatKFAC
+    from torch.utils.data import DataLoader, TensorDataset
+
+    for name, module, ishape in problems(quick):
+        for loss_name, variant in (("cross_entropy", "classif_logits"), ("mse", "regression")):
+            setting = f"{name} {loss_name}"
+            x, y = data(loss_name, ishape)
+            net, params = from_torch(module, ishape)
+            loss = LOSSES[loss_name]()
+            N = x.shape[0]
+            P = sum(p.numel() for p in module.parameters())
+            loader = DataLoader(TensorDataset(torch.as_tensor(x), ty(y, loss_name)), batch_size=N)
+            Fx = torch_order(net, np.asarray(cv.fisher(net, params, x, loss=loss, kind="exact")))
+            got = metrics.FIM(module, loader, PMatDense, variant=variant).to_torch().detach().numpy()
+            known = None
+            if variant == "classif_logits":
+                known = ("bug: nngeometry/metrics.py:188 adds torch.finfo().eps (float32's) to q; "
+                         "fix: torch.finfo(logits.dtype).eps")
+            record("nngeometry", "FIM PMatDense", setting, got, Fx, P, "agrees", known=known)
+            if variant == "classif_logits":
+                with source_patch(metrics, "FIM", "torch.finfo().eps", "torch.finfo(logits.dtype).eps"):
+                    got = metrics.FIM(module, loader, PMatDense, variant=variant).to_torch().detach().numpy()
+                record("nngeometry", "FIM PMatDense + fix", setting, got, Fx, P, "agrees with the one-line fix applied")
+            if name.startswith("mlp"):
+                ctx = (source_patch(metrics, "FIM", "torch.finfo().eps", "torch.finfo(logits.dtype).eps")
+                       if variant == "classif_logits" else contextlib.nullcontext())
+                with ctx:
+                    got = metrics.FIM(module, loader, PMatKFAC, variant=variant).to_torch().detach().numpy()
+                F = cv.kfac_factors(net, params, x, y, loss, kind="exact", conv="expand")
+                record("nngeometry", "FIM PMatKFAC" + (" + fix" if variant == "classif_logits" else ""), setting,
+                       got, kfac_matrix(net, F, bias="joint"), P, "agrees (joint bias)")
+
+
+# ----------------------------------------------------------------------------- main
+
+CHECKS = {"backpack": ("backpack", check_backpack), "curvlinops": ("curvlinops", check_curvlinops),
+          "asdl": ("asdl", check_asdl), "nngeometry": ("nngeometry", check_nngeometry)}
+
+
+def versions():
+    out = {}
+    for mod, dist in (("torch", "torch"), ("curvlinops", "curvlinops-for-pytorch"), ("backpack", "backpack-for-pytorch"),
+                      ("asdl", "asdfghjkl"), ("nngeometry", "nngeometry"), ("numpy", "numpy")):
+        try:
+            from importlib.metadata import version
+            out[dist] = version(dist)
+        except Exception:
+            out[dist] = "missing"
+    return out
+
+
+def print_table():
+    head = f"{'library':<11} {'quantity':<36} {'setting':<24} {'error':>9} {'tolerance':>9}  verdict  classification"
+    print(head)
+    print("-" * len(head))
+    for r in ROWS:
+        e = "-" if np.isnan(r["error"]) else f"{r['error']:.1e}"
+        t = "-" if np.isnan(r["tol"]) else f"{r['tol']:.1e}"
+        print(f"{r['lib']:<11} {r['quantity']:<36} {r['setting']:<24} {e:>9} {t:>9}  {r['verdict']:<7}  {r['note']}")
+
+
+def main(argv=None):
+    global torch
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="one MLP and one CNN, mean reduction (CI)")
+    ap.add_argument("--only", choices=sorted(CHECKS), action="append", help="check only these libraries")
+    args = ap.parse_args(argv)
+    torch = importlib.import_module("torch")
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    t0 = time.perf_counter()
+    for lib in args.only or CHECKS:
+        mod, fn = CHECKS[lib]
+        try:
+            importlib.import_module(mod)
+        except ImportError as e:
+            skip(lib, f"not installed ({e})")
+            continue
+        fn(args.quick)
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()))
+    print_table()
+    n_fail = sum(r["fail"] for r in ROWS)
+    n_bug = sum(r["verdict"] == "BUG" for r in ROWS)
+    print(f"\n{len(ROWS)} rows, {n_bug} known library bugs (each with a fixed row), {n_fail} unexplained, "
+          f"{time.perf_counter() - t0:.1f} s")
+    return 1 if n_fail else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a sourc
 import refcurv  # noqa: E402
 from refcurv import curvature as cv  # noqa: E402
 from refcurv.nn import BCE, MSE, CrossEntropy  # noqa: E402
-from refcurv.testing.peers import (kfac_matrix, labels_from_sampled_grads,  # noqa: E402
+from refcurv.testing.peers import (ef_scale, kfac_matrix, labels_from_sampled_grads,  # noqa: E402
                                    labels_from_torch_samples, loss_scale, torch_order)
 from refcurv.testing.tolerance import tolerance  # noqa: E402
 
@@ -88,20 +88,22 @@ def patched(obj, name, new):
 
 
 @contextlib.contextmanager
-def source_patch(module, qualname, old, new):
+def source_patch(module, qualname, *edits):
     """Re-define ``module.qualname`` (a function or a method ``Class.meth``) from its source
-    with the one-line edit ``old -> new`` (exactly one occurrence): how a proposed library
-    fix is verified without touching the installed files."""
+    with the one-line edits ``(old, new), …`` (each ``old`` occurring exactly once): how a
+    proposed library fix is verified without touching the installed files."""
     parts = qualname.split(".")
     owner = module
     for p in parts[:-1]:
         owner = getattr(owner, p)
     fn = getattr(owner, parts[-1])
     src = inspect.getsource(fn)
-    if src.count(old) != 1:
-        raise RuntimeError(f"patch target {old!r} found {src.count(old)} times in {qualname}")
     import textwrap
-    src = textwrap.dedent(src.replace(old, new))
+    for old, new in edits:
+        if src.count(old) != 1:
+            raise RuntimeError(f"patch target {old!r} found {src.count(old)} times in {qualname}")
+        src = src.replace(old, new)
+    src = textwrap.dedent(src)
     ns = dict(vars(module))
     exec(compile(src, inspect.getsourcefile(fn), "exec"), ns)
     with patched(owner, parts[-1], ns[parts[-1]]):
@@ -329,11 +331,9 @@ def check_curvlinops(quick):
                 record("curvlinops", "GGN", setting, dense_of(cl.GGNLinearOperator(module, lf, ps, batch, **kw), P),
                        s * Gm, P, "convention: s·GGN")
                 EF = torch_order(net, np.asarray(cv.empirical_fisher(net, params, x, y, loss)))
-                ef_factor = s * s * (N if reduction == "mean" else 1.0 / N)
-                if loss_name != "cross_entropy" and reduction == "mean":
-                    ef_factor *= C  # mean over N·C loss terms: curvlinops rescales by the C terms
+                ef_factor = ef_scale(loss, reduction, C, N)
                 record("curvlinops", "EF", setting, dense_of(cl.EFLinearOperator(module, lf, ps, batch, **kw), P),
-                       ef_factor * EF, P, "convention: c·Σ∇ℓ_n∇ℓ_nᵀ, see docs (MSE mean: 4/C)")
+                       ef_factor * EF, P, f"convention: {ef_factor:g}·EF (c·Σ∇ℓ_n∇ℓ_nᵀ, ef_scale)")
 
                 S = 2
                 rec_fac = clf.make_grad_output_sampler
@@ -359,7 +359,7 @@ def check_curvlinops(quick):
                 for ftype, kind in kinds:
                     for conv in convs:
                         for sep in ((True, False) if not quick or ftype == "type-2" else (True,)):
-                            kf = cl.KFACLinearOperator(module, lf, ps, batch, fisher_type=ftype, mc_samples=S,
+                            kf = cl.KFACLinearOperator(module, lf, ps, batch, fisher_type=ftype, mc_samples=S if ftype == "mc" else 1,
                                                        kfac_approx=conv, separate_weight_and_bias=sep, seed=SEED,
                                                        **kw)
                             rec = Recorder(kf.draw_label)
@@ -379,6 +379,12 @@ def check_curvlinops(quick):
 
 
 # ----------------------------------------------------------------------------- ASDL
+
+def _half_mse(o, t, reduction="sum"):
+    """½‖f − y‖² (ASDL sets ``reduction='sum'`` itself and divides by data_size)."""
+    import torch.nn.functional as Fn
+    return 0.5 * Fn.mse_loss(o, t, reduction=reduction)
+
 
 def check_asdl(quick):
     import asdl
@@ -402,9 +408,9 @@ def check_asdl(quick):
                 fm = asdl.get_fisher_maker(module, cfg)
                 dummy = fm.setup_model_call(module, xt)
                 if loss_name == "cross_entropy":
-                    fm.setup_loss_call(Fn.cross_entropy, dummy, yt, reduction="sum")
+                    fm.setup_loss_call(Fn.cross_entropy, dummy, yt)
                 else:  # ASDL's MSE is ½‖f−y‖² summed (its fisher_mse var=1 convention)
-                    fm.setup_loss_call(lambda o, t: 0.5 * Fn.mse_loss(o, t, reduction="sum"), dummy, yt)
+                    fm.setup_loss_call(_half_mse, dummy, yt)
                 fm.forward_and_backward()
                 return fm
 
@@ -433,7 +439,7 @@ def check_asdl(quick):
                     cls = "FisherMCCrossEntropy" if loss_name == "cross_entropy" else "FisherMCMSE"
                     old = "/ n_mc_samples,"
                     rec = Recorder(dist.sample)
-                    with source_patch(asdl.fisher, f"{cls}._fisher_loop", old, "/ n_mc_samples ** 0.5,"), \
+                    with source_patch(asdl.fisher, f"{cls}._fisher_loop", (old, "/ n_mc_samples ** 0.5,")), \
                             patched(dist, "sample", lambda self, *a, **k: rec(self, *a, **k)):
                         got = full(run(asdl.FISHER_MC, asdl.SHAPE_FULL, S=S, seed=SEED))
                     ys = np.stack([r.detach().numpy() for r in rec.out])
@@ -441,29 +447,45 @@ def check_asdl(quick):
                     Fmc = torch_order(net, np.asarray(cv.fisher(net, params, x, loss=loss, kind="mc", labels=labels)))
                     record("asdl", f"fisher_mc full (S={S}) + fix", setting, got, Fmc, P,
                            "agrees with the one-line fix applied")
-            # Kronecker: A with the ones row (joint bias), expand
+            # Kronecker (SHAPE_KRON): A of the weight only (conv.py/linear.py's extend_in_data, which
+            # would append the ones row, is never called); the bias is preconditioned by B alone
             fm = run(asdl.FISHER_EXACT, asdl.SHAPE_KRON)
             blocks = []
-            for m in module.modules():
+            for m in module.children():
                 fk = getattr(m, "fisher", None)
-                if fk is not None and m is not module and fk.kron is not None:
-                    blocks.append(np.kron(fk.kron.B.detach().numpy(), fk.kron.A.detach().numpy()))
+                if fk is not None and fk.kron is not None:
+                    B, A = fk.kron.B.detach().numpy(), fk.kron.A.detach().numpy()
+                    blocks.append(np.kron(B, A))
+                    if m.bias is not None:
+                        blocks.append(B)
             from scipy.linalg import block_diag
             got = block_diag(*blocks)
             F = cv.kfac_factors(net, params, x, y, loss, kind="exact", conv="expand")
-            record("asdl", "fisher_exact kron", setting, got, kfac_matrix(net, F, bias="joint", order="refcurv"), P,
-                   "agrees (joint bias, KFC expand; compared in refcurv order: ASDL's A holds the ones row)")
+            record("asdl", "fisher_exact kron", setting, got, kfac_matrix(net, F, bias="separate"), P,
+                   "convention: separate bias (weight G⊗A, bias G), KFC expand")
 
 
 # ----------------------------------------------------------------------------- NNGeometry
 
+NNG_KFAC_FIX = ("M = torch.zeros((s, s), device=self.generator.get_device())",
+                "M = torch.zeros((s, s), device=self.generator.get_device(), dtype=next(iter(self.data.values()))[0].dtype)")
+NNG_KFAC_BUG = ("bug: nngeometry/object/pspace.py:562 PMatKFAC.to_torch allocates M in the default dtype (float32): "
+                "a float64 KFAC is rounded (error ~1e-8); fix: dtype= the factors' dtype")
+NNG_FIX = (("torch.ones(size=(n_out, n_out), device=device)", "torch.ones(size=(n_out, n_out), device=device, dtype=logits.dtype)"),
+           ("torch.finfo().eps", "torch.finfo(logits.dtype).eps"))
+NNG_BUG = ("bug: nngeometry/metrics.py:180 builds tri in the default dtype (float64 model: mm dtype error) and :188 "
+           "adds float32's eps to q (error ~1e-7); fix: dtype=logits.dtype, torch.finfo(logits.dtype).eps")
+
+
 def check_nngeometry(quick):
     from nngeometry import metrics
+    from nngeometry.object import pspace
     from nngeometry.object import PMatDense, PMatKFAC
     from torch.utils.data import DataLoader, TensorDataset
 
     for name, module, ishape in problems(quick):
-        for loss_name, variant in (("cross_entropy", "classif_logits"), ("mse", "regression")):
+        for loss_name, variant in (("cross_entropy", "classif_logits"), ("mse", "regression"),
+                                   ("bce", "classif_binary_logits")):
             setting = f"{name} {loss_name}"
             x, y = data(loss_name, ishape)
             net, params = from_torch(module, ishape)
@@ -472,24 +494,36 @@ def check_nngeometry(quick):
             P = sum(p.numel() for p in module.parameters())
             loader = DataLoader(TensorDataset(torch.as_tensor(x), ty(y, loss_name)), batch_size=N)
             Fx = torch_order(net, np.asarray(cv.fisher(net, params, x, loss=loss, kind="exact")))
-            got = metrics.FIM(module, loader, PMatDense, variant=variant).to_torch().detach().numpy()
-            known = None
+
+            def fim(rep):
+                return metrics.FIM(module, loader, rep, variant=variant).to_torch().detach().numpy()
+
             if variant == "classif_logits":
-                known = ("bug: nngeometry/metrics.py:188 adds torch.finfo().eps (float32's) to q; "
-                         "fix: torch.finfo(logits.dtype).eps")
-            record("nngeometry", "FIM PMatDense", setting, got, Fx, P, "agrees", known=known)
-            if variant == "classif_logits":
-                with source_patch(metrics, "FIM", "torch.finfo().eps", "torch.finfo(logits.dtype).eps"):
-                    got = metrics.FIM(module, loader, PMatDense, variant=variant).to_torch().detach().numpy()
-                record("nngeometry", "FIM PMatDense + fix", setting, got, Fx, P, "agrees with the one-line fix applied")
-            if name.startswith("mlp"):
-                ctx = (source_patch(metrics, "FIM", "torch.finfo().eps", "torch.finfo(logits.dtype).eps")
-                       if variant == "classif_logits" else contextlib.nullcontext())
-                with ctx:
-                    got = metrics.FIM(module, loader, PMatKFAC, variant=variant).to_torch().detach().numpy()
-                F = cv.kfac_factors(net, params, x, y, loss, kind="exact", conv="expand")
-                record("nngeometry", "FIM PMatKFAC" + (" + fix" if variant == "classif_logits" else ""), setting,
-                       got, kfac_matrix(net, F, bias="joint"), P, "agrees (joint bias)")
+                try:
+                    got = fim(PMatDense)
+                except RuntimeError:  # the float32 tri: the float64 model cannot run at all
+                    got = np.full_like(Fx, np.nan)
+                record("nngeometry", "FIM PMatDense", setting, got, Fx, P, "agrees", known=NNG_BUG)
+                with source_patch(metrics, "FIM", NNG_FIX[0]):  # dtype fix only: the float32 eps remains
+                    got = fim(PMatDense)
+                record("nngeometry", "FIM PMatDense + dtype fix only", setting, got, Fx, P, "agrees", known=NNG_BUG)
+                ctx = source_patch(metrics, "FIM", *NNG_FIX)
+                fixed = " + fix"
+            else:
+                ctx, fixed = contextlib.nullcontext(), ""
+            with ctx:
+                got = fim(PMatDense)
+                record("nngeometry", "FIM PMatDense" + fixed, setting, got, Fx, P,
+                       "agrees" + (" with the two one-line fixes applied" if fixed else ""))
+                pm = metrics.FIM(module, loader, PMatKFAC, variant=variant)
+            F = cv.kfac_factors(net, params, x, y, loss, kind="exact", conv="expand")
+            want = kfac_matrix(net, F, bias="joint")
+            record("nngeometry", "FIM PMatKFAC.to_torch" + fixed, setting, pm.to_torch().detach().numpy(), want, P,
+                   "agrees", known=NNG_KFAC_BUG)
+            with source_patch(pspace, "PMatKFAC.to_torch", NNG_KFAC_FIX):
+                got = pm.to_torch().detach().numpy()
+            record("nngeometry", "FIM PMatKFAC.to_torch" + fixed + " + fix", setting, got, want, P,
+                   "convention: joint bias (ones row in A), KFC expand; agrees with the fix")
 
 
 # ----------------------------------------------------------------------------- main

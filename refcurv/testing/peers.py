@@ -36,7 +36,7 @@ import numpy as np
 from ..errors import ArgumentTypeError, HyperParameterError, ShapeError
 
 __all__ = ["loss_scale", "torch_order", "labels_from_torch_samples", "labels_from_sampled_grads",
-           "kfac_matrix", "PEER_CONVENTIONS"]
+           "kfac_matrix", "ef_scale", "PEER_CONVENTIONS"]
 
 #: Conventions of each library, as the values of ``refcurv.testing.Conventions`` fields
 #: (``conv="backpack"`` is BackPACK's ``T · G_reduce ⊗ A_expand``). Keys not listed are
@@ -64,6 +64,22 @@ def loss_scale(loss, reduction, n_outputs, n):
     if reduction not in _REDUCTIONS:
         raise HyperParameterError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     table = {"mse": (2.0 / n_outputs, 2.0 * n), "cross_entropy": (1.0, float(n)), "bce": (1.0 / n_outputs, float(n))}
+    if name not in table:
+        raise ArgumentTypeError(f"loss must be mse, cross_entropy or bce, got {name!r}")
+    return table[name][0 if reduction == "mean" else 1]
+
+
+def ef_scale(loss, reduction, n_outputs, n):
+    """Factor ``e`` with ``EF_lib = e · EF_refcurv`` for a library whose empirical Fisher is
+    ``c Σ_n ∇ℓ_n ∇ℓ_nᵀ`` -- ``ℓ_n`` the per-sample PyTorch loss summed over its outputs, ``c``
+    the reduction's normalization (curvlinops ``EFLinearOperator``, KFAC ``empirical``):
+    MSE (``ℓ_n = 2ψ_n``) mean ``4/C`` (``c = 1/(N C)``), sum ``4N``; CE mean 1, sum ``N``; BCE
+    (``ℓ_n = ψ_n``) mean ``1/C``, sum ``N``. The normalization enters once, not squared as it
+    would for the outer product of the reduced loss's per-sample gradients."""
+    name = getattr(loss, "name", loss)
+    if reduction not in _REDUCTIONS:
+        raise HyperParameterError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    table = {"mse": (4.0 / n_outputs, 4.0 * n), "cross_entropy": (1.0, float(n)), "bce": (1.0 / n_outputs, float(n))}
     if name not in table:
         raise ArgumentTypeError(f"loss must be mse, cross_entropy or bce, got {name!r}")
     return table[name][0 if reduction == "mean" else 1]

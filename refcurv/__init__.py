@@ -14,6 +14,7 @@ from .errors import (
     ShapeError,
     StateError,
     UnknownMethodError,
+    UnsupportedLayerError,
 )
 from .vec import flatten, from_order, permutation, to_order, unflatten
 
@@ -24,5 +25,5 @@ __all__ = [
     "flatten", "unflatten", "permutation", "to_order", "from_order",
     "RefcurvError", "ShapeError", "NonFiniteError", "EmptyBatchError", "LabelError",
     "HyperParameterError", "ArgumentTypeError", "NotSPDError", "NewtonConvergenceError",
-    "StateError", "DrawsError", "UnknownMethodError", "DivergenceError",
+    "StateError", "DrawsError", "UnknownMethodError", "DivergenceError", "UnsupportedLayerError",
 ]

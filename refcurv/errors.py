@@ -62,3 +62,9 @@ class UnknownMethodError(RefcurvError, KeyError):
 class DivergenceError(RefcurvError, ArithmeticError):
     """A training run diverged: the loss or the parameters became non-finite. The message
     names the step."""
+
+
+class UnsupportedLayerError(RefcurvError, ValueError):
+    """A foreign model (e.g. a ``torch.nn.Sequential`` handed to :mod:`refcurv.torch`) holds
+    a layer, or a layer setting, that refcurv's model family cannot represent. The message
+    names the layer, its position and what is supported."""

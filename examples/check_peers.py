@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a sourc
 import refcurv  # noqa: E402
 from refcurv import curvature as cv  # noqa: E402
 from refcurv.nn import BCE, MSE, CrossEntropy  # noqa: E402
-from refcurv.testing.peers import (ef_scale, kfac_matrix, labels_from_sampled_grads,  # noqa: E402
-                                   labels_from_torch_samples, loss_scale, torch_order)
-from refcurv.testing.tolerance import tolerance  # noqa: E402
+from refcurv.testing import Conventions, compare as rc_compare  # noqa: E402
+from refcurv.testing.peers import (kfac_dense, labels_from_sampled_grads,  # noqa: E402
+                                   labels_from_torch_samples, peer_conventions)
 
 torch = None  # imported in main(): the module must import with numpy only (tests read it)
 
@@ -43,24 +43,25 @@ SEED = 0
 # ----------------------------------------------------------------------------- plumbing
 
 def compare(actual, expected, n):
-    """Relative Frobenius error and the tolerance model's residual bound C·n·u for a
-    float64 result accumulated over ``n`` terms (refcurv.testing.compare when it exists)."""
+    """Relative Frobenius error and tolerance from refcurv.testing.compare: a float64 result
+    accumulated over ``n`` terms is judged at the residual bound C·n·u (tolerance model)."""
     actual, expected = np.asarray(actual, dtype=float), np.asarray(expected, dtype=float)
     if actual.shape != expected.shape:
         return np.inf, 0.0
-    try:
-        from refcurv.testing import compare as rc_compare  # the harness engineer's
-        v = rc_compare(actual, expected, dtype=np.float64, n=n, kind="residual")
-        return float(v.error), float(v.tolerance)
-    except ImportError:
-        err = float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-300))
-        return err, tolerance(n, 1.0, np.float64, "residual")
+    v = rc_compare(actual, expected, dtype=np.float64, n=n, kind="residual")
+    return float(v.error), float(v.tolerance)
 
 
-def record(lib, quantity, setting, actual, expected, n, note="agrees", known=None):
+REFCURV = Conventions(order="torch")  # refcurv's own scale and blocks, in parameters() order
+
+
+def record(lib, quantity, setting, actual, expected, n, note="agrees", known=None, raw=None):
     """One table row. ``known``: a classification for a disagreement that is explained (a
-    library bug whose fix is checked by a separate row); such rows do not fail the run."""
+    library bug whose fix is checked by a separate row); such rows do not fail the run.
+    ``raw``: refcurv's value in its own convention (only re-ordered); its error shows whether
+    the declared convention matters."""
     err, tol = compare(actual, expected, n)
+    raw_err = compare(actual, raw, n)[0] if raw is not None else np.nan
     ok = err <= tol
     if ok:
         verdict = "ok"
@@ -68,13 +69,14 @@ def record(lib, quantity, setting, actual, expected, n, note="agrees", known=Non
         verdict, note = "BUG", known
     else:
         verdict, note = "FAIL", "unexplained disagreement"
-    ROWS.append(dict(lib=lib, quantity=quantity, setting=setting, error=err, tol=tol, verdict=verdict,
+    ROWS.append(dict(lib=lib, quantity=quantity, setting=setting, error=err, tol=tol, verdict=verdict, raw=raw_err,
                      note=note, fail=(not ok and known is None) or (ok and known is not None and known != "")))
     return ok
 
 
 def skip(lib, why):
-    ROWS.append(dict(lib=lib, quantity="-", setting="-", error=np.nan, tol=np.nan, verdict="skip", note=why, fail=False))
+    ROWS.append(dict(lib=lib, quantity="-", setting="-", error=np.nan, tol=np.nan, verdict="skip", note=why, fail=False,
+                     raw=np.nan))
 
 
 @contextlib.contextmanager
@@ -125,32 +127,9 @@ class Recorder:
 # ----------------------------------------------------------------------------- problems
 
 def from_torch(module, input_shape):
-    """``(net, params)`` from a torch Sequential: refcurv.torch.from_torch when the bridge is
-    installed, else the same conversion written here (W = [weight.reshape(out, -1), bias])."""
-    try:
-        from refcurv.torch import from_torch as bridge
-        return bridge(module, input_shape)
-    except ImportError:
-        pass
-    from refcurv import nn as rnn
-    layers, params = [], []
-    for m in module:
-        name = type(m).__name__
-        if name == "Linear":
-            layers.append(rnn.Linear(m.in_features, m.out_features, bias=m.bias is not None))
-        elif name == "Conv2d":
-            layers.append(rnn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride[0],
-                                     padding=m.padding[0], bias=m.bias is not None))
-        elif name in ("ReLU", "Tanh", "Sigmoid", "Softplus", "Flatten"):
-            layers.append(getattr(rnn, name)())
-            continue
-        else:
-            raise refcurv.ArgumentTypeError(f"module: unsupported layer {name}")
-        w = m.weight.detach().double().numpy().reshape(m.weight.shape[0], -1)
-        if m.bias is not None:
-            w = np.concatenate([w, m.bias.detach().double().numpy()[:, None]], axis=1)
-        params.append(w)
-    return rnn.Sequential(layers), params
+    """``(net, params)`` by the bridge (``W = [weight.reshape(out, -1), bias]``)."""
+    from refcurv.torch import from_torch as bridge
+    return bridge(module, input_shape)
 
 
 def problems(quick, C=3):
@@ -219,52 +198,68 @@ def kfac_T(net, x):
 
 # ----------------------------------------------------------------------------- BackPACK
 
+def kfac_pairs(conv, net, x, y, loss, kind, g_scale, **kw):
+    """refcurv's KFAC factors converted by ``conv`` (expand and reduce both computed, the
+    convention picks), ``G`` times ``g_scale``."""
+    Fe = cv.kfac_factors(net, params_of(net), x, y, loss, kind=kind, conv="expand", **kw)
+    Fr = cv.kfac_factors(net, params_of(net), x, y, loss, kind=kind, conv="reduce", **kw)
+    return conv.kfac_factors(Fe, Fr, net, kfac_T(net, x), g_scale=g_scale)
+
+
+_PARAMS = {}
+
+
+def params_of(net):
+    return _PARAMS[id(net)]
+
+
+def setup(module, ishape, loss_name, C=3):
+    x, y = data(loss_name, ishape, C=C)
+    net, params = from_torch(module, ishape)
+    _PARAMS[id(net)] = params
+    return x, y, net, params, LOSSES[loss_name](), sum(p.numel() for p in module.parameters())
+
+
 def check_backpack(quick):
-    lib = "backpack"
     from backpack import backpack, extend
     from backpack import extensions as ext
     from backpack.core.derivatives.nll_base import NLLLossDerivatives
 
     for loss_name in ("cross_entropy", "mse", "bce"):
         # BackPACK's BCEWithLogitsLoss supports one output only (bcewithlogitsloss.py:79)
-        C = 1 if (loss_name == "bce" and lib == "backpack") else 3
+        C = 1 if loss_name == "bce" else 3
         for name, module, ishape in problems(quick, C):
             for reduction in (("mean",) if quick else ("mean", "sum")):
                 setting = f"{name} {loss_name} {reduction}"
-                x, y = data(loss_name, ishape, C=C)
-                net, params = from_torch(module, ishape)
-                loss = LOSSES[loss_name]()
+                x, y, net, params, loss, P = setup(module, ishape, loss_name, C)
                 N = x.shape[0]
-                s = loss_scale(loss, reduction, C, N)
-                P = sum(p.numel() for p in module.parameters())
-                model = extend(module)
                 lf = extend(torch_loss(loss_name, reduction))
+                conv = peer_conventions("backpack", lf, C)
+                s, _ = conv.scales(loss, C, N)
+                model = extend(module)
                 xt, yt = torch.as_tensor(x), ty(y, loss_name)
 
-                # per-sample gradients and DiagGGNExact
                 model.zero_grad()
                 with backpack(ext.BatchGrad(), ext.DiagGGNExact()):
                     lf(model(xt), yt).backward()
                 bg = np.concatenate([p.grad_batch.detach().reshape(N, -1).numpy() for p in model.parameters()], 1)
-                U = torch_order(net, np.asarray(cv.per_sample_grads(net, params, x, y, loss)))
-                record("backpack", "BatchGrad", setting, bg, (s / N) * U, P,
-                       "convention: grad_batch_i = (s/N)·u_i (gradient of sample i's term of the reduced loss)")
+                U = cv.per_sample_grads(net, params, x, y, loss)
+                record("backpack", "BatchGrad", setting, bg, conv.vector(U, net, scale=s / N), P,
+                       f"convention: (s/N)·u_n = {s / N:g}·u_n (sample n's term of the reduced loss)",
+                       raw=REFCURV.vector(U, net))
                 dg = np.concatenate([p.diag_ggn_exact.detach().reshape(-1).numpy() for p in model.parameters()])
-                Gm = torch_order(net, np.asarray(cv.ggn(net, params, x, y, loss)))
-                record("backpack", "DiagGGNExact", setting, dg, s * np.diag(Gm), P, "convention: s·diag(GGN)")
+                Gm = cv.ggn(net, params, x, y, loss)
+                record("backpack", "DiagGGNExact", setting, dg, np.diag(conv.matrix(Gm, net, scale=s)), P,
+                       f"convention: s·diag(GGN), s = {s:g}", raw=np.diag(REFCURV.matrix(Gm, net)))
 
-                # KFLR (exact) and KFAC (MC, replayed)
-                T = kfac_T(net, x)
                 model.zero_grad()
                 with backpack(ext.KFLR()):
                     lf(model(xt), yt).backward()
                 got = _backpack_kron(model, "kflr")
-                Fe = cv.kfac_factors(net, params, x, y, loss, kind="exact", conv="expand")
-                Fr = cv.kfac_factors(net, params, x, y, loss, kind="exact", conv="reduce")
-                mixed = [(Ae, Gr) for (Ae, _), (_, Gr) in zip(Fe, Fr)]
-                want = s * kfac_matrix(net, mixed, bias="separate", conv_scale=T)
+                want = kfac_dense(conv, net, kfac_pairs(conv, net, x, y, loss, "exact", s))
+                raw = kfac_dense(REFCURV, net, kfac_pairs(REFCURV, net, x, y, loss, "exact", 1.0))
                 record("backpack", "KFLR", setting, got, want, P,
-                       "convention: s·(T·G_reduce ⊗ A_expand) weight, s·G_reduce bias (separate)")
+                       "convention: separate bias, conv T·G_reduce ⊗ A_expand (bias G_reduce), G·s", raw=raw)
                 S = 2
                 rec = Recorder(NLLLossDerivatives.compute_sampled_grads)
                 model.zero_grad()
@@ -274,13 +269,9 @@ def check_backpack(quick):
                         lf(model(xt), yt).backward()
                 got = _backpack_kron(model, "kfac")
                 labels = labels_from_sampled_grads(loss, outputs(net, params, x), rec.out[-1].detach().numpy())
-                Fe = cv.kfac_factors(net, params, x, y, loss, kind="mc", conv="expand", labels=labels)
-                Fr = cv.kfac_factors(net, params, x, y, loss, kind="mc", conv="reduce", labels=labels)
-                mixed = [(Ae, Gr) for (Ae, _), (_, Gr) in zip(Fe, Fr)]
-                want = s * kfac_matrix(net, mixed, bias="separate", conv_scale=T)
-                record("backpack", f"KFAC mc (S={S}, replayed)", setting, got, want, P,
-                       "convention: as KFLR, labels mapped by labels_from_sampled_grads (MSE: N(f,½I))")
-                _unextend(model)
+                want = kfac_dense(conv, net, kfac_pairs(conv, net, x, y, loss, "mc", s, labels=labels))
+                record("backpack", f"KFAC mc S={S} (draws replayed)", setting, got, want, P,
+                       "convention: as KFLR; its MSE labels N(f,½I) mapped to refcurv's N(f,I)")
 
 
 def _backpack_kron(model, attr):
@@ -302,66 +293,55 @@ def _unextend(model):
 # ----------------------------------------------------------------------------- curvlinops
 
 def check_curvlinops(quick):
-    lib = "curvlinops"
     import curvlinops as cl
     import curvlinops.fisher as clf
 
     for loss_name in ("cross_entropy", "mse", "bce"):
-        # BackPACK's BCEWithLogitsLoss supports one output only (bcewithlogitsloss.py:79)
-        C = 1 if (loss_name == "bce" and lib == "backpack") else 3
-        for name, module, ishape in problems(quick, C):
+        for name, module, ishape in problems(quick):
             for reduction in (("mean",) if quick else ("mean", "sum")):
                 setting = f"{name} {loss_name} {reduction}"
-                x, y = data(loss_name, ishape, C=C)
-                net, params = from_torch(module, ishape)
-                loss = LOSSES[loss_name]()
-                N = x.shape[0]
-                s = loss_scale(loss, reduction, C, N)
-                ps = flat_params(module)
-                P = sum(p.numel() for p in ps)
+                x, y, net, params, loss, P = setup(module, ishape, loss_name)
+                N, C = x.shape[0], 3
                 lf = torch_loss(loss_name, reduction)
+                conv = peer_conventions("curvlinops", lf, C)
+                s, p = conv.scales(loss, C, N)
+                ps = list(module.parameters())
                 batch = [(torch.as_tensor(x), ty(y, loss_name))]
                 kw = dict(check_deterministic=False)
                 f = outputs(net, params, x)
 
-                H = torch_order(net, np.asarray(cv.hessian(net, params, x, y, loss)))
-                record("curvlinops", "Hessian", setting, dense_of(cl.HessianLinearOperator(module, lf, ps, batch, **kw), P),
-                       s * H, P, "convention: s·H")
-                Gm = torch_order(net, np.asarray(cv.ggn(net, params, x, y, loss)))
-                record("curvlinops", "GGN", setting, dense_of(cl.GGNLinearOperator(module, lf, ps, batch, **kw), P),
-                       s * Gm, P, "convention: s·GGN")
-                EF = torch_order(net, np.asarray(cv.empirical_fisher(net, params, x, y, loss)))
-                ef_factor = ef_scale(loss, reduction, C, N)
-                record("curvlinops", "EF", setting, dense_of(cl.EFLinearOperator(module, lf, ps, batch, **kw), P),
-                       ef_factor * EF, P, f"convention: {ef_factor:g}·EF (c·Σ∇ℓ_n∇ℓ_nᵀ, ef_scale)")
+                for qname, op, M, scale in (
+                        ("Hessian", cl.HessianLinearOperator, cv.hessian(net, params, x, y, loss), s),
+                        ("GGN", cl.GGNLinearOperator, cv.ggn(net, params, x, y, loss), s),
+                        ("EF", cl.EFLinearOperator, cv.empirical_fisher(net, params, x, y, loss), s * p)):
+                    record("curvlinops", qname, setting, dense_of(op(module, lf, ps, batch, **kw), P),
+                           conv.matrix(M, net, scale=scale), P,
+                           f"convention: {scale:g}·{qname}" + (" (s·p: c·Σ∇ℓ_n∇ℓ_nᵀ, ℓ_n summed over outputs)"
+                                                                 if qname == "EF" else " (s)"),
+                           raw=REFCURV.matrix(M, net))
 
                 S = 2
-                rec_fac = clf.make_grad_output_sampler
                 recs = []
 
-                def fac(lossf, _orig=rec_fac):
-                    r = Recorder(_orig(lossf))
-                    recs.append(r)
-                    return r
+                def sampler(lossf, _orig=clf.make_grad_output_sampler):
+                    recs.append(Recorder(_orig(lossf)))
+                    return recs[-1]
 
-                with patched(clf, "make_grad_output_sampler", fac):
-                    op = cl.FisherMCLinearOperator(module, lf, ps, batch, mc_samples=S, seed=SEED, **kw)
-                    got = dense_of(op, P)
-                g = recs[-1].out[-1].detach().numpy()
-                labels = labels_from_sampled_grads(loss, f, g)
-                Fmc = torch_order(net, np.asarray(cv.fisher(net, params, x, loss=loss, kind="mc", labels=labels)))
-                record("curvlinops", f"FisherMC (S={S}, replayed)", setting, got, s * Fmc, P,
-                       "convention: s·F_mc, labels mapped (MSE N(f,½I) -> N(f,I))")
+                with patched(clf, "make_grad_output_sampler", sampler):
+                    got = dense_of(cl.FisherMCLinearOperator(module, lf, ps, batch, mc_samples=S, seed=SEED, **kw), P)
+                labels = labels_from_sampled_grads(loss, f, recs[-1].out[-1].detach().numpy())
+                Fmc = cv.fisher(net, params, x, loss=loss, kind="mc", labels=labels)
+                record("curvlinops", f"FisherMC S={S} (draws replayed)", setting, got, conv.matrix(Fmc, net, scale=s),
+                       P, "convention: s·F_mc; its MSE labels N(f,½I) mapped to refcurv's N(f,I)")
 
-                # KFAC: fisher types x expand/reduce x separate/joint bias
                 kinds = (("type-2", "exact"), ("mc", "mc"), ("empirical", "empirical"))
                 convs = ("expand",) if (quick or name.startswith("mlp")) else ("expand", "reduce")
                 for ftype, kind in kinds:
-                    for conv in convs:
+                    for approx in convs:
                         for sep in ((True, False) if not quick or ftype == "type-2" else (True,)):
-                            kf = cl.KFACLinearOperator(module, lf, ps, batch, fisher_type=ftype, mc_samples=S if ftype == "mc" else 1,
-                                                       kfac_approx=conv, separate_weight_and_bias=sep, seed=SEED,
-                                                       **kw)
+                            kf = cl.KFACLinearOperator(module, lf, ps, batch, fisher_type=ftype,
+                                                       mc_samples=S if ftype == "mc" else 1, kfac_approx=approx,
+                                                       separate_weight_and_bias=sep, seed=SEED, **kw)
                             rec = Recorder(kf.draw_label)
                             kf.draw_label = rec
                             got = dense_of(kf, P)
@@ -369,13 +349,14 @@ def check_curvlinops(quick):
                             if kind == "mc":
                                 ys = np.stack([r.detach().numpy() for r in rec.out])
                                 extra = dict(labels=labels_from_torch_samples(loss, f, ys))
-                            F = cv.kfac_factors(net, params, x, y, loss, kind=kind, conv=conv, **extra)
-                            fac_s = s
-                            if kind == "empirical":
-                                fac_s = ef_factor
-                            want = fac_s * kfac_matrix(net, F, bias="separate" if sep else "joint")
-                            record("curvlinops", f"KFAC {ftype} {conv} {'separate' if sep else 'joint'}",
-                                   setting, got, want, P, "convention: factor as the matching dense quantity")
+                            c = conv.replace(bias="separate" if sep else "joint", conv=approx)
+                            g = s * p if kind == "empirical" else s
+                            want = kfac_dense(c, net, kfac_pairs(c, net, x, y, loss, kind, g, **extra))
+                            if kind == "mc":  # w/o conv: the library's labels taken as refcurv's
+                                extra = dict(labels=labels_from_torch_samples(loss, f, ys, variance=1.0))
+                            raw = kfac_dense(REFCURV, net, kfac_pairs(REFCURV, net, x, y, loss, kind, 1.0, **extra))
+                            record("curvlinops", f"KFAC {ftype} {approx} {'separate' if sep else 'joint'}",
+                                   setting, got, want, P, f"convention: bias {c.bias}, G·{g:g}", raw=raw)
 
 
 # ----------------------------------------------------------------------------- ASDL
@@ -417,10 +398,12 @@ def check_asdl(quick):
             def full(fm):
                 return module.fisher.data.detach().numpy()
 
-            Fx = torch_order(net, np.asarray(cv.fisher(net, params, x, loss=loss, kind="exact")))
+            conv = peer_conventions("asdl")
+            _PARAMS[id(net)] = params
+            Fx = conv.matrix(cv.fisher(net, params, x, loss=loss, kind="exact"), net)
             record("asdl", "fisher_exact full", setting, full(run(asdl.FISHER_EXACT, asdl.SHAPE_FULL)), Fx, P,
                    "agrees (ASDL: per-sample ½‖f−y‖², mean over N)")
-            EF = torch_order(net, np.asarray(cv.empirical_fisher(net, params, x, y, loss)))
+            EF = conv.matrix(cv.empirical_fisher(net, params, x, y, loss), net)
             record("asdl", "fisher_emp full", setting, full(run(asdl.FISHER_EMP, asdl.SHAPE_FULL)), EF, P, "agrees")
             for S in ((1, 2) if True else (1,)):
                 dist = torch.distributions.Categorical if loss_name == "cross_entropy" else torch.distributions.Normal
@@ -429,7 +412,7 @@ def check_asdl(quick):
                     got = full(run(asdl.FISHER_MC, asdl.SHAPE_FULL, S=S, seed=SEED))
                 ys = np.stack([r.detach().numpy() for r in rec.out])
                 labels = ys.astype(np.int64) if loss_name == "cross_entropy" else ys  # N(f, I): refcurv's
-                Fmc = torch_order(net, np.asarray(cv.fisher(net, params, x, loss=loss, kind="mc", labels=labels)))
+                Fmc = conv.matrix(cv.fisher(net, params, x, loss=loss, kind="mc", labels=labels), net)
                 known = None
                 if S > 1:
                     known = ("bug: asdl/fisher.py:456/490 divide the loss by S, so the Fisher by S² (F_mc/S); "
@@ -444,7 +427,7 @@ def check_asdl(quick):
                         got = full(run(asdl.FISHER_MC, asdl.SHAPE_FULL, S=S, seed=SEED))
                     ys = np.stack([r.detach().numpy() for r in rec.out])
                     labels = ys.astype(np.int64) if loss_name == "cross_entropy" else ys
-                    Fmc = torch_order(net, np.asarray(cv.fisher(net, params, x, loss=loss, kind="mc", labels=labels)))
+                    Fmc = conv.matrix(cv.fisher(net, params, x, loss=loss, kind="mc", labels=labels), net)
                     record("asdl", f"fisher_mc full (S={S}) + fix", setting, got, Fmc, P,
                            "agrees with the one-line fix applied")
             # Kronecker (SHAPE_KRON): A of the weight only (conv.py/linear.py's extend_in_data, which
@@ -460,8 +443,9 @@ def check_asdl(quick):
                         blocks.append(B)
             from scipy.linalg import block_diag
             got = block_diag(*blocks)
-            F = cv.kfac_factors(net, params, x, y, loss, kind="exact", conv="expand")
-            record("asdl", "fisher_exact kron", setting, got, kfac_matrix(net, F, bias="separate"), P,
+            want = kfac_dense(conv, net, kfac_pairs(conv, net, x, y, loss, "exact", 1.0))
+            raw = kfac_dense(REFCURV, net, kfac_pairs(REFCURV, net, x, y, loss, "exact", 1.0))
+            record("asdl", "fisher_exact kron", setting, got, want, P, raw=raw, note=
                    "convention: separate bias (weight G⊗A, bias G), KFC expand")
 
 
@@ -493,7 +477,9 @@ def check_nngeometry(quick):
             N = x.shape[0]
             P = sum(p.numel() for p in module.parameters())
             loader = DataLoader(TensorDataset(torch.as_tensor(x), ty(y, loss_name)), batch_size=N)
-            Fx = torch_order(net, np.asarray(cv.fisher(net, params, x, loss=loss, kind="exact")))
+            conv = peer_conventions("nngeometry")
+            _PARAMS[id(net)] = params
+            Fx = conv.matrix(cv.fisher(net, params, x, loss=loss, kind="exact"), net)
 
             def fim(rep):
                 return metrics.FIM(module, loader, rep, variant=variant).to_torch().detach().numpy()
@@ -516,14 +502,24 @@ def check_nngeometry(quick):
                 record("nngeometry", "FIM PMatDense" + fixed, setting, got, Fx, P,
                        "agrees" + (" with the two one-line fixes applied" if fixed else ""))
                 pm = metrics.FIM(module, loader, PMatKFAC, variant=variant)
-            F = cv.kfac_factors(net, params, x, y, loss, kind="exact", conv="expand")
-            want = kfac_matrix(net, F, bias="joint")
-            record("nngeometry", "FIM PMatKFAC.to_torch" + fixed, setting, pm.to_torch().detach().numpy(), want, P,
+            want = kfac_dense(conv, net, kfac_pairs(conv, net, x, y, loss, "exact", 1.0))
+            tag = " (FIM fixed)" if fixed else ""
+            record("nngeometry", "PMatKFAC.to_torch" + tag, setting, pm.to_torch().detach().numpy(), want, P,
                    "agrees", known=NNG_KFAC_BUG)
             with source_patch(pspace, "PMatKFAC.to_torch", NNG_KFAC_FIX):
                 got = pm.to_torch().detach().numpy()
-            record("nngeometry", "FIM PMatKFAC.to_torch" + fixed + " + fix", setting, got, want, P,
-                   "convention: joint bias (ones row in A), KFC expand; agrees with the fix")
+            raw = kfac_dense(REFCURV, net, kfac_pairs(REFCURV, net, x, y, loss, "exact", 1.0))
+            record("nngeometry", "PMatKFAC.to_torch + fix" + tag, setting, got, want, P,
+                   "convention: joint bias (ones row in A), KFC expand; agrees with the fix", raw=raw)
+            if variant == "classif_logits":  # Monte-Carlo FIM, its multinomial draws replayed
+                S = 2
+                rec = Recorder(torch.multinomial)
+                with patched(torch, "multinomial", rec):
+                    got = metrics.FIM_MonteCarlo(module, loader, PMatDense, variant=variant, trials=S)
+                    got = got.to_torch().detach().numpy()
+                labels = rec.out[-1].detach().numpy().T  # (N, S) -> (S, N)
+                Fmc = conv.matrix(cv.fisher(net, params, x, loss=loss, kind="mc", labels=labels), net)
+                record("nngeometry", f"FIM_MonteCarlo S={S} (draws replayed)", setting, got, Fmc, P, "agrees")
 
 
 # ----------------------------------------------------------------------------- main
@@ -545,13 +541,15 @@ def versions():
 
 
 def print_table():
-    head = f"{'library':<11} {'quantity':<36} {'setting':<24} {'error':>9} {'tolerance':>9}  verdict  classification"
+    head = (f"{'library':<11} {'quantity':<36} {'setting':<24} {'error':>8} {'tolerance':>9} {'w/o conv':>8}  "
+            "verdict  classification")
     print(head)
     print("-" * len(head))
     for r in ROWS:
         e = "-" if np.isnan(r["error"]) else f"{r['error']:.1e}"
         t = "-" if np.isnan(r["tol"]) else f"{r['tol']:.1e}"
-        print(f"{r['lib']:<11} {r['quantity']:<36} {r['setting']:<24} {e:>9} {t:>9}  {r['verdict']:<7}  {r['note']}")
+        w = "-" if np.isnan(r["raw"]) else f"{r['raw']:.1e}"
+        print(f"{r['lib']:<11} {r['quantity']:<36} {r['setting']:<24} {e:>8} {t:>9} {w:>8}  {r['verdict']:<7}  {r['note']}")
 
 
 def main(argv=None):

@@ -119,7 +119,8 @@ class Conventions:
       locations): ``"expand"`` ``A = (1/(NT)) Σ_{n,t} a aᵀ``, ``G = (1/N) Σ_{n,t} g gᵀ``;
       ``"reduce"`` ``A = (1/N) Σ_n â âᵀ`` (``â = mean_t a``), ``G = (1/N) Σ_n ĝ ĝᵀ``
       (``ĝ = Σ_t g``); ``"backpack"`` (BackPACK's KFLR, design §9): ``A = A_expand``,
-      ``G = T · G_reduce``. All three coincide for Linear layers (``T = 1``).
+      ``G = T · G_reduce``, and with ``bias="separate"`` the bias block ``G_reduce`` (no ``T``).
+      All three coincide for Linear layers (``T = 1``).
     * ``damping`` -- where the damping ``λ`` sits in a Kronecker-factored curvature (KFAC,
       with the undamped factors ``Γ, Ω`` of the last inverse refresh, KFC scaling):
       ``"method"``: the method's own (KFAC: ``(Γ + √λ/π I) ⊗ (Ω + π√λ I)``, ``π`` by its
@@ -295,15 +296,17 @@ class Conventions:
         out = []
         for (Ae, Ge), (Ar, Gr), T, m in zip(expand, reduce, locations, net.layers_trainable):
             if self.conv == "expand":
-                A, G = Ae, Ge
+                A, G, Gb = Ae, Ge, Ge
             elif self.conv == "reduce":
-                A, G = Ar, Gr
-            else:  # BackPACK KFLR: T · G_reduce ⊗ A_expand
-                A, G = Ae, T * Gr
+                A, G, Gb = Ar, Gr, Gr
+            else:  # BackPACK KFLR: T · G_reduce ⊗ A_expand for the weight; its separate bias
+                # block is G_reduce without the T (the conv bias gradient is Σ_t g_t, whose
+                # exact GGN block is G_reduce; measured in examples/check_peers.py)
+                A, G, Gb = Ae, T * Gr, Gr
             G = g_scale * np.asarray(G, dtype=np.float64)
             A = np.asarray(A, dtype=np.float64)
             if self.bias == "separate" and m.bias:
-                out += [(A[:-1, :-1], G), (A[-1:, -1:], G)]
+                out += [(A[:-1, :-1], G), (A[-1:, -1:], g_scale * np.asarray(Gb, dtype=np.float64))]
             else:
                 out.append((A, G))
         return out

@@ -449,6 +449,117 @@ def check_asdl(quick):
                    "convention: separate bias (weight G⊗A, bias G), KFC expand")
 
 
+# ----------------------------------------------------------------------------- ASDL methods
+
+SENG_N2_FIX = ("m.div_(data_size ** 2)", "m.div_(data_size)")
+SENG_N2_BUG = ("bug: asdl/precondition/seng.py:98 divides U c by N² where SMW gives 1/N "
+               "(gram_inv = N(UᵀU + NλI)⁻¹); fix: m.div_(data_size)")
+# with a bias, the capacitance UᵀU and Uᵀg leave the bias out (sub_g = g[:, :-1]; the Gram of the
+# inputs without the ones row) while U c puts it back: a Linear layer's ones row adds the Gram
+# of the output gradients, gram_B = G Gᵀ, and the bias column of g to Uᵀg
+SENG_BIAS_FIX = (
+    ("sub_g = g[:, :-1] if bias else g", "sub_g = g"),
+    ("sub_in_data = maybe_unsqueeze_to_3d(info.sub_in_data)  # n x d_in_sub x r",
+     "sub_in_data = maybe_unsqueeze_to_3d(info.sub_in_data); sub_in_data = torch.cat([sub_in_data, "
+     "sub_in_data.new_ones(sub_in_data.shape[0], 1, sub_in_data.shape[2])], 1) if bias else sub_in_data"),
+)
+SENG_BIAS_GRAM_FIX = (("gram_inv = cholesky_inv(gram.div_(config.data_size), config.damping)",
+                       "gram_inv = cholesky_inv((gram + (data[1] @ data[1].T if module.bias is not None else 0))"
+                       ".div_(config.data_size), config.damping)"),)
+SENG_BIAS_BUG = ("bug: with a bias, asdl/precondition/seng.py:80,54 form Uᵀg and UᵀU without the bias (its ones row) "
+                 "but U c with it (seng.py:90); fix: 3 lines (SENG_BIAS_FIX, Linear layers)")
+KBFGS_POWELL_FIX = ("s.mul_(theta).sub_(Hy, alpha=1 - theta)", "s.mul_(theta).add_(Hy, alpha=1 - theta)")
+KBFGS_POWELL_BUG = ("bug: asdl/precondition/kbfgs.py:189 Powell's damping subtracts (1−θ)Hy: s̃ = θs − (1−θ)Hy gives "
+                    "s̃ᵀy = θsᵀy − (1−θ)yᵀHy < μ₁yᵀHy, the condition it exists to enforce (thesis Alg. 8: "
+                    "s̃ = θs + (1−θ)Hy); fix: .add_(Hy, alpha=1 - theta)")
+KBFGS_BUG = ("bug: asdl/precondition/kbfgs.py:199 `H = (H+H.T)/2` rebinds the local H, so the in-place BFGS "
+             "update never reaches the stored inverse factor; fix: H.copy_((H + H.T) / 2)")
+
+
+def check_asdl_methods(quick):
+    """ASDL's SENG direction (MLPs: its C_U heuristic equals refcurv's uc='cu' (23)) and the
+    K-BFGS kernels (Powell+LM damping, the inverse BFGS update) against refcurv."""
+    import asdl
+    import asdl.precondition.kbfgs as akb
+    import asdl.precondition.seng as asg
+    import torch.nn.functional as Fn
+    from refcurv.linalg.damping import dp_dlm
+    from refcurv.linalg.quasi_newton import bfgs_update_H
+    from refcurv.methods import REGISTRY, Batch
+
+    lam = 0.1
+    for name, module, ishape in problems(quick):
+        if not name.startswith("mlp"):
+            continue  # conv: ASDL's C_U uses a rank-16 SVD of the error maps, a different approximation
+        for loss_name in ("cross_entropy", "mse"):
+            setting = f"{name} {loss_name} λ={lam}"
+            x, y, net, params, loss, P = setup(module, ishape, loss_name)
+            N = x.shape[0]
+            conv = Conventions(order="torch", sign="preconditioned_gradient")
+            d, _ = REGISTRY["seng"](damping=lam, uc="cu", threshold=1).step(
+                REGISTRY["seng"](damping=lam, uc="cu", threshold=1).init(net, params), net, params,
+                Batch(x, y, loss), rng=0)
+            want = conv.vector(conv.signed(refcurv.flatten(d)), net)
+
+            def asdl_seng(*edits_seng, gram_edits=()):
+                for p in module.parameters():
+                    p.grad = None
+                ctx1 = source_patch(asg, "SengGradientMaker.precondition", *edits_seng) if edits_seng \
+                    else contextlib.nullcontext()
+                ctx2 = source_patch(asg, "SengGradientMaker.update_curvature", *gram_edits) if gram_edits \
+                    else contextlib.nullcontext()
+                with ctx1, ctx2:
+                    gm = asdl.SengGradientMaker(module, asdl.PreconditioningConfig(data_size=N, damping=lam))
+                    dummy = gm.setup_model_call(module, torch.as_tensor(x))
+                    gm.setup_loss_call(Fn.cross_entropy if loss_name == "cross_entropy" else _half_mse, dummy,
+                                       ty(y, loss_name))
+                    gm.forward_and_backward()
+                return np.concatenate([p.grad.detach().reshape(-1).numpy() for p in module.parameters()])
+
+            bias = "nobias" not in name
+            known = SENG_N2_BUG + ("; and " + SENG_BIAS_BUG if bias else "")
+            record("asdl", "SENG precondition (1 step)", setting, asdl_seng(), want, P,
+                   "agrees", known=known)
+            record("asdl", "SENG + /N fix", setting, asdl_seng(SENG_N2_FIX), want, P,
+                   "agrees with the one-line fix (sign: preconditioned gradient = −d)",
+                   known=SENG_BIAS_BUG if bias else None)
+            if bias:
+                record("asdl", "SENG + /N fix + bias fix", setting,
+                       asdl_seng(SENG_N2_FIX, *SENG_BIAS_FIX, gram_edits=SENG_BIAS_GRAM_FIX), want, P,
+                       "agrees with both fixes (sign: preconditioned gradient = −d)")
+
+    # K-BFGS kernels on a constructed SPD H and a pair (s, y)
+    rng = np.random.default_rng(SEED)
+    n = 6
+    Q = np.linalg.qr(rng.standard_normal((n, n)))[0]
+    H = Q @ np.diag(np.linspace(0.5, 2.0, n)) @ Q.T
+    s0, yv = rng.standard_normal(n), rng.standard_normal(n)
+    # the last pair has s = Hy: sᵀy = yᵀHy ≥ μ₁yᵀHy, Powell's θ = 1 (no damping), only LM acts
+    for mu1, mu2, s in ((0.2, 0.3, s0), (0.9, 0.01, s0), (0.2, 0.3, H @ yv)):
+        st, yt = torch.tensor(s), torch.tensor(yv)
+        akb.powell_lm_damping_(torch.tensor(H), st, yt, mu1=mu1, mu2=mu2)
+        s_t, y_t, _ = dp_dlm(s, yv, H, mu1, mu2)
+        setting = f"n={n} μ1={mu1} μ2={mu2} θ={_:.2f}"
+        record("asdl", "K-BFGS powell_lm_damping_", setting, np.concatenate([st.numpy(), yt.numpy()]),
+               np.concatenate([s_t, y_t]), 2 * n, "agrees (refcurv dp_dlm, thesis Alg. 8)",
+               known=KBFGS_POWELL_BUG if _ < 1 else None)
+        st, yt = torch.tensor(s), torch.tensor(yv)
+        with source_patch(akb, "powell_lm_damping_", KBFGS_POWELL_FIX):
+            akb.powell_lm_damping_(torch.tensor(H), st, yt, mu1=mu1, mu2=mu2)
+        record("asdl", "K-BFGS powell_lm_damping_ + fix", setting, np.concatenate([st.numpy(), yt.numpy()]),
+               np.concatenate([s_t, y_t]), 2 * n, "agrees with the one-line fix")
+        Ht = torch.tensor(H)
+        akb.bfgs_inv_update_(Ht, torch.tensor(s_t), torch.tensor(y_t))
+        want = bfgs_update_H(H, s_t, y_t)
+        record("asdl", "K-BFGS bfgs_inv_update_", setting, Ht.numpy(), want, n * n, "agrees",
+               known=KBFGS_BUG)
+        Ht = torch.tensor(H)
+        with source_patch(akb, "bfgs_inv_update_", ("H = (H+H.T)/2", "H.copy_((H + H.T) / 2)")):
+            akb.bfgs_inv_update_(Ht, torch.tensor(s_t), torch.tensor(y_t))
+        record("asdl", "K-BFGS bfgs_inv_update_ + fix", setting, Ht.numpy(), want, n * n,
+               "agrees with the one-line fix")
+
+
 # ----------------------------------------------------------------------------- NNGeometry
 
 NNG_KFAC_FIX = ("M = torch.zeros((s, s), device=self.generator.get_device())",
@@ -525,7 +636,8 @@ def check_nngeometry(quick):
 # ----------------------------------------------------------------------------- main
 
 CHECKS = {"backpack": ("backpack", check_backpack), "curvlinops": ("curvlinops", check_curvlinops),
-          "asdl": ("asdl", check_asdl), "nngeometry": ("nngeometry", check_nngeometry)}
+          "asdl": ("asdl", check_asdl), "asdl-methods": ("asdl", check_asdl_methods),
+          "nngeometry": ("nngeometry", check_nngeometry)}
 
 
 def versions():
@@ -562,6 +674,7 @@ def main(argv=None):
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     t0 = time.perf_counter()
+    ROWS.clear()
     for lib in args.only or CHECKS:
         mod, fn = CHECKS[lib]
         try:

@@ -41,7 +41,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import ArgumentTypeError, HyperParameterError, ShapeError
+from ..errors import ArgumentTypeError, HyperParameterError, NonFiniteError, ShapeError
+from ..nn._checks import real_array
 from .conventions import Conventions
 
 __all__ = ["PEERS", "peer_conventions", "labels_from_torch_samples", "labels_from_sampled_grads",
@@ -84,8 +85,17 @@ def _name(loss):
     return name
 
 
+def _array(a, name):
+    a = np.asarray(real_array(a, name), dtype=float)
+    if a.size == 0:
+        raise ShapeError(f"{name} must not be empty, got shape {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise NonFiniteError(f"{name} contains NaN or Inf")
+    return a
+
+
 def _outputs(f):
-    f = np.asarray(f, dtype=float)
+    f = _array(f, "f")
     if f.ndim != 2:
         raise ShapeError(f"f must be the (N, C) network outputs, got shape {f.shape}")
     return f
@@ -98,11 +108,11 @@ def labels_from_torch_samples(loss, f, y_torch, variance=0.5):
     standard-normal draw gives ``y_rc = f + (y_torch − f)/√variance``. CE class indices and BCE
     0/1 labels are the same in both conventions."""
     name, f = _name(loss), _outputs(f)
-    y = np.asarray(y_torch, dtype=float)
+    y = _array(y_torch, "y_torch")
     if y.ndim < 2 or y.shape[1] != f.shape[0]:
         raise ShapeError(f"y_torch must be (S, {f.shape[0]}, …), got shape {y.shape}")
     if name == "mse":
-        if not (isinstance(variance, (int, float)) and variance > 0):
+        if isinstance(variance, bool) or not isinstance(variance, (int, float)) or not 0 < variance < np.inf:
             raise HyperParameterError(f"variance must be a positive number, got {variance!r}")
         return f[None] + (y - f[None]) / np.sqrt(variance)
     return y.astype(np.int64) if name == "cross_entropy" else y
@@ -115,7 +125,7 @@ def labels_from_sampled_grads(loss, f, grads):
     ``ỹ = σ(f) − g̃``; MSE ``g̃ = 2(f − ỹ)`` with ``ỹ ~ N(f, ½I)``, so ``y_rc = f − g̃/√2``
     (then ``f − y_rc ~ N(0, I)``, refcurv's likelihood)."""
     name, f = _name(loss), _outputs(f)
-    g = np.asarray(grads, dtype=float)
+    g = _array(grads, "grads")
     if g.ndim != 3 or g.shape[1:] != f.shape:
         raise ShapeError(f"grads must be (S, {f.shape[0]}, {f.shape[1]}), got shape {g.shape}")
     if name == "mse":
@@ -135,9 +145,26 @@ def kfac_dense(conventions, net, pairs):
     order (the weight block ``G ⊗ A_ww`` on the row-major weight, then the bias)."""
     from scipy.linalg import block_diag
 
+    from ..nn import Sequential
+
+    if not isinstance(net, Sequential):
+        raise ArgumentTypeError(f"net must be a refcurv.nn.Sequential, got {type(net).__name__}")
     if not isinstance(conventions, Conventions):
         raise ArgumentTypeError(f"conventions must be a refcurv.testing.Conventions, got {type(conventions).__name__}")
-    M = block_diag(*[conventions.kron(np.asarray(A), np.asarray(G)) for A, G in pairs])
+    if not isinstance(pairs, (list, tuple)) or len(pairs) == 0:
+        raise ArgumentTypeError(f"pairs must be a non-empty list of (A, G) factor pairs, got {type(pairs).__name__}")
+    kron = []
+    for j, pair in enumerate(pairs):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise ArgumentTypeError(f"pairs[{j}] must be an (A, G) pair")
+        A, G = _array(pair[0], f"pairs[{j}][0] (A)"), _array(pair[1], f"pairs[{j}][1] (G)")
+        for what, F in (("A", A), ("G", G)):
+            if F.ndim != 2 or F.shape[0] != F.shape[1]:
+                raise ShapeError(f"pairs[{j}] {what} must be a square matrix, got shape {F.shape}")
+        kron.append(conventions.kron(A, G))
+    M = block_diag(*kron)
+    if M.shape[0] != net.n_params:
+        raise ShapeError(f"the pairs' blocks hold {M.shape[0]} parameters, the network {net.n_params}")
     if conventions.bias == "joint":
         return conventions.matrix(M, net)
     if conventions.order != "torch":

@@ -268,10 +268,14 @@ def check_backpack(quick):
                     with backpack(ext.KFAC(mc_samples=S)):
                         lf(model(xt), yt).backward()
                 got = _backpack_kron(model, "kfac")
-                labels = labels_from_sampled_grads(loss, outputs(net, params, x), rec.out[-1].detach().numpy())
+                g, f = rec.out[-1].detach().numpy(), outputs(net, params, x)
+                labels = labels_from_sampled_grads(loss, f, g)
                 want = kfac_dense(conv, net, kfac_pairs(conv, net, x, y, loss, "mc", s, labels=labels))
+                # w/o conv: the library's own labels (MSE: N(f, ½I)) taken as refcurv's, scale and blocks kept
+                unmapped = labels_from_sampled_grads(loss, f, g / np.sqrt(2) if loss_name == "mse" else g)
+                raw = kfac_dense(conv, net, kfac_pairs(conv, net, x, y, loss, "mc", s, labels=unmapped))
                 record("backpack", f"KFAC mc S={S} (draws replayed)", setting, got, want, P,
-                       "convention: as KFLR; its MSE labels N(f,½I) mapped to refcurv's N(f,I)")
+                       "convention: as KFLR; its MSE labels N(f,½I) mapped to refcurv's N(f,I)", raw=raw)
 
 
 def _backpack_kron(model, attr):
@@ -329,10 +333,13 @@ def check_curvlinops(quick):
 
                 with patched(clf, "make_grad_output_sampler", sampler):
                     got = dense_of(cl.FisherMCLinearOperator(module, lf, ps, batch, mc_samples=S, seed=SEED, **kw), P)
-                labels = labels_from_sampled_grads(loss, f, recs[-1].out[-1].detach().numpy())
-                Fmc = cv.fisher(net, params, x, loss=loss, kind="mc", labels=labels)
+                g = recs[-1].out[-1].detach().numpy()
+                Fmc = cv.fisher(net, params, x, loss=loss, kind="mc", labels=labels_from_sampled_grads(loss, f, g))
+                # w/o conv: the library's own labels (MSE: y = f − g/2 ~ N(f, ½I)) taken as refcurv's
+                unmapped = labels_from_sampled_grads(loss, f, g / np.sqrt(2) if loss_name == "mse" else g)
+                raw = conv.matrix(cv.fisher(net, params, x, loss=loss, kind="mc", labels=unmapped), net, scale=s)
                 record("curvlinops", f"FisherMC S={S} (draws replayed)", setting, got, conv.matrix(Fmc, net, scale=s),
-                       P, "convention: s·F_mc; its MSE labels N(f,½I) mapped to refcurv's N(f,I)")
+                       P, "convention: s·F_mc; its MSE labels N(f,½I) mapped to refcurv's N(f,I)", raw=raw)
 
                 kinds = (("type-2", "exact"), ("mc", "mc"), ("empirical", "empirical"))
                 convs = ("expand",) if (quick or name.startswith("mlp")) else ("expand", "reduce")

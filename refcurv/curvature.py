@@ -113,14 +113,19 @@ def _result(out, what):
 
 
 def _setup(net, params, x, y, loss, need_y=True):
+    """Checked float64 ``(params, x, y, trace, loss)``. For a sequence output ``(T, C)`` the
+    trace's output is ``(N, T·C)`` and the returned loss sums the per-position losses
+    (:func:`refcurv.nn.losses._over_positions`), so every formula below reads the same."""
     _check_net(net)
     _check_loss(loss, required=need_y)
     params = [W.astype(F64) for W in _check_params(net, params)]
     x = _check_x(net, x, params).astype(F64)
     tr = net._forward(params, x)
+    if loss is not None:
+        loss = net._loss_for(loss, tr)
     if need_y or (loss is not None and y is not None):
         y = loss.check_targets(y, tr.out)
-    return params, x, y, tr
+    return params, x, y, tr, loss
 
 
 def _blocks(M, net):
@@ -137,7 +142,7 @@ def per_sample_grads(net, params, x, y, loss):
 
 
 def _per_sample_grads(net, params, x, y, loss):
-    params, x, y, tr = _setup(net, params, x, y, loss)
+    params, x, y, tr, loss = _setup(net, params, x, y, loss)
     return net._flat(net._param_grads(tr, net._pull(params, tr, loss.grad(tr.out, y))))
 
 
@@ -149,12 +154,12 @@ def grad(net, params, x, y, loss):
 def jacobian(net, params, x, y=None, loss=None):
     """``(N, C, n)`` per-sample output Jacobians ``J_i``. ``y`` and ``loss`` are not used (a
     uniform signature); when both are given they are checked against each other."""
-    params, x, _, _ = _setup(net, params, x, y, loss, need_y=False)
+    params, x, _, _, _ = _setup(net, params, x, y, loss, need_y=False)
     return _result(net.jacobian(params, x), "jacobian")
 
 
 def _per_sample_hessians(net, params, x, y, loss, output_hessian=True):
-    params, x, y, tr = _setup(net, params, x, y, loss)
+    params, x, y, tr, loss = _setup(net, params, x, y, loss)
     xp = xp_of(x)
     n = net.n_params
     from .vec import unflatten
@@ -193,7 +198,7 @@ def _sandwich(J, M):
 def ggn(net, params, x, y, loss, blocks=False):
     """Generalized Gauss-Newton ``(1/N) Σ J_iᵀ H_i J_i`` (thesis §1.2.2)."""
     blocks = _flag(blocks, "blocks")
-    params, x, y, tr = _setup(net, params, x, y, loss)
+    params, x, y, tr, loss = _setup(net, params, x, y, loss)
     return _result(_ret(_sandwich(net.jacobian(params, x), loss.hessian(tr.out)), net, blocks), "ggn")
 
 
@@ -260,7 +265,7 @@ def fisher(net, params, x, y=None, loss=None, kind="exact", n_samples=None, seed
     if labels is not None and kind != "mc":
         raise ArgumentTypeError(f"labels are sampled labels for kind='mc', not for kind={kind!r}")
     _check_loss(loss)
-    params, x, _, tr = _setup(net, params, x, y, loss, need_y=False)
+    params, x, _, tr, loss = _setup(net, params, x, y, loss, need_y=False)
     if kind == "exact":
         return _result(_ret(_sandwich(net.jacobian(params, x), loss.fisher_output(tr.out)), net, blocks), "fisher")
     xp = xp_of(x)
@@ -278,7 +283,7 @@ def empirical_fisher(net, params, x, y, loss, blocks=False):
 
 def preactivation_hessians(net, params, x, y, loss):
     """Per-sample ``∂²ψ_i/∂h_l²`` per trainable layer: list of ``(N, out·T, out·T)``."""
-    params, x, y, _ = _setup(net, params, x, y, loss)
+    params, x, y, _, _ = _setup(net, params, x, y, loss)
     return _result(net.preactivation_hessians(params, x, y, loss), "preactivation_hessians")
 
 
@@ -328,7 +333,7 @@ def kfac_factors(net, params, x, y, loss, kind="exact", conv="expand", n_samples
     _check_loss(loss)
     if labels is not None and kind != "mc":
         raise ArgumentTypeError(f"labels are sampled labels for kind='mc', not for kind={kind!r}")
-    params, x, y, tr = _setup(net, params, x, y, loss, need_y=(kind == "empirical"))
+    params, x, y, tr, loss = _setup(net, params, x, y, loss, need_y=(kind == "empirical"))
     xp = xp_of(x)
     D, w = _backprop_cotangents(net, params, tr, y, loss, kind, n_samples, seed, labels)
     G_all = net._pull(params, tr, D)  # list of (K, N, out, T)
@@ -364,7 +369,7 @@ def gfim(net, params, x, y, loss, side="auto"):
     matrices ``𝒢_i in R^{out x d}``: ``L = (1/N) Σ 𝒢_i 𝒢_iᵀ`` (``side="left"``),
     ``R = (1/N) Σ 𝒢_iᵀ 𝒢_i`` (``"right"``), or per layer by :func:`gfim_side` (``"auto"``)."""
     _word(side, "side", ("auto", "left", "right"))
-    params, x, y, tr = _setup(net, params, x, y, loss)
+    params, x, y, tr, loss = _setup(net, params, x, y, loss)
     xp = xp_of(x)
     grads = net._param_grads(tr, net._pull(params, tr, loss.grad(tr.out, y)))
     out = []
@@ -536,6 +541,7 @@ class GGNOperator(Operator):
             raise HyperParameterError(f"damping must be a finite number >= 0, got {damping!r}")
         self.net = _check_net(net)
         self.J = OutputJacobian(net, params, x)
+        self.loss = net._loss_for(self.loss, self.J.tr)  # per-position sum on a sequence output
         self.N = self.J.f.shape[0]
         self.damping = float(damping)
         self.n, self.dtype = net.n_params, self.J.f.dtype

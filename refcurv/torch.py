@@ -24,12 +24,13 @@ and ``M_torch = M[np.ix_(p, p)]`` for any curvature matrix ``M`` in refcurv orde
 Kronecker factors. refcurv's KFAC block of a layer is ``G ⊗ A`` on its row-major ``vec(W)``,
 with the joint ``A`` of the homogeneous input ``[a; 1]`` (ones row LAST, thesis (3.1)).
 Splitting ``A = [[A_ww, a_wb], [a_wbᵀ, a_bb]]`` (``A_ww`` the first ``fan_in`` rows and
-columns, ``a_bb = A[-1, -1]``, which is 1 for Linear layers' mean of ones), the same block in
+columns, ``a_bb = A[-1, -1]``, 1 in refcurv's factors: the mean of the ones row), the same block in
 PyTorch's ``[weight.ravel(), bias]`` order is ``[[G ⊗ A_ww, G ⊗ a_wb], [G ⊗ a_wbᵀ, a_bb G]]``:
 the weight's block is ``G ⊗ A_ww`` (``(G ⊗ A_ww) weight.ravel() = (G weight A_wwᵀ).ravel()``)
 and the bias's is ``a_bb G``. A library that treats weight and bias as separate blocks
 (curvlinops' ``separate_weight_and_bias=True``) keeps the two diagonal blocks and drops the
-cross terms; ``permutation`` converts the dense form (``(G ⊗ A)[np.ix_(q, q)]`` with ``q`` the
+cross terms (:func:`kronecker_to_torch` gives those two blocks as factor pairs);
+``permutation`` converts the dense joint form (``(G ⊗ A)[np.ix_(q, q)]`` with ``q`` the
 layer's part of ``p``).
 """
 from __future__ import annotations
@@ -55,7 +56,7 @@ from .vec import permutation as _vec_permutation
 from .vec import unflatten
 
 __all__ = ["from_torch", "torch_module", "to_torch", "from_torch_tensors", "permutation",
-           "loss_from_torch", "LossMap", "SUPPORTED"]
+           "kronecker_to_torch", "loss_from_torch", "LossMap", "SUPPORTED"]
 
 #: The PyTorch modules :func:`from_torch` converts (nested ``Sequential`` is flattened,
 #: ``Identity`` dropped).
@@ -226,7 +227,8 @@ def from_torch(module, input_shape, dtype=np.float64):
 
 def _torch_dtype(torch, dtype):
     if not isinstance(dtype, torch.dtype):
-        raise ArgumentTypeError(f"dtype must be a torch floating dtype such as torch.float64, got {describe(dtype)}")
+        # not describe(): a NumPy scalar type (np.float64) has class-level dtype/shape attributes
+        raise ArgumentTypeError(f"dtype must be a torch floating dtype such as torch.float64, got {dtype!r}")
     if not dtype.is_floating_point:
         raise HyperParameterError(f"dtype must be a torch floating dtype such as torch.float64, got {dtype}")
     return dtype
@@ -302,6 +304,8 @@ def to_torch(net, mats):
             lead = W.shape[:-2]
         elif W.shape[:-2] != lead:
             raise ShapeError(f"mats[{j}] has leading axes {W.shape[:-2]}, mats[0] has {lead}")
+        if not np.isfinite(W).all():
+            raise NonFiniteError(f"mats[{j}] contains NaN or Inf")
         fan_in = layer.fan_in
         wshape = ((layer.out_features, layer.in_features) if isinstance(layer, Linear)
                   else (layer.c_out, layer.c_in) + tuple(layer.kernel_size))
@@ -393,48 +397,102 @@ def permutation(net):
     return _vec_permutation(_check_net(net), "torch")
 
 
+def kronecker_to_torch(net, factors):
+    """refcurv's Kronecker factors as factor pairs per PyTorch parameter tensor.
+
+    ``factors``: per trainable layer ``(A, G)`` as :func:`refcurv.curvature.kfac_factors`
+    returns them (layer block ``G ⊗ A`` on refcurv's row-major ``vec(W)``, ``A`` the joint
+    factor of ``[a; 1]`` with the ones row LAST). Returns, in ``module.parameters()`` order, one
+    pair ``(G, A_p)`` of torch tensors per parameter with block ``G ⊗ A_p`` on that tensor's
+    row-major ``ravel()``: the weight's ``A_p = A[:fan_in, :fan_in]`` (Conv2d: rows ``(c_in,
+    kh, kw)``, the order of ``weight.ravel()``), the bias's ``A_p = A[-1:, -1:]`` (1×1: the
+    bias block is ``A[-1, -1] · G``). The weight–bias cross blocks ``G ⊗ A[:fan_in, -1]`` are
+    not in this form (weight and bias as separate blocks, curvlinops'
+    ``separate_weight_and_bias=True``); the full joint block in PyTorch's order is
+    ``(G ⊗ A)[np.ix_(q, q)]`` with ``q`` the layer's part of :func:`permutation`."""
+    torch = _import_torch()
+    _check_net(net)
+    layers = net.layers_trainable
+    if not isinstance(factors, (list, tuple)) or len(factors) != len(layers):
+        raise ShapeError(f"factors must be a list of {len(layers)} (A, G) pairs, got {describe(factors)}"
+                         + (f" of length {len(factors)}" if isinstance(factors, (list, tuple)) else ""))
+    out = []
+    for j, (pair, layer) in enumerate(zip(factors, layers)):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise ShapeError(f"factors[{j}] must be a pair (A, G), got {describe(pair)}")
+        A = to_numpy(real_array(pair[0], f"factors[{j}][0] (A)"))
+        G = to_numpy(real_array(pair[1], f"factors[{j}][1] (G)"))
+        d, o = layer.param_shape[1], layer.out_features
+        if A.shape != (d, d):
+            raise ShapeError(f"factors[{j}][0] (A) has shape {A.shape}, {layer!r} needs ({d}, {d})")
+        if G.shape != (o, o):
+            raise ShapeError(f"factors[{j}][1] (G) has shape {G.shape}, {layer!r} needs ({o}, {o})")
+        for name, M in (("A", A), ("G", G)):
+            if not np.isfinite(M).all():
+                raise NonFiniteError(f"factors[{j}] ({name}) contains NaN or Inf")
+        t = lambda M: torch.from_numpy(np.array(M, copy=True))  # noqa: E731  (no memory shared)
+        f = layer.fan_in
+        out.append((t(G), t(A[:f, :f])))
+        if layer.bias:
+            out.append((t(G), t(A[f:, f:])))
+    return out
+
+
 # --------------------------------------------------------------------------- losses
 class LossMap(NamedTuple):
     """A PyTorch loss module in refcurv's terms: ``torch_loss = scale · refcurv_loss`` where
     ``refcurv_loss = net.loss(params, x, y, loss)`` is the mean over the ``N`` samples of the
     per-sample loss ψ_n; so every derivative (gradient, Hessian, GGN) scales by ``scale`` too.
 
-    ``loss``: the refcurv loss instance; ``scale``: the factor (``loss_scale`` for
-    ``reduction="mean"``, ``loss_scale · N`` for ``"sum"``); ``formula``: the derivation in one
-    line; ``reduction``: PyTorch's reduction over samples, ``"mean"`` | ``"sum"``;
-    ``loss_scale``: the factor per sample, ``torch_loss = loss_scale · (mean or sum over n of
-    ψ_n)`` (``refcurv.testing.Conventions.loss_scale``)."""
+    ``loss``: the refcurv loss instance; ``scale``: the factor (``Conventions.loss_scale`` of
+    :mod:`refcurv.testing`); ``formula``: its derivation in one line; ``reduction``: PyTorch's
+    reduction over samples, ``"mean"`` | ``"sum"``; ``per_sample_scale``: ``p`` with PyTorch's
+    per-sample term ``= p · ψ_n`` (``Conventions.per_sample_scale``), so that ``scale = p``
+    for ``"mean"`` and ``p · N`` for ``"sum"``."""
 
     loss: object
     scale: float
     formula: str
     reduction: str
-    loss_scale: float
+    per_sample_scale: float
+
+
+def _output_shape(n_outputs):
+    """``(T, C)`` from ``C`` (``T = 1``) or a sequence output's feature shape ``(T, C)``."""
+    if isinstance(n_outputs, (tuple, list)):
+        if len(n_outputs) != 2:
+            raise ShapeError(f"n_outputs must be C or a sequence output's shape (T, C), got {tuple(n_outputs)}")
+        return _positive_int(n_outputs[0], "n_outputs[0] (T)"), _positive_int(n_outputs[1], "n_outputs[1] (C)")
+    return 1, _positive_int(n_outputs, "n_outputs")
 
 
 def loss_from_torch(loss_module, n_outputs, batch_size=None):
     """The refcurv loss equivalent to a PyTorch loss module and the factor between them.
 
-    ``n_outputs``: C, the network's outputs (classes for cross-entropy). ``batch_size``: N,
-    needed only for ``reduction="sum"``, whose factor grows with the batch. Derivation, with
-    ψ_n refcurv's per-sample loss and refcurv's loss the mean ``(1/N) Σ_n ψ_n``:
+    ``n_outputs``: C, the network's outputs (classes for cross-entropy), or ``(T, C)`` for a
+    sequence output ``(N, T, C)`` (refcurv's per-sample loss then sums over the T positions,
+    ψ_n = Σ_t ℓ(f_{n,t}, y_{n,t}); PyTorch's loss is taken on the ``(N·T, C)`` reshaped
+    outputs and targets, or for ``CrossEntropyLoss`` equally on ``(N, C, T)``). ``batch_size``:
+    N, needed only for ``reduction="sum"``, whose factor grows with the batch. Derivation, with
+    refcurv's loss the mean ``(1/N) Σ_n ψ_n`` (``T = 1`` without a sequence):
 
-    * ``MSELoss``: PyTorch sums ``(f − y)²`` without the ½ of ψ_n = ½‖f_n − y_n‖², and its mean
-      runs over the N·C entries: mean ``(1/(NC)) Σ_{n,c} (f−y)² = (2/C) · (1/N) Σ_n ψ_n`` →
-      scale ``2/C``; sum ``Σ_{n,c} (f−y)² = 2 Σ_n ψ_n`` → ``2N``.
-    * ``CrossEntropyLoss``: ``−log softmax(f_n)_{y_n} = ψ_n``, mean over N → ``1``; sum → ``N``.
-    * ``BCEWithLogitsLoss``: per entry ``softplus(f) − y f`` (refcurv sums these over the C
-      outputs), mean over the N·C entries → ``1/C``; sum → ``N``.
+    * ``MSELoss``: PyTorch sums ``(f − y)²`` without the ½ of ψ_n = ½ Σ_t ‖f_{n,t} − y_{n,t}‖²,
+      and its mean runs over all N·T·C entries: mean ``(1/(NTC)) Σ (f−y)² = (2/(TC)) · (1/N)
+      Σ_n ψ_n`` → scale ``2/(TC)``; sum ``Σ (f−y)² = 2 Σ_n ψ_n`` → ``2N``.
+    * ``CrossEntropyLoss``: ``−log softmax(f_{n,t})_{y_{n,t}}`` per position, mean over the
+      N·T positions → ``1/T``; sum → ``N``.
+    * ``BCEWithLogitsLoss``: per entry ``softplus(f) − y f`` (refcurv sums these over the
+      outputs and positions), mean over the N·T·C entries → ``1/(TC)``; sum → ``N``.
 
     Refused, one line each: ``reduction="none"``, class ``weight``, ``pos_weight``,
     ``label_smoothing ≠ 0``, an ``ignore_index`` that is a class index (``0 ≤ i < C``: samples
     with that label would leave the loss and its mean); other loss modules
-    (:class:`~refcurv.UnsupportedLayerError`). Targets: class indices ``(N,)`` for
-    cross-entropy (PyTorch's int64 class indices, not probabilities), ``(N, C)`` reals for MSE
-    and ``(N, C)`` in ``[0, 1]`` for BCE — the same arrays in both libraries."""
+    (:class:`~refcurv.UnsupportedLayerError`). Targets: class indices ``(N,)`` / ``(N, T)`` for
+    cross-entropy (PyTorch's int64 class indices, not probabilities), reals of the output's
+    shape for MSE and ``[0, 1]`` targets for BCE — the same arrays in both libraries."""
     torch = _import_torch()
     nn = torch.nn
-    C = _positive_int(n_outputs, "n_outputs")
+    T, C = _output_shape(n_outputs)
     if not isinstance(loss_module, nn.Module):
         raise ArgumentTypeError(f"loss_module must be a torch loss module such as torch.nn.MSELoss(), "
                                 f"got {describe(loss_module)}")
@@ -462,19 +520,24 @@ def loss_from_torch(loss_module, n_outputs, batch_size=None):
         batch_size = _positive_int(batch_size, "batch_size")
     elif red == "sum":
         raise HyperParameterError(f"loss_module {name} has reduction='sum': the factor grows with the batch "
-                                  "(scale = loss_scale · N); pass batch_size=N")
-    if t is nn.MSELoss:
-        loss, per = MSE(), 2.0 / C if red == "mean" else 2.0
-        formula = (f"MSELoss(mean) = (1/(N·C)) Σ (f−y)² = (2/C)·(1/N) Σ_n ½‖f_n−y_n‖²: scale 2/C = {2.0 / C:g}"
-                   if red == "mean" else "MSELoss(sum) = Σ (f−y)² = 2·Σ_n ½‖f_n−y_n‖² = 2N·(1/N) Σ_n ψ_n: scale 2N")
-    elif t is nn.CrossEntropyLoss:
-        loss, per = CrossEntropy(), 1.0
-        formula = ("CrossEntropyLoss(mean) = (1/N) Σ_n −log softmax(f_n)_{y_n}: scale 1" if red == "mean"
-                   else "CrossEntropyLoss(sum) = Σ_n −log softmax(f_n)_{y_n} = N·(1/N) Σ_n ψ_n: scale N")
+                                  "(scale = per_sample_scale · N); pass batch_size=N")
+    # the number of terms PyTorch's mean divides by, per sample, beyond refcurv's 1/N
+    entries = {nn.MSELoss: T * C, nn.CrossEntropyLoss: T, nn.BCEWithLogitsLoss: T * C}[t]
+    half = 2.0 if t is nn.MSELoss else 1.0  # PyTorch's MSE has no ½
+    per = half / entries if red == "mean" else half
+    loss = {nn.MSELoss: MSE, nn.CrossEntropyLoss: CrossEntropy, nn.BCEWithLogitsLoss: BCE}[t]()
+    term = {nn.MSELoss: "(f−y)²", nn.CrossEntropyLoss: "−log softmax(f)_y", nn.BCEWithLogitsLoss: "softplus(f)−y·f"}[t]
+    den = {nn.MSELoss: "T·C", nn.CrossEntropyLoss: "T", nn.BCEWithLogitsLoss: "T·C"}[t]
+    if T == 1:
+        den = den.replace("T·", "").replace("T", "")
+    over = f"(N·{den})" if den else "N"
+    half_note = " (no ½ of ψ_n)" if t is nn.MSELoss else ""
+    if red == "mean":
+        sym = (f"{half:g}/({den})" if "·" in den else f"{half:g}/{den}") if den else f"{half:g}"
+        formula = (f"{name}(mean) = (1/{over}) Σ {term}{half_note} = {sym} · (1/N) Σ_n ψ_n: "
+                   f"scale {sym} = {per:g}")
     else:
-        loss, per = BCE(), 1.0 / C if red == "mean" else 1.0
-        formula = (f"BCEWithLogitsLoss(mean) = (1/(N·C)) Σ_{{n,c}} softplus(f)−y f = (1/C)·(1/N) Σ_n ψ_n: "
-                   f"scale 1/C = {1.0 / C:g}" if red == "mean"
-                   else "BCEWithLogitsLoss(sum) = Σ_{n,c} softplus(f)−y f = N·(1/N) Σ_n ψ_n: scale N")
+        sym = "2·N" if half == 2 else "N"
+        formula = f"{name}(sum) = Σ {term}{half_note} = {half:g} · Σ_n ψ_n = {sym} · (1/N) Σ_n ψ_n: scale {sym}"
     scale = per if red == "mean" else per * batch_size
     return LossMap(loss, float(scale), formula, red, float(per))

@@ -248,3 +248,15 @@ def test_compare_torch_tensor():
     e = np.linspace(1, 2, 7)
     assert compare(torch.tensor(e, dtype=torch.float32), e).dtype == "float32"
     assert compare([torch.tensor(e[:3]), torch.tensor(e[3:])], e).error == 0.0
+
+
+def test_for_torch_loss_refuses_what_refcurv_cannot_represent():
+    torch = pytest.importorskip("torch")
+    for mod in (torch.nn.CrossEntropyLoss(label_smoothing=0.1), torch.nn.CrossEntropyLoss(weight=torch.ones(3)),
+                torch.nn.MSELoss(reduction="none")):
+        with pytest.raises(RefcurvError) as e:
+            Conventions.for_torch_loss(mod, 3)
+        assert "\n" not in str(e.value)
+    c = Conventions.for_torch_loss(torch.nn.MSELoss(reduction="sum"), 3)
+    assert c.loss_scale == "torch" and c.scales("mse", 3, 5) == (10.0, 2.0)
+    assert Conventions.for_torch_loss(torch.nn.MSELoss(), 4).loss_scale == 0.5

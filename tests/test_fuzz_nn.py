@@ -23,6 +23,7 @@ from refcurv.nn import (
     Linear,
     ReLU,
     Sequential,
+    SequenceMean,
     Sigmoid,
     Softplus,
     Tanh,
@@ -104,6 +105,10 @@ EXAMPLES = {
     "layers.Flatten.out_shape": lambda: (Flatten().out_shape, ((1, 3, 3),), {}),
     "layers.Flatten.f": lambda: (Flatten().f, (XC, (1, 3, 3)), {}),
     "layers.Flatten.adjoint": lambda: (Flatten().adjoint, (np.ones((4, 9)), (1, 3, 3)), {}),
+    "layers.SequenceMean": lambda: (SequenceMean, (), {}),
+    "layers.SequenceMean.out_shape": lambda: (SequenceMean().out_shape, ((5, 3),), {}),
+    "layers.SequenceMean.f": lambda: (SequenceMean().f, (np.ones((4, 5, 3)), (5, 3)), {}),
+    "layers.SequenceMean.adjoint": lambda: (SequenceMean().adjoint, (np.ones((4, 3)), (5, 3)), {}),
     # ----------------------------------------------------------------- losses
     "losses.check_loss": lambda: (losses.check_loss, (MSE(),), {"name": "loss"}),
     "losses.CrossEntropy.probs": lambda: (CrossEntropy.probs, (F,), {}),

@@ -50,7 +50,7 @@ from ._checks import (
     quiet,
     real_array,
 )
-from .layers import Conv2d, Flatten, Linear, _Elementwise, _shape_arg
+from .layers import LINEAR_MAPS, Conv2d, Flatten, Linear, SequenceMean, _Elementwise, _shape_arg
 
 __all__ = [
     "Trace", "trainable_index", "feature_shapes", "forward_trace", "push_tangents",
@@ -61,13 +61,21 @@ __all__ = [
 
 @dataclass
 class Trace:
-    """What the forward pass keeps: each module's input and feature shape, and the
-    patches ``A`` of each trainable module (keyed by module index)."""
+    """What the forward pass keeps: each module's input and feature shape, the patches
+    ``A`` of each trainable module (keyed by module index) and the output ``out`` ``(N, C)``.
+
+    A sequence output ``(N, T, C)`` is kept flattened, ``out`` ``(N, T·C)``, so that every
+    consumer of ``(N, C)`` outputs (Jacobians ``(N, T·C, n)``, output bases, GGN sandwiches)
+    works unchanged; the loss then acts per position through
+    :func:`refcurv.nn.losses._over_positions` (per-sample loss = sum over positions)."""
 
     inputs: list
     in_shapes: list
     A: dict = field(default_factory=dict)
     out: object = None
+    #: the feature shape of the network output: ``(C,)``, or ``(T, C)`` for a sequence
+    #: output, which ``out`` holds flattened to ``(N, T·C)`` (row-major over ``(T, C)``)
+    out_shape: tuple = None
 
     def __post_init__(self):
         for name, kind in (("inputs", list), ("in_shapes", list), ("A", dict)):
@@ -105,10 +113,12 @@ def _forward_trace(layers, params, x):
 
         a_0 = x,   A_l = A(a_{l-1}),   h_l = W_l A_l,   a_l = φ_l(h_l).
 
-    Returns the :class:`Trace` (module inputs ``a``, feature shapes, patches ``A_l``,
-    output ``f = a_L`` of shape ``(N, C)``) that the other passes read."""
+    ``h_l = W_l A_l`` is :meth:`_apply` of the layer: one GEMM over the batch and positions
+    for Linear. Returns the :class:`Trace` (module inputs ``a``, feature shapes, patches
+    ``A_l``, output ``f = a_L`` of shape ``(N, C)``, a sequence output flattened to
+    ``(N, T·C)``) that the other passes read."""
     shapes = _feature_shapes(layers, x.shape[1:])
-    tr = Trace(inputs=[], in_shapes=shapes[:-1])
+    tr = Trace(inputs=[], in_shapes=shapes[:-1], out_shape=shapes[-1])
     z, j = x, 0
     for k, m in enumerate(layers):
         tr.inputs.append(z)
@@ -116,14 +126,24 @@ def _forward_trace(layers, params, x):
         if m.trainable:
             A = m.patches(z, s)
             tr.A[k] = A
-            z = m.to_output(params[j] @ A, s)
+            z = m._apply(params[j], z, s, A=A)
             j += 1
-        elif isinstance(m, Flatten):
+        elif isinstance(m, LINEAR_MAPS):
             z = m.f(z, s)
         else:
             z = m.f(z)
-    tr.out = z
+    tr.out = _flat_output(z, shapes[-1])
     return tr
+
+
+def _flat_output(z, out_shape):
+    """A sequence output ``(…, N, T, C)`` as ``(…, N, T·C)`` (a view); others unchanged."""
+    return z.reshape(z.shape[: z.ndim - 2] + (-1,)) if len(out_shape) == 2 else z
+
+
+def _shaped_output(z, out_shape):
+    """Inverse of :func:`_flat_output`: ``(…, N, T·C) -> (…, N, T, C)``."""
+    return z.reshape(z.shape[:-1] + tuple(out_shape)) if len(out_shape) == 2 else z
 
 
 # -------------------------------------------------------- forward mode (R-op)
@@ -147,18 +167,19 @@ def _push_tangents(layers, params, trace, dparams=None, inject=None):
         s = trace.in_shapes[k]
         if m.trainable:
             dh = None
-            if dz is not None:
-                dh = params[j] @ m.patches(dz, s, ones=False)
-            if dparams is not None and dparams[j] is not None:
-                t = dparams[j][:, None] @ trace.A[k]
+            if dz is not None:  # W_l A(R{a}): one GEMM over tangents, samples and positions
+                dh = m._apply(params[j], dz, s, ones=False)
+            if dparams is not None and dparams[j] is not None:  # R{W_l} A_l
+                t = m._apply_weights(dparams[j], trace.A[k], s)
                 dh = t if dh is None else dh + t
-            dz = None if dh is None else m.to_output(dh, s)
+            dz = dh
             j += 1
         elif dz is not None:
-            dz = m.f(dz, s) if isinstance(m, Flatten) else m.d1(trace.inputs[k]) * dz
+            dz = m.f(dz, s) if isinstance(m, LINEAR_MAPS) else m.d1(trace.inputs[k]) * dz
         if inject is not None and inject[0] == k:
             dz = inject[1]
-    return tan_in, dz
+    out_shape = trace.out_shape if trace.out_shape is not None else ()
+    return tan_in, None if dz is None else _flat_output(dz, out_shape)
 
 
 # ------------------------------------------------------ reverse mode (+ R-op)
@@ -181,26 +202,31 @@ def _pull_cotangents(layers, params, trace, dout, rop=None):
     """
     n = sum(1 for m in layers if m.trainable)
     G, dG = [None] * n, [None] * n
-    dz = dout
+    out_shape = trace.out_shape if trace.out_shape is not None else ()
+    dz = _shaped_output(dout, out_shape)
     tan_in, dparams, ddz = rop if rop is not None else (None, None, None)
+    if rop is not None:
+        ddz = _shaped_output(ddz, out_shape)
     j = n
     for k in reversed(range(len(layers))):
         m, s = layers[k], trace.in_shapes[k]
         if m.trainable:
             j -= 1
             W = params[j]
-            G[j] = g = m.from_output(dz, s)
+            G[j] = m.from_output(dz, s)  # a view (…, N, out, T)
             if rop is not None:
-                dG[j] = dg = m.from_output(ddz, s)
+                dG[j] = m.from_output(ddz, s)
             if k == 0:
                 break
-            dz = m.patches_adjoint(W.T @ g, s)
+            new = m._apply_adjoint(W, dz, s)  # A*(W_lᵀ G_l): one GEMM for Linear
             if rop is not None:
-                t = W.T @ dg
-                if dparams is not None and dparams[j] is not None:
-                    t = t + dparams[j].swapaxes(-1, -2)[:, None] @ g
-                ddz = m.patches_adjoint(t, s)
-        elif isinstance(m, Flatten):
+                t = m._apply_adjoint(W, ddz, s)
+                if dparams is not None and dparams[j] is not None:  # A*(R{W_l}ᵀ G_l)
+                    batched = dz.ndim > 1 + len(m.out_shape(s))  # dout (K, N, C) or (N, C)
+                    t = t + m._apply_adjoint(dparams[j], dz, s, batched=batched)
+                ddz = t
+            dz = new
+        elif isinstance(m, LINEAR_MAPS):
             dz = m.adjoint(dz, s)
             if rop is not None:
                 ddz = m.adjoint(ddz, s)
@@ -327,7 +353,9 @@ def _preactivation_hessians(layers, params, trace, dout, output_hvp):
         m, s = layers[k], trace.in_shapes[k]
         hshape = tuple(m.out_shape(s))
         size = int(np.prod(hshape))
-        E = xp.eye(size, dtype=dtype).reshape((size, 1) + hshape)
+        # the basis of h_l flattened row-major over (out, T), in the layer's output layout
+        # ((T, out) for a sequence Linear)
+        E = m.to_output(xp.eye(size, dtype=dtype).reshape((size, 1, m.out_features, -1)), s)
         E = xp.broadcast_to(E, (size, N) + hshape)
         tan_in, df = _push_tangents(layers, params, trace, inject=(k, E))
         _, dG = _pull_cotangents(layers, params, trace, dout, rop=(tan_in, None, output_hvp(df)))
@@ -340,7 +368,7 @@ def _check_layers(layers):
     if not isinstance(layers, (list, tuple)) or len(layers) == 0:
         raise ArgumentTypeError(f"layers must be a non-empty list of refcurv layers, got {describe(layers)}")
     for k, m in enumerate(layers):
-        if not isinstance(m, (Linear, Conv2d, Flatten, _Elementwise)):
+        if not isinstance(m, (Linear, Conv2d, Flatten, SequenceMean, _Elementwise)):
             raise ArgumentTypeError(f"layers[{k}] is not a refcurv layer: {describe(m)}")
     if not _trainable_index(layers):
         raise ArgumentTypeError("layers must contain at least one Linear or Conv2d")
@@ -370,8 +398,9 @@ def _check_trace(layers, trace):
           and hasattr(trace.out, "shape") and getattr(trace.out, "ndim", 0) == 2)
     if ok:
         try:
-            ok = _feature_shapes(layers, trace.in_shapes[0]) == [tuple(s) for s in trace.in_shapes] + [
-                tuple(trace.out.shape[1:])]
+            out_shape = tuple(trace.out_shape) if trace.out_shape is not None else tuple(trace.out.shape[1:])
+            ok = (_feature_shapes(layers, trace.in_shapes[0]) == [tuple(s) for s in trace.in_shapes] + [out_shape]
+                  and int(np.prod(out_shape)) == trace.out.shape[1])
         except (ShapeError, TypeError, ValueError, ArgumentTypeError):
             ok = False
     if not ok:

@@ -5,3 +5,8 @@ from .compare import Verdict, compare
 from .conventions import Conventions, ConventionsError
 
 __all__ = ["Conventions", "ConventionsError", "compare", "Verdict"]
+from .harness import (Case, CaseResult, ImplementationError, Report, Step, assert_conforms, check_implementation,
+                      load_case, run_case)
+
+__all__ += ["Case", "CaseResult", "ImplementationError", "Report", "Step", "assert_conforms", "check_implementation",
+            "load_case", "run_case"]

@@ -9,6 +9,7 @@ solves and directions; 1 for products and sums).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,7 +79,9 @@ def compare(actual, expected, *, dtype=None, n=None, cond=1.0, kind="forward"):
     if dtype is None:
         dtype = a.dtype if a.dtype.kind == "f" else np.float64
     try:
-        dt = np.dtype(dtype)
+        with warnings.catch_warnings():  # NumPy's deprecation notes on odd aliases: refused below anyway
+            warnings.simplefilter("ignore", DeprecationWarning)
+            dt = np.dtype(dtype)
     except TypeError:
         raise ArgumentTypeError(f"dtype must be a NumPy floating dtype, got {dtype!r}") from None
     if dt.kind != "f":
@@ -90,7 +93,7 @@ def compare(actual, expected, *, dtype=None, n=None, cond=1.0, kind="forward"):
     if isinstance(cond, (bool, np.bool_)) or not isinstance(cond, (int, float, np.integer, np.floating)) \
             or not np.isfinite(cond) or cond < 1:
         raise HyperParameterError(f"cond must be a finite number >= 1, got {cond!r}")
-    if kind not in ("forward", "residual"):
+    if not isinstance(kind, str) or kind not in ("forward", "residual"):
         raise HyperParameterError(f"kind must be 'forward' or 'residual', got {kind!r}")
     tol = float(tolerance(int(n), float(cond), dt, kind))
     if not np.all(np.isfinite(a)):

@@ -205,17 +205,19 @@ class Conventions:
             raise ConventionsError(f"loss_module.reduction must be 'mean' or 'sum', got {reduction!r}")
         if isinstance(n_outputs, (bool, np.bool_)) or not isinstance(n_outputs, (int, np.integer)) or n_outputs < 1:
             raise ConventionsError(f"n_outputs must be a positive int, got {n_outputs!r}")
-        if reduction == "mean":
-            scale = _TORCH_SCALES[(name, "mean")](int(n_outputs), None)
-            try:  # the bridge's table, when it is there, must agree with ours
-                from ..torch import loss_from_torch  # noqa: PLC0415
-                bridge = float(loss_from_torch(loss_module, n_outputs).scale)
-                if not np.isclose(bridge, scale, rtol=1e-15):  # pragma: no cover - a disagreement is a bug
-                    raise ConventionsError(f"refcurv.torch.loss_from_torch gives scale {bridge}, expected {scale}")
-            except ImportError:
-                pass
-        else:
-            scale = "torch"
+        try:
+            from ..torch import loss_from_torch  # noqa: PLC0415 - optional extra
+        except ImportError:  # pragma: no cover - the bridge module is part of refcurv
+            loss_from_torch = None
+        if loss_from_torch is not None:
+            # the bridge refuses what refcurv cannot represent (weights, label smoothing, …),
+            # and its factors must agree with the table above (per sample: batch_size=1)
+            lm = loss_from_torch(loss_module, int(n_outputs), batch_size=1)
+            want = _TORCH_SCALES[(name, reduction)](int(n_outputs), 1)
+            if not np.isclose(lm.scale, want, rtol=1e-15):  # pragma: no cover - a disagreement is a bug
+                raise ConventionsError(f"refcurv.torch.loss_from_torch gives scale {lm.scale}, the table {want}")
+        # the sum's factor grows with N: resolved per case by scales()
+        scale = _TORCH_SCALES[(name, "mean")](int(n_outputs), None) if reduction == "mean" else "torch"
         fields.setdefault("order", "torch")
         return cls(reduction=reduction, loss_scale=scale, **fields)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import importlib.util
 import inspect
 import sys
 import time
@@ -32,7 +33,7 @@ from refcurv import curvature as cv  # noqa: E402
 from refcurv.nn import BCE, MSE, CrossEntropy  # noqa: E402
 from refcurv.testing import Conventions, compare as rc_compare  # noqa: E402
 from refcurv.testing.peers import (kfac_dense, labels_from_sampled_grads,  # noqa: E402
-                                   labels_from_torch_samples, peer_conventions)
+                                   labels_from_torch_samples, peer_conventions, sampled_grads_from_labels)
 
 torch = None  # imported in main(): the module must import with numpy only (tests read it)
 
@@ -633,11 +634,174 @@ def check_nngeometry(quick):
                 record("nngeometry", f"FIM_MonteCarlo S={S} (draws replayed)", setting, got, Fmc, P, "agrees")
 
 
+# ----------------------------------------------------------------------------- the harness
+
+def record_report(lib, target, setting, report, note, known=None):
+    """One row for a ``check_implementation`` report: its worst case's error and tolerance."""
+    case = report.worst
+    q, v = case.worst
+    ok = report.ok
+    verdict = "ok" if ok else ("BUG" if known else "FAIL")
+    ROWS.append(dict(lib=lib, quantity=f"harness {target}", setting=f"{setting} ({len(report.cases)} cases)",
+                     error=v.error, tol=v.tolerance, verdict=verdict, raw=np.nan,
+                     note=note if ok else (known or f"unexplained: {case.description}"),
+                     fail=(not ok and known is None) or (ok and known is not None)))
+
+
+def check_harness(quick):
+    """refcurv.testing.check_implementation with each library as ``impl``: hypothesis draws
+    the networks (MLPs and CNNs, with and without bias), batches and losses; the library
+    computes in its convention (declared as Conventions), and for Monte-Carlo quantities it is
+    fed refcurv's draws (sampled_grads_from_labels), so they compare exactly."""
+    from refcurv.testing import check_implementation
+
+    n_ex = 4 if quick else 12
+    have = {m: importlib.util.find_spec(m) is not None for m in ("backpack", "curvlinops", "asdl", "nngeometry")}
+    torch_scale = dict(order="torch", loss_scale="torch")
+
+    if have["backpack"]:
+        from backpack import backpack, extend
+        from backpack import extensions as ext
+
+        def bp_per_sample(case):
+            model, lf = extend(case.module), extend(case.torch_loss())
+            x, y = case.tensors(case.x, case.y)
+            with backpack(ext.BatchGrad()):
+                lf(model(x), y).backward()
+            return [p.grad_batch.detach().numpy() for p in model.parameters()]
+
+        # BatchGrad is the per-sample term of the reduced loss, (s/N)·u_n: with reduction
+        # "sum" that is Conventions' default per_sample_scale s/N; with "mean" it would need
+        # p = s/N, which changes with the batch (a missing named option, see docs/peers.md)
+        c = Conventions(reduction="sum", **torch_scale)
+        record_report("backpack", "per_sample_grads", "BatchGrad, sum", check_implementation(
+            "per_sample_grads", bp_per_sample, conventions=c, max_examples=n_ex, losses=("cross_entropy", "mse")),
+            "agrees (reduction sum: p = s/N)")
+
+        def bp_kflr(case):
+            from hypothesis import assume  # BackPACK's KFLR has no Softplus extension: skip such nets
+            assume(not any(isinstance(m, torch.nn.Softplus) for m in case.module.modules()))
+            model, lf = extend(case.module), extend(case.torch_loss())
+            x, y = case.tensors(case.x, case.y)
+            with backpack(ext.KFLR()):
+                lf(model(x), y).backward()
+            out = []
+            for p in model.parameters():
+                fs = [f.detach().numpy() for f in p.kflr]
+                out.append((fs[1], fs[0]) if len(fs) == 2 else (np.ones((1, 1)), fs[0]))
+            return out
+
+        c = Conventions(bias="separate", conv="backpack", **torch_scale)
+        record_report("backpack", "kfac_factors", "KFLR", check_implementation(
+            "kfac_factors", bp_kflr, conventions=c, max_examples=n_ex, losses=("cross_entropy", "mse")),
+            "agrees (separate bias, conv='backpack')")
+
+    if have["curvlinops"]:
+        import curvlinops as cl
+        import curvlinops.fisher as clf
+
+        def cl_dense(op_cls, **kw):
+            def impl(case):
+                x, y = case.tensors(case.x, case.y)
+                ps = list(case.module.parameters())
+                op = op_cls(case.module, case.torch_loss(), ps, [(x, y)], check_deterministic=False, **kw)
+                return dense_of(op, sum(p.numel() for p in ps))
+            return impl
+
+        for target, op in (("ggn", cl.GGNLinearOperator), ("hessian", cl.HessianLinearOperator)):
+            record_report("curvlinops", target, op.__name__, check_implementation(
+                target, cl_dense(op), conventions=Conventions(**torch_scale), max_examples=n_ex), "agrees (s·M)")
+        for lname, p in (("mse", 2.0), ("cross_entropy", 1.0), ("bce", 1.0)):
+            record_report("curvlinops", "empirical_fisher", f"EFLinearOperator {lname}", check_implementation(
+                "empirical_fisher", cl_dense(cl.EFLinearOperator), conventions=Conventions(per_sample_scale=p,
+                                                                                           **torch_scale),
+                max_examples=max(2, n_ex // 2), losses=lname), f"agrees (s·p·EF, p = {p:g})")
+
+        def cl_fisher_mc(case):
+            """refcurv's draws fed into curvlinops: its grad-output sampler replaced by the
+            gradients of refcurv's labels (sampled_grads_from_labels)."""
+            f = case.net.forward([np.asarray(W, dtype=np.float64) for W in case.params], case.x)
+            g = torch.as_tensor(sampled_grads_from_labels(case.loss, f, case.labels))
+
+            def sampler(lossf):
+                return lambda output, num_samples, y, generator: g.to(output.dtype)
+
+            with patched(clf, "make_grad_output_sampler", sampler):
+                return cl_dense(cl.FisherMCLinearOperator, mc_samples=case.labels.shape[0])(case)
+
+        record_report("curvlinops", "fisher mc", "FisherMCLinearOperator, refcurv's draws", check_implementation(
+            "fisher", cl_fisher_mc, conventions=Conventions(**torch_scale), hyper=dict(fisher="mc", n_samples=2),
+            max_examples=n_ex, losses=("cross_entropy", "mse")), "agrees (s·F_mc, labels fed in)")
+
+        def cl_kfac(sep):
+            def impl(case):
+                x, y = case.tensors(case.x, case.y)
+                ps = list(case.module.parameters())
+                kf = cl.KFACLinearOperator(case.module, case.torch_loss(), ps, [(x, y)], fisher_type="type-2",
+                                           separate_weight_and_bias=sep, check_deterministic=False)
+                kf.compute_kronecker_factors()
+                out = []  # curvlinops' own factors (private dicts of 3.0), per module in parameters() order
+                for mod, pos in kf._mapping.items():
+                    G = kf._gradient_covariances[mod].numpy()
+                    A = kf._input_covariances.get(mod)
+                    if sep or "bias" not in pos or "weight" not in pos:
+                        if "weight" in pos:
+                            out.append((A.numpy(), G))
+                        if "bias" in pos:
+                            out.append((np.ones((1, 1)), G))
+                    else:
+                        out.append((A.numpy(), G))
+                return out
+            return impl
+
+        for sep in (True, False):
+            c = Conventions(bias="separate" if sep else "joint", **torch_scale)
+            record_report("curvlinops", "kfac_factors", f"KFACLinearOperator type-2 {c.bias}", check_implementation(
+                "kfac_factors", cl_kfac(sep), conventions=c, max_examples=n_ex), f"agrees (bias {c.bias})")
+
+    if have["nngeometry"]:
+        from nngeometry import metrics
+        from nngeometry.object import PMatDense
+        from torch.utils.data import DataLoader, TensorDataset
+
+        def nng_fim(case):
+            x, y = case.tensors(case.x, case.y)
+            variant = {"mse": "regression", "bce": "classif_binary_logits"}[case.loss_name]
+            loader = DataLoader(TensorDataset(x, y), batch_size=case.N)
+            return metrics.FIM(case.module, loader, PMatDense, variant=variant).to_torch().detach().numpy()
+
+        record_report("nngeometry", "fisher exact", "FIM PMatDense", check_implementation(
+            "fisher", nng_fim, conventions=Conventions(order="torch"), hyper=dict(fisher="exact"),
+            max_examples=n_ex, losses=("mse", "bce")), "agrees (refcurv's scale)")
+
+    if have["asdl"]:
+        import asdl
+        import torch.nn.functional as Fn
+
+        def asdl_fisher(ftype):
+            def impl(case):
+                x, y = case.tensors(case.x, case.y)
+                ce = case.loss_name == "cross_entropy"
+                cfg = asdl.FisherConfig(fisher_type=ftype, fisher_shapes=[asdl.SHAPE_FULL],
+                                        loss_type=asdl.LOSS_CROSS_ENTROPY if ce else asdl.LOSS_MSE, data_size=case.N)
+                fm = asdl.get_fisher_maker(case.module, cfg)
+                dummy = fm.setup_model_call(case.module, x)
+                fm.setup_loss_call(Fn.cross_entropy if ce else _half_mse, dummy, y)
+                fm.forward_and_backward()
+                return case.module.fisher.data.detach().numpy()
+            return impl
+
+        for ftype, hyp in ((asdl.FISHER_EXACT, "exact"), (asdl.FISHER_EMP, "empirical")):
+            record_report("asdl", f"fisher {hyp}", f"{ftype} full", check_implementation(
+                "fisher", asdl_fisher(ftype), conventions=Conventions(order="torch"), hyper=dict(fisher=hyp),
+                max_examples=n_ex, losses=("cross_entropy", "mse")), "agrees (refcurv's scale)")
+
+
 # ----------------------------------------------------------------------------- main
 
 CHECKS = {"backpack": ("backpack", check_backpack), "curvlinops": ("curvlinops", check_curvlinops),
           "asdl": ("asdl", check_asdl), "asdl-methods": ("asdl", check_asdl_methods),
-          "nngeometry": ("nngeometry", check_nngeometry)}
+          "nngeometry": ("nngeometry", check_nngeometry), "harness": ("hypothesis", check_harness)}
 
 
 def versions():

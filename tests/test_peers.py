@@ -108,7 +108,8 @@ def cnn():
 def test_backpack_conv_bias_block_is_the_exact_ggn_block(cnn):
     """The conv bias gradient is Σ_t g_t, so its exact GGN block is G_reduce (no T): the
     separate bias block of Conventions(conv='backpack') must equal the GGN's bias block
-    (BackPACK's KFLR agrees, examples/check_peers.py); the weight block keeps T·G_reduce."""
+    (BackPACK's KFLR agrees, examples/check_peers.py); the weight block is T·G_reduce ⊗ A_expand,
+    split as BackPACK splits it."""
     net, params, x, y, loss = cnn
     Fe = cv.kfac_factors(net, params, x, y, loss, conv="expand")
     Fr = cv.kfac_factors(net, params, x, y, loss, conv="reduce")
@@ -120,8 +121,9 @@ def test_backpack_conv_bias_block_is_the_exact_ggn_block(cnn):
     bias = slice(nw, nw + 3)
     err = _rel(c.kron(*pairs[1]), Gm[bias, bias])
     assert err <= tolerance(Gm.shape[0], 1.0, np.float64, "residual"), err
-    np.testing.assert_allclose(pairs[0][1], 4 * Fr[0][1], rtol=1e-15)
-    np.testing.assert_array_equal(pairs[0][0], Fe[0][0][:-1, :-1])
+    # the weight pair: BackPACK's split of T·G_reduce ⊗ A_expand is A = T·A_expand, G = G_reduce
+    np.testing.assert_allclose(pairs[0][0], 4 * Fe[0][0][:-1, :-1], rtol=1e-15)
+    np.testing.assert_array_equal(pairs[0][1], Fr[0][1])
 
 
 def test_kfac_dense_separate_drops_the_cross_terms(cnn):
@@ -165,7 +167,8 @@ def _script():
 
 
 @pytest.mark.parametrize("lib,module", [("backpack", "backpack"), ("curvlinops", "curvlinops"), ("asdl", "asdl"),
-                                        ("asdl-methods", "asdl"), ("nngeometry", "nngeometry")])
+                                        ("asdl-methods", "asdl"), ("nngeometry", "nngeometry"),
+                                        ("harness", "curvlinops")])
 def test_check_peers_quick(lib, module):
     """--quick on one library: every row agrees or is a classified library bug whose fix row
     agrees; exit status 0."""

@@ -118,9 +118,10 @@ class Conventions:
     * ``conv`` -- the conv factors of KFAC (``refcurv.curvature.kfac_factors``; ``T`` output
       locations): ``"expand"`` ``A = (1/(NT)) Σ_{n,t} a aᵀ``, ``G = (1/N) Σ_{n,t} g gᵀ``;
       ``"reduce"`` ``A = (1/N) Σ_n â âᵀ`` (``â = mean_t a``), ``G = (1/N) Σ_n ĝ ĝᵀ``
-      (``ĝ = Σ_t g``); ``"backpack"`` (BackPACK's KFLR, design §9): ``A = A_expand``,
-      ``G = T · G_reduce``, and with ``bias="separate"`` the bias block ``G_reduce`` (no ``T``).
-      All three coincide for Linear layers (``T = 1``).
+      (``ĝ = Σ_t g``); ``"backpack"`` (BackPACK's KFLR/KFAC, design §9: the block
+      ``T · G_reduce ⊗ A_expand``): ``A = (1/N) Σ_{n,t} a aᵀ = T · A_expand``, ``G = G_reduce``,
+      and with ``bias="separate"`` the bias pair ``(1, G_reduce)``. All three coincide for
+      Linear layers (``T = 1``).
     * ``damping`` -- where the damping ``λ`` sits in a Kronecker-factored curvature (KFAC,
       with the undamped factors ``Γ, Ω`` of the last inverse refresh, KFC scaling):
       ``"method"``: the method's own (KFAC: ``(Γ + √λ/π I) ⊗ (Ω + π√λ I)``, ``π`` by its
@@ -301,14 +302,15 @@ class Conventions:
                 A, G, Gb = Ae, Ge, Ge
             elif self.conv == "reduce":
                 A, G, Gb = Ar, Gr, Gr
-            else:  # BackPACK KFLR: T · G_reduce ⊗ A_expand for the weight; its separate bias
-                # block is G_reduce without the T (the conv bias gradient is Σ_t g_t, whose
-                # exact GGN block is G_reduce; measured in examples/check_peers.py)
-                A, G, Gb = Ae, T * Gr, Gr
+            else:  # BackPACK KFLR/KFAC: A = (1/N) Σ_{n,t} a aᵀ = T·A_expand (no 1/T), G = G_reduce;
+                # its bias factor is G_reduce alone (the conv bias gradient is Σ_t g_t, whose exact
+                # GGN block is G_reduce); measured factor by factor in examples/check_peers.py
+                A, G, Gb = T * np.asarray(Ae, dtype=np.float64), Gr, Gr
             G = g_scale * np.asarray(G, dtype=np.float64)
             A = np.asarray(A, dtype=np.float64)
             if self.bias == "separate" and m.bias:
-                out += [(A[:-1, :-1], G), (A[-1:, -1:], g_scale * np.asarray(Gb, dtype=np.float64))]
+                Abb = np.asarray(Ae if self.conv == "backpack" else A, dtype=np.float64)[-1:, -1:]  # mean of ones: 1
+                out += [(A[:-1, :-1], G), (Abb, g_scale * np.asarray(Gb, dtype=np.float64))]
             else:
                 out.append((A, G))
         return out

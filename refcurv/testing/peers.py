@@ -21,7 +21,8 @@ What each library computes, in those terms (``s``: PyTorch's loss factor, ``L = 
 * **BackPACK** 1.7 -- ``BatchGrad``: the per-sample terms of the reduced loss, ``(s/N)·u_n``;
   ``DiagGGNExact``: ``s·diag(GGN)``; ``KFLR``/``KFAC`` return ``[G, A]`` per weight and
   ``[G]`` per bias (``bias="separate"``), and for a conv layer with ``T`` output locations the
-  weight block is ``T · G_reduce ⊗ A_expand`` (``conv="backpack"``) while the bias block is
+  weight block is ``T · G_reduce ⊗ A_expand`` (``conv="backpack"``), split as
+  ``A = (1/N) Σ_{n,t} a aᵀ = T·A_expand`` and ``G = G_reduce``, while the bias block is
   ``G_reduce`` -- no ``T``: the conv bias gradient is ``Σ_t g_t``, whose exact GGN block is
   ``G_reduce`` itself.
 * **ASDL** 0.1a5 -- ``fisher_exact``/``fisher_mc``/``fisher_emp`` with the loss summed and
@@ -46,7 +47,7 @@ from ..nn._checks import real_array
 from .conventions import Conventions
 
 __all__ = ["PEERS", "peer_conventions", "labels_from_torch_samples", "labels_from_sampled_grads",
-           "kfac_dense"]
+           "sampled_grads_from_labels", "kfac_dense"]
 
 #: the libraries :func:`peer_conventions` knows
 PEERS = ("curvlinops", "backpack", "asdl", "nngeometry")
@@ -135,6 +136,31 @@ def labels_from_sampled_grads(loss, f, grads):
         p /= p.sum(axis=1, keepdims=True)
         return np.argmax(np.rint(p[None] - g), axis=-1).astype(np.int64)
     return np.rint(1.0 / (1.0 + np.exp(-f))[None] - g)
+
+
+def sampled_grads_from_labels(loss, f, labels):
+    """The inverse of :func:`labels_from_sampled_grads`: the sampled output gradients a library
+    would have drawn, ``(S, N, C)``, for refcurv's sampled ``labels`` ``(S, N, …)`` -- how
+    refcurv's draws are fed INTO a library (CE and BCE ``σ(f) − onehot(y)``; MSE
+    ``√2 (f − y_rc)``, the gradient of PyTorch's ``(f−y)²`` at the ``N(f, ½I)`` label with the
+    same standard-normal draw)."""
+    name, f = _name(loss), _outputs(f)
+    y = _array(labels, "labels")
+    if y.ndim < 2 or y.shape[1] != f.shape[0]:
+        raise ShapeError(f"labels must be (S, {f.shape[0]}, …), got shape {y.shape}")
+    if name == "mse":
+        if y.shape[1:] != f.shape:
+            raise ShapeError(f"MSE labels must be (S, {f.shape[0]}, {f.shape[1]}), got shape {y.shape}")
+        return np.sqrt(2.0) * (f[None] - y)
+    if name == "cross_entropy":
+        if y.ndim != 2:
+            raise ShapeError(f"cross-entropy labels must be class indices (S, {f.shape[0]}), got shape {y.shape}")
+        p = np.exp(f - f.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        return p[None] - np.eye(f.shape[1])[y.astype(np.int64)]
+    if y.shape[1:] != f.shape:
+        raise ShapeError(f"BCE labels must be (S, {f.shape[0]}, {f.shape[1]}), got shape {y.shape}")
+    return 1.0 / (1.0 + np.exp(-f))[None] - y
 
 
 def kfac_dense(conventions, net, pairs):

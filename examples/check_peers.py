@@ -3,11 +3,14 @@ refcurv, in each library's own convention (refcurv converts; every factor is sta
 
     python examples/check_peers.py            # every setting
     python examples/check_peers.py --quick    # CI: one network per family, < 2 minutes
+    python examples/check_peers.py --only backpack --only harness   # also curvlinops, asdl,
+                                              # asdl-methods, nngeometry
 
-Needs: refcurv with the ``torch`` extra, curvlinops-for-pytorch, backpack-for-pytorch,
-asdfghjkl, nngeometry (a missing library is reported and skipped). Seeded; prints a table
-(library, quantity, setting, error, tolerance, verdict) and exits 1 on an unexplained
-disagreement. These libraries are not ground truth: a disagreement is classified from the
+Needs: ``pip install "refcurv[peers]"`` (torch, hypothesis, curvlinops-for-pytorch,
+backpack-for-pytorch, asdfghjkl, nngeometry; a missing library is reported and skipped).
+Seeded; prints a table (library, quantity, setting, error, tolerance, the error without the
+declared convention, verdict, classification) and exits 1 on an unexplained disagreement.
+The last part runs ``refcurv.testing.check_implementation`` with each library as ``impl``. These libraries are not ground truth: a disagreement is classified from the
 definition as a convention (with its factor), a bug in the library (file, line, and the
 one-line fix, which this script applies by monkeypatching and re-checks), or a refcurv
 problem. See ``docs/peers.md`` for the derivations.

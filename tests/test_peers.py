@@ -16,7 +16,7 @@ from refcurv.errors import ArgumentTypeError, HyperParameterError, NonFiniteErro
 from refcurv.nn import MSE, Conv2d, CrossEntropy, Flatten, Linear, Sequential, Tanh
 from refcurv.testing import Conventions
 from refcurv.testing.peers import (PEERS, kfac_dense, labels_from_sampled_grads, labels_from_torch_samples,
-                                   peer_conventions)
+                                   peer_conventions, sampled_grads_from_labels)
 from refcurv.testing.tolerance import assert_clt, tolerance
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "check_peers.py"
@@ -156,6 +156,44 @@ def test_kfac_dense_refuses_bad_input(cnn):
         kfac_dense(c, net, [(np.zeros((2, 3)), np.eye(2))])
     with pytest.raises(HyperParameterError, match="order='torch'"):
         kfac_dense(c.replace(order="refcurv", bias="separate"), net, Fe)
+
+
+def test_adapters_refuse_every_malformed_argument():
+    """Input policy: each argument replaced by each malformed value of the fuzz suite raises a
+    RefcurvError (one line), never a raw NumPy error."""
+    from refcurv.errors import RefcurvError
+    from refcurv.testing import peers
+    from refcurv.testing.fuzz import MALFORMED
+
+    net = Sequential([Linear(2, 3)], input_shape=(2,))
+    f = np.zeros((2, 3))
+    good = {"labels_from_torch_samples": ("mse", f, np.zeros((1, 2, 3))),
+            "labels_from_sampled_grads": ("mse", f, np.zeros((1, 2, 3))),
+            "sampled_grads_from_labels": ("cross_entropy", f, np.zeros((1, 2), int)),
+            "kfac_dense": (Conventions(order="torch"), net, [(np.eye(3), np.eye(3))]),
+            "peer_conventions": ("asdl",)}
+    for name, args in good.items():
+        fn = getattr(peers, name)
+        fn(*args)
+        for i in range(len(args)):
+            for label, v in MALFORMED.items():
+                a = list(args)
+                a[i] = v
+                try:
+                    fn(*a)
+                except RefcurvError as e:
+                    assert "\n" not in str(e), (name, i, label)
+                except Exception as e:  # pragma: no cover - the failure message
+                    pytest.fail(f"{name} argument {i} = {label}: raw {type(e).__name__}: {e}")
+
+
+def test_sampled_grads_from_labels_inverts_the_label_map():
+    rng = np.random.default_rng(3)
+    f = rng.standard_normal((4, 3))
+    for loss, labels in (("mse", f[None] + rng.standard_normal((2, 4, 3))), ("cross_entropy", rng.integers(0, 3, (2, 4))),
+                         ("bce", rng.integers(0, 2, (2, 4, 3)).astype(float))):
+        g = sampled_grads_from_labels(loss, f, labels)
+        np.testing.assert_allclose(labels_from_sampled_grads(loss, f, g), labels, rtol=0, atol=1e-13)
 
 
 # ------------------------------------------------------------------ the script, per library

@@ -43,7 +43,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ArgumentTypeError, HyperParameterError, NonFiniteError, ShapeError
-from ..nn._checks import real_array
+from ..nn._checks import describe, real_array
 from .conventions import Conventions
 
 __all__ = ["PEERS", "peer_conventions", "labels_from_torch_samples", "labels_from_sampled_grads",
@@ -61,8 +61,8 @@ def peer_conventions(library, loss_module=None, n_outputs=None, **fields):
     ``n_outputs`` outputs (curvlinops and BackPACK differentiate the PyTorch loss; ASDL and
     NNGeometry take refcurv's scale and need no loss module). ``fields`` override (e.g.
     ``bias="joint"`` for curvlinops' ``separate_weight_and_bias=False``)."""
-    if library not in PEERS:
-        raise HyperParameterError(f"library must be one of {PEERS}, got {library!r}")
+    if not isinstance(library, str) or library not in PEERS:
+        raise HyperParameterError(f"library must be one of {PEERS}, got {describe(library)}")
     if library in ("asdl", "nngeometry"):
         base = dict(order="torch", bias="separate" if library == "asdl" else "joint")
         base.update(fields)
@@ -72,7 +72,11 @@ def peer_conventions(library, loss_module=None, n_outputs=None, **fields):
     names = {"MSELoss": "mse", "CrossEntropyLoss": "cross_entropy", "BCEWithLogitsLoss": "bce"}
     base = dict(bias="separate")
     if library == "curvlinops":
-        base["per_sample_scale"] = _SUMMED_PER_SAMPLE[names[type(loss_module).__name__]]
+        lname = names.get(type(loss_module).__name__)
+        if lname is None:
+            raise ArgumentTypeError(f"loss_module must be torch.nn.MSELoss, CrossEntropyLoss or BCEWithLogitsLoss, "
+                                    f"got {type(loss_module).__name__}")
+        base["per_sample_scale"] = _SUMMED_PER_SAMPLE[lname]
     else:
         base["conv"] = "backpack"
     base.update(fields)
@@ -81,8 +85,8 @@ def peer_conventions(library, loss_module=None, n_outputs=None, **fields):
 
 def _name(loss):
     name = getattr(loss, "name", loss)
-    if name not in ("mse", "cross_entropy", "bce"):
-        raise ArgumentTypeError(f"loss must be a refcurv MSE, CrossEntropy or BCE (or its name), got {loss!r}")
+    if not isinstance(name, str) or name not in ("mse", "cross_entropy", "bce"):
+        raise ArgumentTypeError(f"loss must be a refcurv MSE, CrossEntropy or BCE (or its name), got {describe(loss)}")
     return name
 
 
@@ -112,9 +116,13 @@ def labels_from_torch_samples(loss, f, y_torch, variance=0.5):
     y = _array(y_torch, "y_torch")
     if y.ndim < 2 or y.shape[1] != f.shape[0]:
         raise ShapeError(f"y_torch must be (S, {f.shape[0]}, …), got shape {y.shape}")
+    if name != "cross_entropy" and y.shape[1:] != f.shape:
+        raise ShapeError(f"y_torch must be (S, {f.shape[0]}, {f.shape[1]}) for {name}, got shape {y.shape}")
+    if name == "cross_entropy" and y.ndim != 2:
+        raise ShapeError(f"y_torch must be class indices (S, {f.shape[0]}) for cross_entropy, got shape {y.shape}")
     if name == "mse":
         if isinstance(variance, bool) or not isinstance(variance, (int, float)) or not 0 < variance < np.inf:
-            raise HyperParameterError(f"variance must be a positive number, got {variance!r}")
+            raise HyperParameterError(f"variance must be a positive number, got {describe(variance)}")
         return f[None] + (y - f[None]) / np.sqrt(variance)
     return y.astype(np.int64) if name == "cross_entropy" else y
 

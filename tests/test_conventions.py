@@ -262,3 +262,21 @@ def test_for_torch_loss_refuses_what_refcurv_cannot_represent():
     c = Conventions.for_torch_loss(torch.nn.MSELoss(reduction="sum"), 3)
     assert c.loss_scale == "torch" and c.scales("mse", 3, 5) == (10.0, 2.0)
     assert Conventions.for_torch_loss(torch.nn.MSELoss(), 4).loss_scale == 0.5
+
+
+@pytest.mark.parametrize("name, reduction", [(n, r) for n in ("mse", "cross_entropy", "bce") for r in ("mean", "sum")])
+def test_torch_loss_scales_on_sequence_outputs(name, reduction):
+    """ψ_n sums the per-position losses; PyTorch's mean also runs over the T positions."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(1)
+    N, T, C = 3, 4, 2
+    f = rng.standard_normal((N, T, C))
+    loss = {"mse": MSE(), "cross_entropy": CrossEntropy(), "bce": BCE()}[name]
+    y = rng.integers(0, C, (N, T)) if name == "cross_entropy" else rng.random((N, T, C))
+    psi = np.asarray(loss.value(f, y)).sum(axis=1)  # per-position losses (N, T) summed over T
+    mod = {"mse": torch.nn.MSELoss, "cross_entropy": torch.nn.CrossEntropyLoss,
+           "bce": torch.nn.BCEWithLogitsLoss}[name](reduction=reduction)
+    tf = torch.tensor(f).transpose(1, 2) if name == "cross_entropy" else torch.tensor(f)  # class axis 1
+    s, p = Conventions.for_torch_loss(mod, (T, C)).scales(loss, (T, C), N)
+    assert float(mod(tf, torch.tensor(y))) == pytest.approx(s * psi.mean(), rel=1e-14)
+    assert float(mod(tf[:1], torch.tensor(y[:1]))) == pytest.approx(p * psi[0], rel=1e-14)

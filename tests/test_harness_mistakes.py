@@ -6,6 +6,8 @@ in PyTorch (``torch.func`` per-sample gradients, a Monte-Carlo Fisher, a small K
 ``unfold`` and the pre-activation gradients) — pass; each mistake an implementer makes is
 caught: the report fails and names the (shrunk) case.
 """
+import re
+
 import numpy as np
 import pytest
 
@@ -250,10 +252,12 @@ def torch_kfac_factors(mistake=None):
         Gs = [0.0] * len(layers)
         for ys in case.labels:
             f = mod(x)
+            f = f.transpose(1, 2) if f.ndim == 3 else f  # a sequence output: PyTorch's class axis is 1
             torch.nn.functional.cross_entropy(f, torch.as_tensor(ys).long(), reduction="sum").backward()
             for j, m in enumerate(layers):
-                g = outs[m].grad
-                g = g.reshape(g.shape[0], g.shape[1], -1) if g.ndim == 4 else g[:, :, None]  # (N, out, T)
+                g = outs[m].grad  # conv (N, out, H, W), sequence Linear (N, T, out), Linear (N, out)
+                g = g.reshape(g.shape[0], g.shape[1], -1) if g.ndim == 4 else (
+                    g.transpose(1, 2) if g.ndim == 3 else g[:, :, None])  # (N, out, T)
                 Gs[j] = Gs[j] + torch.einsum("not,npt->op", g, g) / (case.N * len(case.labels))
         for h in hs:
             h.remove()
@@ -263,7 +267,7 @@ def torch_kfac_factors(mistake=None):
             if isinstance(m, torch.nn.Conv2d):
                 a = torch.nn.functional.unfold(a, m.kernel_size, padding=m.padding, stride=m.stride)  # (N, ckk, T)
             else:
-                a = a[:, :, None]
+                a = a.transpose(1, 2) if a.ndim == 3 else a[:, :, None]  # (N, d, T)
             if m.bias is not None:
                 a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
             T = a.shape[-1]
@@ -277,12 +281,18 @@ def torch_kfac_factors(mistake=None):
 MC = dict(fisher="mc", n_samples=2)
 TORCH_CHECKS = {
     "per_sample_grads": ("per_sample_grads", torch_psg, dict(conventions=TORCH)),
-    "fisher_mc": ("fisher", torch_fisher_mc, dict(conventions=TORCH, hyper=MC, losses=("cross_entropy",))),
+    # (MLPs and CNNs: with CE on T positions PyTorch's mean loss is ψ/T, and this impl's
+    # (1/(SN)) Σ g̃ g̃ᵀ would be the Fisher of that loss times 1/T)
+    "fisher_mc": ("fisher", torch_fisher_mc, dict(conventions=TORCH, hyper=MC, losses=("cross_entropy",),
+                                                  nets=("mlp", "cnn"))),
     "kfac_factors": ("kfac_factors", torch_kfac_factors(), dict(hyper=MC, losses=("cross_entropy",))),
 }
 TORCH_MISTAKES = {
     "conv_missing_1/T": ("kfac_factors", torch_kfac_factors("missing_1/T"), dict(hyper=MC, losses=("cross_entropy",))),
     "conv_extra_1/T": ("kfac_factors", torch_kfac_factors("extra_1/T"), dict(hyper=MC, losses=("cross_entropy",))),
+    "sequence_missing_1/T": ("kfac_factors", torch_kfac_factors("missing_1/T"),
+                             dict(hyper=MC, losses=("cross_entropy",))),
+    "sequence_extra_1/T": ("kfac_factors", torch_kfac_factors("extra_1/T"), dict(hyper=MC, losses=("cross_entropy",))),
     "per_sample_sum_reduction": ("per_sample_grads",  # declared mean, but per-sample losses of a sum
                                  lambda case: [g * case.n_outputs for g in torch_psg(case)],
                                  dict(conventions=TORCH, losses=("mse",))),
@@ -297,15 +307,19 @@ def test_torch_implementation_passes(name):
     assert report.ok, str(report)
     assert max(c.ratio for c in report.cases) <= 1.0
     assert any("Conv2d" in c.description for c in report.cases)  # CNNs were among the cases
+    if "nets" not in kw:  # and sequence nets: inputs (T, d)
+        assert any(re.search(r"input \(\d+, \d+\) \|", c.description) for c in report.cases)
 
 
 @pytest.mark.parametrize("name", list(TORCH_MISTAKES))
 def test_torch_mistake_caught(name, tmp_path):
     pytest.importorskip("torch")
     target, impl, kw = TORCH_MISTAKES[name]
-    nets = ("cnn",) if "1/T" in name else ("mlp", "cnn")
+    nets = ("cnn",) if name.startswith("conv") else ("seq",) if name.startswith("sequence") else ("mlp", "cnn")
     report = check_implementation(target, impl, nets=nets, save_dir=tmp_path, **kw)
     assert not report.ok and report.failure is not None
+    if name.startswith("sequence"):  # shrunk to a sequence net whose shared Linear has T > 1
+        assert "Linear" in report.failure.description and "Conv2d" not in report.failure.description
     assert "failing case: " + report.failure.description in str(report)
     assert report.saved is not None
 

@@ -47,15 +47,29 @@ DAMPINGS = ("method", "sqrt", "exact")
 _VEC_ORDER = {"refcurv": "row", "torch": "torch", "column_major": "col"}
 
 # PyTorch's losses against refcurv's per-sample ψ and mean over N (design §9): the factor
-# s with torch_loss = s · Ψ, by (loss, reduction); C = number of outputs, N = batch size.
-#   MSELoss: Σ_{n,c} (f−y)² = 2 Σ_n ψ_n, mean over N·C: 2/C, sum: 2N
-#   CrossEntropyLoss: ψ_n itself, mean over N: 1, sum: N
-#   BCEWithLogitsLoss: Σ_{n,c} softplus(f)−y f = Σ_n ψ_n, mean over N·C: 1/C, sum: N
+# s with torch_loss = s · Ψ, by (loss, reduction); C = number of outputs, T = positions of a
+# sequence output (ψ_n sums over them; PyTorch's mean runs over them too), N = batch size.
+#   MSELoss: Σ (f−y)² = 2 Σ_n ψ_n, mean over N·T·C: 2/(TC), sum: 2N
+#   CrossEntropyLoss: Σ_t −log softmax(f_t)_y = ψ_n, mean over N·T: 1/T, sum: N
+#   BCEWithLogitsLoss: Σ softplus(f)−y f = Σ_n ψ_n, mean over N·T·C: 1/(TC), sum: N
 _TORCH_SCALES = {
-    ("mse", "mean"): lambda C, N: 2.0 / C, ("mse", "sum"): lambda C, N: 2.0 * N,
-    ("cross_entropy", "mean"): lambda C, N: 1.0, ("cross_entropy", "sum"): lambda C, N: float(N),
-    ("bce", "mean"): lambda C, N: 1.0 / C, ("bce", "sum"): lambda C, N: float(N),
+    ("mse", "mean"): lambda T, C, N: 2.0 / (T * C), ("mse", "sum"): lambda T, C, N: 2.0 * N,
+    ("cross_entropy", "mean"): lambda T, C, N: 1.0 / T, ("cross_entropy", "sum"): lambda T, C, N: float(N),
+    ("bce", "mean"): lambda T, C, N: 1.0 / (T * C), ("bce", "sum"): lambda T, C, N: float(N),
 }
+
+
+def _TC(n_outputs):
+    """``(T, C)`` from C or a sequence output's ``(T, C)``."""
+    if isinstance(n_outputs, (tuple, list)) and len(n_outputs) == 2:
+        T, C = n_outputs
+    else:
+        T, C = 1, n_outputs
+    for v in (T, C):
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ConventionsError(f"n_outputs must be a positive int C or a pair (T, C), got {n_outputs!r}")
+    return int(T), int(C)
+
 
 # quantities that are vectors or full matrices: their layout is `order` alone
 VECTOR_QUANTITIES = ("per_sample_grads", "grad", "direction")
@@ -104,8 +118,9 @@ class Conventions:
       the default per-sample loss ``ℓ_n`` below.
     * ``loss_scale`` -- ``s`` with ``L_user = s · Ψ`` (``Ψ`` refcurv's mean loss), a positive
       number, or ``"torch"``: PyTorch's factor for the case's loss with this ``reduction``
-      (``MSELoss`` mean ``2/C``, sum ``2N``; ``CrossEntropyLoss`` mean 1, sum ``N``;
-      ``BCEWithLogitsLoss`` mean ``1/C``, sum ``N``; C outputs, N samples).
+      (``MSELoss`` mean ``2/(TC)``, sum ``2N``; ``CrossEntropyLoss`` mean ``1/T``, sum ``N``;
+      ``BCEWithLogitsLoss`` mean ``1/(TC)``, sum ``N``; C outputs, T positions of a sequence
+      output (1 otherwise), N samples).
     * ``per_sample_scale`` -- ``p`` with ``ℓ_n = p · ψ_n``; ``None``: ``s`` for mean, ``s/N``
       for sum (the loss applied to a batch of one, as ``torch.func`` per-sample gradients
       compute it). curvlinops' MSE per-sample loss ``‖f−y‖²`` is ``p = 2``.
@@ -204,8 +219,7 @@ class Conventions:
         reduction = getattr(loss_module, "reduction", None)
         if reduction not in REDUCTIONS:
             raise ConventionsError(f"loss_module.reduction must be 'mean' or 'sum', got {reduction!r}")
-        if isinstance(n_outputs, (bool, np.bool_)) or not isinstance(n_outputs, (int, np.integer)) or n_outputs < 1:
-            raise ConventionsError(f"n_outputs must be a positive int, got {n_outputs!r}")
+        T, C = _TC(n_outputs)
         try:
             from ..torch import loss_from_torch  # noqa: PLC0415 - optional extra
         except ImportError:  # pragma: no cover - the bridge module is part of refcurv
@@ -213,22 +227,24 @@ class Conventions:
         if loss_from_torch is not None:
             # the bridge refuses what refcurv cannot represent (weights, label smoothing, …),
             # and its factors must agree with the table above (per sample: batch_size=1)
-            lm = loss_from_torch(loss_module, int(n_outputs), batch_size=1)
-            want = _TORCH_SCALES[(name, reduction)](int(n_outputs), 1)
+            lm = loss_from_torch(loss_module, n_outputs if T == 1 else (T, C), batch_size=1)
+            want = _TORCH_SCALES[(name, reduction)](T, C, 1)
             if not np.isclose(lm.scale, want, rtol=1e-15):  # pragma: no cover - a disagreement is a bug
                 raise ConventionsError(f"refcurv.torch.loss_from_torch gives scale {lm.scale}, the table {want}")
         # the sum's factor grows with N: resolved per case by scales()
-        scale = _TORCH_SCALES[(name, "mean")](int(n_outputs), None) if reduction == "mean" else "torch"
+        scale = _TORCH_SCALES[(name, "mean")](T, C, None) if reduction == "mean" else "torch"
         fields.setdefault("order", "torch")
         return cls(reduction=reduction, loss_scale=scale, **fields)
 
     # ------------------------------------------------------------------ scales
     def scales(self, loss, n_outputs, N):
         """``(s, p)``: ``L_user = s·Ψ`` and ``ℓ_n = p·ψ_n`` for a case with this loss (a refcurv
-        loss or its name), ``n_outputs`` outputs and ``N`` samples."""
+        loss or its name), ``n_outputs`` outputs (C, or ``(T, C)`` for a sequence output) and
+        ``N`` samples."""
         name = loss_name(loss)
+        T, C = _TC(n_outputs)
         if self.loss_scale == "torch":
-            s = _TORCH_SCALES[(name, self.reduction)](n_outputs, N)
+            s = _TORCH_SCALES[(name, self.reduction)](T, C, N)
         else:
             s = self.loss_scale
         if self.per_sample_scale is not None:

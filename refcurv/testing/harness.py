@@ -52,7 +52,7 @@ from .conventions import Conventions, ConventionsError, loss_name
 
 QUANTITIES = ("per_sample_grads", "grad", "ggn", "hessian", "fisher", "empirical_fisher", "blocks",
               "kfac_factors", "gram")
-NETS = ("mlp", "cnn")
+NETS = ("mlp", "cnn", "seq")
 LOSSES = ("mse", "cross_entropy", "bce")
 LR = 0.1  # step size of the parameter trajectory of a method check (θ_{k+1} = θ_k + LR·d_k)
 
@@ -104,7 +104,6 @@ class Case:
 
     @cached_property
     def net(self):
-        from .strategies import build
         return build(self.spec, self.input_shape)
 
     @property
@@ -118,7 +117,9 @@ class Case:
 
     @property
     def n_outputs(self):
-        return int(self.net.param_shapes[-1][0])
+        """C, or ``(T, C)`` for a sequence output (what :meth:`Conventions.scales` takes)."""
+        out = self.net.feature_shapes(self.input_shape)[-1]
+        return int(out[0]) if len(out) == 1 else tuple(int(d) for d in out)
 
     @property
     def draws(self):
@@ -133,6 +134,8 @@ class Case:
         try:
             from ..torch import torch_module
         except ImportError:
+            torch_module = None
+        if torch_module is None or any(sp[0] == "mean" for sp in self.spec):  # SequenceMean: our builder
             return _torch_module(self.spec, params, tdt)
         return torch_module(self.net, [np.asarray(W, dtype=np.float64) for W in params], dtype=tdt)
 
@@ -141,11 +144,16 @@ class Case:
         return self.torch_module()
 
     def torch_loss(self):
-        """The PyTorch loss module of the case's loss with the declared ``reduction``."""
+        """The PyTorch loss module of the case's loss with the declared ``reduction``. For a
+        sequence output ``(N, T, C)`` cross-entropy gets the logits as ``(N, C, T)`` (PyTorch's
+        class axis), so that it is the loss :meth:`Conventions.scales` states."""
         import torch
         cls = {"mse": torch.nn.MSELoss, "cross_entropy": torch.nn.CrossEntropyLoss,
                "bce": torch.nn.BCEWithLogitsLoss}[self.loss_name]
-        return cls(reduction=self.conventions.reduction)
+        mod = cls(reduction=self.conventions.reduction)
+        if self.loss_name == "cross_entropy" and isinstance(self.n_outputs, tuple):
+            return lambda f, y: mod(f.transpose(-1, -2), y)
+        return mod
 
     def tensors(self, *arrays):
         """torch tensors of the given arrays (integer class labels as int64, the rest in the
@@ -169,7 +177,7 @@ def _spec_word(s):
         return f"Conv2d({s[1]}→{s[2]}, k={s[3]}, s={s[4]}, p={s[5]}{'' if s[6] else ', no bias'})"
     if s[0] == "act":
         return s[1]
-    return "flatten"
+    return "mean over T" if s[0] == "mean" else "flatten"
 
 
 def _torch_module(spec, params, tdt):
@@ -196,9 +204,41 @@ def _torch_module(spec, params, tdt):
                 mods.append(m)
             elif s[0] == "act":
                 mods.append(acts[s[1]]())
+            elif s[0] == "mean":
+                mods.append(_SequenceMean())
             else:
                 mods.append(torch.nn.Flatten())
     return torch.nn.Sequential(*mods)
+
+
+def _SequenceMean():
+    """torch module of refcurv's ``SequenceMean``: ``(N, T, d) -> (N, d)``, the mean over T."""
+    import torch
+
+    class SequenceMean(torch.nn.Module):
+        def forward(self, a):
+            return a.mean(dim=-2)
+    return SequenceMean()
+
+
+def build(spec, input_shape):
+    """refcurv ``Sequential`` from a spec (:mod:`refcurv.testing.strategies`, plus
+    ``("mean",)`` for :class:`~refcurv.nn.SequenceMean`)."""
+    from ..nn import Conv2d, Flatten, Linear, SequenceMean, Sequential
+    from .strategies import ACTIVATIONS
+    layers = []
+    for sp in spec:
+        if sp[0] == "linear":
+            layers.append(Linear(sp[1], sp[2], bias=sp[3]))
+        elif sp[0] == "conv":
+            layers.append(Conv2d(sp[1], sp[2], sp[3], stride=sp[4], padding=sp[5], bias=sp[6]))
+        elif sp[0] == "act":
+            layers.append(ACTIVATIONS[sp[1]]())
+        elif sp[0] == "mean":
+            layers.append(SequenceMean())
+        else:
+            layers.append(Flatten())
+    return Sequential(layers, input_shape=tuple(input_shape))
 
 
 # ---------------------------------------------------------------------- report
@@ -309,7 +349,7 @@ def reference(case):
     params, x, y = _f64(case.params), np.asarray(case.x, dtype=np.float64), case.y
     N, P = case.N, net.n_params
     s, p = conv.scales(loss, case.n_outputs, N)
-    n = N * P
+    n = N * P * max(_locations(net, x))  # the longest sum: samples × parameters × locations
     t = case.target
     if t == "per_sample_grads":
         return [("per_sample_grads", conv.vector(cv.per_sample_grads(net, params, x, y, loss), net, p), n, 1.0)]
@@ -332,10 +372,9 @@ def reference(case):
         Fr = cv.kfac_factors(net, params, x, y, loss, conv="reduce", **kw)
         T = _locations(net, x)
         pairs = conv.kfac_factors(Fe, Fr, net, T, g_scale=s * p if kind == "empirical" else s)
-        nT = n * max(T)
         out = []
         for j, (A, G) in enumerate(pairs):
-            out += [(f"A {j}", A, nT, 1.0), (f"G {j}", G, nT, 1.0)]
+            out += [(f"A {j}", A, n, 1.0), (f"G {j}", G, n, 1.0)]
         return out
     raise HyperParameterError(f"unknown target {t!r}")  # pragma: no cover - checked on entry
 
@@ -548,24 +587,55 @@ def _problem_strategy(nets, losses, max_batch):
         kind = draw(st.sampled_from(nets))
         lname = draw(st.sampled_from(losses))
         n_out = draw(st.integers(2, 4)) if lname == "cross_entropy" else None
-        spec, shape, out = draw(mlp_specs(n_out=n_out) if kind == "mlp" else cnn_specs(n_out=n_out))
+        if kind == "seq":
+            spec, shape, out = draw(_seq_specs(n_out))
+        else:
+            spec, shape, out = draw(mlp_specs(n_out=n_out) if kind == "mlp" else cnn_specs(n_out=n_out))
         N = draw(st.integers(2, max_batch))  # N ≥ 2: a missing 1/N must show
         seed = draw(st.integers(0, 2**31 - 1))
         return spec, shape, out, lname, N, seed
     return problem()
 
 
+def _seq_specs(n_out):
+    """Linear layers on sequences ``(T, d)`` (weight sharing over T positions): the expand
+    setting (outputs ``(T, C)``, the loss summed over positions) or the reduce setting (a
+    ``SequenceMean`` before the last layer)."""
+    from hypothesis import strategies as st
+
+    from .strategies import ACTIVATIONS
+
+    @st.composite
+    def seq(draw):
+        T, d = draw(st.integers(2, 3)), draw(st.integers(1, 3))
+        n_layers = draw(st.integers(1, 2))
+        widths = [d] + [draw(st.integers(1, 3)) for _ in range(n_layers)]
+        if n_out is not None:
+            widths[-1] = n_out
+        reduce_at = draw(st.sampled_from([None] + list(range(n_layers))))
+        spec = []
+        for i in range(n_layers):
+            if reduce_at == i:
+                spec.append(("mean",))
+            spec.append(("linear", widths[i], widths[i + 1], draw(st.booleans())))
+            if i < n_layers - 1:
+                spec.append(("act", draw(st.sampled_from(tuple(ACTIVATIONS)))))
+        return tuple(spec), (T, d), widths[-1]
+    return seq()
+
+
 def _data(spec, shape, n_out, lname, N, rng, dtype):
-    from .strategies import build
     net = build(spec, shape)
+    out_shape = net.feature_shapes(tuple(shape))[-1]
+    lead = (N,) + tuple(out_shape[:-1])  # (N,) or (N, T) for a sequence output
     params = [(2.0 * W).astype(dtype) for W in net.init(rng)]
     x = rng.standard_normal((N,) + tuple(shape)).astype(dtype)
     if lname == "mse":
-        y = rng.standard_normal((N, n_out)).astype(dtype)
+        y = rng.standard_normal(lead + (n_out,)).astype(dtype)
     elif lname == "cross_entropy":
-        y = rng.integers(0, n_out, size=N)
+        y = rng.integers(0, n_out, size=lead)
     else:
-        y = rng.random((N, n_out)).astype(dtype)
+        y = rng.random(lead + (n_out,)).astype(dtype)
     return net, params, x, y
 
 
@@ -642,7 +712,7 @@ def _reproducer(path, target):
 
 # ---------------------------------------------------------------------- entry point
 def check_implementation(target, impl, conventions=None, dtype=np.float64, max_examples=20, steps=3, hyper=None,
-                         nets=NETS, losses=LOSSES, seed=0, save_dir=None, max_batch=4):
+                         nets=None, losses=LOSSES, seed=0, save_dir=None, max_batch=4):
     """Check ``impl`` against refcurv on hypothesis-generated cases (module docstring).
 
     ``target``: a quantity of :data:`QUANTITIES` or a registered method name; ``conventions``:
@@ -651,7 +721,9 @@ def check_implementation(target, impl, conventions=None, dtype=np.float64, max_e
     are judged at its unit roundoff); ``steps``: steps of a method check (state carried by
     the impl); ``hyper``: fixed hyper-parameters (a method's, or ``fisher``/``n_samples``/
     ``of`` for quantities; a method's ``damping`` is drawn in ``[1e-2, 1]`` unless given);
-    ``nets``: ``"mlp"`` and/or ``"cnn"``; ``losses``: of ``"mse"``, ``"cross_entropy"``,
+    ``nets``: of ``"mlp"``, ``"cnn"``, ``"seq"`` (Linear layers on sequences ``(T, d)``, with
+    or without a ``SequenceMean``; default all three for quantities and KFAC, MLPs and CNNs
+    for the other methods); ``losses``: of ``"mse"``, ``"cross_entropy"``,
     ``"bce"``; ``seed``: hypothesis' seed; ``save_dir``: where a failing case is saved as
     ``<target>-failure.npz``. Returns a :class:`Report`; an ``impl`` result of the wrong
     form raises :class:`ImplementationError` (one line)."""
@@ -687,6 +759,8 @@ def check_implementation(target, impl, conventions=None, dtype=np.float64, max_e
     for name, v, lo in (("max_examples", max_examples, 1), ("steps", steps, 1), ("max_batch", max_batch, 2)):
         if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < lo:
             raise HyperParameterError(f"{name} must be an int >= {lo}, got {v!r}")
+    if nets is None:  # sequences for the quantities and KFAC (the methods tested on them)
+        nets = NETS if target in QUANTITIES or target in ("kfac", "sgd") else ("mlp", "cnn")
     nets, losses = _words(nets, "nets", NETS), _words(losses, "losses", LOSSES)
     if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise HyperParameterError(f"seed must be a non-negative int, got {seed!r}")

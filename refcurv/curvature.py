@@ -137,18 +137,30 @@ def _ret(M, net, blocks):
 
 
 def per_sample_grads(net, params, x, y, loss):
-    """``(N, n)``: row ``i`` is ``u_i = ∇ψ_i`` (unscaled, SENG (3))."""
-    return _result(_per_sample_grads(net, params, x, y, loss), "per_sample_grads")
+    """``(N, n)``: row ``i`` is ``u_i = ∇ψ_i = G_i A_iᵀ`` per layer (unscaled, SENG (3)),
+    written once into the flat array (:func:`refcurv.nn.autodiff.weight_grads`)."""
+    U, finite = _per_sample_grads(net, params, x, y, loss, bound=True)
+    return U if finite else _result(U, "per_sample_grads")
 
 
-def _per_sample_grads(net, params, x, y, loss):
+def _per_sample_grads(net, params, x, y, loss, bound=False):
+    from .nn.autodiff import _certainly_finite
+
     params, x, y, tr, loss = _setup(net, params, x, y, loss)
-    return net._flat(net._param_grads(tr, net._pull(params, tr, loss.grad(tr.out, y))))
+    G = net._pull(params, tr, loss.grad(tr.out, y))
+    U = net._param_grads_flat(tr, G)
+    return (U, _certainly_finite(tr.patches, G)) if bound else U
 
 
 def grad(net, params, x, y, loss):
-    """``(n,)`` mini-batch gradient ``(1/N) Σ u_i``."""
-    return _result(_per_sample_grads(net, params, x, y, loss).mean(axis=0), "grad")
+    """``(n,)`` mini-batch gradient ``(1/N) Σ u_i``, as ``(1/N) Σ_i G_i A_iᵀ`` per layer: one
+    GEMM over samples and locations (:func:`refcurv.nn.autodiff.mean_weight_grads`), without
+    per-sample gradients."""
+    from .nn import autodiff as ad
+
+    params, x, y, tr, loss = _setup(net, params, x, y, loss)
+    G = net._pull(params, tr, loss.grad(tr.out, y))
+    return _result(net._flat(ad._mean_weight_grads(tr.patches, G)), "grad")
 
 
 def jacobian(net, params, x, y=None, loss=None):
@@ -159,7 +171,7 @@ def jacobian(net, params, x, y=None, loss=None):
 
 
 def _per_sample_hessians(net, params, x, y, loss, output_hessian=True):
-    params, x, y, tr, loss = _setup(net, params, x, y, loss)
+    params, x, y, _, loss = _setup(net, params, x, y, loss)
     xp = xp_of(x)
     n = net.n_params
     from .vec import unflatten
@@ -239,7 +251,7 @@ def _sampled_cotangents(tr, loss, n_samples, seed, labels=None):
 def _sampled_label_grads(net, params, tr, loss, n_samples, seed, labels=None):
     """Per-sample gradients for labels drawn from the model: ``(S, N, n)``."""
     D = _sampled_cotangents(tr, loss, n_samples, seed, labels)
-    return net._flat(net._param_grads(tr, net._pull(params, tr, D)))
+    return net._param_grads_flat(tr, net._pull(params, tr, D))
 
 
 def fisher(net, params, x, y=None, loss=None, kind="exact", n_samples=None, seed=None, blocks=False, labels=None):
@@ -316,16 +328,26 @@ def kfac_factors(net, params, x, y, loss, kind="exact", conv="expand", n_samples
     ``"mc"`` (weight ``w = 1/S``; ``n_samples`` labels drawn with ``rng_of(seed)``, or the
     given ``labels`` of shape ``(S, N, …)``, consumed exactly: the ``"mc"`` factors are then
     the mean over ``s`` of the ``"empirical"`` factors at ``y = labels[s]``), the data-label
-    gradient for ``"empirical"``. With ``T`` locations per sample (``T = 1`` for Linear):
+    gradient for ``"empirical"``. With ``T`` locations per sample (``T = 1`` for a Linear
+    layer on vectors; ``T = H_out W_out`` for Conv2d; ``T`` positions for a Linear layer on a
+    sequence ``(T, d)``, whose weight is shared over the positions):
 
-    * ``conv="expand"`` (KFC, Grosse & Martens 2016; thesis (3.6)):
-      ``A = (1/(N T)) Σ_{n,t} a_{n,t} a_{n,t}ᵀ``,  ``G = (w/N) Σ_{k,n,t} g_{k,n,t} g_{k,n,t}ᵀ``.
-    * ``conv="reduce"`` (Eschenhagen et al. 2023):
+    * ``conv="expand"`` (KFC, Grosse & Martens 2016, thesis (3.6); K-FAC-expand of
+      Eschenhagen et al. 2023, §3): the ``N·T`` locations act as independent examples,
+      ``A = (1/(N T)) Σ_{n,t} a_{n,t} a_{n,t}ᵀ``,  ``G = (w/N) Σ_{k,n,t} g_{k,n,t} g_{k,n,t}ᵀ``
+      (the ``1/T`` sits in ``A``, so ``G ⊗ A`` carries the ``1/N`` of the objective).
+    * ``conv="reduce"`` (K-FAC-reduce, Eschenhagen et al. 2023, §3): the locations are
+      aggregated before the outer products, inputs averaged and gradients summed,
       ``â_n = (1/T) Σ_t a_{n,t}``, ``ĝ_{k,n} = Σ_t g_{k,n,t}``;
       ``A = (1/N) Σ_n â_n â_nᵀ``,  ``G = (w/N) Σ_{k,n} ĝ_{k,n} ĝ_{k,n}ᵀ``.
 
-    Both coincide for Linear layers. Exact for a batch of one (MLP) and for deep linear
-    MLPs with MSE (``G`` is then the same for every sample).
+    Both coincide when ``T = 1``. Exact for a batch of one (MLP) and for deep linear MLPs with
+    MSE (``G`` is then the same for every sample). For weight sharing (Eschenhagen et al.
+    2023, §3, tests/test_sequence.py): in a deep linear network with MSE, ``"expand"`` is
+    exact in the *expand* setting (a loss per position, outputs ``(N, T, C)``) and
+    ``"reduce"`` in the *reduce* setting (positions averaged inside the network,
+    :class:`refcurv.nn.SequenceMean`, before the loss); neither is exact in the other's.
+    Both are computed as GEMMs on the ``(N·T, d)`` and ``(K·N·T, out)`` rows.
     """
     _word(kind, "kind", KFAC_KINDS, " ('ggn' is now 'exact')" if isinstance(kind, str) and kind == "ggn" else "")
     _word(conv, "conv", KFAC_CONV)
@@ -334,22 +356,24 @@ def kfac_factors(net, params, x, y, loss, kind="exact", conv="expand", n_samples
     if labels is not None and kind != "mc":
         raise ArgumentTypeError(f"labels are sampled labels for kind='mc', not for kind={kind!r}")
     params, x, y, tr, loss = _setup(net, params, x, y, loss, need_y=(kind == "empirical"))
-    xp = xp_of(x)
     D, w = _backprop_cotangents(net, params, tr, y, loss, kind, n_samples, seed, labels)
     G_all = net._pull(params, tr, D)  # list of (K, N, out, T)
     N = x.shape[0]
     out = []
     for k, g in zip(net.trainable_index, G_all):
         A = tr.A[k]  # (N, d, T)
-        T = A.shape[-1]
-        if conv == "expand":
-            Af = xp.einsum("ndt,net->de", A, A) / (N * T)
-            Gf = w * xp.einsum("knot,knpt->op", g, g) / N
+        d, T = A.shape[-2:]
+        o = g.shape[-2]
+        if conv == "expand":  # Gram matrices of the rows a_{n,t} and g_{k,n,t}: one GEMM each
+            R = A.swapaxes(-1, -2).reshape(-1, d)  # (N·T, d)
+            D = g.swapaxes(-1, -2).reshape(-1, o)  # (K·N·T, out)
+            Af = R.T @ R / (N * T)
+            Gf = w * (D.T @ D) / N
         else:
-            a_hat = A.mean(axis=-1)
-            g_hat = g.sum(axis=-1)
+            a_hat = A.mean(axis=-1)  # (N, d)
+            g_hat = g.sum(axis=-1).reshape(-1, o)  # (K·N, out)
             Af = a_hat.T @ a_hat / N
-            Gf = w * xp.einsum("kno,knp->op", g_hat, g_hat) / N
+            Gf = w * (g_hat.T @ g_hat) / N
         out.append((Af, Gf))
     return _result(out, "kfac_factors")
 

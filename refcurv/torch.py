@@ -9,7 +9,9 @@ functions, so ``import refcurv.torch`` works without it and only a call needs it
   (parameters, gradients, directions, per-sample gradients with a leading axis) to and from
   PyTorch's per-parameter tensors (``module.parameters()`` order).
 * :func:`permutation` is the index array between refcurv's flat θ and PyTorch's
-  (``torch.nn.utils.parameters_to_vector``) order.
+  (``torch.nn.utils.parameters_to_vector``) order; a matrix converts with it, or with
+  ``refcurv.to_order(M, net, "torch", matrix=True)`` / ``refcurv.from_order``.
+* :func:`kronecker_to_torch` gives refcurv's Kronecker factors per PyTorch parameter tensor.
 * :func:`loss_from_torch` maps a PyTorch loss module to a refcurv loss and the factor between
   the two (:class:`LossMap`).
 
@@ -49,19 +51,44 @@ from .errors import (
     ShapeError,
     UnsupportedLayerError,
 )
-from .nn import BCE, MSE, Conv2d, CrossEntropy, Flatten, Linear, ReLU, Sequential, Sigmoid, Softplus, Tanh
+from .nn import (
+    BCE,
+    MSE,
+    Conv2d,
+    CrossEntropy,
+    Flatten,
+    Linear,
+    ReLU,
+    Sequential,
+    Sigmoid,
+    Softplus,
+    Tanh,
+)
+from .nn import (
+    SequenceMean as _SequenceMean,  # not a public name here: rt.SequenceMean is the torch module
+)
 from .nn._checks import check_dtype, describe, real_array
 from .nn.layers import _positive_int
 from .vec import permutation as _vec_permutation
 from .vec import unflatten
 
-__all__ = ["from_torch", "torch_module", "to_torch", "from_torch_tensors", "permutation",
-           "kronecker_to_torch", "loss_from_torch", "LossMap", "SUPPORTED"]
+__all__ = [
+    "SUPPORTED",
+    "LossMap",
+    "from_torch",
+    "from_torch_tensors",
+    "kronecker_to_torch",
+    "loss_from_torch",
+    "permutation",
+    "to_torch",
+    "torch_module",
+]
 
 #: The PyTorch modules :func:`from_torch` converts (nested ``Sequential`` is flattened,
 #: ``Identity`` dropped).
 SUPPORTED = ("Linear", "Conv2d", "ReLU", "Tanh", "Sigmoid", "Softplus", "Flatten")
-_SUPPORTED_LINE = "supported: " + ", ".join(SUPPORTED) + " (and nested Sequential, Identity)"
+_SUPPORTED_LINE = ("supported: " + ", ".join(SUPPORTED)
+                   + " (and nested Sequential, Identity, refcurv.torch.SequenceMean)")
 
 
 def _import_torch():
@@ -70,6 +97,34 @@ def _import_torch():
     except ImportError:
         raise ImportError("refcurv.torch needs PyTorch: pip install 'refcurv[torch]'") from None
     return torch
+
+
+_CLASSES = {}
+
+
+def _torch_sequence_mean(torch):
+    """The PyTorch module of :class:`refcurv.nn.SequenceMean` (``(N, T, d) -> (N, d)``, the mean
+    over positions), defined on first use so that this module imports without PyTorch."""
+    cls = _CLASSES.get("SequenceMean")
+    if cls is None:
+        class SequenceMean(torch.nn.Module):
+            """Mean over the positions of a sequence, ``(N, T, d) -> (N, d)``: PyTorch has no
+            module for it; this one is :class:`refcurv.nn.SequenceMean` (the reduce setting of
+            Eschenhagen et al. 2023, e.g. a transformer's mean pooling)."""
+
+            def forward(self, x):
+                return x.mean(dim=-2)
+
+        SequenceMean.__module__ = __name__
+        _CLASSES["SequenceMean"] = cls = SequenceMean
+    return cls
+
+
+def __getattr__(name):
+    # refcurv.torch.SequenceMean: a torch.nn.Module class, so it needs PyTorch when asked for
+    if name == "SequenceMean":
+        return _torch_sequence_mean(_import_torch())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _check_net(net):
@@ -140,6 +195,8 @@ def _layer(torch, path, m):
             _refuse(path, m, f"beta={m.beta} is not supported (refcurv's Softplus is log(1 + e^h), beta 1)")
         # m.threshold: refcurv computes the exact log(1 + e^h) everywhere (see from_torch).
         return Softplus()
+    if t is _CLASSES.get("SequenceMean"):
+        return _SequenceMean()
     if t is nn.Flatten:
         if m.start_dim != 1 or m.end_dim != -1:
             _refuse(path, m, f"start_dim={m.start_dim}, end_dim={m.end_dim}: only Flatten(start_dim=1, end_dim=-1) "
@@ -172,7 +229,10 @@ def from_torch(module, input_shape, dtype=np.float64):
 
     ``module``: a ``torch.nn.Sequential`` of ``Linear``, ``Conv2d``, ``ReLU``, ``Tanh``,
     ``Sigmoid``, ``Softplus``, ``Flatten`` (nested ``Sequential`` flattened, ``Identity``
-    dropped). ``input_shape``: the per-sample input shape, e.g. ``(3, 8, 8)`` or ``(d,)``.
+    dropped) and ``refcurv.torch.SequenceMean``. ``input_shape``: the per-sample input shape,
+    e.g. ``(3, 8, 8)``, ``(d,)`` or a sequence ``(T, d)`` (``Linear`` then shares its weight
+    over the T positions, as ``torch.nn.Linear`` on ``(N, T, d)``; the network's output is
+    ``(N, T, C)`` unless a ``Flatten`` or ``SequenceMean`` removes the positions).
     ``params[l]`` is layer ``l``'s ``[weight.reshape(out, -1), bias]`` (bias last column, none
     with ``bias=False``), copied to ``dtype`` (float64 by default; no memory is shared).
 
@@ -186,9 +246,6 @@ def from_torch(module, input_shape, dtype=np.float64):
     the exact ``log(1 + e^h)`` everywhere. They differ by ``log1p(e^{−h}) < e^{−t}`` in value
     and ``σ(−h) < e^{−t}`` in slope, only where a pre-activation exceeds ``t`` (2.1e-9 at the
     default ``t = 20``); below it they agree to rounding.
-
-    Sequence inputs ``(T, d)`` to a ``Linear`` layer need refcurv's sequence support in
-    :class:`~refcurv.nn.Linear`; without it such an ``input_shape`` is a ``ShapeError``.
     """
     torch = _import_torch()
     if not isinstance(module, torch.nn.Module):
@@ -207,10 +264,6 @@ def from_torch(module, input_shape, dtype=np.float64):
         msg = str(e)
         k = re.search(r"layers\[(\d+)\]", msg)
         where = f" (layers[{k.group(1)}] is {_where(*leaves[int(k.group(1))])})" if k else ""
-        first = layers[0]
-        if (isinstance(first, Linear) and isinstance(input_shape, (tuple, list)) and len(input_shape) == 2
-                and input_shape[-1] == first.in_features):
-            where += "; sequence inputs (T, d) to Linear need refcurv's sequence support, which this build lacks"
         raise type(e)(f"module with input_shape {input_shape!r}: {msg}{where}") from None
     params = []
     for (path, m), layer in zip(leaves, layers):
@@ -261,6 +314,8 @@ def torch_module(net, params, dtype=None):
             mods.append(t)
         elif isinstance(m, Flatten):
             mods.append(nn.Flatten())
+        elif isinstance(m, _SequenceMean):
+            mods.append(_torch_sequence_mean(torch)())
         else:
             mods.append({ReLU: nn.ReLU, Tanh: nn.Tanh, Sigmoid: nn.Sigmoid, Softplus: nn.Softplus}[type(m)]())
     return nn.Sequential(*mods)
@@ -402,14 +457,28 @@ def kronecker_to_torch(net, factors):
 
     ``factors``: per trainable layer ``(A, G)`` as :func:`refcurv.curvature.kfac_factors`
     returns them (layer block ``G ⊗ A`` on refcurv's row-major ``vec(W)``, ``A`` the joint
-    factor of ``[a; 1]`` with the ones row LAST). Returns, in ``module.parameters()`` order, one
-    pair ``(G, A_p)`` of torch tensors per parameter with block ``G ⊗ A_p`` on that tensor's
-    row-major ``ravel()``: the weight's ``A_p = A[:fan_in, :fan_in]`` (Conv2d: rows ``(c_in,
-    kh, kw)``, the order of ``weight.ravel()``), the bias's ``A_p = A[-1:, -1:]`` (1×1: the
-    bias block is ``A[-1, -1] · G``). The weight–bias cross blocks ``G ⊗ A[:fan_in, -1]`` are
-    not in this form (weight and bias as separate blocks, curvlinops'
+    factor of ``[a; 1]`` with the ones row LAST; thesis (2.3), (3.6)), or a method's curvature
+    operator that is a per-layer ``BlockDiagonal`` of ``Kronecker(G, A)`` blocks (KFAC's
+    ``method.curvature(state)``, damping included). Returns, in ``module.parameters()`` order,
+    one pair ``(G, A_p)`` of torch tensors per parameter with block ``G ⊗ A_p`` on that
+    tensor's row-major ``ravel()``: the weight's ``A_p = A[:fan_in, :fan_in]`` (Conv2d: rows
+    ``(c_in, kh, kw)``, the order of ``weight.ravel()``), the bias's ``A_p = A[-1:, -1:]`` (1×1:
+    the bias block is ``A[-1, -1] · G``). The weight–bias cross blocks ``G ⊗ A[:fan_in, -1]``
+    are not in this form (weight and bias as separate blocks, curvlinops'
     ``separate_weight_and_bias=True``); the full joint block in PyTorch's order is
     ``(G ⊗ A)[np.ix_(q, q)]`` with ``q`` the layer's part of :func:`permutation`."""
+    from .operators import BlockDiagonal, Kronecker
+
+    if isinstance(factors, BlockDiagonal):
+        pairs = []
+        for b, blk in enumerate(factors.blocks):
+            if not isinstance(blk, Kronecker) or len(blk.factors) != 2:
+                raise ShapeError(f"factors.blocks[{b}] must be a Kronecker(G, A) of two factors, got {blk!r}"
+                                 .replace("\n", " "))
+            pairs.append((blk.factors[1], blk.factors[0]))
+        if not all(np.array_equal(i, np.arange(i[0], i[0] + len(i))) for i in factors.index if len(i)):
+            raise ShapeError("factors must be a per-layer BlockDiagonal (consecutive blocks), got one with an index")
+        factors = pairs
     torch = _import_torch()
     _check_net(net)
     layers = net.layers_trainable
@@ -430,11 +499,11 @@ def kronecker_to_torch(net, factors):
         for name, M in (("A", A), ("G", G)):
             if not np.isfinite(M).all():
                 raise NonFiniteError(f"factors[{j}] ({name}) contains NaN or Inf")
-        t = lambda M: torch.from_numpy(np.array(M, copy=True))  # noqa: E731  (no memory shared)
         f = layer.fan_in
-        out.append((t(G), t(A[:f, :f])))
+        # copies: the tensors share no memory with refcurv's factors
+        out.append((torch.tensor(G), torch.tensor(A[:f, :f])))
         if layer.bias:
-            out.append((t(G), t(A[f:, f:])))
+            out.append((torch.tensor(G), torch.tensor(A[f:, f:])))
     return out
 
 

@@ -14,6 +14,8 @@ Tolerances: two exact float64 algorithms (batched backprop/R-op vs autograd trac
 tiny nets, compared at the suite's autodiff bound (tolerance.py, ``AUTODIFF_RTOL``); the
 method's fast-vs-dense comparison at ``forward_tol``/``residual_tol`` as test_method_kfac.
 """
+import itertools
+
 import autograd.numpy as anp
 import numpy as np
 import pytest
@@ -27,8 +29,20 @@ from refcurv import curvature as cv
 from refcurv.errors import ShapeError
 from refcurv.methods.base import Batch
 from refcurv.methods.kfac import KFAC
-from refcurv.nn import (BCE, MSE, Conv2d, CrossEntropy, Flatten, Linear, ReLU, Sequential, SequenceMean, Sigmoid,
-                        Softplus, Tanh)
+from refcurv.nn import (
+    BCE,
+    MSE,
+    Conv2d,
+    CrossEntropy,
+    Flatten,
+    Linear,
+    ReLU,
+    SequenceMean,
+    Sequential,
+    Sigmoid,
+    Softplus,
+    Tanh,
+)
 from refcurv.testing.tolerance import assert_close, forward_tol, rel_err, residual_tol
 
 LOSSES = {"mse": MSE, "cross_entropy": CrossEntropy, "bce": BCE}
@@ -266,8 +280,8 @@ def test_preactivation_hessians_of_a_sequence_layer(loss_name):
         h = a @ W[:, :-1].T + W[:, -1]  # (N, T, out)
         N, T, out = h.shape
 
-        def total(v):  # v: h in (N, out, T) order, flattened
-            hh = anp.transpose(anp.reshape(v, (N, out, T)), (0, 2, 1))
+        def total(v, shape=(N, out, T), layer=layer):  # v: h in (N, out, T) order, flattened
+            hh = anp.transpose(anp.reshape(v, shape), (0, 2, 1))
             return anp.sum(ref_psi(loss_name, ref_forward(spec, theta, x, start=layer, h_start=hh), y))
 
         Hfull = ahessian(total)(np.transpose(h, (0, 2, 1)).ravel()).reshape(N, out * T, N, out * T)
@@ -311,7 +325,7 @@ def test_sequence_linear_is_a_1x1_convolution(loss_name, bias):
 # ------------------------------------------------------------------ Eschenhagen et al. exactness
 def _deep_linear(setting, widths, biases, T):
     layers = []
-    for k, (i, o) in enumerate(zip(widths[:-1], widths[1:])):
+    for k, (i, o) in enumerate(itertools.pairwise(widths)):
         if setting == "reduce" and k == len(widths) - 2:
             layers.append(SequenceMean())  # the reduction before the last layer (a classifier head)
         layers.append(Linear(i, o, bias=biases[k]))

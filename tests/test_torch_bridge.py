@@ -18,20 +18,19 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch.func internals
 nn = torch.nn
 
-import refcurv as rc  # noqa: E402
-from refcurv import curvature as cv  # noqa: E402
-from refcurv import torch as rt  # noqa: E402
-from refcurv.errors import (  # noqa: E402
+import refcurv as rc
+from refcurv import curvature as cv
+from refcurv import torch as rt
+from refcurv.errors import (
     ArgumentTypeError,
     HyperParameterError,
     NonFiniteError,
     ShapeError,
     UnsupportedLayerError,
 )
-from refcurv.testing.strategies import build, cnn_specs, mlp_specs  # noqa: E402
-from refcurv.testing.tolerance import rel_err, tolerance  # noqa: E402
+from refcurv.testing.strategies import build, cnn_specs, mlp_specs
+from refcurv.testing.tolerance import rel_err, tolerance
 
-EPS64 = np.finfo(np.float64).eps
 TORCH_ACT = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "softplus": nn.Softplus}
 LOSS_CLASSES = {"mse": nn.MSELoss, "cross_entropy": nn.CrossEntropyLoss, "bce": nn.BCEWithLogitsLoss}
 
@@ -95,8 +94,9 @@ def grad_cond(U):
 
 def torch_ggn(m, loss_module, x, yt):
     """GGN of the torch loss in torch's parameter order by torch.func: ``Jᵀ H J`` with ``J`` the
-    Jacobian of the flattened outputs (N·C) in the flat parameters and ``H`` the Hessian of the
-    loss in the flattened outputs."""
+    Jacobian of the flattened outputs (N·C, or N·T·C) in the flat parameters and ``H`` the
+    Hessian of the loss in the flattened outputs. ``loss_module(out, yt)`` takes the outputs in
+    the model's shape."""
     from torch.func import functional_call, hessian, jacrev
 
     names = [n for n, _ in m.named_parameters()]
@@ -114,7 +114,8 @@ def torch_ggn(m, loss_module, x, yt):
 
     out = f(theta).detach()
     J = jacrev(f)(theta)
-    H = hessian(lambda o: loss_module(o.reshape(len(x), -1), yt))(out)
+    shape = m(xt).shape
+    H = hessian(lambda o: loss_module(o.reshape(shape), yt))(out)
     return (J.T @ H @ J).detach().numpy()
 
 
@@ -223,7 +224,7 @@ def test_permutation_by_hand():
 
 @given(torch_cases())
 def test_permutation_is_torchs_parameter_order(case):
-    spec, shape, C, bias, *_ = case
+    spec, shape, _, bias, *_ = case
     m = torch_from_spec(spec, 0, bias)
     n = sum(p.numel() for p in m.parameters())
     # label every torch parameter entry by its position in torch's own flat order
@@ -292,7 +293,7 @@ def test_loss_scales_as_stated():
     assert rt.loss_from_torch(nn.BCEWithLogitsLoss(reduction="sum"), 4, batch_size=3).scale == 3.0
     lm = rt.loss_from_torch(nn.MSELoss(reduction="sum"), 4, batch_size=3)
     assert (lm.reduction, lm.per_sample_scale) == ("sum", 2.0) and isinstance(lm.loss, rc.nn.MSE)
-    loss, scale, formula, *_ = rt.loss_from_torch(nn.CrossEntropyLoss(), 4)
+    loss, _, formula, *_ = rt.loss_from_torch(nn.CrossEntropyLoss(), 4)
     assert isinstance(loss, rc.nn.CrossEntropy) and formula.endswith("scale 1 = 1")
     assert rt.loss_from_torch(nn.MSELoss(), 4).formula.endswith("scale 2/C = 0.5")
     # sequence outputs (T, C): PyTorch's mean also runs over the T positions
@@ -438,16 +439,66 @@ def test_from_torch_bad_arguments():
         rt.from_torch(bad, (3,))
 
 
-def test_sequence_inputs_to_linear():
-    m = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
-    try:
-        net, params = rt.from_torch(m, (5, 4))
-    except ShapeError as e:  # this build's Linear takes vectors only: say so in one line
-        assert "sequence" in str(e) and "\n" not in str(e)
-        return
-    x = np.random.default_rng(0).standard_normal((2, 5, 4))
-    assert rel_err(net.forward(params, x), m(torch.from_numpy(x)).detach().numpy()) <= tolerance(
-        net.n_params, kind="residual")
+def torch_sequence_loss(lname, reduction):
+    """The PyTorch loss on sequence outputs (N, T, C) as people write it: cross-entropy on the
+    (N·T, C) reshaped logits and (N·T,) labels; MSE and BCE elementwise on (N, T, C)."""
+    module = LOSS_CLASSES[lname](reduction=reduction)
+    if lname == "cross_entropy":
+        return lambda out, y: module(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+    return module
+
+
+SEQ_HEADS = {
+    # per-position outputs (N, T, C): the loss sums over positions
+    "positions": lambda d, h, T, C: [nn.Linear(d, h), nn.Tanh(), nn.Linear(h, C)],
+    # flatten the positions, then a classifier
+    "flatten": lambda d, h, T, C: [nn.Linear(d, h), nn.Softplus(), nn.Flatten(), nn.Linear(T * h, C)],
+    # mean over positions (the reduce setting), then a classifier
+    "mean": lambda d, h, T, C: [nn.Linear(d, h), nn.Sigmoid(), rt.SequenceMean(), nn.Linear(h, C, bias=False)],
+}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("lname", sorted(LOSS_CLASSES))
+@pytest.mark.parametrize("head", sorted(SEQ_HEADS))
+def test_sequence_models(head, lname, reduction):
+    """Linear layers on (N, T, d) inputs: outputs, loss × scale (PyTorch's mean also over T for
+    per-position outputs), gradients and the GGN in torch order, against PyTorch / torch.func."""
+    N, T, d, h, C = 3, 4, 3, 5, 3
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        m = nn.Sequential(*SEQ_HEADS[head](d, h, T, C)).double()
+    net, params = rt.from_torch(m, (T, d))
+    out_shape = (T, C) if head == "positions" else C
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((N, T, d))
+    lead = (N, T) if head == "positions" else (N,)
+    y = {"cross_entropy": rng.integers(0, C, size=lead), "mse": rng.standard_normal(lead + (C,)),
+         "bce": rng.random(lead + (C,))}[lname]
+    yt = torch.from_numpy(y)
+    f_t = m(torch.from_numpy(x))
+    f_r = net.forward(params, x)
+    assert f_r.shape == tuple(f_t.shape)
+    assert rel_err(f_r, f_t.detach().numpy()) <= tolerance(net.n_params, kind="residual")
+    lm = rt.loss_from_torch(LOSS_CLASSES[lname](reduction=reduction), out_shape, batch_size=N)
+    loss_t = torch_sequence_loss(lname, reduction)
+    m.zero_grad()
+    value = loss_t(f_t, yt)
+    value.backward()
+    tol = tolerance(net.n_params * T * C, kind="residual")
+    assert abs(float(value.detach()) - lm.scale * net.loss(params, x, y, lm.loss)) <= tol * abs(float(value.detach()))
+    U = np.concatenate([u.reshape(N, -1) for u in net.per_sample_grads(params, x, y, lm.loss)], axis=1)
+    mine = [lm.scale * t for t in rt.to_torch(net, net.grad(params, x, y, lm.loss))]
+    assert rel_err(flat_torch([p.grad for p in m.parameters()]), flat_torch(mine)) <= tolerance(
+        net.n_params * T * C, cond=grad_cond(U), kind="forward")
+    G_t = torch_ggn(m, loss_t, x, yt)
+    M = cv.ggn(net, params, x, y, lm.loss)
+    p = rt.permutation(net)
+    assert rel_err(G_t, lm.scale * M[np.ix_(p, p)]) <= tol
+    # and the round trip keeps the positions' modules
+    m2 = rt.torch_module(net, params)
+    assert [type(a) for a in m2] == [type(a) for a in m]
+    assert torch.equal(m2(torch.from_numpy(x)), f_t)
 
 
 def test_tensor_converters_bad_input():
@@ -562,3 +613,84 @@ def test_kronecker_to_torch_is_the_separate_weight_bias_part(conv):
         rt.kronecker_to_torch(net, [fac[0], (np.eye(13), fac[1][1]), fac[2]])
     with pytest.raises(ShapeError, match="factors must be a list of 3"):
         rt.kronecker_to_torch(net, fac[:2])
+
+
+# ----------------------------------------------------------------------------- input-policy fuzz
+def _fuzz_net():
+    return rc.nn.Sequential([rc.nn.Conv2d(1, 2, 2), rc.nn.Tanh(), rc.nn.Flatten(), rc.nn.Linear(8, 2)])
+
+
+def _fuzz_examples():
+    """A valid call per public callable of refcurv.torch (the fuzz test corrupts one argument)."""
+    net = _fuzz_net()
+    params = net.init(0)
+    m = rt.torch_module(net, params)
+    x = np.random.default_rng(0).standard_normal((3, 1, 3, 3))
+    fac = cv.kfac_factors(net, params, x, np.array([0, 1, 1]), rc.nn.CrossEntropy())
+    return {
+        "from_torch": lambda: (rt.from_torch, (m, (1, 3, 3)), {"dtype": np.float64}),
+        "torch_module": lambda: (rt.torch_module, (net, params), {"dtype": torch.float32}),
+        "to_torch": lambda: (rt.to_torch, (net, params), {}),
+        "from_torch_tensors": lambda: (rt.from_torch_tensors, (net, list(m.parameters())), {"dtype": np.float64}),
+        "permutation": lambda: (rt.permutation, (net,), {}),
+        "kronecker_to_torch": lambda: (rt.kronecker_to_torch, (net, fac), {}),
+        "loss_from_torch": lambda: (rt.loss_from_torch, (nn.MSELoss(reduction="sum"), 2), {"batch_size": 3}),
+        "LossMap": lambda: (rt.LossMap, (rc.nn.MSE(), 1.0, "f", "mean", 1.0), {}),
+    }
+
+
+def test_fuzz_examples_cover_every_public_callable():
+    from refcurv.testing.fuzz import public_callables
+
+    assert set(public_callables(rt)) == set(_fuzz_examples())
+
+
+@pytest.mark.parametrize("key", sorted(_fuzz_examples()))
+@given(data=st.data())
+def test_fuzz_refcurv_torch(key, data):
+    from refcurv.testing.fuzz import fuzz_one
+
+    fuzz_one(_fuzz_examples(), key, data)
+
+
+def test_kronecker_to_torch_of_kfacs_curvature_operator():
+    """KFAC's curvature operator (BlockDiagonal of Kronecker(Γ̃, Ω̃)) converts as its factors do."""
+    from refcurv.methods import REGISTRY, Batch
+
+    net = rc.nn.Sequential([rc.nn.Linear(3, 4), rc.nn.Tanh(), rc.nn.Linear(4, 2, bias=False)])
+    params = net.init(0)
+    x, y, _ = data("cross_entropy", 5, (3,), 2, 1)
+    batch = Batch(x, y, rc.nn.CrossEntropy())
+    method = REGISTRY["kfac"](damping=1e-2)
+    state0 = method.init(net, params)
+    _, state = method.step(state0, net, params, batch, rng=0)
+    C = method.curvature(state, net, params, batch, None)
+    pairs = rt.kronecker_to_torch(net, C)
+    assert [tuple(G.shape) + tuple(A.shape) for G, A in pairs] == [(4, 4, 3, 3), (4, 4, 1, 1), (2, 2, 4, 4)]
+    assert np.array_equal(pairs[0][0].numpy(), C.blocks[0].factors[0])
+    assert np.array_equal(pairs[1][1].numpy(), C.blocks[0].factors[1][3:, 3:])
+    assert np.array_equal(pairs[2][1].numpy(), C.blocks[1].factors[1])
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_float32_model_is_judged_at_float32(kind):
+    """A float32 PyTorch model: its weights widen exactly to refcurv's float64, its gradient stays
+    float32 through from_torch_tensors and agrees with refcurv's float64 gradient at float32's
+    tolerance (and, being float32, not at float64's)."""
+    spec, shape = EXPLICIT[kind]
+    m = torch_from_spec(spec, 9).float()
+    net, params = rt.from_torch(m, shape)
+    assert all(np.array_equal(W.astype(np.float32), W) for W in params)  # exact widening
+    N, C = 6, 3
+    x, y, yt = data("cross_entropy", N, shape, C, 3)
+    m.zero_grad()
+    nn.CrossEntropyLoss()(m(torch.from_numpy(x).float()), yt).backward()
+    g32 = rt.from_torch_tensors(net, [p.grad for p in m.parameters()])
+    assert all(g.dtype == np.float32 for g in g32)
+    lm = rt.loss_from_torch(nn.CrossEntropyLoss(), C)
+    g = net.grad(params, x, y, lm.loss)
+    U = np.concatenate([u.reshape(N, -1) for u in net.per_sample_grads(params, x, y, lm.loss)], axis=1)
+    err = rel_err(rc.flatten(g32), lm.scale * rc.flatten(g))
+    n = net.n_params + N * C
+    assert err <= tolerance(n, cond=grad_cond(U), dtype=np.float32, kind="forward")
+    assert err > tolerance(n, cond=grad_cond(U), dtype=np.float64, kind="forward")

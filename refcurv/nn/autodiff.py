@@ -50,7 +50,15 @@ from ._checks import (
     quiet,
     real_array,
 )
-from .layers import LINEAR_MAPS, Conv2d, Flatten, Linear, SequenceMean, _Elementwise, _shape_arg
+from .layers import (
+    LINEAR_MAPS,
+    Conv2d,
+    Flatten,
+    Linear,
+    SequenceMean,
+    _Elementwise,
+    _shape_arg,
+)
 
 __all__ = [
     "Trace", "trainable_index", "feature_shapes", "forward_trace", "push_tangents",
@@ -247,7 +255,65 @@ def _weight_grads(A, G):
     """Per-sample weight gradients ``∇_{W_l} ψ_i = G_l A_lᵀ`` (thesis (2.1), Theorem 3 i:
     ``Σ_t g_t a_tᵀ`` over the ``T`` locations): ``A`` a list of ``(N, d, T)``, ``G`` a list
     of ``(…, N, out, T)`` → list of ``(…, N, out, d)``."""
-    return [g @ a.swapaxes(-1, -2) for a, g in zip(A, G)]
+    return [_outer_sum(g, a) for a, g in zip(A, G)]
+
+
+def _outer_sum(g, a, out=None):
+    """``g @ aᵀ`` on the last two axes (``Σ_t g_t a_tᵀ``), into ``out`` if given. With one
+    location (``T = 1``: a Linear layer on vectors) the product is an outer product, written
+    as a broadcast multiply: a batched GEMM with inner dimension 1 is slower, and the result
+    is the size of the memory traffic either way."""
+    xp = xp_of(g, a)
+    if a.shape[-1] == 1:
+        return xp.multiply(g, a.swapaxes(-1, -2), out=out)
+    return xp.matmul(g, a.swapaxes(-1, -2), out=out)
+
+
+def _certainly_finite(A, G):
+    """``True`` if every ``G_i A_iᵀ`` is finite by a bound: ``T · max|g| · max|a| < 1e300``
+    (each entry is a sum of ``T`` products). An O(size of the factors) test that spares the
+    O(N·n) finiteness scan of the per-sample gradients in the common case; when it fails
+    the caller scans the result."""
+    xp = xp_of(*A)
+    for a, g in zip(A, G):
+        if a.size == 0 or g.size == 0:
+            continue
+        bound = float(xp.abs(a).max()) * float(xp.abs(g).max()) * a.shape[-1]
+        if not bound < 1e300:
+            return False
+    return True
+
+
+def _weight_grads_flat(A, G):
+    """:func:`_weight_grads` written straight into the flat ``(…, N, n)`` array (row-major per
+    layer, the order of :func:`_flatten_layers`): one batched ``matmul`` per layer,
+    ``(…, N, out, T) @ (N, T, d)``, into its column block, so the ``N·n`` doubles are written
+    once (forming the per-layer arrays and concatenating them writes and reads them twice
+    more; for an MLP the array is the dominant memory traffic)."""
+    xp = xp_of(*G)
+    lead = tuple(G[0].shape[:-2])
+    shapes = [(g.shape[-2], a.shape[-2]) for a, g in zip(A, G)]
+    dtype = np.result_type(*(a.dtype for a in A), *(g.dtype for g in G))
+    out = xp.empty(lead + (sum(o * d for o, d in shapes),), dtype=dtype)
+    off = 0
+    for a, g, (o, d) in zip(A, G, shapes):
+        block = out[..., off : off + o * d].reshape(lead + (o, d))  # a view: the last axis is contiguous
+        _outer_sum(g, a, out=block)
+        off += o * d
+    return out
+
+
+def _mean_weight_grads(A, G):
+    """Mini-batch gradient ``(1/N) Σ_i G_i A_iᵀ`` per layer as one GEMM per layer over the
+    samples and locations, ``(1/N) G_rowsᵀ A_rows`` with ``(N·T, out)`` and ``(N·T, d)`` rows
+    (thesis (2.1), Algorithm 18), never through per-sample gradients. ``G`` ``(N, out, T)``."""
+    out = []
+    for a, g in zip(A, G):
+        N = a.shape[0]
+        R = a.swapaxes(-1, -2).reshape(-1, a.shape[-2])  # (N·T, d); contiguous for Linear
+        D = g.swapaxes(-1, -2).reshape(-1, g.shape[-2])  # (N·T, out)
+        out.append((D.T @ R) / N)
+    return out
 
 
 def _flatten_layers(grads):

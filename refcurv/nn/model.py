@@ -175,6 +175,9 @@ class Sequential:
     def _param_grads(self, tr, G):
         return ad._weight_grads(tr.patches, G)
 
+    def _param_grads_flat(self, tr, G):
+        return ad._weight_grads_flat(tr.patches, G)
+
     @staticmethod
     def _flat(grads):
         return ad._flatten_layers(grads)
@@ -232,8 +235,11 @@ class Sequential:
     def per_sample_grads(self, params, x, y, loss):
         """Per-sample gradients ``u_i = ∇ψ_i`` as a list of ``(N, out, d)`` arrays
         (:func:`autodiff.weight_grads` of :meth:`factors`)."""
+        A, G = self.factors(params, x, y, loss)
         with quiet():
-            U = ad._weight_grads(*self.factors(params, x, y, loss))
+            U = ad._weight_grads(A, G)
+        if ad._certainly_finite(A, G):  # a bound on the factors instead of an O(N·n) scan
+            return U
         return self._result(U, "per_sample_grads: the per-sample gradients")
 
     def loss(self, params, x, y, loss):
@@ -247,10 +253,11 @@ class Sequential:
             return self._result(value.mean(), "loss: the mini-batch loss")
 
     def grad(self, params, x, y, loss):
-        """Mini-batch gradient ``∇Ψ = (1/N) Σ u_i`` as a list of ``(out, d)`` arrays."""
-        U = self.per_sample_grads(params, x, y, loss)
-        with quiet():
-            return self._result([u.mean(axis=0) for u in U], "grad: the gradient")
+        """Mini-batch gradient ``∇Ψ = (1/N) Σ u_i`` as a list of ``(out, d)`` arrays, formed from
+        the factors as one GEMM per layer (:func:`autodiff.mean_weight_grads`)."""
+        A, G = self.factors(params, x, y, loss)
+        with quiet():  # one GEMM per layer (autodiff.mean_weight_grads), no per-sample gradients
+            return self._result(ad._mean_weight_grads(A, G), "grad: the gradient")
 
     def _check_tangents(self, v, params):
         if not isinstance(v, (list, tuple)) or len(v) != len(params):

@@ -659,6 +659,7 @@ def check_harness(quick):
     from refcurv.testing import check_implementation
 
     n_ex = 4 if quick else 12
+    NETS = ("mlp", "cnn")  # the libraries take (N, C) outputs: no sequence nets
     have = {m: importlib.util.find_spec(m) is not None for m in ("backpack", "curvlinops", "asdl", "nngeometry")}
     torch_scale = dict(order="torch", loss_scale="torch")
 
@@ -678,7 +679,7 @@ def check_harness(quick):
         # p = s/N, which changes with the batch (a missing named option, see docs/peers.md)
         c = Conventions(reduction="sum", **torch_scale)
         record_report("backpack", "per_sample_grads", "BatchGrad, sum", check_implementation(
-            "per_sample_grads", bp_per_sample, conventions=c, max_examples=n_ex, losses=("cross_entropy", "mse")),
+            "per_sample_grads", bp_per_sample, conventions=c, max_examples=n_ex, nets=NETS, losses=("cross_entropy", "mse")),
             "agrees (reduction sum: p = s/N)")
 
         def bp_kflr(case):
@@ -696,7 +697,7 @@ def check_harness(quick):
 
         c = Conventions(bias="separate", conv="backpack", **torch_scale)
         record_report("backpack", "kfac_factors", "KFLR", check_implementation(
-            "kfac_factors", bp_kflr, conventions=c, max_examples=n_ex, losses=("cross_entropy", "mse")),
+            "kfac_factors", bp_kflr, conventions=c, max_examples=n_ex, nets=NETS, losses=("cross_entropy", "mse")),
             "agrees (separate bias, conv='backpack')")
 
     if have["curvlinops"]:
@@ -713,12 +714,12 @@ def check_harness(quick):
 
         for target, op in (("ggn", cl.GGNLinearOperator), ("hessian", cl.HessianLinearOperator)):
             record_report("curvlinops", target, op.__name__, check_implementation(
-                target, cl_dense(op), conventions=Conventions(**torch_scale), max_examples=n_ex), "agrees (s·M)")
+                target, cl_dense(op), conventions=Conventions(**torch_scale), max_examples=n_ex, nets=NETS), "agrees (s·M)")
         for lname, p in (("mse", 2.0), ("cross_entropy", 1.0), ("bce", 1.0)):
             record_report("curvlinops", "empirical_fisher", f"EFLinearOperator {lname}", check_implementation(
                 "empirical_fisher", cl_dense(cl.EFLinearOperator), conventions=Conventions(per_sample_scale=p,
                                                                                            **torch_scale),
-                max_examples=max(2, n_ex // 2), losses=lname), f"agrees (s·p·EF, p = {p:g})")
+                max_examples=max(2, n_ex // 2), nets=NETS, losses=lname), f"agrees (s·p·EF, p = {p:g})")
 
         def cl_fisher_mc(case):
             """refcurv's draws fed into curvlinops: its grad-output sampler replaced by the
@@ -734,7 +735,7 @@ def check_harness(quick):
 
         record_report("curvlinops", "fisher mc", "FisherMCLinearOperator, refcurv's draws", check_implementation(
             "fisher", cl_fisher_mc, conventions=Conventions(**torch_scale), hyper=dict(fisher="mc", n_samples=2),
-            max_examples=n_ex, losses=("cross_entropy", "mse")), "agrees (s·F_mc, labels fed in)")
+            max_examples=n_ex, nets=NETS, losses=("cross_entropy", "mse")), "agrees (s·F_mc, labels fed in)")
 
         def cl_kfac(sep):
             def impl(case):
@@ -760,7 +761,7 @@ def check_harness(quick):
         for sep in (True, False):
             c = Conventions(bias="separate" if sep else "joint", **torch_scale)
             record_report("curvlinops", "kfac_factors", f"KFACLinearOperator type-2 {c.bias}", check_implementation(
-                "kfac_factors", cl_kfac(sep), conventions=c, max_examples=n_ex), f"agrees (bias {c.bias})")
+                "kfac_factors", cl_kfac(sep), conventions=c, max_examples=n_ex, nets=NETS), f"agrees (bias {c.bias})")
 
     if have["nngeometry"]:
         from nngeometry import metrics
@@ -775,7 +776,7 @@ def check_harness(quick):
 
         record_report("nngeometry", "fisher exact", "FIM PMatDense", check_implementation(
             "fisher", nng_fim, conventions=Conventions(order="torch"), hyper=dict(fisher="exact"),
-            max_examples=n_ex, losses=("mse", "bce")), "agrees (refcurv's scale)")
+            max_examples=n_ex, nets=NETS, losses=("mse", "bce")), "agrees (refcurv's scale)")
 
     if have["asdl"]:
         import asdl
@@ -797,7 +798,7 @@ def check_harness(quick):
         for ftype, hyp in ((asdl.FISHER_EXACT, "exact"), (asdl.FISHER_EMP, "empirical")):
             record_report("asdl", f"fisher {hyp}", f"{ftype} full", check_implementation(
                 "fisher", asdl_fisher(ftype), conventions=Conventions(order="torch"), hyper=dict(fisher=hyp),
-                max_examples=n_ex, losses=("cross_entropy", "mse")), "agrees (refcurv's scale)")
+                max_examples=n_ex, nets=NETS, losses=("cross_entropy", "mse")), "agrees (refcurv's scale)")
 
 
 # ----------------------------------------------------------------------------- main

@@ -15,6 +15,7 @@ import numpy as np
 from ..backend import xp_of
 from ..errors import ArgumentTypeError, ShapeError
 from . import _checks as C
+from .gemm import outer_sum as _outer_sum
 
 # ---------------------------------------------------------------- KFAC (kfac)
 
@@ -79,7 +80,7 @@ def factor_A(patches):
     ``Ω``, ``|T|`` times the ``A`` of ``curvature.kfac_factors(conv="expand")``)."""
     patches = _patches(patches)
     xp = xp_of(patches)
-    return C.result(xp.einsum("ndt,net->de", patches, patches) / patches.shape[0], "the factor A")
+    return C.result(_outer_sum(patches) / patches.shape[0], "the factor A")
 
 
 def mean_patch(patches):
@@ -94,8 +95,10 @@ def hessian_action(patches, s):
     patches = _patches(patches)
     s = C.vector(s, "s", patches.shape[1])
     xp = xp_of(patches, s)
-    c = xp.einsum("ndt,d->nt", patches, s)
-    return C.result(xp.einsum("ndt,nt->d", patches, c) / patches.shape[0], "the Hessian action A s")
+    # two GEMVs on BLAS: c_{n,t} = a_{n,t}ᵀ s, then Σ_{n,t} c_{n,t} a_{n,t}
+    c = s @ patches  # (N, T)
+    return C.result(xp.swapaxes(patches, 0, 1).reshape(patches.shape[1], -1) @ c.reshape(-1) / patches.shape[0],
+                    "the Hessian action A s")
 
 
 def hessian_action_pair(H_a, abar, A, lambda_A):

@@ -227,7 +227,7 @@ class KFAC(Method):
     # ------------------------------------------------------------------ fast form
     def _fast(self, state, net, params, batch, draws):
         stats_due, inv_due = self.schedule(state.k)
-        g = net.grad(params, batch.x, batch.y, batch.loss)
+        g = cv._mean_layer_grads(net, params, batch.x, batch.y, batch.loss)
         # momentum gradient (Alg. 12 line 7) from m = 0
         mu, heavy_ball = self.momentum, self.momentum_form == "heavy_ball"
         if state.m is None:

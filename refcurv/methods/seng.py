@@ -267,8 +267,9 @@ def capacitance_solve(lam, Xi, xi, blocks=1, scale=1):
     q, rho = Xi.shape
     m = rho // blocks
     Xw = Xi.reshape(q, blocks, m)
-    cap = scale * xp.einsum("qwi,qwj->wij", Xw, Xw) + lam * xp.eye(m, dtype=Xi.dtype)
-    rhs = xp.einsum("qwi,q->wi", Xw, xi)
+    Xb = xp.moveaxis(Xw, 1, 0)  # (blocks, q, m): the Gram ΞᵀΞ per block as a batched GEMM
+    cap = scale * (xp.swapaxes(Xb, 1, 2) @ Xb) + lam * xp.eye(m, dtype=Xi.dtype)
+    rhs = (xi @ Xi).reshape(blocks, m)
     return spd_solve_batched(cap, rhs, "λI + ΞᵀΞ").reshape(rho)
 
 
@@ -284,7 +285,7 @@ def sketched_Utz(XiA, XiG, XiZ):
     ``(ϱ, ζ_A, r)``, ``XiG`` ``(ϱ, ζ_G, r)``, ``XiZ = Ω_G mat(z) Ω_Aᵀ`` ``(ζ_G, ζ_A)``.
     Returns ``(ϱ,)``."""
     xp = xp_of(XiA)
-    T = xp.einsum("ga,igr->iar", XiZ, XiG)  # Ξ_zᵀ Ξ_{G_i}, (ϱ, ζ_A, r)
+    T = XiZ.T @ XiG  # Ξ_zᵀ Ξ_{G_i}, (ϱ, ζ_A, r): one GEMM broadcast over i
     return (T * XiA).sum(axis=(1, 2))
 
 
@@ -292,10 +293,18 @@ def sketched_UtU(XiA, XiG):
     """(21): ``elesum((Ξ_{A_i}ᵀ Ξ_{A_j}) ⊙ (Ξ_{G_i}ᵀ Ξ_{G_j}))`` — the sketched ``u_iᵀ u_j``
     (``UᵀU ≈ ϱ^{-1}·`` this, errata SENG-2). Leading batch axes (e.g. workers) are allowed:
     ``(…, ϱ, ζ, r)`` → ``(…, ϱ, ϱ)``."""
+    from ..linalg.gemm import kron_gram as _kron_gram
+
+    # on BLAS (issue 15: the einsum here ran at ~2% of GEMM speed): the ϱ·r stacked
+    # sketched factors' Grams by GEMM, or the sketched gradients' Gram (syrk), whichever
+    # needs fewer flops (refcurv.curvature._kron_gram; exact either way)
+    lead = XiA.shape[:-3]
+    if not lead:
+        return _kron_gram(XiA, XiG)
     xp = xp_of(XiA)
-    KA = xp.einsum("...iar,...jas->...ijrs", XiA, XiA)
-    KG = xp.einsum("...igr,...jgs->...ijrs", XiG, XiG)
-    return (KA * KG).sum(axis=(-2, -1))
+    A2 = XiA.reshape((-1,) + XiA.shape[-3:])
+    G2 = XiG.reshape((-1,) + XiG.shape[-3:])
+    return xp.stack([_kron_gram(a, g) for a, g in zip(A2, G2)]).reshape(lead + (XiA.shape[-3],) * 2)
 
 
 def cu(c, G, A, workers=1):
@@ -311,14 +320,17 @@ def cu(c, G, A, workers=1):
     tot = s.sum(axis=1)
     safe = xp.where(tot > 0, tot, 1.0)
     coef = xp.where((tot > 0)[:, None], cw / safe[:, None], 0.0)
-    Gc = xp.einsum("wm,wmgr->gr", s, G.reshape((workers, m) + G.shape[1:]))
-    Ac = xp.einsum("wm,wmar->ar", coef, A.reshape((workers, m) + A.shape[1:]))
+    # Σ_{w,m} s_{wm} G_{wm}: a GEMV over the ϱ stacked factors (BLAS, no einsum loop)
+    Gc = (s.reshape(-1) @ G.reshape(rho, -1)).reshape(G.shape[1:])
+    Ac = (coef.reshape(-1) @ A.reshape(rho, -1)).reshape(A.shape[1:])
     return Gc @ Ac.T
 
 
 def uc_exact(c, G, A):
     """(22): ``Σ_i c_i vec(G_i A_iᵀ)`` (as ``mat``, ``(n_G, n_A)``)."""
-    return xp_of(G).einsum("i,igr,iar->ga", c, G, A)
+    from ..linalg.gemm import factor_sum as _factor_sum
+
+    return _factor_sum(G * c[:, None, None], A)  # one GEMM over the folded (i, r) axes
 
 
 def implicit_direction(G, A, g, gp, lam, skA=None, skG=None, blocks=1, scale=1, uc="cu", cu_workers=1):
@@ -901,7 +913,7 @@ class SENG(Method):
             if U is None:
                 Gf, Af = fac
                 rho = Gf.shape[0]
-                U = (xp_of(Gf).einsum("igr,iar->iga", Gf, Af).reshape(rho, -1) / math.sqrt(rho)).T  # Ũ
+                U = ((Gf @ xp_of(Gf).swapaxes(Af, 1, 2)).reshape(rho, -1) / math.sqrt(rho)).T  # Ũ (batched GEMM)
             xp = xp_of(U)
             if nb == 1 and c == 1:
                 blocks.append(LowRankPlusIdentity(lam, U, xp.ones(U.shape[1], dtype=U.dtype)))  # λI + UUᵀ (7)

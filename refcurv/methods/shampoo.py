@@ -79,6 +79,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import curvature as cv
 from .. import curvature as _curv
 from ..backend import xp_of
 from ..errors import HyperParameterError, NewtonConvergenceError
@@ -164,7 +165,7 @@ class Shampoo(TensorMethod):
         layers = net.layers_trainable
         total = None
         for b in batches:
-            g = net.grad(params, b.x, b.y, b.loss)
+            g = cv._mean_layer_grads(net, params, b.x, b.y, b.loss)
             s = [tensor_statistics(lay, gl, self.conv_modes) for lay, gl in zip(layers, g)]
             total = s if total is None else map_modes(lambda a, c: a + c, total, s)
         n = len(batches)
@@ -219,7 +220,7 @@ class Shampoo(TensorMethod):
 
     def _fast(self, state, net, params, batch, draws):
         layers = net.layers_trainable
-        g = net.grad(params, batch.x, batch.y, batch.loss)
+        g = cv._mean_layer_grads(net, params, batch.x, batch.y, batch.loss)
 
         def roots_of(factors):
             # (Ĝ^{(i)} + εI)^{−1/(2k)}, k = the tensor's order = its number of factors

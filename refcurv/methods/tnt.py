@@ -92,6 +92,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import curvature as cv
 from .. import curvature as _curv
 from ..backend import xp_of
 from ..errors import DrawsError, HyperParameterError, ShapeError
@@ -345,7 +346,7 @@ class TNT(TensorMethod):
                              diagnostics={"refreshed": bool(refreshed), "stats_refreshed": bool(stats_ref)})
 
     def _fast(self, state, net, params, batch, draws):
-        g = net.grad(params, batch.x, batch.y, batch.loss)
+        g = cv._mean_layer_grads(net, params, batch.x, batch.y, batch.loss)
         new = self._step(state, net, params, batch, draws, g, self.batch_statistics)
         inv = new.inverses
         # (4.8): m ×_1 (Ũ_1+εI)^{-1} ⋯ ×_k (Ũ_k+εI)^{-1}, tensor by tensor

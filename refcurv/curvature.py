@@ -173,7 +173,7 @@ def jacobian(net, params, x, y=None, loss=None):
 
 #: working-memory target of one chunk of basis tangents in :func:`_summed_hessian`, in
 #: doubles (the chunk is also never smaller than ``n²``, so memory stays O(n² + N·n))
-_HESSIAN_CHUNK_DOUBLES = 1 << 23
+_HESSIAN_CHUNK_DOUBLES = 1 << 21
 
 
 def _summed_hessian(net, params, x, y, loss, output_hessian=True, blocks=False):
@@ -181,7 +181,7 @@ def _summed_hessian(net, params, x, y, loss, output_hessian=True, blocks=False):
     with the sum over samples inside the pass (:func:`refcurv.nn.autodiff._hvp_summed`),
     over the basis tangents ``e_k`` in chunks: one chunk of ``K`` tangents needs about
     ``K·N·S`` doubles (``S`` the per-sample activation and patch size), so ``K`` is chosen to
-    keep that below ``max(n², 2²³)`` — memory O(n² + N·n) instead of the ``N·n²`` of the
+    keep that below ``max(n², 2²¹)`` — memory O(n² + N·n) instead of the ``N·n²`` of the
     per-sample Hessians. ``blocks=True``: per layer, only that layer's basis tangents and
     rows (the diagonal block ``∂²/∂W_l²``), never the full matrix."""
     from .nn import autodiff as ad

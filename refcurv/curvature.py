@@ -32,6 +32,8 @@ the quantity. Errors are :class:`~refcurv.errors.RefcurvError` subclasses.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .backend import rng_of, xp_of
@@ -193,9 +195,9 @@ def _summed_hessian(net, params, x, y, loss, output_hessian=True, blocks=False):
     dout = loss.grad(tr.out, y)
     output_hvp = (lambda t: loss.hvp(tr.out, t)) if output_hessian else None
     shapes = [W.shape for W in params]
-    sizes = [int(np.prod(s)) for s in shapes]
+    sizes = [int(math.prod(s)) for s in shapes]
     n = sum(sizes)
-    S = sum(int(np.prod(a.shape[1:])) for a in tr.inputs) + sum(int(np.prod(A.shape[1:])) for A in tr.A.values())
+    S = sum(int(math.prod(a.shape[1:])) for a in tr.inputs) + sum(int(math.prod(A.shape[1:])) for A in tr.A.values())
     chunk = max(1, min(n, max(n * n, _HESSIAN_CHUNK_DOUBLES) // max(1, N * S)))
     nl = len(params)
 

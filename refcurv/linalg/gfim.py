@@ -147,7 +147,7 @@ def mean_gradient(P, Q):
 
 
 # ------------------------------------------------------------------ sketches (16), (17)
-def as_sketch(Omega):
+def as_sketch(Omega):  # host: sketches are host objects
     """A sketch *matrix* ``Ω ∈ R^{q×dim}`` as a kernel object, entry for entry: a
     :class:`~refcurv.linalg.sketch.RowSketch` when every row has exactly one nonzero (NG+'s
     row sampling (17): applied by indexing, no extra cost), else a dense sketch. ``None``
@@ -263,7 +263,7 @@ def minibatch_12(prev, new, beta, weight, init):
     return C.result(beta * prev + weight * new, "L̃_k of (12)")
 
 
-def block_mask(m, p):
+def block_mask(m, p):  # host: a host index mask
     """0/1 mask of the (18) block-diagonal pattern on ``m × m`` (blocks of size p, the last
     one of size ``m − (s−1)p``)."""
     m, p = C.integer(m, "m", minimum=1), C.integer(p, "p", minimum=1)
@@ -517,7 +517,7 @@ def project_ball(Y, radius, L=None):
     return X, mu
 
 
-def project_ball_dense(Y, radius, L):
+def project_ball_dense(Y, radius, L):  # host: float64 reference on the host
     """Dense reference of the ``L``-norm projection (:func:`project_ball`): bisection on μ of
     ``‖X(μ)‖_F = r`` with ``X(μ) = (L + μI)^{-1} L Y`` by Cholesky solves (no
     eigendecomposition). Host float64."""

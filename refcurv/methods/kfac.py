@@ -55,6 +55,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import math
+
 import numpy as np
 
 from .. import curvature as cv
@@ -311,10 +313,10 @@ class KFAC(Method):
                 trace_I_G = dO * float(xp.trace(Gm))  # trace(I_dO ⊗ Γ)
                 p = 1.0
                 if self.split == "pi" and trace_O_I > 0 and trace_I_G > 0:
-                    p = float(np.sqrt(trace_O_I / trace_I_G))
+                    p = float(math.sqrt(trace_O_I / trace_I_G))
                 pi.append(p)
-                Omega_damped.append(Om + p * float(np.sqrt(lam)) * xp.eye(dO, dtype=Om.dtype))
-                Gamma_damped.append(Gm + (float(np.sqrt(lam)) / p) * xp.eye(dG, dtype=Gm.dtype))
+                Omega_damped.append(Om + p * float(math.sqrt(lam)) * xp.eye(dO, dtype=Om.dtype))
+                Gamma_damped.append(Gm + (float(math.sqrt(lam)) / p) * xp.eye(dG, dtype=Gm.dtype))
         else:
             pi, Omega_damped, Gamma_damped = state.pi, state.Omega_damped, state.Gamma_damped
         # direction: the dense damped Kronecker block, row-major vec (Alg. 12 line 8)

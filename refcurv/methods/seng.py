@@ -219,7 +219,7 @@ def lowrank_factors(A_hat, G_hat, rank=None, svd="exact", svd_of="auto", seed=No
     return (Xr, Yr) if use_G else (Yr, Xr)
 
 
-def row_sketch(n, q, kind, replace, X, seed):
+def row_sketch(n, q, kind, replace, X, seed):  # host: the sketch is drawn on the host (design §6)
     """(14): the row-sampling sketch ``Ω`` ``(q, n)`` of the ``n`` rows of ``X`` (``(n, …)``),
     a :class:`~refcurv.linalg.sketch.RowSketch` with refcurv's unbiased weights (errata E4);
     ``q=None``: no sketch (``None``). ``kind="leverage"``: ``p_i ∝ ‖X_{i,:}‖²`` (§3.2; uniform
@@ -358,7 +358,7 @@ def implicit_direction(G, A, g, gp, lam, skA=None, skG=None, blocks=1, scale=1, 
     return (Uc - g) / lam, b  # (24), with a = 1/λ on C_U (errata SENG-1)
 
 
-def history_decay(buffer, g, beta):
+def history_decay(buffer, g, beta):  # host: p host scalars (the decay weights)
     """000 (24): the buffer of the last ``p`` gradients ``(p, out, d)`` (oldest first) shifted by
     ``g = g_k``, and ``U_k = p^{-1/2}[β^{p−1}g_{k−p+1}, …, β^0 g_k]`` ``(n, p)`` (000's decay
     ``ζ`` is refcurv's ``beta``). Returns ``(new_buffer, U_k)``."""
@@ -381,7 +381,7 @@ def history_hybrid(buffer, g, u_sampled, p):
     return nb, (cols.reshape(cols.shape[0], -1) / math.sqrt(p)).T
 
 
-def dense_block_direction(M_blocks, S, g, gp, lam, scale=1):
+def dense_block_direction(M_blocks, S, g, gp, lam, scale=1):  # host: float64 reference on the host
     """The dense reference of (7) / (13) / (26) / (27): ``(𝓜_b g'/c − g)/λ − (1/c) Σ_w (λI +
     c M̂_w)^{-1} g'`` with ``M̂_w = M_w S`` (``S = ΩᵀΩ``, or ``None`` for ``I``), ``𝓜_b =
     len(M_blocks)`` blocks and Gram scale ``c = scale``; for ``c = 1`` arranged as ``−g/λ +
@@ -424,7 +424,7 @@ def _sketch_key(name, j, part):
     return f"{name}/{j}/{part}"
 
 
-def sketch_from_draws(draws, name, j, n):
+def sketch_from_draws(draws, name, j, n):  # host: draws are host arrays
     """The :class:`~refcurv.linalg.sketch.RowSketch` ``name`` (``"Omega"``, ``"Omega_A"`` or
     ``"Omega_G"``) of layer ``j`` in ``draws`` (``n`` rows sketched), or ``None`` if absent."""
     ix = _sketch_key(name, j, "index")
@@ -532,7 +532,7 @@ class SENG(Method):
     summary = "per-layer damped empirical Fisher by SMW, sketched LS, implicit low-rank storage"
     State = SENGState
 
-    def __post_init__(self):
+    def __post_init__(self):  # host: scalar hyper-parameter checks
         check_positive(self.damping, "damping")
         check_choice(self.sketch, "sketch", ("uniform", "leverage"))
         _opt_int(self.sketch_size, "sketch_size")
@@ -631,7 +631,7 @@ class SENG(Method):
         o, d = net.param_shapes[j]
         return {"Omega": o * d, "Omega_A": d, "Omega_G": o}[name]
 
-    def draw(self, rng, state, net, params, batch):
+    def draw(self, rng, state, net, params, batch):  # host: draws are made on the host (design §6)
         """The step's random numbers as arrays: per layer four seeds are drawn (explicit Ω,
         Ω_A, Ω_G, randomized-SVD test matrices; this order keeps refcurv's earlier streams),
         then the hybrid indices of 000 (25); the sketches are then built from their seeds —
@@ -669,7 +669,7 @@ class SENG(Method):
                 sketches[_sketch_key(name, j, "weight")] = np.asarray(sk.weight, dtype=np.float64)
         return Draws(method=self.name, sketches=sketches, seeds=out_seeds)
 
-    def check_draws(self, draws, state, net, params, batch):
+    def check_draws(self, draws, state, net, params, batch):  # host: draws are host arrays
         """Beyond the base checks: every sketch and seed this network's layers consume is
         present; sketch indices are 1-D integer arrays into the sketched rows, weights finite
         and positive of the same length; the hybrid indices are ``p − v`` distinct sample
@@ -796,7 +796,7 @@ class SENG(Method):
                                           batch.loss, blocks=True) for w in range(nb)]  # loop over workers
         return [[Mw[j] / nb for Mw in per_worker] for j in range(len(net.param_shapes))]
 
-    def _dense_history(self, state, g, u_flat, sl, draws):
+    def _dense_history(self, state, g, u_flat, sl, draws):  # host: float64 reference on the host (to_numpy)
         """000 (24) / (25) written out column by column (the dense reference's own copy)."""
         p = self.memory
         cols_all, new_buf = [], []
@@ -815,7 +815,7 @@ class SENG(Method):
             new_buf.append(np.stack(nb))
         return cols_all, new_buf
 
-    def _dense(self, state, net, params, batch, draws):
+    def _dense(self, state, net, params, batch, draws):  # host: float64 reference on the host (to_numpy)
         P = net.check_params(params)
         u_flat = cv.per_sample_grads(net, P, batch.x, batch.y, batch.loss)  # (N, n), float64
         N = u_flat.shape[0]

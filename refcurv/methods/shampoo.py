@@ -77,6 +77,8 @@ from dataclasses import dataclass
 from functools import reduce
 from typing import Any
 
+import math
+
 import numpy as np
 
 from .. import curvature as cv
@@ -191,13 +193,13 @@ class Shampoo(TensorMethod):
         tensor's entries of the mini-batch gradient ``g_flat`` (refcurv's flat θ)."""
         out, off = [], 0
         for layer in net.layers_trainable:
-            n = int(np.prod(layer.param_shape))
+            n = int(math.prod(layer.param_shape))
             gl = g_flat[off:off + n]
             off += n
             tensors = []
             for idx in tensor_index(layer, self.conv_modes):
                 v = gl[idx.ravel()]
-                tensors.append([mode_marginal(np.outer(v, v), idx.shape, i) for i in range(idx.ndim)])
+                tensors.append([mode_marginal(xp_of(v).outer(v, v), idx.shape, i) for i in range(idx.ndim)])
             out.append(tensors)
         return out
 

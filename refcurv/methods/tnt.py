@@ -90,6 +90,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import math
+
 import numpy as np
 
 from .. import curvature as cv
@@ -312,20 +314,20 @@ class TNT(TensorMethod):
             # (1/(S N)) Σ_{s,n} u_{n,s} u_{n,s}ᵀ: the empirical Fisher of the batch repeated
             # once per label draw, at the drawn labels
             S = labels.shape[0]
-            xs = np.concatenate([x] * S, axis=0)
+            xs = xp_of(x).concatenate([x] * S, axis=0)
             Sigma = _curv.empirical_fisher(net, params, xs, labels.reshape((S * N,) + labels.shape[2:]), loss)
         else:
             # (1/S) Σ_s vec̄(Ḡ_s) vec̄(Ḡ_s)ᵀ; a loop over the S label draws (not over samples)
             gs = [_curv.grad(net, params, x, y, loss) for y in labels]
-            Sigma = sum(np.outer(gv, gv) for gv in gs) / len(gs)
+            Sigma = sum(xp_of(gv).outer(gv, gv) for gv in gs) / len(gs)
         out, off = [], 0
         for layer in net.layers_trainable:
-            n = int(np.prod(layer.param_shape))
+            n = int(math.prod(layer.param_shape))
             block = Sigma[off:off + n, off:off + n]
             off += n
             tensors = []
             for idx in tensor_index(layer, self.conv_modes):
-                St = block[np.ix_(idx.ravel(), idx.ravel())]
+                St = block[np.ix_(idx.ravel(), idx.ravel())]  # host: index arrays built on the host
                 tensors.append([mode_marginal(St, idx.shape, i) for i in range(idx.ndim)])
             out.append(tensors)
         return out

@@ -408,11 +408,6 @@ def bench_kernels(cfg, res):
     XiA, XiG = rng.standard_normal((rho, za, r)), rng.standard_normal((rho, zg, r))
     from refcurv.methods import seng
 
-    def gemm_rate(m, k, n):
-        X, Y = rng.standard_normal((m, k)), rng.standard_normal((k, n))
-        t = paired({"g": lambda: X @ Y}, cfg["repeats"])["g"]["median_s"]
-        return gflops_of(2 * m * k * n, t)
-
     kernels = {
         # name: (callable, flops, equivalent GEMM shape)
         "grad_from_factors (factor_sum: Σ G_i A_iᵀ)": (lambda: gemm.factor_sum(g, a), 2 * o * d * N * T, (o, N * T, d)),
@@ -421,15 +416,20 @@ def bench_kernels(cfg, res):
     }
     out = {}
     for k, (fn, flops, shape) in kernels.items():
-        t = paired({"k": fn}, cfg["repeats"])["k"]["median_s"]
         if shape is None:  # SENG: the exact form kron_gram picks, its flops and its main GEMM's shape
             if r * r * (za + zg) <= za * zg * (r + rho):
                 flops, shape = 2 * (rho * r) ** 2 * (za + zg) + 2 * rho * rho * r * r, (rho * r, za + zg, rho * r)
             else:
                 flops, shape = 2 * rho * za * zg * r + 2 * rho * rho * za * zg, (rho, za * zg, rho)
-        gr = gemm_rate(*shape)
-        rate = gflops_of(flops, t)
-        out[k] = {"seconds": t, "gflops": rate, "gemm_gflops_same_shape": gr, "fraction_of_gemm": rate / gr,
+        m_, k_, n_ = shape
+        X, Y = rng.standard_normal((m_, k_)), rng.standard_normal((k_, n_))
+        # paired and interleaved with the GEMM, so that load on the machine hits both alike
+        p = paired({"gemm": lambda: X @ Y, "kernel": fn}, cfg["repeats"])
+        gflops_gemm = gflops_of(2 * m_ * k_ * n_, p["gemm"]["median_s"])
+        out[k] = {"seconds": p["kernel"]["median_s"], "gflops": gflops_of(flops, p["kernel"]["median_s"]),
+                  "gemm_gflops_same_shape": gflops_gemm,
+                  # median over rounds of (kernel flops / kernel time) / (GEMM flops / GEMM time)
+                  "fraction_of_gemm": flops / (2 * m_ * k_ * n_) / p["kernel"]["ratio_to_gemm"],
                   "gemm_shape_mkn": list(shape)}
     res["kernels"] = out
 
@@ -558,6 +558,54 @@ def _fmt(x, digits=3):
     return f"{x:.{digits}g}"
 
 
+def goals(res):
+    """The issue's goals, each judged from this run's figures: ``(goal, met, measurement)``."""
+    G = []
+    psg = res.get("per_sample_grads", {})
+    for prob, row in psg.items():
+        if "torch_func" in row:
+            tf = row["torch_func"]["ratio_to_refcurv_flat"]  # torch time / refcurv flat time
+            lay = tf / row["refcurv_layers"]["ratio_to_refcurv_flat"]
+            G.append((f"per-sample grads ({prob}) ≤ 1.0× torch.func, flat and per-layer", 1 / tf <= 1.0 and 1 / lay <= 1.0,
+                      f"flat {1 / tf:.2f}×, per-layer {1 / lay:.2f}× torch.func's time"))
+        if "autograd_loop" in row:
+            a = row["autograd_loop"]["ratio_to_refcurv_flat"]
+            G.append((f"per-sample grads ({prob}) ≥ 30× faster than the autograd loop", a >= 30, f"{a:.0f}× faster"))
+    curv = [r for r in res.get("curvature", [])]
+    both = [r for r in curv if "torch_func" in r["hessian"]]
+    if both:
+        r = both[-1]
+        ratio = 1 / r["hessian"]["torch_func"]["ratio_to_refcurv"]
+        G.append(("Hessian within 1.5× of torch.func", ratio <= 1.5, f"{ratio:.2f}× torch.func's time at n = {r['n']}"))
+    big = [r for r in curv if r["n"] >= 5000]
+    if big:
+        r = big[0]
+        peak = r["hessian"]["refcurv"]["tracemalloc_peak_bytes"]
+        bound = 8 * (3 * r["n"] ** 2 + 64 * r["N"] * r["n"])
+        G.append(("Hessian memory O(n² + N·n), n = 5,000 runs", peak <= bound,
+                  f"n = {r['n']}: {r['hessian']['refcurv']['median_s']:.2f} s, peak {peak / 1e6:.0f} MB "
+                  f"(n² doubles = {8 * r['n'] ** 2 / 1e6:.0f} MB; N·n² would be {8 * r['N'] * r['n'] ** 2 / 1e6:.0f} MB)"))
+    ggn = [(r["n"], 1 / r["ggn"][p]["ratio_to_refcurv"], p) for r in curv for p in ("torch_func", "curvlinops")
+           if p in r["ggn"]]
+    if ggn:
+        worst = max(ggn, key=lambda t: t[1])
+        G.append(("GGN ahead of both peers", worst[1] < 1.0,
+                  f"worst: {worst[1]:.2f}× {worst[2]}'s time at n = {worst[0]}"))
+    k = res.get("kfac_step", {})
+    if "curvlinops_kfac_plus_inverse" in k:
+        ratio = 1 / k["curvlinops_kfac_plus_inverse"]["ratio_to_refcurv_kfac_step"]
+        G.append(("KFAC step no slower than curvlinops KFAC + inverse", ratio <= 1.0, f"{ratio:.2f}× curvlinops' time"))
+    for name, m in res.get("methods", {}).items():
+        if m["exponent"] is not None:
+            G.append((f"{name}: log–log exponent ≤ 1.15", m["exponent"] <= 1.15,
+                      f"{m['exponent']:.2f} over {m['exponent_fit_sizes']} sizes up to n = {m['rows'][-1]['n']}"))
+    for kname, v in res.get("kernels", {}).items():
+        if kname.startswith("seng"):
+            G.append(("SENG's dominant kernel ≥ 70% of GEMM speed", v["fraction_of_gemm"] >= 0.7,
+                      f"{100 * v['fraction_of_gemm']:.0f}% at GEMM shape {tuple(v['gemm_shape_mkn'])}"))
+    return G
+
+
 def report_md(res):
     """The figures section of benchmarks/README.md, from the results (never typed by hand)."""
     L = []
@@ -622,6 +670,15 @@ def report_md(res):
             L.append(f"| {k} | {_fmt(v['gflops'])} | {_fmt(v['gemm_gflops_same_shape'])} {tuple(v['gemm_shape_mkn'])} "
                      f"| {_fmt(v['fraction_of_gemm'], 2)} |")
         L.append("")
+    gl = goals(res)
+    if gl:
+        L.append("**Goals of issue 15, judged from this run**")
+        L.append("")
+        L.append("| goal | met | measurement |")
+        L.append("|---|---|---|")
+        for g, ok, meas in gl:
+            L.append(f"| {g} | {'yes' if ok else '**no**'} | {meas} |")
+        L.append("")
     if "gpu" in res:
         L.append("**GPU**: " + ("ran on " + res["gpu"]["device"] if res["gpu"].get("ran")
                                 else "not run — " + res["gpu"]["why"]) + ".")
@@ -649,6 +706,7 @@ def main(argv=None):
         SECTIONS[s](cfg, res)
         print(f"[{s}] {time.perf_counter() - t:.1f} s", flush=True)
     res["wall_s"] = time.perf_counter() - t0
+    res["goals"] = [{"goal": g, "met": bool(ok), "measurement": m} for g, ok, m in goals(res)]
     out = Path(args.out)
     out.write_text(json.dumps(res, indent=1, default=str))
     plot(res, args.plot or out.with_suffix(".png"))

@@ -5,9 +5,8 @@ grows, and the fast forms' dominant kernels as a fraction of this machine's GEMM
 Discipline: one BLAS thread (set before NumPy/torch load; threadpoolctl and
 ``torch.set_num_threads`` as well), a warm-up call of every candidate, then paired
 *interleaved* repeats (one call of each candidate per round, the order rotated each round),
-medians of the times and of the per-round ratios. Peak memory: ``tracemalloc`` for NumPy
-code (torch's allocator is invisible to it, so the peers' memory is the growth of the
-process's peak RSS in a fresh subprocess). Peers that are not installed are skipped and
+medians of the times and of the per-round ratios. Peak memory: ``tracemalloc`` for refcurv
+(NumPy code); torch's allocator is invisible to it, and the peers' memory is not measured. Peers that are not installed are skipped and
 recorded as such. Writes ``benchmarks/results.json``, ``benchmarks/results.png`` and the
 figures section of ``benchmarks/README.md`` (between its ``results`` markers).
 
@@ -28,7 +27,6 @@ import importlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import tracemalloc  # noqa: E402
@@ -219,19 +217,6 @@ def bench_psg(cfg, res):
 
 
 # ------------------------------------------------------------------ curvature
-def _rss_child(code):
-    """Peak-RSS growth (bytes) of running ``code`` after the setup in a fresh interpreter."""
-    prog = ("import resource, sys, os\n" + code["setup"] +
-            "\nr0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n" + code["run"] +
-            "\nprint(int((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - r0) * 1024))")
-    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
-    try:
-        out = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=300, env=env)
-        return int(out.stdout.strip().splitlines()[-1])
-    except Exception as e:  # pragma: no cover
-        return f"failed: {type(e).__name__}"
-
-
 def bench_curvature(cfg, res):
     out = []
     cl = _optional("curvlinops")
@@ -295,13 +280,10 @@ def bench_curvature(cfg, res):
                         cands["curvlinops"] = kf
             if q == "hessian" and n > cfg["hessian_peer_max_n"]:
                 cands = {"refcurv": fn}  # the peers' dense Hessian is left out above this size (time box)
-            r = paired(cands, cfg["repeats_curv"], budget=cfg["budget"])
+            # large n: one interleaved round, no warm-up (a call is seconds; the time box is 10 minutes)
+            big = n >= cfg["curv_single_round_n"]
+            r = paired(cands, 1 if big else cfg["repeats_curv"], warmup=0 if big else 1, budget=cfg["budget"])
             r["refcurv"]["tracemalloc_peak_bytes"] = np_peak(fn)
-            if cfg["rss"] and torch is not None and q == "hessian" and "torch_func" in cands:
-                setup = (f"import numpy as np, torch\ntorch.set_num_threads(1)\nn={n}\n"
-                         f"from torch.func import hessian\nA=torch.randn(n, n, dtype=torch.float64)\n")
-                r["torch_func"]["rss_growth_bytes_lower_bound"] = _rss_child(
-                    {"setup": setup, "run": "H = hessian(lambda v: (v @ A @ v))(torch.zeros(n, dtype=torch.float64))"})
             row[q] = r
         out.append(row)
     res["curvature"] = out
@@ -465,14 +447,14 @@ def bench_gpu(cfg, res):
 # ---------------------------------------------------------------------- configs
 QUICK = dict(repeats=3, repeats_curv=3, repeats_methods=3, budget=2.0, budget_methods=1.0,
              psg_mlp=[20, 16, 16, 10], psg_N=8, psg_hw=6, psg_N_cnn=4,
-             curv_widths=[4, 8], curv_N=8, hessian_peer_max_n=10_000, rss=False,
+             curv_widths=[4, 8], curv_N=8, hessian_peer_max_n=10_000, curv_single_round_n=150,
              kfac_mlp=[20, 16, 10], kfac_N=8,
              methods=["kfac", "shampoo", "seng", "tnt"], method_widths=[4, 8, 12], method_N=8, dense_max_n=300,
              method_cap_s=0.5, fit_min_n=1,
              k_N=16, k_d=32, k_o=16, k_T=1, seng_shape=(8, 16, 8, 1), gpu_widths=[8])
 FULL = dict(repeats=7, repeats_curv=3, repeats_methods=3, budget=20.0, budget_methods=8.0,
             psg_mlp=[784, 256, 256, 10], psg_N=128, psg_hw=16, psg_N_cnn=64,
-            curv_widths=[5, 28, 64, 96], curv_N=32, hessian_peer_max_n=10_000, rss=True,
+            curv_widths=[5, 28, 64, 96], curv_N=32, hessian_peer_max_n=10_000, curv_single_round_n=4_000,
             kfac_mlp=[784, 256, 256, 10], kfac_N=128,
             methods=[m for m in REGISTRY if m not in ("sgd",)],
             method_widths=[8, 16, 24, 32, 64, 128, 256, 512, 1000], method_N=32, dense_max_n=1_500,

@@ -142,7 +142,29 @@ def per_sample_grads(net, params, x, y, loss):
 
 def _per_sample_grads(net, params, x, y, loss):
     params, x, y, tr = _setup(net, params, x, y, loss)
-    return net._flat(net._param_grads(tr, net._pull(params, tr, loss.grad(tr.out, y))))
+    G = net._pull(params, tr, loss.grad(tr.out, y))
+    return _flat_outer(G, [tr.A[k] for k in net.trainable_index])
+
+
+def _flat_outer(G, A):
+    """Per-sample gradients ``u_i = [vec(G_{l,i} A_{l,i}ᵀ)]_l`` (thesis (2.1)) written straight
+    into one preallocated ``(…, N, n)`` array (each layer's block is a reshaped column-slice
+    view, the ``out=`` of the product), instead of per-layer arrays concatenated afterwards:
+    one write of the ``N·n`` result, not two. ``T = 1`` (Linear): a broadcast outer product,
+    memory-bound like the result itself; ``T > 1``: a batched GEMM over the locations."""
+    xp = xp_of(G[0])
+    lead = G[0].shape[:-2]
+    sizes = [g.shape[-2] * a.shape[-2] for a, g in zip(A, G)]
+    U = xp.empty(lead + (sum(sizes),), dtype=xp.result_type(G[0], A[0]))
+    off = 0
+    for a, g, k in zip(A, G, sizes):
+        view = U[..., off:off + k].reshape(lead + (g.shape[-2], a.shape[-2]))
+        if a.shape[-1] == 1:
+            xp.multiply(g[..., :, :1], xp.swapaxes(a, -1, -2), out=view)
+        else:
+            xp.matmul(g, xp.swapaxes(a, -1, -2), out=view)
+        off += k
+    return U
 
 
 def grad(net, params, x, y, loss):
@@ -316,7 +338,7 @@ def _sampled_cotangents(tr, loss, n_samples, seed, labels=None):
 def _sampled_label_grads(net, params, tr, loss, n_samples, seed, labels=None):
     """Per-sample gradients for labels drawn from the model: ``(S, N, n)``."""
     D = _sampled_cotangents(tr, loss, n_samples, seed, labels)
-    return net._flat(net._param_grads(tr, net._pull(params, tr, D)))
+    return _flat_outer(net._pull(params, tr, D), [tr.A[k] for k in net.trainable_index])
 
 
 def fisher(net, params, x, y=None, loss=None, kind="exact", n_samples=None, seed=None, blocks=False, labels=None):

@@ -110,3 +110,35 @@ def test_newton_root_lambda_max_and_spd_check():
 
     with pytest.raises(NotSPDError, match="A must be positive definite"):
         roots.inv_root_newton(-A, 2)
+
+
+def test_spd_inverse_by_potri_and_its_fallbacks():
+    from refcurv.errors import NotSPDError
+    from refcurv.linalg.woodbury import _spd_inverse
+
+    rng = np.random.default_rng(6)
+    B = rng.standard_normal((40, 40))
+    A = B @ B.T + 0.5 * np.eye(40)
+    cond = float(np.linalg.cond(A))
+    X = _spd_inverse(A)
+    assert np.array_equal(X, X.T)
+    assert rel_err(X, np.linalg.inv(A)) <= tolerance(40, cond=cond)
+    X32 = _spd_inverse(A.astype(np.float32))
+    assert X32.dtype == np.float32 and rel_err(X32, np.linalg.inv(A)) <= tolerance(40, cond=cond, dtype=np.float32)
+    with pytest.raises(NotSPDError, match="M is not positive definite"):
+        _spd_inverse(-A, "M")
+
+
+@pytest.mark.parametrize("pb", [MLP, CNN], ids=["mlp", "cnn"])
+def test_flat_per_sample_grads_equal_the_per_layer_ones(pb):
+    """The flat (N, n) array is written in place by layer; it must hold exactly the per-layer
+    products (the same arithmetic, so equal to the last bit), also with sampled-label axes."""
+    net, (params, x, y), loss = pb.net, pb.data(), pb.loss_fn
+    ref = np.concatenate([u.reshape(pb.N, -1) for u in net.per_sample_grads(params, x, y, loss)], axis=1)
+    assert np.array_equal(cv.per_sample_grads(net, params, x, y, loss), ref)
+    F = cv.fisher(net, params, x, loss=loss, kind="mc", n_samples=3, seed=1)
+    labels = loss.sample(net.forward(params, x), n_samples=3, seed=np.random.default_rng(1))
+    U = np.stack([np.concatenate([u.reshape(pb.N, -1) for u in net.per_sample_grads(params, x, yl, loss)], axis=1)
+                  for yl in labels])
+    terms = np.einsum("snp,snq->snpq", U, U).reshape(3 * pb.N, net.n_params, net.n_params)
+    assert rel_err(F, terms.mean(axis=0)) <= _sum_tol(terms, 3 * pb.N)

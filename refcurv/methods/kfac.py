@@ -63,7 +63,7 @@ from .. import curvature as cv
 from ..backend import rng_of, to_numpy, xp_of
 from ..errors import DrawsError, StateError
 from ..linalg.kronecker import SPLITS, damped_split
-from ..linalg.woodbury import spd_solve
+from ..linalg.woodbury import _spd_inverse, spd_solve
 from ..operators import BlockDiagonal, Kronecker
 from .base import (Draws, Method, State, check_choice, check_int, check_positive, check_unit, refresh_due,
                    state_field)
@@ -258,8 +258,8 @@ class KFAC(Method):
             Od, Gd, pi = state.Omega_damped, state.Gamma_damped, state.pi
         HO, HG = state.H_Omega, state.H_Gamma
         if refreshed or HO is None:  # (a state from the dense form carries no inverses)
-            HO = [spd_solve(O, xp_of(O).eye(O.shape[0], dtype=O.dtype), "Ω + π√λI") for O in Od]
-            HG = [spd_solve(G, xp_of(G).eye(G.shape[0], dtype=G.dtype), "Γ + √λ/π I") for G in Gd]
+            HO = [_spd_inverse(O, "Ω + π√λI") for O in Od]  # potrf + potri: the inverse is the definition's
+            HG = [_spd_inverse(G, "Γ + √λ/π I") for G in Gd]
         # Alg. 12 line 8: p = H_Γ m H_Ω
         direction = [-(HG @ mi @ HO) for mi, HO, HG in zip(m, HO, HG)]
         new_state = state.replace(

@@ -100,7 +100,7 @@ from ..backend import xp_of
 from ..errors import DrawsError, HyperParameterError, ShapeError
 from ..linalg.kronecker import damped_factors, f_tnt, mode_marginal, normalized_factors  # noqa: F401 (re-exported)
 from ..linalg.tensor import contraction, kron_apply
-from ..linalg.woodbury import spd_solve
+from ..linalg.woodbury import _spd_inverse, spd_solve
 from ..operators import BlockDiagonal, Kronecker
 from ..vec import unflatten
 from ._tensors import (TensorMethod, TensorState, batched_tensors, ema_update, map_modes, precondition_layers,
@@ -141,7 +141,7 @@ def sample_statistics(Gs, statistics="per_sample", weight=None):
 
 def _inverses(factors):
     """``(Ũ_i + εI)^{-1}`` for every factor (Cholesky, Algorithm 15 line 16)."""
-    return map_modes(lambda F: spd_solve(F, xp_of(F).eye(F.shape[0], dtype=F.dtype), "Ũ_i + εI"), factors)
+    return map_modes(lambda F: _spd_inverse(F, "Ũ_i + εI"), factors)  # potrf + potri
 
 
 _DOC_INVERSES = ("per layer, per parameter tensor, per mode i: (Ũ_i + εI)^{-1} of the last refresh "

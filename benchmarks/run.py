@@ -468,7 +468,8 @@ def machine():
     info = {"python": platform.python_version(), "platform": platform.platform(), "machine": platform.machine(),
             "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "numpy": np.__version__,
             "refcurv": getattr(refcurv, "__version__", "checkout"),
-            "blas_threads_env": {v: os.environ.get(v) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")}}
+            "blas_threads_env": {v: os.environ.get(v) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")},
+            "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
     import scipy
     info["scipy"] = scipy.__version__
     for name in ("torch", "curvlinops", "backpack", "autograd", "cupy"):
@@ -595,7 +596,9 @@ def report_md(res):
     L.append(f"Run {res['date']} ({'quick' if res['quick'] else 'full'}, {res['wall_s']:.0f} s) on {mc['cpu']}, "
              f"{mc['cpu_count']} cores, one BLAS thread; Python {mc['python']}, NumPy {mc['numpy']}, "
              f"SciPy {mc['scipy']}, torch {mc['torch']}, curvlinops {mc['curvlinops']}, BackPACK {mc['backpack']}, "
-             f"autograd {mc['autograd']}.")
+             f"autograd {mc['autograd']}. Load average (1 min) at start / end: "
+             f"{_fmt((mc.get('load_average_at_start') or [None])[0])} / {_fmt((res.get('load_average_at_end') or [None])[0])} "
+             f"on {mc['cpu_count']} cores (other processes share the machine).")
     L.append("")
     if "per_sample_grads" in res:
         L.append("**Per-sample gradients** (median seconds; ratio = median of paired ratios to refcurv's flat routine)")
@@ -688,6 +691,7 @@ def main(argv=None):
         SECTIONS[s](cfg, res)
         print(f"[{s}] {time.perf_counter() - t:.1f} s", flush=True)
     res["wall_s"] = time.perf_counter() - t0
+    res["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     res["goals"] = [{"goal": g, "met": bool(ok), "measurement": m} for g, ok, m in goals(res)]
     out = Path(args.out)
     out.write_text(json.dumps(res, indent=1, default=str))

@@ -5,6 +5,7 @@ Commands:
               all hold, 1 if any fails, 2 on bad usage
   sweep       a thorough hypothesis sweep of the test suite sharded by seed (source checkout)
   catalogue   print the method catalogue and the conventions
+  golden      golden vectors: export a directory, check one (exit 1 if anything fails), list
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def _parser():
                 "curvature-based optimizers.", formatter_class=argparse.RawDescriptionHelpFormatter,
                 epilog="Run 'refcurv verify' to check every identity and method on this machine.")
     p.add_argument("--version", action="version", version=f"refcurv {__version__}")
-    sub = p.add_subparsers(dest="command", parser_class=_Parser, metavar="{verify,sweep,catalogue}")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser, metavar="{verify,sweep,catalogue,golden}")
     v = sub.add_parser("verify", help="run the checks and print a table (exit 1 on any failure)",
                        description="Run every registered check (foundation, linear algebra, every "
                        "method's dense-vs-fast agreement and curvature operator) on built-in "
@@ -58,7 +59,90 @@ def _parser():
     w.add_argument("pytest_args", nargs="*", default=["tests"], help="passed to pytest (default: tests)")
     sub.add_parser("catalogue", help="print the method catalogue and the conventions",
                    description="Print the method catalogue, the curvature builders and the conventions.")
+    _golden_parser(sub)
     return p
+
+
+def _golden_parser(sub):
+    g = sub.add_parser("golden", help="golden vectors: export, check, list",
+                       description="Golden vectors: .npz arrays and a manifest.json (sha256, tolerance and "
+                       "flags per case) that any implementation can be checked against.")
+    gs = g.add_subparsers(dest="golden_command", parser_class=_Parser, metavar="{export,check,list}")
+    e = gs.add_parser("export", help="compute cases and write DIR (manifest.json + one .npz per case)",
+                      description="Compute golden cases with refcurv and write them to --out DIR. Without "
+                      "--method/--quantity: every case of the catalogue (every registered method, every "
+                      "quantity).")
+    e.add_argument("--method", action="append", metavar="M", help="a registered method (repeatable)")
+    e.add_argument("--quantity", action="append", metavar="Q", help="a curvature quantity (repeatable)")
+    e.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing)")
+    c = gs.add_parser("check", help="verify DIR: sha256 of every array, then recompute and compare",
+                      description="Verify a golden directory: every array against its sha256, then every "
+                      "output recomputed by refcurv and compared with the manifest's tolerance. Exit "
+                      "status: 0 all hold, 1 a case fails or the directory cannot be trusted (one line).")
+    c.add_argument("dir", metavar="DIR")
+    c.add_argument("--case", action="append", metavar="ID", help="only this case id (repeatable)")
+    ls = gs.add_parser("list", help="list the cases and flags of the shipped set (or --dir)",
+                       description="List the cases (id, kind, method or quantity, steps, flags) and the "
+                       "flag descriptions of a golden directory (default: the shipped set).")
+    ls.add_argument("--dir", metavar="DIR", help="a golden directory (default: the shipped set)")
+
+
+def golden(args, out=None):
+    """``refcurv golden export|check|list``; a directory that cannot be trusted or a failing
+    case is one line on stderr and exit status 1."""
+    from .golden import DATA_DIR, GoldenError, check, export, load_manifest
+
+    out = out or sys.stdout
+    cmd = args.golden_command
+    try:
+        if cmd == "export":
+            if args.method:
+                from .methods import REGISTRY
+
+                for m in args.method:
+                    REGISTRY[m]  # an unknown name: UnknownMethodError listing the registered ones
+            if args.quantity:
+                from .golden.cases import FUNCTION
+
+                known = set(FUNCTION) | set(FUNCTION.values())
+                for q in args.quantity:
+                    if q not in known:
+                        sys.stderr.write(f"refcurv golden export: error: unknown quantity {q!r}; known: "
+                                         f"{', '.join(sorted(known))}\n")
+                        return 2
+            m = export(args.out, methods=args.method, quantities=args.quantity)
+            out.write(f"wrote {len(m['cases'])} cases to {args.out}\n")
+            return 0
+        if cmd == "check":
+            results = check(args.dir, ids=set(args.case) if args.case else None)
+            if not results:
+                sys.stderr.write("refcurv golden check: error: no case matches --case\n")
+                return 1
+            head = ("case", "outputs", "max error/tolerance", "verdict")
+            rows = [(r.id, str(r.n_outputs), f"{r.max_ratio:.2e}", "pass" if r.passed else f"FAIL ({r.worst})")
+                    for r in results]
+            w = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+            for r in [head, tuple("-" * x for x in w)] + rows:
+                out.write("  ".join(c.ljust(x) for c, x in zip(r, w)).rstrip() + "\n")
+            bad = [r for r in results if not r.passed]
+            out.write(f"\n{len(results) - len(bad)} passed, {len(bad)} failed ({args.dir})\n")
+            return 1 if bad else 0
+        if cmd == "list":
+            d = args.dir or DATA_DIR
+            m = load_manifest(d)
+            for c in m["cases"]:
+                what = c.get("method") or c.get("quantity")
+                out.write(f"{c['id']:<60} {c['kind']:<8} {what:<22} steps={c['steps']}  "
+                          f"flags={','.join(c['flags']) or '-'}\n")
+            out.write(f"\n{len(m['cases'])} cases in {d}\n\nflags:\n")
+            for f, text in sorted(m["flag_descriptions"].items()):
+                out.write(f"  {f}: {text}\n")
+            return 0
+    except GoldenError as e:
+        sys.stderr.write(f"refcurv golden {cmd}: error: {e}\n")
+        return 1
+    sys.stderr.write("refcurv golden: error: choose export, check or list (see 'refcurv golden --help')\n")
+    return 2
 
 
 def _nonneg_int(s):
@@ -220,6 +304,8 @@ def _dispatch(p, args):
         bad = sum(not sh.passed for sh in shards)
         sys.stdout.write(f"{len(shards) - bad} passed, {bad} failed\n")
         return 1 if bad else 0
+    if args.command == "golden":
+        return golden(args)
     if args.command == "catalogue":
         from .catalogue import render
 

@@ -117,14 +117,19 @@ def _result(out, what):
 
 
 def _setup(net, params, x, y, loss, need_y=True):
+    """Checked float64 ``(params, x, y, trace, loss)``. For a sequence output ``(T, C)`` the
+    trace's output is ``(N, T·C)`` and the returned loss sums the per-position losses
+    (:func:`refcurv.nn.losses._over_positions`), so every formula below reads the same."""
     _check_net(net)
     _check_loss(loss, required=need_y)
     params = [W.astype(F64) for W in _check_params(net, params)]
     x = _check_x(net, x, params).astype(F64)
     tr = net._forward(params, x)
+    if loss is not None:
+        loss = net._loss_for(loss, tr)
     if need_y or (loss is not None and y is not None):
         y = loss.check_targets(y, tr.out)
-    return params, x, y, tr
+    return params, x, y, tr, loss
 
 
 def _blocks(M, net):
@@ -136,62 +141,49 @@ def _ret(M, net, blocks):
 
 
 def per_sample_grads(net, params, x, y, loss):
-    """``(N, n)``: row ``i`` is ``u_i = ∇ψ_i`` (unscaled, SENG (3))."""
-    return _result(_per_sample_grads(net, params, x, y, loss), "per_sample_grads")
+    """``(N, n)``: row ``i`` is ``u_i = ∇ψ_i = G_i A_iᵀ`` per layer (unscaled, SENG (3)),
+    written once into the flat array (:func:`refcurv.nn.autodiff.weight_grads`)."""
+    U, finite = _per_sample_grads(net, params, x, y, loss, bound=True)
+    return U if finite else _result(U, "per_sample_grads")
 
 
-def _per_sample_grads(net, params, x, y, loss):
-    params, x, y, tr = _setup(net, params, x, y, loss)
+def _per_sample_grads(net, params, x, y, loss, bound=False):
+    from .nn.autodiff import _certainly_finite
+
+    params, x, y, tr, loss = _setup(net, params, x, y, loss)
     G = net._pull(params, tr, loss.grad(tr.out, y))
-    return _flat_outer(G, [tr.A[k] for k in net.trainable_index])
-
-
-def _flat_outer(G, A):
-    """Per-sample gradients ``u_i = [vec(G_{l,i} A_{l,i}ᵀ)]_l`` (thesis (2.1)) written straight
-    into one preallocated ``(…, N, n)`` array (each layer's block is a reshaped column-slice
-    view, the ``out=`` of the product), instead of per-layer arrays concatenated afterwards:
-    one write of the ``N·n`` result, not two. ``T = 1`` (Linear): a broadcast outer product,
-    memory-bound like the result itself; ``T > 1``: a batched GEMM over the locations."""
-    xp = xp_of(G[0])
-    lead = G[0].shape[:-2]
-    sizes = [g.shape[-2] * a.shape[-2] for a, g in zip(A, G)]
-    U = xp.empty(lead + (sum(sizes),), dtype=xp.result_type(G[0], A[0]))
-    off = 0
-    for a, g, k in zip(A, G, sizes):
-        view = U[..., off:off + k].reshape(lead + (g.shape[-2], a.shape[-2]))
-        if a.shape[-1] == 1:
-            xp.multiply(g[..., :, :1], xp.swapaxes(a, -1, -2), out=view)
-        else:
-            xp.matmul(g, xp.swapaxes(a, -1, -2), out=view)
-        off += k
-    return U
+    U = net._param_grads_flat(tr, G)
+    return (U, _certainly_finite(tr.patches, G)) if bound else U
 
 
 def grad(net, params, x, y, loss):
-    """``(n,)`` mini-batch gradient ``(1/N) Σ u_i``, per layer ``(1/N) Σ_i G_i A_iᵀ`` (thesis
-    (2.1), Algorithm 18) as one GEMM over the folded sample and location axes
-    (:func:`_factor_sum`), without forming the per-sample gradients."""
-    params, x, y, tr = _setup(net, params, x, y, loss)
+    """``(n,)`` mini-batch gradient ``(1/N) Σ u_i``, as ``(1/N) Σ_i G_i A_iᵀ`` per layer: one
+    GEMM over samples and locations (:func:`refcurv.nn.autodiff.mean_weight_grads`), without
+    per-sample gradients."""
+    from .nn import autodiff as ad
+
+    params, x, y, tr, loss = _setup(net, params, x, y, loss)
     G = net._pull(params, tr, loss.grad(tr.out, y))
-    N = x.shape[0]
-    return _result(net._flat([_factor_sum(g, tr.A[k]) / N for k, g in zip(net.trainable_index, G)]), "grad")
+    return _result(net._flat(ad._mean_weight_grads(tr.patches, G)), "grad")
 
 
 def _mean_layer_grads(net, params, x, y, loss):
     """The mini-batch gradient per layer, ``(1/N) Σ_i G_i A_iᵀ`` (thesis (2.1), Algorithm 18),
     as a list of ``(out, d)`` in the input dtype: one forward and one backward pass
-    (:meth:`Sequential.factors`) and one GEMM per layer (:func:`_factor_sum`), never the
+    (:meth:`Sequential.factors`) and one GEMM per layer (``autodiff._mean_weight_grads``), never the
     per-sample gradients (``N·n`` numbers). Equals ``net.grad`` to rounding; the methods'
     fast forms use it."""
+    from .nn import autodiff as ad
+
     A, G = net.factors(params, x, y, loss)
-    N = A[0].shape[0]
-    return [_factor_sum(g, a) / N for a, g in zip(A, G)]
+    # the same kernel as grad() (bit for bit: the dense forms' momentum is compared exactly)
+    return ad._mean_weight_grads(A, G)
 
 
 def jacobian(net, params, x, y=None, loss=None):
     """``(N, C, n)`` per-sample output Jacobians ``J_i``. ``y`` and ``loss`` are not used (a
     uniform signature); when both are given they are checked against each other."""
-    params, x, _, _ = _setup(net, params, x, y, loss, need_y=False)
+    params, x, _, _, _ = _setup(net, params, x, y, loss, need_y=False)
     return _result(net.jacobian(params, x), "jacobian")
 
 
@@ -210,7 +202,7 @@ def _summed_hessian(net, params, x, y, loss, output_hessian=True, blocks=False):
     rows (the diagonal block ``∂²/∂W_l²``), never the full matrix."""
     from .nn import autodiff as ad
 
-    params, x, y, tr = _setup(net, params, x, y, loss)
+    params, x, y, tr, loss = _setup(net, params, x, y, loss)
     xp = xp_of(x)
     N = x.shape[0]
     layers = net.layers
@@ -256,7 +248,7 @@ def _summed_hessian(net, params, x, y, loss, output_hessian=True, blocks=False):
 
 
 def _per_sample_hessians(net, params, x, y, loss, output_hessian=True):
-    params, x, y, tr = _setup(net, params, x, y, loss)
+    params, x, y, _, loss = _setup(net, params, x, y, loss)
     xp = xp_of(x)
     n = net.n_params
     from .vec import unflatten
@@ -297,7 +289,7 @@ def _sandwich(J, M):
 def ggn(net, params, x, y, loss, blocks=False):
     """Generalized Gauss-Newton ``(1/N) Σ J_iᵀ H_i J_i`` (thesis §1.2.2)."""
     blocks = _flag(blocks, "blocks")
-    params, x, y, tr = _setup(net, params, x, y, loss)
+    params, x, y, tr, loss = _setup(net, params, x, y, loss)
     return _result(_ret(_sandwich(net.jacobian(params, x), loss.hessian(tr.out)), net, blocks), "ggn")
 
 
@@ -338,7 +330,7 @@ def _sampled_cotangents(tr, loss, n_samples, seed, labels=None):
 def _sampled_label_grads(net, params, tr, loss, n_samples, seed, labels=None):
     """Per-sample gradients for labels drawn from the model: ``(S, N, n)``."""
     D = _sampled_cotangents(tr, loss, n_samples, seed, labels)
-    return _flat_outer(net._pull(params, tr, D), [tr.A[k] for k in net.trainable_index])
+    return net._param_grads_flat(tr, net._pull(params, tr, D))
 
 
 def fisher(net, params, x, y=None, loss=None, kind="exact", n_samples=None, seed=None, blocks=False, labels=None):
@@ -364,7 +356,7 @@ def fisher(net, params, x, y=None, loss=None, kind="exact", n_samples=None, seed
     if labels is not None and kind != "mc":
         raise ArgumentTypeError(f"labels are sampled labels for kind='mc', not for kind={kind!r}")
     _check_loss(loss)
-    params, x, _, tr = _setup(net, params, x, y, loss, need_y=False)
+    params, x, _, tr, loss = _setup(net, params, x, y, loss, need_y=False)
     if kind == "exact":
         return _result(_ret(_sandwich(net.jacobian(params, x), loss.fisher_output(tr.out)), net, blocks), "fisher")
     xp = xp_of(x)
@@ -383,7 +375,7 @@ def empirical_fisher(net, params, x, y, loss, blocks=False):
 
 def preactivation_hessians(net, params, x, y, loss):
     """Per-sample ``∂²ψ_i/∂h_l²`` per trainable layer: list of ``(N, out·T, out·T)``."""
-    params, x, y, _ = _setup(net, params, x, y, loss)
+    params, x, y, _, _ = _setup(net, params, x, y, loss)
     return _result(net.preactivation_hessians(params, x, y, loss), "preactivation_hessians")
 
 
@@ -416,16 +408,26 @@ def kfac_factors(net, params, x, y, loss, kind="exact", conv="expand", n_samples
     ``"mc"`` (weight ``w = 1/S``; ``n_samples`` labels drawn with ``rng_of(seed)``, or the
     given ``labels`` of shape ``(S, N, …)``, consumed exactly: the ``"mc"`` factors are then
     the mean over ``s`` of the ``"empirical"`` factors at ``y = labels[s]``), the data-label
-    gradient for ``"empirical"``. With ``T`` locations per sample (``T = 1`` for Linear):
+    gradient for ``"empirical"``. With ``T`` locations per sample (``T = 1`` for a Linear
+    layer on vectors; ``T = H_out W_out`` for Conv2d; ``T`` positions for a Linear layer on a
+    sequence ``(T, d)``, whose weight is shared over the positions):
 
-    * ``conv="expand"`` (KFC, Grosse & Martens 2016; thesis (3.6)):
-      ``A = (1/(N T)) Σ_{n,t} a_{n,t} a_{n,t}ᵀ``,  ``G = (w/N) Σ_{k,n,t} g_{k,n,t} g_{k,n,t}ᵀ``.
-    * ``conv="reduce"`` (Eschenhagen et al. 2023):
+    * ``conv="expand"`` (KFC, Grosse & Martens 2016, thesis (3.6); K-FAC-expand of
+      Eschenhagen et al. 2023, §3): the ``N·T`` locations act as independent examples,
+      ``A = (1/(N T)) Σ_{n,t} a_{n,t} a_{n,t}ᵀ``,  ``G = (w/N) Σ_{k,n,t} g_{k,n,t} g_{k,n,t}ᵀ``
+      (the ``1/T`` sits in ``A``, so ``G ⊗ A`` carries the ``1/N`` of the objective).
+    * ``conv="reduce"`` (K-FAC-reduce, Eschenhagen et al. 2023, §3): the locations are
+      aggregated before the outer products, inputs averaged and gradients summed,
       ``â_n = (1/T) Σ_t a_{n,t}``, ``ĝ_{k,n} = Σ_t g_{k,n,t}``;
       ``A = (1/N) Σ_n â_n â_nᵀ``,  ``G = (w/N) Σ_{k,n} ĝ_{k,n} ĝ_{k,n}ᵀ``.
 
-    Both coincide for Linear layers. Exact for a batch of one (MLP) and for deep linear
-    MLPs with MSE (``G`` is then the same for every sample).
+    Both coincide when ``T = 1``. Exact for a batch of one (MLP) and for deep linear MLPs with
+    MSE (``G`` is then the same for every sample). For weight sharing (Eschenhagen et al.
+    2023, §3, tests/test_sequence.py): in a deep linear network with MSE, ``"expand"`` is
+    exact in the *expand* setting (a loss per position, outputs ``(N, T, C)``) and
+    ``"reduce"`` in the *reduce* setting (positions averaged inside the network,
+    :class:`refcurv.nn.SequenceMean`, before the loss); neither is exact in the other's.
+    Both are computed as GEMMs on the ``(N·T, d)`` and ``(K·N·T, out)`` rows.
     """
     _word(kind, "kind", KFAC_KINDS, " ('ggn' is now 'exact')" if isinstance(kind, str) and kind == "ggn" else "")
     _word(conv, "conv", KFAC_CONV)
@@ -433,24 +435,25 @@ def kfac_factors(net, params, x, y, loss, kind="exact", conv="expand", n_samples
     _check_loss(loss)
     if labels is not None and kind != "mc":
         raise ArgumentTypeError(f"labels are sampled labels for kind='mc', not for kind={kind!r}")
-    params, x, y, tr = _setup(net, params, x, y, loss, need_y=(kind == "empirical"))
-    xp = xp_of(x)
+    params, x, y, tr, loss = _setup(net, params, x, y, loss, need_y=(kind == "empirical"))
     D, w = _backprop_cotangents(net, params, tr, y, loss, kind, n_samples, seed, labels)
     G_all = net._pull(params, tr, D)  # list of (K, N, out, T)
     N = x.shape[0]
     out = []
     for k, g in zip(net.trainable_index, G_all):
         A = tr.A[k]  # (N, d, T)
-        T = A.shape[-1]
-        if conv == "expand":  # GEMMs over the folded (K, N, T) axes
-            Af = _outer_sum(A) / (N * T)
-            Gf = w * _outer_sum(g) / N
+        d, T = A.shape[-2:]
+        o = g.shape[-2]
+        if conv == "expand":  # Gram matrices of the rows a_{n,t} and g_{k,n,t}: one GEMM each
+            R = A.swapaxes(-1, -2).reshape(-1, d)  # (N·T, d)
+            D = g.swapaxes(-1, -2).reshape(-1, o)  # (K·N·T, out)
+            Af = R.T @ R / (N * T)
+            Gf = w * (D.T @ D) / N
         else:
-            a_hat = A.mean(axis=-1)
-            g_hat = g.sum(axis=-1)
+            a_hat = A.mean(axis=-1)  # (N, d)
+            g_hat = g.sum(axis=-1).reshape(-1, o)  # (K·N, out)
             Af = a_hat.T @ a_hat / N
-            gh = g_hat.reshape(-1, g_hat.shape[-1])
-            Gf = w * (gh.T @ gh) / N
+            Gf = w * (g_hat.T @ g_hat) / N
         out.append((Af, Gf))
     return _result(out, "kfac_factors")
 
@@ -470,7 +473,7 @@ def gfim(net, params, x, y, loss, side="auto"):
     matrices ``𝒢_i in R^{out x d}``: ``L = (1/N) Σ 𝒢_i 𝒢_iᵀ`` (``side="left"``),
     ``R = (1/N) Σ 𝒢_iᵀ 𝒢_i`` (``"right"``), or per layer by :func:`gfim_side` (``"auto"``)."""
     _word(side, "side", ("auto", "left", "right"))
-    params, x, y, tr = _setup(net, params, x, y, loss)
+    params, x, y, tr, loss = _setup(net, params, x, y, loss)
     xp = xp_of(x)
     grads = net._param_grads(tr, net._pull(params, tr, loss.grad(tr.out, y)))
     out = []
@@ -485,7 +488,7 @@ def gfim(net, params, x, y, loss, side="auto"):
 
 
 # ======================================================================================
-# Per-layer Gram matrices and matrix-free products (thesis 003 Ch.5 §5.3, Algorithms 17-22)
+# Per-layer Gram matrices and matrix-free products ([Ren-thesis] Ch.5 §5.3, Algorithms 17-22)
 # ======================================================================================
 #
 # Kernels of the fast forms of SMW-GN / SMW-NG / SMW-NG-BD and Hessian-free, public so that a
@@ -547,7 +550,7 @@ def grad_from_factors(A, G):
 
 
 def ef_gram(A, G, blocks=False):
-    """Gram matrix of the per-sample gradients, ``K_{ij} = u_iᵀ u_j`` ``(N, N)`` (thesis 003
+    """Gram matrix of the per-sample gradients, ``K_{ij} = u_iᵀ u_j`` ``(N, N)`` ([Ren-thesis]
     §5.3.3, the ``J Jᵀ`` of SMW-NG's ``D_t`` in (5.6) with ``H = I``; erratum SMW-1), from the
     factors by the Kronecker structure of each layer's gradient:
 
@@ -646,6 +649,7 @@ class GGNOperator(Operator):
             raise HyperParameterError(f"damping must be a finite number >= 0, got {damping!r}")
         self.net = _check_net(net)
         self.J = OutputJacobian(net, params, x)
+        self.loss = net._loss_for(self.loss, self.J.tr)  # per-position sum on a sequence output
         self.N = self.J.f.shape[0]
         self.damping = float(damping)
         self.n, self.dtype = net.n_params, self.J.f.dtype

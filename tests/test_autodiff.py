@@ -15,8 +15,8 @@ from oracle import Oracle, forward, per_sample_loss
 from refcurv.testing.tolerance import assert_close
 
 import refcurv as rc
-from refcurv.errors import ShapeError
-from refcurv.nn import Conv2d, Flatten, Linear, ReLU, Sequential, Tanh
+from refcurv.errors import NonFiniteError, ShapeError
+from refcurv.nn import MSE, Conv2d, Flatten, Linear, ReLU, Sequential, Tanh
 from refcurv.nn import autodiff as ad
 from refcurv.testing.strategies import problems
 
@@ -285,3 +285,16 @@ def test_sequential_chain_check_messages():
         assert str(e.value) == msg
     # Flatten resets what the chain check knows (widths are then checked with an input shape)
     Sequential([Conv2d(1, 3, 2), Flatten(), Linear(7, 2), Tanh(), Linear(2, 1)])
+
+
+def test_per_sample_gradient_overflow_is_refused_in_the_input_dtype():
+    """The finiteness bound on the factors (``T·max|g|·max|a|`` below the dtype's range)
+    must be the dtype's: in float32 ``g a ≈ 6e19 · 3e19`` overflows although both factors
+    and the output are finite, and is refused; a benign batch passes the bound unscanned."""
+    net = Sequential([Linear(2, 2)])
+    params = [np.ones((2, 3), dtype=np.float32)]
+    x = np.full((1, 2), 3e19, dtype=np.float32)
+    with pytest.raises(NonFiniteError, match="per-sample gradients"):
+        net.per_sample_grads(params, x, np.zeros((1, 2), np.float32), MSE())
+    U = net.per_sample_grads(params, x / 1e19, np.zeros((1, 2), np.float32), MSE())
+    assert U[0].dtype == np.float32 and np.isfinite(U[0]).all()

@@ -1,4 +1,4 @@
-"""The per-layer Gram matrices and matrix-free products of ``refcurv.curvature`` (thesis 003
+"""The per-layer Gram matrices and matrix-free products of ``refcurv.curvature`` ([Ren-thesis]
 Ch.5 §5.3, Algorithms 17-22) against the dense definitions (per-sample gradients ``U``,
 per-sample Jacobians ``J``, the GGN), each kernel on its own.
 

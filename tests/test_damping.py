@@ -1,4 +1,4 @@
-"""Damping invariants and the BFGS/L-BFGS bounds they buy (thesis 003 §2.3, (2.7)-(2.10),
+"""Damping invariants and the BFGS/L-BFGS bounds they buy ([Ren-thesis] §2.3, (2.7)-(2.10),
 Algorithms 3, 8, 11, Lemmas 4-6). Inputs include nonconvex pairs (sᵀy ≤ 0)."""
 import numpy as np
 import pytest

@@ -145,6 +145,10 @@ EXAMPLES = {
     "operators.Inverse": lambda: (Inverse, (Dense(_spd()),), {}),
     # ---- catalogue
     "catalogue.render": lambda: (catalogue.render, (), {}),
+    "catalogue.digits_problem": lambda: (pytest.importorskip("sklearn") and catalogue.digits_problem, (),
+                                         {"hidden": (3,), "n": 20, "seed": 0}),
+    "catalogue.measure_guidance": lambda: (pytest.importorskip("sklearn") and catalogue.measure_guidance, (),
+                                           {"names": ["qng"], "fraction": 0.5}),
     # ---- verify
     "verify.Result": lambda: (verify.Result, ("id", "area", "-", "check", "-", 0.0, 1.0, True, "", 0.1), {}),
     "verify.select": lambda: (verify.select, (), {"method": "sgd", "check": "fast", "quick": True, "area": "method"}),

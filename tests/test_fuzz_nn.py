@@ -23,6 +23,7 @@ from refcurv.nn import (
     Linear,
     ReLU,
     Sequential,
+    SequenceMean,
     Sigmoid,
     Softplus,
     Tanh,
@@ -104,6 +105,10 @@ EXAMPLES = {
     "layers.Flatten.out_shape": lambda: (Flatten().out_shape, ((1, 3, 3),), {}),
     "layers.Flatten.f": lambda: (Flatten().f, (XC, (1, 3, 3)), {}),
     "layers.Flatten.adjoint": lambda: (Flatten().adjoint, (np.ones((4, 9)), (1, 3, 3)), {}),
+    "layers.SequenceMean": lambda: (SequenceMean, (), {}),
+    "layers.SequenceMean.out_shape": lambda: (SequenceMean().out_shape, ((5, 3),), {}),
+    "layers.SequenceMean.f": lambda: (SequenceMean().f, (np.ones((4, 5, 3)), (5, 3)), {}),
+    "layers.SequenceMean.adjoint": lambda: (SequenceMean().adjoint, (np.ones((4, 3)), (5, 3)), {}),
     # ----------------------------------------------------------------- losses
     "losses.check_loss": lambda: (losses.check_loss, (MSE(),), {"name": "loss"}),
     "losses.CrossEntropy.probs": lambda: (CrossEntropy.probs, (F,), {}),
@@ -176,6 +181,16 @@ EXAMPLES = {
     "train.train": lambda: (train_mod.train, (REGISTRY["sgd"](), _mlp(), _mlp().init(0), X, Y["cross_entropy"],
                                               CrossEntropy(), 2, 0.1),
                             {"batch_size": 3, "seed": 0, "dense": False}),
+    "train.train#reference": lambda: (train_mod.train, (REGISTRY["sgd"](), _mlp(), _mlp().init(0), X,
+                                                        Y["cross_entropy"], CrossEntropy(), 2, 0.1),
+                                      {"reference": REGISTRY["adam"]()}),
+    "train.compare_directions": lambda: (train_mod.compare_directions,
+                                         (REGISTRY["sgd"](), {"adam": REGISTRY["adam"]()}, _mlp(), _mlp().init(0), X,
+                                          Y["cross_entropy"], CrossEntropy(), 2, 0.1), {"batch_size": 3, "seed": 0}),
+    "train.sweep": lambda: (train_mod.sweep, ("adam", _mlp(), _mlp().init(0), X, Y["cross_entropy"], CrossEntropy(),
+                                              2, [0.1]), {"dampings": [1e-3], "batch_size": 3, "seed": 0}),
+    "train.worked_ranges": lambda: (train_mod.worked_ranges,
+                                    ([{"lr": 0.1, "damping": 0.01, "loss": 0.5, "initial": 2.0}],), {"fraction": 0.5}),
 }
 
 for _name, _cls in ACTS.items():

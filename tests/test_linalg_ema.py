@@ -1,4 +1,4 @@
-"""refcurv.linalg.ema — the dense references of seed 004 (Ginger) §2.2–2.3, each on its own:
+"""refcurv.linalg.ema — the dense references of [QNG-Ginger] §2.2–2.3, each on its own:
 the EMA (7), QNG's β (10) and product form (9)–(11), Ginger's (14), (16), (18) (with the
 clip of errata GIN-4) and its dense update (7)+(17). These are the kernels the QNG and
 Ginger dense forms are built from (qng_beta and ginger_sigma are also used by the fast forms).

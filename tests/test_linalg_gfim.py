@@ -1,4 +1,4 @@
-"""refcurv.linalg.gfim (NG+ seed 002 kernels), each against its definition written out with
+"""refcurv.linalg.gfim (NG+ [NG+] kernels), each against its definition written out with
 explicit per-sample matrices 𝒢_i = P_i Q_iᵀ (never through another gfim kernel).
 
 Tolerances: sums of products over the ≤ 40 terms of these tiny problems are exact to

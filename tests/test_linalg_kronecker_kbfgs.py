@@ -1,5 +1,5 @@
 """The K-BFGS kernels of refcurv.linalg.kronecker, each against its definition written here
-with explicit loops (thesis 003 (2.3), (3.9), (3.14), (3.15), Algorithm 4/9 line 2, §2.4)."""
+with explicit loops ([Ren-thesis] (2.3), (3.9), (3.14), (3.15), Algorithm 4/9 line 2, §2.4)."""
 import numpy as np
 import pytest
 from hypothesis import given

@@ -1,4 +1,4 @@
-"""refcurv.linalg.kronecker, KFAC section: the damped split of thesis 003 Algorithm 12 line 19
+"""refcurv.linalg.kronecker, KFAC section: the damped split of [Ren-thesis] Algorithm 12 line 19
 (``split="pi"``) and Algorithm 7 line 11 (``split="sqrt"``), tested on its own (the KFAC fast
 form uses it; the dense form writes the split out)."""
 import numpy as np

@@ -17,18 +17,30 @@ from refcurv.testing.tolerance import forward_tol
 NETS = {
     "mlp": (Sequential([Linear(3, 4), Tanh(), Linear(4, 3)]), (6, 3)),
     "cnn": (Sequential([Conv2d(1, 2, 2), Tanh(), Flatten(), Linear(8, 3)]), (6, 1, 3, 3)),
+    # Linear layers on sequences of T = 4 positions, a loss per position (README "Sequences")
+    "seq": (Sequential([Linear(3, 4), Tanh(), Linear(4, 3)]), (6, 4, 3)),
 }
+
+
+def _labels(kind, rng, xshape):
+    return rng.integers(0, 3, xshape[:2] if kind == "seq" else xshape[0])
+
+
+def _one_location_only(method, kind):
+    """Methods defined for fully connected layers (thesis Ch.2 K-BFGS) take neither Conv2d
+    layers nor Linear layers on sequences (test_one_location_methods_refuse_... checks the refusal)."""
+    return kind in ("cnn", "seq") and not method.supports_conv
 STEPS = 3
 
 
 def _setup(name, kind, seed=0):
     net, xshape = NETS[kind]
     method = REGISTRY[name]()
-    if kind == "cnn" and not method.supports_conv:
-        pytest.skip(f"{name} is defined for Linear layers only")
+    if _one_location_only(method, kind):
+        pytest.skip(f"{name} is defined for Linear layers on one location only")
     rng = np.random.default_rng(seed)
     params = net.init(seed)
-    batches = [Batch(rng.standard_normal(xshape), rng.integers(0, 3, xshape[0]), CrossEntropy())
+    batches = [Batch(rng.standard_normal(xshape), _labels(kind, rng, xshape), CrossEntropy())
                for _ in range(STEPS)]
     return method, net, params, batches
 
@@ -57,7 +69,8 @@ def test_state_is_typed_and_documented(name, kind):
 DRAW_VARIANTS = [("kfac", dict(n_samples=2)), ("smw_ng", dict(fisher="mc", n2=4)), ("smw_ng_bd", dict(fisher="mc")),
                  ("ngplus", dict(gram="sketch")), ("ngplus", dict(solver="sketch_ls")),
                  ("seng", dict(sketch_size=3)), ("seng", dict(threshold=0, sketch_size_A=3, sketch_size_G=2)),
-                 ("seng", dict(history="hybrid", memory=4, hybrid_v=2)), ("tnt", dict(n_samples=2))]
+                 ("seng", dict(history="hybrid", memory=4, hybrid_v=2)), ("tnt", dict(n_samples=2)),
+                 ("natural_gradient", dict(fisher="mc", n_samples=2)), ("sgd", dict(momentum=0.9, nesterov=True))]
 
 
 @pytest.mark.parametrize("name,kind", CASES + [(f"{n}|{i}", k) for i, (n, _) in enumerate(DRAW_VARIANTS) for k in NETS])
@@ -153,11 +166,11 @@ def test_precision_fast_in_input_dtype_dense_in_float64(name, kind):
     float64 whatever the input dtype."""
     net, xshape = NETS[kind]
     method = REGISTRY[name]()
-    if kind == "cnn" and not method.supports_conv:
+    if _one_location_only(method, kind):
         return
     rng = np.random.default_rng(0)
     params = net.init(0, dtype=np.float32)
-    batch = Batch(rng.standard_normal(xshape).astype(np.float32), rng.integers(0, 3, xshape[0]), CrossEntropy())
+    batch = Batch(rng.standard_normal(xshape).astype(np.float32), _labels(kind, rng, xshape), CrossEntropy())
     for dense, want in ((False, np.float32), (True, np.float64)):
         state = method.init(net, params)
         for _ in range(2):
@@ -168,12 +181,27 @@ def test_precision_fast_in_input_dtype_dense_in_float64(name, kind):
 @pytest.mark.parametrize("name,kind", CASES)
 def test_a_state_made_for_another_network_is_refused(name, kind):
     method, net, params, batches = _setup(name, kind)
-    other = Sequential([Linear(3, 5), Tanh(), Linear(5, 3)]) if kind == "mlp" else \
+    other = Sequential([Linear(3, 5), Tanh(), Linear(5, 3)]) if kind in ("mlp", "seq") else \
         Sequential([Conv2d(1, 3, 2), Tanh(), Flatten(), Linear(12, 3)])
     state = method.init(other, other.init(0))
     assert state.param_shapes == tuple(tuple(s) for s in other.param_shapes)
     with pytest.raises(StateError, match=f"{name}: the state was made for a network"):
         method.step(state, net, params, batches[0], rng=0)
+
+
+@pytest.mark.parametrize("name,kind", CASES)
+@pytest.mark.parametrize("dense", [False, True])
+def test_a_stepped_state_stays_bound_to_its_network(name, kind, dense):
+    """After a step (either form) the state still names its network, so a later step on
+    another network is refused rather than silently mixing curvature of two networks."""
+    method, net, params, batches = _setup(name, kind)
+    state = method.init(net, params)
+    _, state = method.step(state, net, params, batches[0], rng=0, dense=dense)
+    assert state.param_shapes == tuple(tuple(s) for s in net.param_shapes)
+    other = Sequential([Linear(3, 5), Tanh(), Linear(5, 3)]) if kind in ("mlp", "seq") else \
+        Sequential([Conv2d(1, 3, 2), Tanh(), Flatten(), Linear(12, 3)])
+    with pytest.raises(StateError, match=f"{name}: the state was made for a network"):
+        method.step(state, other, other.init(0), batches[0], rng=0)
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
@@ -186,3 +214,22 @@ def test_unknown_and_retired_hyper_parameters_are_named(name):
     retired = next(k for k in RETIRED if k not in REGISTRY[name].hyper_parameters())
     with pytest.raises(ArgumentTypeError, match="renamed"):
         REGISTRY[name](**{retired: 1.0})
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(REGISTRY) if not REGISTRY[n].supports_conv])
+@pytest.mark.parametrize("kind", ["cnn", "seq"])
+def test_one_location_methods_refuse_conv_and_sequence_nets(name, kind):
+    """Thesis Ch.2 K-BFGS assumes one location per sample (its H_a pair uses the mean
+    activation of a sample): on a sequence it would run and give a wrong step, so it refuses."""
+    from refcurv.errors import ArgumentTypeError
+
+    net, xshape = NETS[kind]
+    method = REGISTRY[name]()
+    rng = np.random.default_rng(0)
+    params = net.init(0)
+    batch = Batch(rng.standard_normal(xshape), _labels(kind, rng, xshape), CrossEntropy())
+    state = method.init(net, params) if kind == "seq" else None
+    with pytest.raises(ArgumentTypeError, match=f"{name} is defined for Linear layers"):
+        if state is None:
+            state = method.init(net, params)
+        method.step(state, net, params, batch, rng=0)

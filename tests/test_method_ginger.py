@@ -1,4 +1,4 @@
-"""Ginger (seed 004 §2.3, Algorithm 1): fast (Sherman–Morrison + Brand) vs dense (d×d EMA,
+"""Ginger ([QNG-Ginger] §2.3, Algorithm 1): fast (Sherman–Morrison + Brand) vs dense (d×d EMA,
 Cholesky inverse, dense eigendecomposition) step by step; untruncated = exact damped EMA;
 Lemma 1; σ ≥ 0 under adversarial inputs; the Sherman–Morrison β of (17) and of Algorithm 1
 (errata GIN-1..3); the method on MLP/CNN in every block layout; d_t of (8); smoke training.

@@ -1,4 +1,4 @@
-"""Hessian-free: CG on GGN-vector products with LM damping (thesis = seed 003, §5.1.2, §5.7,
+"""Hessian-free: CG on GGN-vector products with LM damping ([Ren-thesis], §5.1.2, §5.7,
 LM rule §5.2.3 / (5.5); design §4 row "Hessian-free": converges to the dense solve).
 
 Tolerances

@@ -1,4 +1,4 @@
-"""K-BFGS / K-BFGS(L) for conv + linear networks (thesis 003 Ch.3, Algorithms 8-11):
+"""K-BFGS / K-BFGS(L) for conv + linear networks ([Ren-thesis] Ch.3, Algorithms 8-11):
 minibatched Hessian action (3.15) vs the dense A, Kronecker direction and dense-vs-fast
 agreement step by step, damping invariants (Algorithm 8, Lemma 4) and the Lemma 6 bounds,
 the 2/μ₁ diagnostic, the damping split of Algorithm 9 line 2, equivalence of the deferred

@@ -1,4 +1,4 @@
-"""K-BFGS-20 / K-BFGS(L)-20 for MLPs (thesis 003 Ch.2, Algorithms 3, 4, 5; (2.4)–(2.12);
+"""K-BFGS-20 / K-BFGS(L)-20 for MLPs ([Ren-thesis] Ch.2, Algorithms 3, 4, 5; (2.4)–(2.12);
 Theorem 1): dense vs fast forms along runs, compact = dense = two-loop L-BFGS, DD invariants
 and the bounds (2.7)–(2.10), Theorem 1 and its momentum caveat inside the method, Algorithm 5
 (skip, exact H_a), the deferred second pass = an explicit Algorithm 4, scaling of g,
@@ -331,7 +331,7 @@ def test_algorithm5_uses_the_mini_batch_gradient():
 
 # ------------------------------------------------ (6) deferred pass = Algorithm 4
 def _explicit_algorithm(method, net, params, x, y, loss, steps, lr, batch_size, seed):
-    """Algorithm 4 (Algorithm 5 if method.algorithm == "alg5") of thesis 003 as printed, with
+    """Algorithm 4 (Algorithm 5 if method.algorithm == "alg5") of [Ren-thesis] as printed, with
     a known learning rate: the second forward/backward pass (line 13) runs right after the
     weight update (line 11). Written independently of the module: h̄ as the mean of the
     per-sample h_i = W a_i, ∇f̄ from net.grad, H_g of K-BFGS(L) by the two-loop recursion."""

@@ -1,4 +1,4 @@
-"""KFAC (thesis 003 Algorithms 7 and 12): the fast form against the independent dense form
+"""KFAC ([Ren-thesis] Algorithms 7 and 12): the fast form against the independent dense form
 (a literal replay solving the dense damped Kronecker matrix), factor exactness, the refresh
 phases against a literal replay of the printed schedule, typed draws (labels consumed
 exactly), the curvature operator, momentum forms, smoke training."""

@@ -1,4 +1,4 @@
-"""NG+ (seed 002; refcurv.methods.ngplus): fast form = dense form for every option, the
+"""NG+ ([NG+]; refcurv.methods.ngplus): fast form = dense form for every option, the
 corrected SMW (14) and LS (15)/(16) forms, (17) unbiasedness, the (18) block-diagonal
 formula, the (11)/(12) statistics, multi-step reuse, EFIM vs I⊗GFIM (9)-(10), the
 online-Newton iteration (19) with its L_t-norm projection, bad hyper-parameters and a

@@ -1,4 +1,4 @@
-"""QNG (seed 004 §2.2, (7)–(13), Observation 1): the untruncated product equals the
+"""QNG ([QNG-Ginger] §2.2, (7)–(13), Observation 1): the untruncated product equals the
 exact EMA (7), Observation 1 (rank and PSD), fast (Sherman–Morrison, O(dτ)) = dense (explicit
 product, LU/Cholesky) step by step with truncation, the method on MLPs and CNNs in both block
 layouts, d_t from sampled labels (8), hyper-parameter checks, smoke training.

@@ -1,7 +1,7 @@
-"""SENG (001 §2–§4, 000 §3.4): the fast forms against the definition (7) and against the
+"""SENG ([SENG] §2–§4, [SENG-conf] §3.4): the fast forms against the definition (7) and against the
 dense matrices of their approximations; Lemma 5 with the drawn sketch; the Kronecker-sketch
 remark after (24); low-rank factors; C_U; distributed SENG (25)–(28); history buffers
-(000 (24)–(25)); staleness; errata pins (SENG-1..5); hyper-parameter errors; training.
+([SENG-conf] (24)–(25)); staleness; errata pins (SENG-1..5); hyper-parameter errors; training.
 
 Tolerance model (refcurv.testing.tolerance): backward-stable solves give forward errors
 C·n·eps·κ times the solution size; SMW assembles d = (U b − g)/λ, so the terms that cancel
@@ -424,7 +424,7 @@ def test_19_21_equal_the_kronecker_sketch(kind, replace):
 
 
 def test_implicit_state_stores_low_rank_factors():
-    """Memory of the implicit storage (000 Table 1 / 001 Table 2, SENG-4): the state holds
+    """Memory of the implicit storage ([SENG-conf] Table 1 / [SENG] Table 2, SENG-4): the state holds
     G̃, Ã with (n_A + n_G)·r·ϱ numbers instead of U's ϱ·n."""
     net, params, batch, _, state, _draws = _implicit_state(CONV, rank=2)
     for (o, d), (Gf, Af), U in zip(net.param_shapes, state.lowrank_factors, state.U):
@@ -740,7 +740,7 @@ def _layer_slices(net):
 
 @given(st.integers(2, 4), st.floats(0.3, 1.0), dampings(-2, 0))
 def test_history_decay_000_24_equals_definition(p, zeta, lam):
-    """000 (24): U_k = p^{-1/2}[ζ^{p−1}g_{k−p+1}, …, ζ^0 g_k] (missing columns zero);
+    """[SENG-conf] (24): U_k = p^{-1/2}[ζ^{p−1}g_{k−p+1}, …, ζ^0 g_k] (missing columns zero);
     d = −(U_kU_kᵀ + λI)⁻¹g_k. Fast and dense forms, 6 steps."""
     pb = Problem((("linear", 3, 4, True), ("act", "tanh"), ("linear", 4, 2, True)), (3,), 2, "mse", 3, 8)
     m = SENG(damping=lam, history="decay", memory=p, beta=zeta)
@@ -765,7 +765,7 @@ def test_history_decay_000_24_equals_definition(p, zeta, lam):
 
 @given(st.integers(3, 5), st.data(), dampings(-2, 0))
 def test_history_hybrid_000_25_equals_definition(p, data, lam):
-    """000 (25): U_k = p^{-1/2}[g_{k−v}, …, g_{k−1}, ∇ψ_{i_1}(θ_k), …, ∇ψ_{i_{p−v}}(θ_k)] with the
+    """[SENG-conf] (25): U_k = p^{-1/2}[g_{k−v}, …, g_{k−1}, ∇ψ_{i_1}(θ_k), …, ∇ψ_{i_{p−v}}(θ_k)] with the
     indices drawn in draw(); fast and dense forms, 5 steps."""
     v = data.draw(st.integers(2, p - 1))
     pb = Problem((("linear", 3, 4, True), ("act", "tanh"), ("linear", 4, 2, True)), (3,), 2, "cross_entropy", 5, 9)
@@ -932,7 +932,7 @@ def test_injected_explicit_sketch_is_consumed_exactly():
 
 def test_injected_implicit_sketches_and_hybrid_indices_are_consumed_exactly():
     """Ω_A, Ω_G injected into an implicit layer give implicit_direction with those sketches
-    bit for bit; injected hybrid indices are the ∇ψ_i columns of 000 (25)."""
+    bit for bit; injected hybrid indices are the ∇ψ_i columns of [SENG-conf] (25)."""
     from refcurv.linalg.sketch import RowSketch
     from refcurv.methods import Draws
     from refcurv.methods.seng import implicit_direction

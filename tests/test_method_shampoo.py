@@ -1,4 +1,4 @@
-"""Shampoo (thesis 003 Algorithm 16): mode products vs the dense Kronecker product of inverse
+"""Shampoo ([Ren-thesis] Algorithm 16): mode products vs the dense Kronecker product of inverse
 roots (Proposition 1), coupled-Newton roots vs eigh within the Newton stopping rule, EMA
 statistics and stale roots, Gupta et al.'s two-sided form, the Newton-failure policy,
 hyper-parameter validation, smoke training."""

@@ -1,4 +1,4 @@
-"""SMW-GN / SMW-NG / SMW-NG-BD (thesis = seed 003, Chapter 5: (5.2)-(5.7), §5.2.3 LM rule,
+"""SMW-GN / SMW-NG / SMW-NG-BD ([Ren-thesis], Chapter 5: (5.2)-(5.7), §5.2.3 LM rule,
 Algorithms 22-23, §5.8; design §4 row "SMW-GN / SMW-NG / SMW-NG-BD").
 
 Tolerance for fast (SMW) vs dense (Cholesky on ``B + λI``), both float64

@@ -1,4 +1,4 @@
-"""TNT (thesis 003 Ch.4, Algorithm 15): fast mode-product form vs the dense F_TNT solve, the
+"""TNT ([Ren-thesis] Ch.4, Algorithm 15): fast mode-product form vs the dense F_TNT solve, the
 whole pipeline vs a loop-built reference, Proposition 1 for orders 1-4, the (4.10)
 normalization, Lemma 10, T_1/T_2 staleness, label draws, the batch-mean statistic's 1/N
 scaling (errata TNT-1), hyper-parameters, smoke training."""

@@ -1,4 +1,4 @@
-"""BFGS, Broyden family, L-BFGS forms, Theorem 1 (thesis 003 (2.6), (2.11), (3.16),
+"""BFGS, Broyden family, L-BFGS forms, Theorem 1 ([Ren-thesis] (2.6), (2.11), (3.16),
 Theorem 1 and the momentum remark after it)."""
 import numpy as np
 import pytest

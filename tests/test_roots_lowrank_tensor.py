@@ -1,4 +1,4 @@
-"""Inverse p-th roots (thesis Algorithm 16), the Brand rank-one eigen update (Ginger 004
+"""Inverse p-th roots (thesis Algorithm 16), the Brand rank-one eigen update ([QNG-Ginger]
 §2.3), randomized SVD, and tensor identities (thesis §4.2.1: Lemma 8, Proposition 1)."""
 import numpy as np
 import pytest

@@ -1,5 +1,5 @@
 """Sketches: unbiasedness E[ΩᵀΩ] = I, application without forming Ω, and SENG Lemma 5
-(001 Appendix C) evaluated with the η, ε the drawn sketch achieves."""
+([SENG] Appendix C) evaluated with the η, ε the drawn sketch achieves."""
 import numpy as np
 import pytest
 from hypothesis import given

@@ -1,13 +1,13 @@
 """Batched dense kernels: the same small problem on every slice of a leading stack axis,
 vectorized over the stack (no Python loop over the slices).
 
-* :func:`spd_solve_batched` — ``A[w] X[w] = B[w]`` for a stack of SPD matrices (SENG 001
+* :func:`spd_solve_batched` — ``A[w] X[w] = B[w]`` for a stack of SPD matrices ([SENG]
   (9)/(12) with the worker axis of the block-diagonal capacitance (26) as the stack axis);
   batched Cholesky, with the eigendecomposition fallback and acceptance rule of
   :func:`refcurv.linalg.woodbury.spd_solve`.
 * :func:`randomized_svd_batched` — the rank-``r`` truncated SVD of each ``X[i]`` by the
   Halko–Martinsson–Tropp range finder (2011, Algorithm 4.4 with power iterations + 5.1), the
-  algorithm of :func:`refcurv.linalg.lowrank.randomized_svd` run on a stack (SENG 001 (15),
+  algorithm of :func:`refcurv.linalg.lowrank.randomized_svd` run on a stack ([SENG] (15),
   footnote 1: partial SVDs of the per-sample ``Ĝ_i`` or ``Â_i``).
 * :func:`truncated_svd_batched` — the rank-``r`` truncation of the exact (LAPACK) SVD of each
   ``X[i]``.

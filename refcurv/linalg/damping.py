@@ -1,4 +1,4 @@
-"""Damping of curvature pairs ``(s, y)`` (thesis 003).
+"""Damping of curvature pairs ``(s, y)`` ([Ren-thesis]).
 
 Each function returns the damped pair and the θ's it used.
 

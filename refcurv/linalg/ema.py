@@ -1,7 +1,7 @@
 """Exponential moving averages of outer products and their low-rank forms, as dense matrices
 (QNG's product form, Ginger's damped inverse): the references the fast low-rank updates of
 :mod:`refcurv.methods.qng` and :mod:`refcurv.methods.ginger` are checked against, public for
-users. Every function names its seed (004, Ginger, §2.2–2.3) and equation; all dense results
+users. Every function names its seed ([QNG-Ginger], Ginger, §2.2–2.3) and equation; all dense results
 are float64 (the reference precision, design §3).
 
 Symbols are the paper's. ``alpha`` is the EMA decay α of (7) — the methods' hyper-parameter

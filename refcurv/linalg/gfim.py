@@ -1,4 +1,4 @@
-"""Generalized Fisher (GFIM) kernels of NG+ (seed 002, Yang, Xu, Cui, Wen, Xu), public for users.
+"""Generalized Fisher (GFIM) kernels of NG+ ([NG+], Yang, Xu, Cui, Wen, Xu), public for users.
 
 Equation numbers refer to ``shared/seeds/002_6132dcc897dbc987.txt``. One layer's weight
 ``Θ ∈ R^{m×n}`` is refcurv's ``(out, d)`` matrix (bias last column). Per-sample gradients

@@ -26,7 +26,7 @@ SPLITS = ("pi", "sqrt")
 
 
 def split_pi(Omega, Gamma):
-    """The factored-Tikhonov split ``π = √( (tr Ω / dim Ω) / (tr Γ / dim Γ) )`` (seed 003,
+    """The factored-Tikhonov split ``π = √( (tr Ω / dim Ω) / (tr Γ / dim Γ) )`` ([Ren-thesis],
     Algorithm 12 line 19: ``π_l = √(trace(Ω_l ⊗ I) / trace(I ⊗ Γ_l))``, whose identity
     factors have the other factor's size, so the ratio is the ratio of the mean
     eigenvalues; Martens & Grosse 2015 §6.3). ``1.0`` when either trace is not positive
@@ -39,7 +39,7 @@ def split_pi(Omega, Gamma):
 
 
 def damped_split(Omega, Gamma, damping, split="pi"):
-    """The damped Kronecker factors ``(Ω + π√λ I, Γ + (√λ/π) I, π)`` of KFAC (seed 003,
+    """The damped Kronecker factors ``(Ω + π√λ I, Γ + (√λ/π) I, π)`` of KFAC ([Ren-thesis],
     Algorithm 12 line 19 for ``split="pi"`` with ``π`` from :func:`split_pi`; Algorithm 7
     line 11 for ``split="sqrt"``, ``π = 1``).
 
@@ -61,13 +61,13 @@ def damped_split(Omega, Gamma, damping, split="pi"):
 
 
 # ---------------------------------------------------------------- K-BFGS (kbfgs)
-# Thesis 003 Ch.2 (MLP, §2.4, Algorithm 4) and Ch.3 (conv, (3.9), (3.14)-(3.15), Algorithm 9).
+# [Ren-thesis] Ch.2 (MLP, §2.4, Algorithm 4) and Ch.3 (conv, (3.9), (3.14)-(3.15), Algorithm 9).
 # Patches are the (N, d, |T|) arrays of :meth:`refcurv.nn.Sequential.factors` (ones row
 # included; |T| = 1 for a Linear layer).
 
 
 def damping_split(damping, n_locations=1):
-    """K-BFGS's damping split ``(λ_A, λ_G) = (√|T| √λ, √λ / √|T|)`` (thesis 003 Algorithm 9
+    """K-BFGS's damping split ``(λ_A, λ_G) = (√|T| √λ, √λ / √|T|)`` ([Ren-thesis] Algorithm 9
     line 2, §3.4.3: "rebalancing" A and G), so that ``λ_A λ_G = λ``. For a Linear layer
     (``|T| = 1``) it is Chapter 2's ``λ_A = λ_G = √λ`` (Algorithm 4 line 2)."""
     C.positive(damping, "damping")
@@ -77,7 +77,7 @@ def damping_split(damping, n_locations=1):
 
 
 def factor_A(patches):
-    """Dense ``A = (1/N) Σ_n Σ_t a_t(n) a_t(n)ᵀ`` (thesis 003 (3.9); (2.3) for ``|T| = 1``)
+    """Dense ``A = (1/N) Σ_n Σ_t a_t(n) a_t(n)ᵀ`` ([Ren-thesis] (3.9); (2.3) for ``|T| = 1``)
     from patches ``(N, d, |T|)``: a *sum* over locations and a *mean* over samples (KFAC's
     ``Ω``, ``|T|`` times the ``A`` of ``curvature.kfac_factors(conv="expand")``)."""
     patches = _patches(patches)
@@ -86,12 +86,12 @@ def factor_A(patches):
 
 
 def mean_patch(patches):
-    """``â = E_n[(1/|T|) Σ_t a_t(n)]`` (thesis 003 (3.14); ``ā`` of §2.4 for ``|T| = 1``)."""
+    """``â = E_n[(1/|T|) Σ_t a_t(n)]`` ([Ren-thesis] (3.14); ``ā`` of §2.4 for ``|T| = 1``)."""
     return C.result(_patches(patches).mean(axis=(0, 2)), "the mean patch â")
 
 
 def hessian_action(patches, s):
-    """The minibatched Hessian action ``A s = (1/N) Σ_n Σ_t (a_t(n)ᵀ s) a_t(n)`` (thesis 003
+    """The minibatched Hessian action ``A s = (1/N) Σ_n Σ_t (a_t(n)ᵀ s) a_t(n)`` ([Ren-thesis]
     (3.15)) without forming ``A``: two contractions over the patches ``(N, d, |T|)``,
     ``O(N d |T|)`` instead of ``O(N d² |T|)`` for :func:`factor_A`."""
     patches = _patches(patches)
@@ -104,7 +104,7 @@ def hessian_action(patches, s):
 
 
 def hessian_action_pair(H_a, abar, A, lambda_A):
-    """The Hessian-action BFGS pair for ``H_a ≈ (A + λ_A I)⁻¹`` (thesis 003 §2.4 / Algorithm 4
+    """The Hessian-action BFGS pair for ``H_a ≈ (A + λ_A I)⁻¹`` ([Ren-thesis] §2.4 / Algorithm 4
     line 22; (3.14)): ``s_a = H_a ā``, ``y_a = A s_a + λ_A s_a``. ``A`` is the matrix, or the
     patches ``(N, d, |T|)`` (3-d array), whose action is then :func:`hessian_action`."""
     H_a = C.square(H_a, "H_a")
@@ -119,7 +119,7 @@ def hessian_action_pair(H_a, abar, A, lambda_A):
 
 # ---------------------------------------------------------------- TNT / Shampoo (tntsh)
 #
-# Tensor-normal factors (thesis 003 §4.2-4.3) and the damped Kronecker factors of TNT and
+# Tensor-normal factors ([Ren-thesis] §4.2-4.3) and the damped Kronecker factors of TNT and
 # Shampoo (Algorithms 15/16). A parameter tensor W ∈ R^{d_1×⋯×d_k} is vectorized row-major
 # (vec̄, §4.2.1); its curvature block is ⊗_i F_i on vec̄(W) (Proposition 1, (4.9)).
 # (imports kept in this section so that the per-family sections merge independently)
@@ -142,7 +142,7 @@ def _dims(S):
 
 
 def normalized_factors(S):
-    """Thesis 003 (4.10), the ``c = 1`` representation with equal average eigenvalues:
+    """[Ren-thesis] (4.10), the ``c = 1`` representation with equal average eigenvalues:
     ``Ũ_i = S_i / (c_0^{k−1} Π_{j≠i} d_j)``, ``c_0 = (tr S_1 / Π_j d_j)^{1/k}``, from the
     mode statistics ``S = [E[G^{(1)}], …, E[G^{(k)}]]`` of one tensor.
 
@@ -172,20 +172,20 @@ def add_damping(factors, damping):
 
 
 def damped_factors(S, damping):
-    """TNT's factors ``[Ũ_i + εI]`` (thesis 003 §4.3.3, (4.10), Algorithm 15 lines 15-16,
+    """TNT's factors ``[Ũ_i + εI]`` ([Ren-thesis] §4.3.3, (4.10), Algorithm 15 lines 15-16,
     Lemma 10): :func:`normalized_factors` then :func:`add_damping`."""
     return add_damping(normalized_factors(S), damping)
 
 
 def f_tnt(factors):
-    """Dense ``F_TNT = (Ũ_1+εI) ⊗ ⋯ ⊗ (Ũ_k+εI)`` in row-major ``vec̄`` order (thesis 003
+    """Dense ``F_TNT = (Ũ_1+εI) ⊗ ⋯ ⊗ (Ũ_k+εI)`` in row-major ``vec̄`` order ([Ren-thesis]
     Lemma 10, Proposition 1 (4.9)). ``ε^k I ⪯ F_TNT`` (errata TNT-3)."""
     factors = _factor_list(factors, "factors")
     return C.result(reduce(xp_of(factors[0]).kron, factors), "F_TNT")
 
 
 def mode_marginal(Sigma, dims, i):
-    """The mode-``i`` statistic of a tensor's second moment, by definition (thesis 003
+    """The mode-``i`` statistic of a tensor's second moment, by definition ([Ren-thesis]
     §4.2.1, (4.2)): for ``Σ = E[vec̄(G) vec̄(G)ᵀ]`` (``n × n``, ``n = Π d_j``, row-major
     ``vec̄`` of ``G ∈ R^{d_1×⋯×d_k}``), ``E[G^{(i)}] = E[mat_i(G) mat_i(G)ᵀ]`` is the partial
     trace of ``Σ`` over every mode but ``i``:

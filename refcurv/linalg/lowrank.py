@@ -2,7 +2,7 @@
 
 * :func:`brand_update`: eigendecomposition of ``U diag(K) Uᵀ + c h hᵀ`` from that of
   ``U diag(K) Uᵀ`` (``U`` semi-orthogonal), truncated to the ``rank`` largest
-  eigenvalues — Brand (2006) specialised to symmetric matrices, the step Ginger (004 §2.3)
+  eigenvalues — Brand (2006) specialised to symmetric matrices, the step Ginger ([QNG-Ginger] §2.3)
   calls ``r1u``: with ``r = ‖(I − UUᵀ)h‖``, ``p = (I − UUᵀ)h / r``,
   ``[U h] = [U p] [[I, Uᵀh], [0, r]]`` and the ``(τ+1)×(τ+1)`` core
   ``C = [[I, Uᵀh],[0, r]] diag(K, c) [[I, Uᵀh],[0, r]]ᵀ = V diag(K') Vᵀ``, the update is

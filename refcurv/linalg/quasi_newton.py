@@ -1,6 +1,6 @@
 """BFGS / Broyden-family updates and L-BFGS (two-loop, dense recursion, compact form).
 
-Thesis (003) Ch.2 (2.6), (2.11); Ch.3 (3.11), (3.16); Nocedal & Wright Alg. 7.4 (two-loop);
+[Ren-thesis] Ch.2 (2.6), (2.11); Ch.3 (3.11), (3.16); Nocedal & Wright Alg. 7.4 (two-loop);
 Byrd, Nocedal & Schnabel (1994) compact representation (the "non-loop" L-BFGS of
 thesis §2.3 / §3.4.3).
 

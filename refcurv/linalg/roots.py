@@ -1,4 +1,4 @@
-"""Inverse p-th roots of SPD matrices (Shampoo, thesis 003 Algorithm 16).
+"""Inverse p-th roots of SPD matrices (Shampoo, [Ren-thesis] Algorithm 16).
 
 * :func:`inv_root_eigh`: ``A^{-1/p} = V diag(w^{-1/p}) Vᵀ`` — the reference.
 * :func:`inv_root_newton`: the coupled Newton iteration (Guo & Higham 2006; Anil et al.

@@ -1,6 +1,6 @@
 """Sketching matrices ``Ω ∈ R^{q×n}``, applied without forming ``Ω`` densely.
 
-Row sampling (SENG 001 (14), NG+ 002 (17)) keeps ``q`` rows ``Ω_k = w_k e_{i_k}ᵀ``; it is
+Row sampling ([SENG] (14), [NG+] (17)) keeps ``q`` rows ``Ω_k = w_k e_{i_k}ᵀ``; it is
 stored as indices and weights. Weights make every sketch unbiased, ``E[ΩᵀΩ] = I``:
 
 * with replacement, i.i.d. ``i_k ~ p``: ``w_k = 1/√(q p_{i_k})``. Uniform ``p = 1/n`` gives

@@ -1,4 +1,4 @@
-"""Tensor operations (thesis 003 §4.2.1), 0-based modes in code (``i`` here is the
+"""Tensor operations ([Ren-thesis] §4.2.1), 0-based modes in code (``i`` here is the
 thesis's ``i + 1``).
 
 * ``vec̄`` is row-major ``ravel``; ``mat_i(A) = moveaxis(A, i, 0).reshape(d_i, -1)``;

@@ -1,4 +1,4 @@
-"""Pieces shared by QNG and Ginger (seed 004): the sampled Fisher vector ``d_t`` of (8) and
+"""Pieces shared by QNG and Ginger ([QNG-Ginger]): the sampled Fisher vector ``d_t`` of (8) and
 the block layouts of θ.
 
 * (8): ``d_t = (1/√|B|) Σ_{x∈B} ∇_θ log p_θ(ŷ|x) = −(1/√|B|) Σ_x ∇ψ(x, ŷ)`` with one label

@@ -1,4 +1,4 @@
-"""Parameter tensors of a layer, as TNT (thesis 003 Ch.4) and Shampoo (Algorithm 16) see them.
+"""Parameter tensors of a layer, as TNT ([Ren-thesis] Ch.4) and Shampoo (Algorithm 16) see them.
 
 A refcurv layer matrix ``W ∈ R^{out × (fan_in + 1)}`` (bias last column) is split into
 
@@ -98,7 +98,7 @@ PHASES = ("k0", "paper")
 
 
 def momentum_update(m, g, mu, form="heavy_ball"):
-    """Per layer ``m ← μ m + g`` (``"heavy_ball"``: thesis 003 Algorithm 15 line 10,
+    """Per layer ``m ← μ m + g`` (``"heavy_ball"``: [Ren-thesis] Algorithm 15 line 10,
     Algorithm 16 line 7) or ``m ← μ m + (1−μ) g`` (``"ema"``, Adam's first moment, §4.7);
     ``m = None`` is the zero buffer ``m_0 = 0`` of line 2 (so the first heavy-ball buffer is
     ``g`` exactly and the first EMA buffer ``(1−μ) g``)."""
@@ -111,7 +111,7 @@ def momentum_update(m, g, mu, form="heavy_ball"):
 
 def ema_update(old, new, beta):
     """``Ĝ ← β Ĝ + (1−β) Ḡ`` leaf by leaf over the per-layer / per-tensor / per-mode nesting
-    (thesis 003 Algorithm 15 line 12, Algorithm 16 line 9); ``old = None`` (no warm start) is
+    ([Ren-thesis] Algorithm 15 line 12, Algorithm 16 line 9); ``old = None`` (no warm start) is
     set to ``new``."""
     if old is None:
         return new
@@ -129,7 +129,7 @@ def phase_due(k, T, phase="k0"):
 def precondition_layers(net, grads_like, params, conv_modes, apply, weight_decay=0.0):
     """Per layer: the tensors of ``grads_like`` (the momentum ``m``), each preconditioned by
     ``apply(layer_index, tensor_index, tensor)``, back to the layer layout, plus the decoupled
-    weight decay ``γ W`` (thesis 003 Algorithm 15 lines 18-19, Algorithm 16 lines 14-15); the
+    weight decay ``γ W`` ([Ren-thesis] Algorithm 15 lines 18-19, Algorithm 16 lines 14-15); the
     update direction is the negative: ``d = −(P(m) + γ W)``."""
     out = []
     for j, (layer, mj, W) in enumerate(zip(net.layers_trainable, grads_like, params)):
@@ -140,7 +140,7 @@ def precondition_layers(net, grads_like, params, conv_modes, apply, weight_decay
 
 # ------------------------------------------------------------------ shared state and base
 _DOC_G_HAT = ("per layer, per parameter tensor, per mode i: the moving average Ĝ^{(i)} of the mode "
-              "statistics G^{(i)} = mat_i(G) mat_i(G)ᵀ (thesis 003 (4.2); Algorithm 15 line 12, "
+              "statistics G^{(i)} = mat_i(G) mat_i(G)ᵀ ([Ren-thesis] (4.2); Algorithm 15 line 12, "
               "Algorithm 16 line 9); None before the first refresh without warm_start")
 _DOC_FACTORS = ("per layer, per parameter tensor, per mode i: the damped Kronecker factor of the last "
                 "preconditioner refresh (TNT: Ũ_i + εI with Ũ_i from Ĝ by (4.10); Shampoo: Ĝ^{(i)} + εI)")
@@ -157,7 +157,7 @@ class TensorState(State):
 
 @dataclass(frozen=True)
 class TensorMethod(Method):
-    """What TNT and Shampoo share (thesis 003 Algorithms 15 and 16 differ only in the
+    """What TNT and Shampoo share ([Ren-thesis] Algorithms 15 and 16 differ only in the
     statistic — TNT's sampled gradients vs Shampoo's mini-batch gradient — and in how the
     statistic becomes a preconditioner, (4.10) inverses vs ``−1/(2k)`` roots): the
     hyper-parameters below, the refresh schedule, the momentum, the statistics EMA, the

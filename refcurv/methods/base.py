@@ -217,9 +217,26 @@ def _check_net(self, net, where):
 
     if not isinstance(net, Sequential):
         raise ArgumentTypeError(f"{where}: net must be a refcurv.nn.Sequential, got {type(net).__name__}")
-    if not self.supports_conv and any(isinstance(m, Conv2d) for m in net.layers_trainable):
-        raise ArgumentTypeError(f"{self.name} is defined for Linear layers only; the network has Conv2d layers")
+    _check_one_location(self, net, net.input_shape)
     return net
+
+
+def _check_one_location(self, net, input_shape):
+    """Methods defined for fully connected layers (``supports_conv = False``: thesis Ch.2
+    K-BFGS, whose ``H_a`` pair and mean activation assume one location per sample) refuse
+    Conv2d layers and Linear layers applied to sequences (``T > 1`` positions)."""
+    if self.supports_conv:
+        return
+    if any(isinstance(m, Conv2d) for m in net.layers_trainable):
+        raise ArgumentTypeError(f"{self.name} is defined for Linear layers only; the network has Conv2d layers")
+    if input_shape is None:
+        return
+    shapes = net.feature_shapes(input_shape)
+    for j, (m, s) in enumerate(zip(net.layers, shapes)):
+        if getattr(m, "trainable", False) and len(s) > 1:
+            raise ArgumentTypeError(
+                f"{self.name} is defined for Linear layers on one location per sample; layers[{j}] is "
+                f"a Linear on a sequence of feature shape {s} (use its conv version, e.g. kbfgs)")
 
 
 def _check_params(params, net, where):
@@ -499,20 +516,25 @@ class Method:
             raise ArgumentTypeError(
                 f"{self.name}: batch.loss must be a refcurv loss (refcurv.nn.MSE, CrossEntropy, BCE), "
                 f"got {type(batch.loss).__name__}")
-        if not self.supports_conv and any(isinstance(m, Conv2d) for m in net.layers_trainable):
-            raise ArgumentTypeError(f"{self.name} is defined for Linear layers only; the network has Conv2d layers")
+        _check_one_location(self, net, tuple(np.shape(batch.x)[1:]))
         if draws is None:
             draws = self.draw(rng_of(rng), state, net, params, batch)
         elif rng is not None:
             raise ArgumentTypeError(f"{self.name}.step: pass rng or draws, not both")
         self.check_draws(draws, state, net, params, batch)
         if not dense:
-            return self._fast(state, net, params, batch, draws)
-        # design §3: the reference computes in float64 whatever the input dtype (the fast
-        # form runs in the input dtype, so float32 behaviour can be studied against it)
-        params = [_float64(W) for W in params]
-        batch = Batch(_float64(batch.x), _float64(batch.y), batch.loss)
-        return self._dense(state, net, params, batch, draws)
+            d, new_state = self._fast(state, net, params, batch, draws)
+        else:
+            # design §3: the reference computes in float64 whatever the input dtype (the fast
+            # form runs in the input dtype, so float32 behaviour can be studied against it)
+            params = [_float64(W) for W in params]
+            batch = Batch(_float64(batch.x), _float64(batch.y), batch.loss)
+            d, new_state = self._dense(state, net, params, batch, draws)
+        # a state rebuilt from scratch by a form must still say which network it belongs to,
+        # or check_state could no longer refuse it for another network
+        if new_state.param_shapes is None:
+            new_state = new_state.replace(param_shapes=tuple(tuple(s) for s in net.param_shapes))
+        return d, new_state
 
     def _fast(self, state, net, params, batch, draws):  # pragma: no cover - abstract
         raise NotImplementedError

@@ -1,4 +1,4 @@
-"""Ginger (seed 004 §2.3, Algorithm 1): an EMA of the Fisher/GGN kept as a damped
+"""Ginger ([QNG-Ginger] §2.3, Algorithm 1): an EMA of the Fisher/GGN kept as a damped
 "identity plus rank-τ" matrix whose inverse is updated directly.
 
 Form (14): ``G_{t,γ} = γI + U_t diag(σ_t) U_tᵀ`` with ``U_t ∈ R^{d×τ}`` semi-orthogonal and
@@ -173,7 +173,7 @@ class GingerState(State):
 @register
 @dataclass(frozen=True)
 class Ginger(SampledLabelsMixin, Method):
-    """Ginger (004 Algorithm 1, with the corrections of docs/errata.md).
+    """Ginger ([QNG-Ginger] Algorithm 1, with the corrections of docs/errata.md).
     Hyper-parameters: ``beta`` = α of (7), the EMA decay ∈ (0, 1); ``damping`` = γ > 0 of
     (14); ``rank`` = τ ≥ 1 (per block ``min(τ, d_block)``); ``blocks`` ("full" | "layer" |
     "tensor"); ``u0`` ("random" | "eye") and ``seed`` (for ``u0="random"``, used by ``init``).
@@ -200,7 +200,7 @@ class Ginger(SampledLabelsMixin, Method):
     seed: int = 0
 
     name = "ginger"
-    seed_ref = "004 §2.3 (14)–(18), Alg. 1"
+    seed_ref = "[QNG-Ginger] §2.3 (14)–(18), Alg. 1"
     summary = "damped EMA Fisher as γI + rank-τ eigendecomposition; inverse updated by Sherman–Morrison + Brand"
     State = GingerState
     draw_fields = ("labels",)

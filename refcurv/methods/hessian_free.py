@@ -98,7 +98,7 @@ class HessianFree(LMMethod):
     """
 
     name = "hessian_free"
-    seed_ref = "003 Ch.5 §5.1.2, §5.7 (Martens 2010); LM rule §5.2.3, (5.5)"
+    seed_ref = "[Ren-thesis] Ch.5 §5.1.2, §5.7 (Martens 2010); LM rule §5.2.3, (5.5)"
     summary = "CG on GGN-vector products + LM damping"
     State = HessianFreeState
 

@@ -1,4 +1,4 @@
-"""K-BFGS and K-BFGS(L) for Linear and Conv2d layers (thesis 003 Chapter 3: Theorem 3,
+"""K-BFGS and K-BFGS(L) for Linear and Conv2d layers ([Ren-thesis] Chapter 3: Theorem 3,
 (3.9)-(3.16), Algorithms 8-11, Lemmas 4-7).
 
 **Kronecker model** (Theorem 3, (3.4)-(3.9)). Per layer ``l`` with patches ``a_t(n)`` (ones
@@ -180,7 +180,7 @@ class PairRecord:
 
 @dataclass(frozen=True, kw_only=True)
 class KBFGSStateBase(State):
-    """Fields shared by every K-BFGS state (thesis 003 Ch.2 and Ch.3; Ch.3 writes ``H_A``,
+    """Fields shared by every K-BFGS state ([Ren-thesis] Ch.2 and Ch.3; Ch.3 writes ``H_A``,
     ``H_G`` for ``H_a``, ``H_g``)."""
 
     m: Any = state_field("m")
@@ -204,14 +204,14 @@ _Y_DOC = "L-BFGS memory: damped ỹ per layer, (≤ memory, out), oldest first"
 
 @dataclass(frozen=True, kw_only=True)
 class KBFGSState(KBFGSStateBase):
-    """State of ``"kbfgs"`` (thesis 003 Algorithm 9/10 with BFGS ``H_G``)."""
+    """State of ``"kbfgs"`` ([Ren-thesis] Algorithm 9/10 with BFGS ``H_G``)."""
 
     H_g: Any = state_field(doc=_H_G_DOC + ", from λ_G⁻¹ I (Alg. 9 line 3)")
 
 
 @dataclass(frozen=True, kw_only=True)
 class KBFGSLState(KBFGSStateBase):
-    """State of ``"kbfgs-l"`` (thesis 003 Algorithm 9/10 with L-BFGS ``H_G`` from ``λ_G⁻¹ I``)."""
+    """State of ``"kbfgs-l"`` ([Ren-thesis] Algorithm 9/10 with L-BFGS ``H_G`` from ``λ_G⁻¹ I``)."""
 
     S: Any = state_field(doc=_S_DOC)
     Y: Any = state_field(doc=_Y_DOC)
@@ -306,7 +306,7 @@ def count_pair(diag, l, ratio, used, mu1, dtype):
 
 
 class KBFGSCore(Method):
-    """The FAST step both chapters share (thesis 003 Algorithms 4/5 and 9/10 have the same
+    """The FAST step both chapters share ([Ren-thesis] Algorithms 4/5 and 9/10 have the same
     skeleton): deferred second pass → damped (L-)BFGS update of ``H_g``; first pass →
     momentum → direction ``−H_g (m H_a)``; on a curvature step the ``H_a`` update and the stash
     of the batch for the next second pass. Each chapter's dense form (``_dense``) is a
@@ -677,7 +677,7 @@ class _KBFGSBase(KBFGSCore):
 @register
 @dataclass(frozen=True)
 class KBFGS(_KBFGSBase):
-    """K-BFGS (thesis 003 Algorithm 9; Algorithm 10's variant with ``algorithm="alg10"``):
+    """K-BFGS ([Ren-thesis] Algorithm 9; Algorithm 10's variant with ``algorithm="alg10"``):
     ``H_g`` a dense ``out × out`` BFGS matrix. Hyper-parameters: ``damping`` λ, ``momentum``
     μ (Alg. 9 line 8's β), ``beta`` (moving average of ``(s_g, y_g)``, line 19), ``mu1``
     (Powell), ``T_inv`` (curvature frequency T), ``phase`` ("k0" | "paper"), ``algorithm``
@@ -691,7 +691,7 @@ class KBFGS(_KBFGSBase):
     on its own; module docstring)."""
 
     name = "kbfgs"
-    seed_ref = "003 Ch.3 Alg. 8-11, (3.9)-(3.16)"
+    seed_ref = "[Ren-thesis] Ch.3 Alg. 8-11, (3.9)-(3.16)"
     summary = "Kronecker-factored BFGS (H_G by damped BFGS, H_A by minibatched Hessian action), conv + linear"
     State = KBFGSState
 
@@ -699,7 +699,7 @@ class KBFGS(_KBFGSBase):
 @register
 @dataclass(frozen=True)
 class KBFGSL(_KBFGSBase):
-    """K-BFGS(L) (thesis 003 Algorithms 9 and 10): ``H_g`` by L-BFGS with the last ``memory``
+    """K-BFGS(L) ([Ren-thesis] Algorithms 9 and 10): ``H_g`` by L-BFGS with the last ``memory``
     (thesis: ``p``) pairs from ``H_0 = λ_G⁻¹ I``, applied in compact form. Hyper-parameters as
     :class:`KBFGS`, plus the ``memory``. Curvature: as :class:`KBFGS` with ``H_g`` the dense
     L-BFGS matrix (3.16).
@@ -712,7 +712,7 @@ class KBFGSL(_KBFGSBase):
 
     name = "kbfgs-l"
     limited = True
-    seed_ref = "003 Ch.3 Alg. 8-11, (3.9)-(3.16)"
+    seed_ref = "[Ren-thesis] Ch.3 Alg. 8-11, (3.9)-(3.16)"
     summary = "Kronecker-factored L-BFGS (H_G by damped L-BFGS, compact form), conv + linear"
     State = KBFGSLState
 

@@ -1,4 +1,4 @@
-"""K-BFGS-20 and K-BFGS(L)-20 for multi-layer perceptrons (thesis 003 Chapter 2:
+"""K-BFGS-20 and K-BFGS(L)-20 for multi-layer perceptrons ([Ren-thesis] Chapter 2:
 Algorithm 1, (2.1)–(2.11), Algorithm 3 (double damping, DD), Theorem 1, Algorithm 4 and
 Algorithm 5). Registered as ``"kbfgs-mlp"`` (``H_g`` by damped BFGS, a dense
 ``d_o × d_o`` matrix) and ``"kbfgs-l-mlp"`` (``H_g`` by damped L-BFGS with ``p = memory``
@@ -176,7 +176,7 @@ _A_DOC = "A ≈ E[a aᵀ] per layer (d × d), moving average with beta (Alg. 4 l
 
 @dataclass(frozen=True, kw_only=True)
 class KBFGSMLPState(KBFGSStateBase):
-    """State of ``"kbfgs-mlp"`` (thesis 003 Algorithm 4/5 with BFGS ``H_g``)."""
+    """State of ``"kbfgs-mlp"`` ([Ren-thesis] Algorithm 4/5 with BFGS ``H_g``)."""
 
     A: Any = state_field(doc=_A_DOC)
     H_g: Any = state_field(doc=_H_G_DOC + ", from I (Alg. 4 line 3)")
@@ -184,7 +184,7 @@ class KBFGSMLPState(KBFGSStateBase):
 
 @dataclass(frozen=True, kw_only=True)
 class KBFGSLMLPState(KBFGSStateBase):
-    """State of ``"kbfgs-l-mlp"`` (thesis 003 Algorithm 4/5 with L-BFGS ``H_g`` from ``H_0 = I``)."""
+    """State of ``"kbfgs-l-mlp"`` ([Ren-thesis] Algorithm 4/5 with L-BFGS ``H_g`` from ``H_0 = I``)."""
 
     A: Any = state_field(doc=_A_DOC)
     S: Any = state_field(doc=_S_DOC)
@@ -211,7 +211,7 @@ def authors_accepts(s, y, v):
 # ----------------------------------------------------------------- the method
 @dataclass(frozen=True)
 class _KBFGSMLPBase(KBFGSCore):
-    """Shared implementation of K-BFGS-20 / K-BFGS(L)-20 (thesis 003 Algorithms 4 and 5).
+    """Shared implementation of K-BFGS-20 / K-BFGS(L)-20 ([Ren-thesis] Algorithms 4 and 5).
 
     Hyper-parameters: ``damping`` λ ∈ (0, 1] (``λ_A = λ_G = √λ``; default 0.3, the best value
     in Table 2.5 for MNIST (both methods) and CURVES (K-BFGS(L))), ``momentum`` μ (decay of
@@ -404,7 +404,7 @@ class _KBFGSMLPBase(KBFGSCore):
 @register
 @dataclass(frozen=True)
 class KBFGSMLP(_KBFGSMLPBase):
-    """K-BFGS-20: ``H_g`` by damped BFGS (thesis 003 Algorithm 4, or 5 with ``algorithm="alg5"``).
+    """K-BFGS-20: ``H_g`` by damped BFGS ([Ren-thesis] Algorithm 4, or 5 with ``algorithm="alg5"``).
     Curvature ``C = ⊕_l (H_g ⊗ H_a)⁻¹`` (2.4), ``rhs = m``.
 
     Fast form: :class:`~refcurv.methods.kbfgs.KBFGSCore`; dense form:
@@ -413,7 +413,7 @@ class KBFGSMLP(_KBFGSMLPBase):
     ``linalg.quasi_newton.bfgs_update_H``, ``AUTHORS_SKIP`` (module docstring)."""
 
     name = "kbfgs-mlp"
-    seed_ref = "003 Ch.2 Alg. 3, 4, 5; (2.4)-(2.6); Thm 1"
+    seed_ref = "[Ren-thesis] Ch.2 Alg. 3, 4, 5; (2.4)-(2.6); Thm 1"
     summary = "K-BFGS-20 (MLP): H_g by double-damped BFGS, H_a by Hessian-action BFGS, direction −H_g m H_a"
     State = KBFGSMLPState
 
@@ -422,7 +422,7 @@ class KBFGSMLP(_KBFGSMLPBase):
 @dataclass(frozen=True)
 class KBFGSLMLP(_KBFGSMLPBase):
     """K-BFGS(L)-20: ``H_g`` by damped L-BFGS with ``memory`` pairs, compact form, ``H_0 = I``
-    (thesis 003 Algorithm 4, or 5 with ``algorithm="alg5"``; ``p = 100`` in §2.8.2). Curvature
+    ([Ren-thesis] Algorithm 4, or 5 with ``algorithm="alg5"``; ``p = 100`` in §2.8.2). Curvature
     as :class:`KBFGSMLP` with ``H_g`` the dense L-BFGS matrix (2.12).
 
     Fast form: compact L-BFGS (:class:`~refcurv.methods.kbfgs.KBFGSCore`); dense form:
@@ -432,7 +432,7 @@ class KBFGSLMLP(_KBFGSMLPBase):
     memory: int = 100
 
     name = "kbfgs-l-mlp"
-    seed_ref = "003 Ch.2 Alg. 3, 4, 5; (2.4)-(2.6), (2.12); Thm 1"
+    seed_ref = "[Ren-thesis] Ch.2 Alg. 3, 4, 5; (2.4)-(2.6), (2.12); Thm 1"
     summary = "K-BFGS(L)-20 (MLP): H_g by double-damped L-BFGS (compact form), H_a by Hessian-action BFGS"
     limited = True
     State = KBFGSLMLPState

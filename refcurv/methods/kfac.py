@@ -1,4 +1,4 @@
-"""KFAC for Linear and Conv2d layers (thesis 003 Algorithm 7 (MLP) and Algorithm 12 (CNN);
+"""KFAC for Linear and Conv2d layers ([Ren-thesis] Algorithm 7 (MLP) and Algorithm 12 (CNN);
 Martens & Grosse 2015; Grosse & Martens 2016 (KFC)).
 
 **Factors.** Per layer, the curvature block is approximated by a Kronecker product of two
@@ -8,7 +8,10 @@ locations ``t`` in ``Ω``, mean in ``Γ``; ``T = 1`` for Linear):
     Ω = (1/N) Σ_n Σ_t a_{n,t} a_{n,t}ᵀ,     Γ = (1/N) Σ_n (1/T) Σ_t Dh_{n,t} Dh_{n,t}ᵀ,
 
 that is ``T·A`` and ``G/T`` of :func:`refcurv.curvature.kfac_factors` (``conv="expand"``);
-``conv="reduce"`` scales the KFAC-reduce factors the same way. ``Dh`` is the pre-activation
+``conv="reduce"`` scales the KFAC-reduce factors the same way. A Linear layer on a sequence
+``(T, d)`` (weight shared over ``T`` positions) is treated as a convolution with ``T``
+locations: ``conv="expand"`` / ``"reduce"`` are Eschenhagen et al. 2023's K-FAC-expand /
+K-FAC-reduce (README "Sequences"). ``Dh`` is the pre-activation
 gradient of the per-sample loss at ``fisher="mc"``: labels sampled from the model's
 predictive distribution (Algorithms 7/12 line 8/12; ``n_samples`` per input, averaged), at
 ``"exact"``: the closed-form expectation over those labels (the columns of the output-Hessian
@@ -97,7 +100,8 @@ class KFACState(State):
 
 
 def _locations(net, x):
-    """``T_l``, the number of output locations of each trainable layer (1 for Linear)."""
+    """``T_l``, the number of output locations of each trainable layer (1 for Linear on
+    vectors, ``H_out W_out`` for Conv2d, ``T`` for Linear on a sequence ``(T, d)``)."""
     shapes = net.feature_shapes(tuple(x.shape[1:]))
     return [m.n_locations(shapes[k]) if hasattr(m, "n_locations") else 1
             for k, m in zip(net.trainable_index, net.layers_trainable)]
@@ -163,7 +167,7 @@ class KFAC(Method):
     phase: str = "k0"
 
     name = "kfac"
-    seed_ref = "003 Alg. 7, 12; (3.6)-(3.9)"
+    seed_ref = "[Ren-thesis] Alg. 7, 12; (3.6)-(3.9)"
     summary = "Kronecker-factored curvature (G ⊗ A per layer), damped split, inverted every T_inv steps"
     State = KFACState
 

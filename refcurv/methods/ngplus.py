@@ -1,4 +1,4 @@
-"""NG+: the multi-step matrix-product natural gradient (seed 002, Yang, Xu, Cui, Wen, Xu).
+"""NG+: the multi-step matrix-product natural gradient ([NG+], Yang, Xu, Cui, Wen, Xu).
 
 Equation numbers refer to ``shared/seeds/002_6132dcc897dbc987.txt``. One layer's weight
 ``Θ ∈ R^{m×n}`` is refcurv's ``(out, d)`` matrix (bias last column): NG+ works on that
@@ -305,7 +305,7 @@ class NGPlus(Method):
     """
 
     name = "ngplus"
-    seed_ref = "002 (2), (4)-(6), Alg. 1, (11)-(12), (14)-(18)"
+    seed_ref = "[NG+] (2), (4)-(6), Alg. 1, (11)-(12), (14)-(18)"
     summary = "NG+: damped GFIM L or R per layer, multi-step, SMW/LS/sketch/block variants"
     State = NGPlusState
 
@@ -584,7 +584,7 @@ class NGPlusOnlineNewton(Method):
     """
 
     name = "ngplus_online_newton"
-    seed_ref = "002 (19), Lemmas 6-7"
+    seed_ref = "[NG+] (19), Lemmas 6-7"
     summary = "NG+ online Newton: L_t = L_{t-1} + G Gᵀ, L_t-norm projection onto a Frobenius ball"
     State = NGPlusOnlineNewtonState
 

@@ -1,7 +1,7 @@
-"""QNG, the quasi-natural gradient of He et al. (2022), as restated in seed 004 (Ginger) §2.1–2.2,
+"""QNG, the quasi-natural gradient of He et al. (2022), as restated in [QNG-Ginger] §2.1–2.2,
 (4)–(13) and Observation 1.
 
-Curvature (seed 004 (6)–(8)). The Fisher ``G = E[∇log p ∇log pᵀ]`` (= the GGN (4) for the
+Curvature ([QNG-Ginger] (6)–(8)). The Fisher ``G = E[∇log p ∇log pᵀ]`` (= the GGN (4) for the
 exponential-family losses of refcurv) is tracked by the exponential moving average (7)
 
     G_t = α G_{t−1} + (1 − α) d_t d_tᵀ,    G_0 = I,
@@ -210,7 +210,7 @@ class QNGState(State):
 @register
 @dataclass(frozen=True)
 class QNG(SampledLabelsMixin, Method):
-    """QNG (seed 004 §2.2, (7)–(11)): the EMA Fisher (7) kept in the product form
+    """QNG ([QNG-Ginger] §2.2, (7)–(11)): the EMA Fisher (7) kept in the product form
     ``Ĝ = Â Âᵀ``, ``Â`` the product of the last ``τ`` factors ``√α I + β q qᵀ``; the direction
     is ``−Ĝ_t⁻¹ g`` after updating with ``d_t`` (8) from labels sampled from the model.
 
@@ -238,7 +238,7 @@ class QNG(SampledLabelsMixin, Method):
     blocks: str = "full"
 
     name = "qng"
-    seed_ref = "004 §2.2 (7)-(11), Obs. 1"
+    seed_ref = "[QNG-Ginger] §2.2 (7)-(11), Obs. 1"
     summary = "quasi-natural gradient: EMA Fisher as a product of τ rank-one-corrected scalings, O(nτ)"
     State = QNGState
     draw_fields = ("labels",)

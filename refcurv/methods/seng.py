@@ -1,6 +1,6 @@
-"""SENG — Sketchy Empirical Natural Gradient (journal version, seed 001 §2–§4; conference
-version, seed 000 §3.4 for the historical buffers). Equation numbers are 001's unless
-marked "000".
+"""SENG — Sketchy Empirical Natural Gradient (journal version, [SENG] §2–§4; conference
+version, [SENG-conf] §3.4 for the historical buffers). Equation numbers are [SENG]'s unless
+marked "[SENG-conf]".
 
 Definition (the dense form)
 ---------------------------
@@ -38,7 +38,7 @@ Fast forms
   ``Ω`` densely, forms ``M̂`` and solves by LU with partial pivoting.
 * **Implicit storage (15)–(24)** for layers with ``n^l ≥ threshold`` (Algorithm 1's test
   ``n^l < 𝒯`` picks the explicit path): rank-``r`` factors ``u_i ≈ vec(G_i A_iᵀ)`` (15) from a
-  partial SVD of ``Ĝ_i`` or ``Â_i`` (footnote 1; 000 §3.3: ``Ĝ_i ≈ N Σ V``, ``G_i = NΣ``,
+  partial SVD of ``Ĝ_i`` or ``Â_i`` (footnote 1; [SENG-conf] §3.3: ``Ĝ_i ≈ N Σ V``, ``G_i = NΣ``,
   ``A_i = Â_i Vᵀ``) — ``svd="exact"`` (batched LAPACK SVD) or ``"randomized"`` (batched
   Halko–Martinsson–Tropp range finder,
   :func:`refcurv.linalg.batched.randomized_svd_batched`, Gaussian test matrix seeded by
@@ -74,10 +74,10 @@ Fast forms
   ``k + 1 ≡ 0 (mod T)`` (0-based ``k``); at the first step, where the printed
   ``U_k = U_{k−1}`` has no ``U_0`` to read, ``U`` is built (as at every step where the state
   holds none).
-* **Historical buffers** (000 §3.4; explicit layers only):
-  ``history="decay"``: ``U_k = p^{-1/2}[ζ^{p−1} g_{k−p+1}, …, ζ^0 g_k]`` (000 (24),
+* **Historical buffers** ([SENG-conf] §3.4; explicit layers only):
+  ``history="decay"``: ``U_k = p^{-1/2}[ζ^{p−1} g_{k−p+1}, …, ζ^0 g_k]`` ([SENG-conf] (24),
   ``memory = p``, ``beta = ζ ∈ (0, 1]``); ``history="hybrid"``:
-  ``U_k = p^{-1/2}[g_{k−v}, …, g_{k−1}, ∇ψ_{i_1}(θ_k), …, ∇ψ_{i_{p−v}}(θ_k)]`` (000 (25),
+  ``U_k = p^{-1/2}[g_{k−v}, …, g_{k−1}, ∇ψ_{i_1}(θ_k), …, ∇ψ_{i_{p−v}}(θ_k)]`` ([SENG-conf] (25),
   ``hybrid_v = v``, ``1 < v < p``; the ``p − v`` distinct indices drawn uniformly from the
   batch in :meth:`SENG.draw`, ``Draws.sketches["hybrid"]``). Before ``p`` (resp. ``v``) gradients exist the missing
   columns are zero (they do not change ``UUᵀ``). The buffer is updated every step.
@@ -199,7 +199,7 @@ def refresh_step(k, T, phase="k0"):
 def lowrank_factors(A_hat, G_hat, rank=None, svd="exact", svd_of="auto", seed=None, oversample=10, power_iter=2):
     """(15): rank-``r`` factors ``(G, A)`` ``(N, n_G, r)``, ``(N, n_A, r)`` with
     ``G_i A_iᵀ ≈ Ĝ_i Â_iᵀ``, from a partial SVD of ``Ĝ_i`` (``svd_of="G"``) or ``Â_i``
-    (``"A"``; ``"auto"``: the one with fewer rows, ties → G) — footnote 1, 000 §3.3:
+    (``"A"``; ``"auto"``: the one with fewer rows, ties → G) — footnote 1, [SENG-conf] §3.3:
     ``X_i ≈ N Σ V`` gives ``X_i ← NΣ``, ``Y_i ← Ŷ_i Vᵀ``. ``r = min(rank, rows of X, κ)``.
     ``svd="exact"``: :func:`~refcurv.linalg.batched.truncated_svd_batched`; ``"randomized"``:
     :func:`~refcurv.linalg.batched.randomized_svd_batched` (test matrices from ``seed``).
@@ -359,8 +359,8 @@ def implicit_direction(G, A, g, gp, lam, skA=None, skG=None, blocks=1, scale=1, 
 
 
 def history_decay(buffer, g, beta):  # host: p host scalars (the decay weights)
-    """000 (24): the buffer of the last ``p`` gradients ``(p, out, d)`` (oldest first) shifted by
-    ``g = g_k``, and ``U_k = p^{-1/2}[β^{p−1}g_{k−p+1}, …, β^0 g_k]`` ``(n, p)`` (000's decay
+    """[SENG-conf] (24): the buffer of the last ``p`` gradients ``(p, out, d)`` (oldest first) shifted by
+    ``g = g_k``, and ``U_k = p^{-1/2}[β^{p−1}g_{k−p+1}, …, β^0 g_k]`` ``(n, p)`` ([SENG-conf]'s decay
     ``ζ`` is refcurv's ``beta``). Returns ``(new_buffer, U_k)``."""
     xp = xp_of(g)
     p = buffer.shape[0]
@@ -371,7 +371,7 @@ def history_decay(buffer, g, beta):  # host: p host scalars (the decay weights)
 
 
 def history_hybrid(buffer, g, u_sampled, p):
-    """000 (25): ``U_k = p^{-1/2}[g_{k−v}, …, g_{k−1}, ∇ψ_{i_1}(θ_k), …, ∇ψ_{i_{p−v}}(θ_k)]``
+    """[SENG-conf] (25): ``U_k = p^{-1/2}[g_{k−v}, …, g_{k−1}, ∇ψ_{i_1}(θ_k), …, ∇ψ_{i_{p−v}}(θ_k)]``
     ``(n, p)`` from the buffer of the last ``v`` gradients ``(v, out, d)`` (oldest first) and the
     sampled per-sample gradients ``u_sampled`` ``(p − v, out, d)``; the buffer then shifts by
     ``g = g_k``. Returns ``(new_buffer, U_k)``."""
@@ -407,16 +407,16 @@ def dense_block_direction(M_blocks, S, g, gp, lam, scale=1):  # host: float64 re
 
 @dataclass(frozen=True, kw_only=True)
 class SENGState(State):
-    """SENG's state (001 (4)–(5), (15)–(17); 000 (24)–(25)); per-layer lists."""
+    """SENG's state ([SENG] (4)–(5), (15)–(17); [SENG-conf] (24)–(25)); per-layer lists."""
 
     U: list = state_field(doc="per layer: the U of (4)-(5) the last step used, (n^l, ρ') with columns "
-                              "ϱ^{-1/2}u_i (or the history columns of 000 (24)/(25)); U Uᵀ = M^l. Kept for the "
+                              "ϱ^{-1/2}u_i (or the history columns of [SENG-conf] (24)/(25)); U Uᵀ = M^l. Kept for the "
                               "stale steps between refreshes (Algorithm 1). None for implicit layers", default=[])
     lowrank_factors: list = state_field(doc="per layer: the low-rank factors (G̃, Ã) of (15)-(16), shapes (ϱ, n_G, r) and "
                                     "(ϱ, n_A, r) with u_i ≈ vec(G̃_i Ã_iᵀ); None for explicit layers", default=[])
     g: Any = state_field("g", default=None)
-    buffer: Any = state_field(doc="history buffer per layer (history != 'none'): the last p (decay, 000 (24)) "
-                                  "or v (hybrid, 000 (25)) mini-batch gradients, (p or v, out, d), oldest first; "
+    buffer: Any = state_field(doc="history buffer per layer (history != 'none'): the last p (decay, [SENG-conf] (24)) "
+                                  "or v (hybrid, [SENG-conf] (25)) mini-batch gradients, (p or v, out, d), oldest first; "
                                   "None otherwise", default=None)
 
 
@@ -450,7 +450,7 @@ def _flag(value, name):
 @register
 @dataclass(frozen=True)
 class SENG(Method):
-    """SENG (001 (7)–(24), Algorithms 1–2; 000 §3.4; distributed §4 (25)–(28)); the module
+    """SENG ([SENG] (7)–(24), Algorithms 1–2; [SENG-conf] §3.4; distributed §4 (25)–(28)); the module
     docstring derives every form.
 
     Hyper-parameters (defaults): ``damping`` λ (1.0); explicit sketch ``sketch`` ("uniform" |
@@ -460,7 +460,7 @@ class SENG(Method):
     ("auto" | "G" | "A"), ``oversample`` (10), ``power_iter`` (2), ``sketch_size_A`` ζ_A and
     ``sketch_size_G`` ζ_G (None: no sketch), ``uc`` ("cu": (23) | "exact": (22));
     ``T_inv`` T (1), ``phase`` ("k0" | "paper", Algorithm 1's 1-based schedule);
-    ``history`` ("none" | "decay": 000 (24) | "hybrid": 000 (25)), ``memory`` p (4),
+    ``history`` ("none" | "decay": [SENG-conf] (24) | "hybrid": [SENG-conf] (25)), ``memory`` p (4),
     ``beta`` ζ (1.0), ``hybrid_v`` v (2); ``workers`` 𝓜 (1), ``normalization`` ("worker" |
     "global"), ``block_capacitance`` ((26), True), ``delayed`` ((27), False), ``sync_cu``
     ((28), True).
@@ -475,7 +475,7 @@ class SENG(Method):
     explicit row sketch (14) of layer ``j`` (``q`` row indices into ``U``'s ``n^l`` rows and
     their weights); ``"Omega_A/<j>/…"``, ``"Omega_G/<j>/…"`` — the implicit layer's ``Ω_A``
     (rows of ``Ã_i``, ``n_A = d``) and ``Ω_G`` (rows of ``G̃_i``, ``n_G = out``) (17);
-    ``"hybrid"`` — the ``p − v`` distinct per-sample indices of 000 (25); ``seeds["svd/<j>"]``
+    ``"hybrid"`` — the ``p − v`` distinct per-sample indices of [SENG-conf] (25); ``seeds["svd/<j>"]``
     — the seed of the randomized SVD's Gaussian test matrices (15) (kept a seed: the matrices
     are ``(ϱ, n, k)`` per refresh and a caller that replays them can pass its own factors
     through the state instead). Leverage-score sketches (``p_i ∝`` row norms of the ``U`` or
@@ -528,7 +528,7 @@ class SENG(Method):
     sync_cu: bool = True
 
     name = "seng"
-    seed_ref = "001 (2)-(24), Alg. 1-2; 000 §3.4 (24)-(25)"
+    seed_ref = "[SENG] (2)-(24), Alg. 1-2; [SENG-conf] §3.4 (24)-(25)"
     summary = "per-layer damped empirical Fisher by SMW, sketched LS, implicit low-rank storage"
     State = SENGState
 
@@ -556,7 +556,7 @@ class SENG(Method):
         check_int(self.hybrid_v, "hybrid_v")
         if self.history == "hybrid" and not 1 < self.hybrid_v < self.memory:
             raise HyperParameterError(
-                f"hybrid_v must satisfy 1 < hybrid_v < memory (000 (25)), "
+                f"hybrid_v must satisfy 1 < hybrid_v < memory ([SENG-conf] (25)), "
                 f"got hybrid_v={self.hybrid_v}, memory={self.memory}")
         check_int(self.workers, "workers")
         check_choice(self.normalization, "normalization", ("global", "worker"))
@@ -634,7 +634,7 @@ class SENG(Method):
     def draw(self, rng, state, net, params, batch):  # host: draws are made on the host (design §6)
         """The step's random numbers as arrays: per layer four seeds are drawn (explicit Ω,
         Ω_A, Ω_G, randomized-SVD test matrices; this order keeps refcurv's earlier streams),
-        then the hybrid indices of 000 (25); the sketches are then built from their seeds —
+        then the hybrid indices of [SENG-conf] (25); the sketches are then built from their seeds —
         leverage scores from the ``U`` / factors of this step (:meth:`curvature_factors`)."""
         L = len(net.param_shapes)
         seeds = rng.integers(2**63 - 1, size=(L, 4))
@@ -673,7 +673,7 @@ class SENG(Method):
         """Beyond the base checks: every sketch and seed this network's layers consume is
         present; sketch indices are 1-D integer arrays into the sketched rows, weights finite
         and positive of the same length; the hybrid indices are ``p − v`` distinct sample
-        indices (000 (25))."""
+        indices ([SENG-conf] (25))."""
         super().check_draws(draws, state, net, params, batch)
         names, seed_names = self._draw_keys(net)
         for j, layer_names in names.items():
@@ -695,7 +695,7 @@ class SENG(Method):
             N, need = len(batch.x), self.memory - self.hybrid_v
             h = draws.sketches.get("hybrid")
             if h is None:
-                raise DrawsError(f"{self.name}: draws.sketches['hybrid'] is missing (000 (25) per-sample indices)")
+                raise DrawsError(f"{self.name}: draws.sketches['hybrid'] is missing ([SENG-conf] (25) per-sample indices)")
             h = np.asarray(h)
             if h.shape != (need,) or h.dtype.kind not in "iu" or np.unique(h).size != need \
                     or h.min() < 0 or h.max() >= N:
@@ -797,7 +797,7 @@ class SENG(Method):
         return [[Mw[j] / nb for Mw in per_worker] for j in range(len(net.param_shapes))]
 
     def _dense_history(self, state, g, u_flat, sl, draws):  # host: float64 reference on the host (to_numpy)
-        """000 (24) / (25) written out column by column (the dense reference's own copy)."""
+        """[SENG-conf] (24) / (25) written out column by column (the dense reference's own copy)."""
         p = self.memory
         cols_all, new_buf = [], []
         for j, gj in enumerate(g):
@@ -935,7 +935,7 @@ def _storage(state):
 @register
 @dataclass(frozen=True)
 class SENGDistributed(SENG):
-    """Distributed SENG (001 §4): :class:`SENG` with ``workers = 2`` simulated workers by
+    """Distributed SENG ([SENG] §4): :class:`SENG` with ``workers = 2`` simulated workers by
     default, the block-diagonal approximation (26) (``block_capacitance=True``), optionally the
     delayed gradient (27) (``delayed=True``) and the synchronized ``C_U`` (28)
     (``sync_cu=True``). State, draws, curvature and shared kernels: :class:`SENG`."""
@@ -943,5 +943,5 @@ class SENGDistributed(SENG):
     workers: int = 2
 
     name = "seng_distributed"
-    seed_ref = "001 §4 (25)-(28)"
+    seed_ref = "[SENG] §4 (25)-(28)"
     summary = "SENG on simulated workers: block-diagonal UᵀU (26), delayed gradient (27), synced C_U (28)"

@@ -1,4 +1,4 @@
-"""Shampoo as thesis 003 implements it (Algorithm 16, line 2142; Gupta et al. 2018 with the
+"""Shampoo as [Ren-thesis] implements it (Algorithm 16, line 2142; Gupta et al. 2018 with the
 moving average and coupled-Newton roots of Anil et al. 2020).
 
 ``rhs`` is the momentum buffer ``state.m`` and the curvature ``C`` is, per parameter tensor
@@ -119,7 +119,7 @@ class ShampooState(TensorState):
 @register
 @dataclass(frozen=True)
 class Shampoo(TensorMethod):
-    """Shampoo (thesis 003 Algorithm 16). Hyper-parameters: ``damping`` ε (added to every
+    """Shampoo ([Ren-thesis] Algorithm 16). Hyper-parameters: ``damping`` ε (added to every
     factor before its root), EMA ``beta`` β, gradient ``momentum`` μ with ``momentum_form``
     (``"heavy_ball"`` as line 7 prints | ``"ema"``), decoupled ``weight_decay`` γ, statistics /
     root intervals ``T_stats`` (T₁) / ``T_inv`` (T₂) with ``phase`` (``"k0"`` | ``"paper"``),
@@ -142,7 +142,7 @@ class Shampoo(TensorMethod):
     on_newton_failure: str = "eigh"
 
     name = "shampoo"
-    seed_ref = "003 Alg. 16; Prop. 1 (4.3)"
+    seed_ref = "[Ren-thesis] Alg. 16; Prop. 1 (4.3)"
     summary = "per-tensor Kronecker preconditioner ⊗(Ĝ⁽ⁱ⁾ + εI)^(−1/2k) of EMA gradient contractions, by mode products"
     State = ShampooState
 

@@ -1,5 +1,5 @@
 """Subsampled Gauss-Newton / natural gradient with Levenberg-Marquardt damping, inverted by
-Sherman-Morrison-Woodbury: SMW-GN, SMW-NG, SMW-NG-BD (thesis = seed 003, Chapter 5).
+Sherman-Morrison-Woodbury: SMW-GN, SMW-NG, SMW-NG-BD ([Ren-thesis], Chapter 5).
 
 Notation (thesis §5.2-§5.5; refcurv conventions of the README). A step sees the batch
 ``S₁`` (``N₁`` samples) and draws ``S₂ ⊆ S₁`` (``N₂`` samples; Algorithm 23 line 3):
@@ -380,7 +380,7 @@ class SMWGN(LMMethod):
     """
 
     name = "smw_gn"
-    seed_ref = "003 Ch.5 (5.2), (5.4)-(5.7), Alg. 17-23"
+    seed_ref = "[Ren-thesis] Ch.5 (5.2), (5.4)-(5.7), Alg. 17-23"
     summary = "subsampled Gauss-Newton + LM damping, SMW inverse (5.6)/(5.7)"
     State = SMWGNState
 
@@ -415,8 +415,10 @@ class SMWGN(LMMethod):
         K = net.jacobian_gram(params, x2)  # (N, C, N, C)
         xp = xp_of(K)
         N, C = K.shape[:2]
-        f = net.forward(params, x2)
-        H = loss.hessian(f)  # (N, C, C)
+        op = OutputJacobian(net, params, x2)
+        # on a sequence output (T, C) the loss is summed over positions: its Hessian on the
+        # flattened output (T·C) is block diagonal (refcurv.nn.losses._over_positions)
+        H = net._loss_for(loss, op.tr).hessian(op.f)  # (N, C, C), C = T·C for sequences
         form = self._resolve_form(loss, H)
         I_N = xp.eye(N, dtype=K.dtype)
         if form == "symmetric":
@@ -441,6 +443,7 @@ class SMWGN(LMMethod):
         g = grad_from_factors(A, G)
         D, form = self.capacitance(net, params, x2, y2, loss, lam)
         op = OutputJacobian(net, params, x2)
+        loss = net._loss_for(loss, op.tr)
         xp = xp_of(D)
         N, C = op.f.shape
         H = loss.hessian(op.f)
@@ -541,7 +544,7 @@ class SMWNG(_FisherLM):
     """
 
     name = "smw_ng"
-    seed_ref = "003 Ch.5 (5.3)-(5.6), §5.3.3, Alg. 23"
+    seed_ref = "[Ren-thesis] Ch.5 (5.3)-(5.6), §5.3.3, Alg. 23"
     summary = "subsampled (empirical) Fisher natural gradient + LM damping, SMW inverse (5.6)"
     State = SMWNGState
 
@@ -594,7 +597,7 @@ class SMWNGBD(_FisherLM):
     """
 
     name = "smw_ng_bd"
-    seed_ref = "003 Ch.5 §5.8 (block-diagonal (5.3)), (5.6)"
+    seed_ref = "[Ren-thesis] Ch.5 §5.8 (block-diagonal (5.3)), (5.6)"
     summary = "block-diagonal (per layer) SMW-NG + LM damping"
     State = SMWNGBDState
 

@@ -1,4 +1,4 @@
-"""TNT, Tensor-Normal Training (thesis 003 Ch.4: (4.2), (4.8), (4.10), Proposition 1,
+"""TNT, Tensor-Normal Training ([Ren-thesis] Ch.4: (4.2), (4.8), (4.10), Proposition 1,
 Algorithms 13-15, Lemma 10).
 
 **Tensors.** Each layer matrix ``W`` is viewed as its parameter tensors with
@@ -116,7 +116,7 @@ normalize = normalized_factors
 
 def sample_statistics(Gs, statistics="per_sample", weight=None):
     """``[Ḡ^{(1)}, …, Ḡ^{(k)}]`` from stacked gradients ``Gs`` ``(S, N, d_1, …, d_k)`` — ``S``
-    label draws (or cotangent columns) of ``N`` samples — (thesis 003 (4.2)):
+    label draws (or cotangent columns) of ``N`` samples — ([Ren-thesis] (4.2)):
 
     * ``"per_sample"``: ``w Σ_{s,n} mat_i(G_{s,n}) mat_i(G_{s,n})ᵀ / N`` (the contraction of
       the stacked tensor along a mode sums over the stacked samples);
@@ -160,7 +160,7 @@ class TNTState(TensorState):
 @register
 @dataclass(frozen=True)
 class TNT(TensorMethod):
-    """TNT (thesis 003 Algorithm 15). Hyper-parameters: ``damping`` ε, EMA ``beta`` β,
+    """TNT ([Ren-thesis] Algorithm 15). Hyper-parameters: ``damping`` ε, EMA ``beta`` β,
     gradient ``momentum`` μ (Algorithm 15 line 1: μ = β = 0.9) with ``momentum_form``
     (``"heavy_ball"``: ``m ← μ m + g`` as line 10 prints; ``"ema"``: ``m ← μ m + (1−μ) g``),
     decoupled ``weight_decay`` γ, statistics / inverse intervals ``T_stats`` (T_1) /
@@ -185,7 +185,7 @@ class TNT(TensorMethod):
     n_samples: int = 1
 
     name = "tnt"
-    seed_ref = "003 Ch.4 Alg. 15; (4.2), (4.8), (4.10), Prop. 1"
+    seed_ref = "[Ren-thesis] Ch.4 Alg. 15; (4.2), (4.8), (4.10), Prop. 1"
     summary = "tensor-normal Fisher ⊗_i(Ũ_i + εI) per parameter tensor, applied by mode products"
     State = TNTState
 

@@ -11,7 +11,7 @@ HYPER_PARAMETERS = {
                 "damping added to the curvature (for LM methods: the initial λ_LM)"),
     "damping_floor": ("τ (thesis (5.4))", "floor added to the LM damping: λ = λ_LM + τ"),
     "rank": ("τ (QNG, Ginger), r (SENG)", "rank of a low-rank approximation"),
-    "beta": ("β (KFAC, TNT, Shampoo, K-BFGS, NG+ (11)/(12)), α (QNG, Ginger (7)), ζ (SENG 000 (24))",
+    "beta": ("β (KFAC, TNT, Shampoo, K-BFGS, NG+ (11)/(12)), α (QNG, Ginger (7)), ζ ([SENG-conf] (24))",
              "decay of the moving average (or geometric weighting) of curvature statistics"),
     "momentum": ("μ", "decay of the gradient momentum buffer m"),
     "momentum_form": ("", "'heavy_ball': m ← μ m + g;  'ema': m ← μ m + (1−μ) g"),
@@ -55,7 +55,7 @@ HYPER_PARAMETERS = {
     "sketch_size_A": ("ζ_A", "sampled rows of A_i (implicit path)"),
     "sketch_size_G": ("ζ_G", "sampled rows of G_i (implicit path)"),
     "uc": ("", "U c by 'cu' (23) or 'exact' (22)"),
-    "history": ("", "'none', 'decay' (000 (24)) or 'hybrid' (000 (25)) gradient history"),
+    "history": ("", "'none', 'decay' ([SENG-conf] (24)) or 'hybrid' ([SENG-conf] (25)) gradient history"),
     "hybrid_v": ("v", "recent gradients always kept by the hybrid history"),
     "workers": ("𝓜", "simulated workers (distributed SENG §4)"),
     "normalization": ("", "distributed SENG: 'worker' or 'global' normalization of U"),
@@ -64,12 +64,12 @@ HYPER_PARAMETERS = {
     "sync_cu": ("(28)", "distributed SENG: synchronized C_U"),
     # NG+
     "side": ("", "GFIM side: 'left' (L), 'right' (R) or 'auto' (the smaller)"),
-    "stats_weight": ("γ (002 (12))", "weight of the new statistic in the mini-batch accumulation (12)"),
-    "stats_init": ("λ₀ (002 (12))", "initial statistic L̃₀ = λ₀ I of (12)"),
-    "gram": ("", "'exact' Gram products or 'sketch' (002 (17))"),
-    "block_size": ("(002 (18))", "size of the diagonal blocks of the block-diagonal approximation (18)"),
+    "stats_weight": ("γ ([NG+] (12))", "weight of the new statistic in the mini-batch accumulation (12)"),
+    "stats_init": ("λ₀ ([NG+] (12))", "initial statistic L̃₀ = λ₀ I of (12)"),
+    "gram": ("", "'exact' Gram products or 'sketch' ([NG+] (17))"),
+    "block_size": ("([NG+] (18))", "size of the diagonal blocks of the block-diagonal approximation (18)"),
     "solver": ("", "'cholesky', 'smw' (14), 'ls' (15) or 'sketch_ls' (16)"),
-    "alpha": ("α (002 (19))", "exp-concavity α of the online-Newton iteration (step 1/α)"),
+    "alpha": ("α ([NG+] (19))", "exp-concavity α of the online-Newton iteration (step 1/α)"),
     "radius": ("𝒟/2", "radius of the Frobenius ball K of the online-Newton projection"),
     "projection": ("", "online-Newton projection: 'L' (in the L_t norm) or 'euclidean'"),
     # SMW / Hessian-free (thesis Ch.5 LM rule)
@@ -96,6 +96,9 @@ HYPER_PARAMETERS = {
     # ---- additions: smw / hessian_free
 
     # ---- additions: qng / ginger
+
+    # ---- additions: baselines (sgd, adam, natural_gradient)
+    "nesterov": ("", "SGD: Nesterov momentum, d = −(g + μ m) instead of the heavy ball's d = −m (PyTorch's form)"),
 
 }
 
@@ -139,7 +142,7 @@ STATE_FIELDS = {
     "G_hat": "TNT / Shampoo: per layer, per parameter tensor, per mode, the moving average of the mode statistics",
     "factors": "TNT / Shampoo: per layer, per parameter tensor, per mode, the damped Kronecker factor",
     "lowrank_factors": "SENG: per layer the low-rank factors (G̃, Ã) of the implicit path (15)-(16)",
-    "buffer": "SENG: per layer the gradient history of 000 (24)/(25)",
+    "buffer": "SENG: per layer the gradient history of [SENG-conf] (24)/(25)",
     "lambda_A": "K-BFGS: the damping of the input side, per layer",
     "lambda_G": "K-BFGS: the damping of the output side, per layer",
     "s_g": "K-BFGS: the last (damped) pair's s for H_g, per layer",

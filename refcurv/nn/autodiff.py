@@ -1,7 +1,7 @@
 """The autodiff core as pure functions, one per equation; :class:`~refcurv.nn.Sequential`
 is a thin shell that validates its input and calls them.
 
-Notation (thesis = Ren's thesis, seed ``003``: Ch.2 Algorithm 1 and (2.1)-(2.2), Ch.3
+Notation (thesis = Ren's thesis, seed ``[Ren-thesis]``: Ch.2 Algorithm 1 and (2.1)-(2.2), Ch.3
 Theorem 3, Ch.5 (5.10)-(5.11) and Algorithms 17-22; SENG (3)). For trainable module ``l``
 with weight matrix ``W_l in R^{out x d}`` (bias = last column) and input ``a_{l-1}``:
 
@@ -50,7 +50,15 @@ from ._checks import (
     quiet,
     real_array,
 )
-from .layers import Conv2d, Flatten, Linear, _Elementwise, _shape_arg
+from .layers import (
+    LINEAR_MAPS,
+    Conv2d,
+    Flatten,
+    Linear,
+    SequenceMean,
+    _Elementwise,
+    _shape_arg,
+)
 
 __all__ = [
     "Trace", "trainable_index", "feature_shapes", "forward_trace", "push_tangents",
@@ -61,13 +69,21 @@ __all__ = [
 
 @dataclass
 class Trace:
-    """What the forward pass keeps: each module's input and feature shape, and the
-    patches ``A`` of each trainable module (keyed by module index)."""
+    """What the forward pass keeps: each module's input and feature shape, the patches
+    ``A`` of each trainable module (keyed by module index) and the output ``out`` ``(N, C)``.
+
+    A sequence output ``(N, T, C)`` is kept flattened, ``out`` ``(N, T·C)``, so that every
+    consumer of ``(N, C)`` outputs (Jacobians ``(N, T·C, n)``, output bases, GGN sandwiches)
+    works unchanged; the loss then acts per position through
+    :func:`refcurv.nn.losses._over_positions` (per-sample loss = sum over positions)."""
 
     inputs: list
     in_shapes: list
     A: dict = field(default_factory=dict)
     out: object = None
+    #: the feature shape of the network output: ``(C,)``, or ``(T, C)`` for a sequence
+    #: output, which ``out`` holds flattened to ``(N, T·C)`` (row-major over ``(T, C)``)
+    out_shape: tuple = None
 
     def __post_init__(self):
         for name, kind in (("inputs", list), ("in_shapes", list), ("A", dict)):
@@ -105,10 +121,12 @@ def _forward_trace(layers, params, x):
 
         a_0 = x,   A_l = A(a_{l-1}),   h_l = W_l A_l,   a_l = φ_l(h_l).
 
-    Returns the :class:`Trace` (module inputs ``a``, feature shapes, patches ``A_l``,
-    output ``f = a_L`` of shape ``(N, C)``) that the other passes read."""
+    ``h_l = W_l A_l`` is :meth:`_apply` of the layer: one GEMM over the batch and positions
+    for Linear. Returns the :class:`Trace` (module inputs ``a``, feature shapes, patches
+    ``A_l``, output ``f = a_L`` of shape ``(N, C)``, a sequence output flattened to
+    ``(N, T·C)``) that the other passes read."""
     shapes = _feature_shapes(layers, x.shape[1:])
-    tr = Trace(inputs=[], in_shapes=shapes[:-1])
+    tr = Trace(inputs=[], in_shapes=shapes[:-1], out_shape=shapes[-1])
     z, j = x, 0
     for k, m in enumerate(layers):
         tr.inputs.append(z)
@@ -116,14 +134,24 @@ def _forward_trace(layers, params, x):
         if m.trainable:
             A = m.patches(z, s)
             tr.A[k] = A
-            z = m.to_output(params[j] @ A, s)
+            z = m._apply(params[j], z, s, A=A)
             j += 1
-        elif isinstance(m, Flatten):
+        elif isinstance(m, LINEAR_MAPS):
             z = m.f(z, s)
         else:
             z = m.f(z)
-    tr.out = z
+    tr.out = _flat_output(z, shapes[-1])
     return tr
+
+
+def _flat_output(z, out_shape):
+    """A sequence output ``(…, N, T, C)`` as ``(…, N, T·C)`` (a view); others unchanged."""
+    return z.reshape(z.shape[: z.ndim - 2] + (-1,)) if len(out_shape) == 2 else z
+
+
+def _shaped_output(z, out_shape):
+    """Inverse of :func:`_flat_output`: ``(…, N, T·C) -> (…, N, T, C)``."""
+    return z.reshape(z.shape[:-1] + tuple(out_shape)) if len(out_shape) == 2 else z
 
 
 # -------------------------------------------------------- forward mode (R-op)
@@ -147,18 +175,19 @@ def _push_tangents(layers, params, trace, dparams=None, inject=None):
         s = trace.in_shapes[k]
         if m.trainable:
             dh = None
-            if dz is not None:
-                dh = params[j] @ m.patches(dz, s, ones=False)
-            if dparams is not None and dparams[j] is not None:
-                t = dparams[j][:, None] @ trace.A[k]
+            if dz is not None:  # W_l A(R{a}): one GEMM over tangents, samples and positions
+                dh = m._apply(params[j], dz, s, ones=False)
+            if dparams is not None and dparams[j] is not None:  # R{W_l} A_l
+                t = m._apply_weights(dparams[j], trace.A[k], s)
                 dh = t if dh is None else dh + t
-            dz = None if dh is None else m.to_output(dh, s)
+            dz = dh
             j += 1
         elif dz is not None:
-            dz = m.f(dz, s) if isinstance(m, Flatten) else m.d1(trace.inputs[k]) * dz
+            dz = m.f(dz, s) if isinstance(m, LINEAR_MAPS) else m.d1(trace.inputs[k]) * dz
         if inject is not None and inject[0] == k:
             dz = inject[1]
-    return tan_in, dz
+    out_shape = trace.out_shape if trace.out_shape is not None else ()
+    return tan_in, None if dz is None else _flat_output(dz, out_shape)
 
 
 # ------------------------------------------------------ reverse mode (+ R-op)
@@ -181,26 +210,31 @@ def _pull_cotangents(layers, params, trace, dout, rop=None):
     """
     n = sum(1 for m in layers if m.trainable)
     G, dG = [None] * n, [None] * n
-    dz = dout
+    out_shape = trace.out_shape if trace.out_shape is not None else ()
+    dz = _shaped_output(dout, out_shape)
     tan_in, dparams, ddz = rop if rop is not None else (None, None, None)
+    if rop is not None:
+        ddz = _shaped_output(ddz, out_shape)
     j = n
     for k in reversed(range(len(layers))):
         m, s = layers[k], trace.in_shapes[k]
         if m.trainable:
             j -= 1
             W = params[j]
-            G[j] = g = m.from_output(dz, s)
+            G[j] = m.from_output(dz, s)  # a view (…, N, out, T)
             if rop is not None:
-                dG[j] = dg = m.from_output(ddz, s)
+                dG[j] = m.from_output(ddz, s)
             if k == 0:
                 break
-            dz = m.patches_adjoint(W.T @ g, s)
+            new = m._apply_adjoint(W, dz, s)  # A*(W_lᵀ G_l): one GEMM for Linear
             if rop is not None:
-                t = W.T @ dg
-                if dparams is not None and dparams[j] is not None:
-                    t = t + dparams[j].swapaxes(-1, -2)[:, None] @ g
-                ddz = m.patches_adjoint(t, s)
-        elif isinstance(m, Flatten):
+                t = m._apply_adjoint(W, ddz, s)
+                if dparams is not None and dparams[j] is not None:  # A*(R{W_l}ᵀ G_l)
+                    batched = dz.ndim > 1 + len(m.out_shape(s))  # dout (K, N, C) or (N, C)
+                    t = t + m._apply_adjoint(dparams[j], dz, s, batched=batched)
+                ddz = t
+            dz = new
+        elif isinstance(m, LINEAR_MAPS):
             dz = m.adjoint(dz, s)
             if rop is not None:
                 ddz = m.adjoint(ddz, s)
@@ -221,7 +255,67 @@ def _weight_grads(A, G):
     """Per-sample weight gradients ``∇_{W_l} ψ_i = G_l A_lᵀ`` (thesis (2.1), Theorem 3 i:
     ``Σ_t g_t a_tᵀ`` over the ``T`` locations): ``A`` a list of ``(N, d, T)``, ``G`` a list
     of ``(…, N, out, T)`` → list of ``(…, N, out, d)``."""
-    return [g @ a.swapaxes(-1, -2) for a, g in zip(A, G)]
+    return [_outer_sum(g, a) for a, g in zip(A, G)]
+
+
+def _outer_sum(g, a, out=None):
+    """``g @ aᵀ`` on the last two axes (``Σ_t g_t a_tᵀ``), into ``out`` if given. With one
+    location (``T = 1``: a Linear layer on vectors) the product is an outer product, written
+    as a broadcast multiply: a batched GEMM with inner dimension 1 is slower, and the result
+    is the size of the memory traffic either way."""
+    xp = xp_of(g, a)
+    if a.shape[-1] == 1:
+        return xp.multiply(g, a.swapaxes(-1, -2), out=out)
+    return xp.matmul(g, a.swapaxes(-1, -2), out=out)
+
+
+def _certainly_finite(A, G):
+    """``True`` if every ``G_i A_iᵀ`` is finite by a bound: each entry is a sum of ``T``
+    products, so ``|entry| ≤ T · max|g| · max|a|``, required below half the largest number
+    of the result's dtype (the half absorbs the rounding of the sum). An O(size of the
+    factors) test that spares the O(N·n) finiteness scan of the per-sample gradients in the
+    common case; when it fails (or a factor holds NaN/Inf) the caller scans the result."""
+    xp = xp_of(*A)
+    for a, g in zip(A, G):
+        if a.size == 0 or g.size == 0:
+            continue
+        limit = 0.5 * float(np.finfo(np.result_type(a.dtype, g.dtype)).max)
+        bound = float(xp.abs(a).max()) * float(xp.abs(g).max()) * a.shape[-1]
+        if not bound < limit:
+            return False
+    return True
+
+
+def _weight_grads_flat(A, G):
+    """:func:`_weight_grads` written straight into the flat ``(…, N, n)`` array (row-major per
+    layer, the order of :func:`_flatten_layers`): one batched ``matmul`` per layer,
+    ``(…, N, out, T) @ (N, T, d)``, into its column block, so the ``N·n`` doubles are written
+    once (forming the per-layer arrays and concatenating them writes and reads them twice
+    more; for an MLP the array is the dominant memory traffic)."""
+    xp = xp_of(*G)
+    lead = tuple(G[0].shape[:-2])
+    shapes = [(g.shape[-2], a.shape[-2]) for a, g in zip(A, G)]
+    dtype = np.result_type(*(a.dtype for a in A), *(g.dtype for g in G))
+    out = xp.empty(lead + (sum(o * d for o, d in shapes),), dtype=dtype)
+    off = 0
+    for a, g, (o, d) in zip(A, G, shapes):
+        block = out[..., off : off + o * d].reshape(lead + (o, d))  # a view: the last axis is contiguous
+        _outer_sum(g, a, out=block)
+        off += o * d
+    return out
+
+
+def _mean_weight_grads(A, G):
+    """Mini-batch gradient ``(1/N) Σ_i G_i A_iᵀ`` per layer as one GEMM per layer over the
+    samples and locations, ``(1/N) G_rowsᵀ A_rows`` with ``(N·T, out)`` and ``(N·T, d)`` rows
+    (thesis (2.1), Algorithm 18), never through per-sample gradients. ``G`` ``(N, out, T)``."""
+    out = []
+    for a, g in zip(A, G):
+        N = a.shape[0]
+        R = a.swapaxes(-1, -2).reshape(-1, a.shape[-2])  # (N·T, d); contiguous for Linear
+        D = g.swapaxes(-1, -2).reshape(-1, g.shape[-2])  # (N·T, out)
+        out.append((D.T @ R) / N)
+    return out
 
 
 def _flatten_layers(grads):
@@ -327,7 +421,9 @@ def _preactivation_hessians(layers, params, trace, dout, output_hvp):
         m, s = layers[k], trace.in_shapes[k]
         hshape = tuple(m.out_shape(s))
         size = int(np.prod(hshape))
-        E = xp.eye(size, dtype=dtype).reshape((size, 1) + hshape)
+        # the basis of h_l flattened row-major over (out, T), in the layer's output layout
+        # ((T, out) for a sequence Linear)
+        E = m.to_output(xp.eye(size, dtype=dtype).reshape((size, 1, m.out_features, -1)), s)
         E = xp.broadcast_to(E, (size, N) + hshape)
         tan_in, df = _push_tangents(layers, params, trace, inject=(k, E))
         _, dG = _pull_cotangents(layers, params, trace, dout, rop=(tan_in, None, output_hvp(df)))
@@ -340,7 +436,7 @@ def _check_layers(layers):
     if not isinstance(layers, (list, tuple)) or len(layers) == 0:
         raise ArgumentTypeError(f"layers must be a non-empty list of refcurv layers, got {describe(layers)}")
     for k, m in enumerate(layers):
-        if not isinstance(m, (Linear, Conv2d, Flatten, _Elementwise)):
+        if not isinstance(m, (Linear, Conv2d, Flatten, SequenceMean, _Elementwise)):
             raise ArgumentTypeError(f"layers[{k}] is not a refcurv layer: {describe(m)}")
     if not _trainable_index(layers):
         raise ArgumentTypeError("layers must contain at least one Linear or Conv2d")
@@ -370,8 +466,9 @@ def _check_trace(layers, trace):
           and hasattr(trace.out, "shape") and getattr(trace.out, "ndim", 0) == 2)
     if ok:
         try:
-            ok = _feature_shapes(layers, trace.in_shapes[0]) == [tuple(s) for s in trace.in_shapes] + [
-                tuple(trace.out.shape[1:])]
+            out_shape = tuple(trace.out_shape) if trace.out_shape is not None else tuple(trace.out.shape[1:])
+            ok = (_feature_shapes(layers, trace.in_shapes[0]) == [tuple(s) for s in trace.in_shapes] + [out_shape]
+                  and int(np.prod(out_shape)) == trace.out.shape[1])
         except (ShapeError, TypeError, ValueError, ArgumentTypeError):
             ok = False
     if not ok:

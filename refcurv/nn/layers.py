@@ -7,8 +7,9 @@ Trainable layers are written in one form (thesis Ch.3 (3.1)-(3.2), SENG (3)):
 
     h = W A(a),        W in R^{out x d},   A(a) in R^{d x T}
 
-where ``A`` is the patch operator: for Linear, ``T = 1`` and ``A(a) = [a; 1]``; for
-Conv2d, ``A(a)`` holds the im2col patches, one column per output location
+where ``A`` is the patch operator: for Linear, ``T = 1`` and ``A(a) = [a; 1]`` (or, on a
+sequence ``(T, in)`` with the weight shared over the positions, one column ``[a_t; 1]`` per
+position); for Conv2d, ``A(a)`` holds the im2col patches, one column per output location
 (``T = H_out W_out``, row-major over ``(H_out, W_out)``), rows ordered ``(c_in, kh, kw)``
 -- the row order of ``weight.reshape(out, -1)`` for a PyTorch ``(out, c_in, kh, kw)``
 kernel -- and a final ones row when the layer has a bias (homogeneous coordinate).
@@ -78,7 +79,20 @@ def _append_row(A, value):
 
 
 class Linear:
-    """Fully connected layer ``h = W [a; 1]``, ``W in R^{out x (in + 1)}`` (bias last column)."""
+    """Fully connected layer ``h = W [a; 1]``, ``W in R^{out x (in + 1)}`` (bias last column).
+
+    Inputs of feature shape ``(in,)`` (one location, ``T = 1``) or ``(T, in)``: a sequence of
+    ``T`` positions sharing the weight, as ``torch.nn.Linear`` on ``(N, T, in)``; the output is
+    then ``(T, out)``, ``n_locations = T``, and the patches ``A(a) = [aᵀ; 1ᵀ] in R^{(in+1) x T}``
+    hold one position per column, so the per-sample gradient ``G Aᵀ = Σ_t g_t [a_t; 1]ᵀ`` sums
+    over positions exactly as for Conv2d (Eschenhagen et al. 2023, §2: a linear layer with
+    weight sharing).
+
+    The map and its adjoints run as one GEMM over every leading axis (batch, positions,
+    tangents), ``h = [a, 1] @ Wᵀ`` on the ``(N·T, in+1)`` rows (:meth:`_apply`,
+    :meth:`_apply_adjoint`), never as ``N`` mat-vecs: the patches are stored as contiguous
+    rows ``(…, T, in+1)`` and :meth:`patches` returns their transposed view.
+    """
 
     trainable = True
 
@@ -127,40 +141,115 @@ class Linear:
         dt = np.result_type(weight.dtype, bias.dtype)
         return xp.concatenate([weight.astype(dt, copy=False), bias.astype(dt, copy=False).reshape(-1, 1)], axis=1)
 
-    def out_shape(self, in_shape):
-        if _shape_arg(in_shape) != (self.in_features,):
+    # ------------------------------------------------------------ shapes
+    def _is_sequence(self, in_shape):
+        """``False`` for ``(in,)``, ``True`` for ``(T, in)``; anything else is a ShapeError."""
+        in_shape = _shape_arg(in_shape)
+        if in_shape[-1:] != (self.in_features,) or len(in_shape) > 2:
             raise ShapeError(
-                f"{self!r} expects inputs of feature shape ({self.in_features},), got {tuple(in_shape)}"
+                f"{self!r} expects inputs of feature shape ({self.in_features},) or, for a sequence, "
+                f"(T, {self.in_features}), got {tuple(in_shape)}"
             )
-        return (self.out_features,)
+        return len(in_shape) == 2
+
+    def out_shape(self, in_shape):
+        in_shape = _shape_arg(in_shape)
+        return in_shape[:-1] + (self.out_features,) if self._is_sequence(in_shape) else (self.out_features,)
 
     def n_locations(self, in_shape):
-        self.out_shape(in_shape)
-        return 1
+        in_shape = _shape_arg(in_shape)
+        return in_shape[0] if self._is_sequence(in_shape) else 1
+
+    # ------------------------------------------------------------ patches
+    def _rows(self, a, in_shape, ones=True):
+        """The patches as contiguous rows: ``(…, in) -> (…, 1, d)``, ``(…, T, in) -> (…, T, d)``
+        (``d = in + 1`` with the bias column of ones, or zeros with ``ones=False``: the linear
+        part, for tangents)."""
+        seq = self._is_sequence(in_shape)
+        a = _feature_array(a, _shape_arg(in_shape), "a", self)
+        ones = check_bool(ones, "ones")
+        if not seq:
+            a = a[..., None, :]
+        if not self.bias:
+            return a
+        xp = xp_of(a)
+        col = xp.full(a.shape[:-1] + (1,), 1.0 if ones else 0.0, dtype=a.dtype)
+        return xp.concatenate([a, col], axis=-1)
 
     def patches(self, a, in_shape, ones=True):
-        """``A(a)``: ``(..., in) -> (..., d, 1)``; ``ones=False`` gives the linear part (zero row)."""
-        self.out_shape(in_shape)
-        a = _feature_array(a, (self.in_features,), "a", self)
-        ones = check_bool(ones, "ones")
-        A = a[..., :, None]
-        if self.bias:
-            A = _append_row(A, 1.0 if ones else 0.0)
-        return A
+        """``A(a)``: ``(…, in) -> (…, d, 1)``, ``(…, T, in) -> (…, d, T)`` (a transposed view of
+        :meth:`_rows`); ``ones=False`` gives the linear part (zero row)."""
+        return self._rows(a, in_shape, ones).swapaxes(-1, -2)
 
     def patches_adjoint(self, dA, in_shape):
-        """Adjoint of the linear part of ``A``: ``(..., d, 1) -> (..., in)`` (bias row dropped)."""
-        self.out_shape(in_shape)
-        dA = _feature_array(dA, (self.param_shape[1], 1), "dA", self)
-        return dA[..., : self.in_features, 0]
+        """Adjoint of the linear part of ``A``: ``(…, d, T) -> (…, [T,] in)`` (bias row dropped)."""
+        seq = self._is_sequence(in_shape)
+        T = _shape_arg(in_shape)[0] if seq else 1
+        dA = _feature_array(dA, (self.param_shape[1], T), "dA", self)
+        dA = dA[..., : self.in_features, :].swapaxes(-1, -2)
+        return dA if seq else dA[..., 0, :]
 
     def to_output(self, h, in_shape):
-        self.out_shape(in_shape)
-        return _feature_array(h, (self.out_features, 1), "h", self)[..., 0]
+        """``(…, out, T) -> (…, T, out)`` (``(…, out)`` without positions)."""
+        seq = self._is_sequence(in_shape)
+        T = _shape_arg(in_shape)[0] if seq else 1
+        h = _feature_array(h, (self.out_features, T), "h", self).swapaxes(-1, -2)
+        return h if seq else h[..., 0, :]
 
     def from_output(self, dh, in_shape):
-        self.out_shape(in_shape)
-        return _feature_array(dh, (self.out_features,), "dh", self)[..., None]
+        """``(…, [T,] out) -> (…, out, T)``, a view."""
+        dh = _feature_array(dh, self.out_shape(in_shape), "dh", self)
+        if not self._is_sequence(in_shape):
+            dh = dh[..., None, :]
+        return dh.swapaxes(-1, -2)
+
+    # ------------------------------------------------------------ the map as one GEMM
+    @staticmethod
+    def _gemm(rows, W, rows_batched=False):
+        """``rows @ Wᵀ`` with every leading axis of ``rows`` folded into the GEMM's row count:
+        ``(…, k) @ (k, m)`` runs as one ``(Π…, k) @ (k, m)`` BLAS call (NumPy's broadcasting
+        matmul would loop over the leading axes with small products). ``W`` ``(m, k)``, or
+        ``K`` of them ``(K, m, k)``: then one GEMM per ``k``-tangent, on ``rows`` ``(K, …, k)``
+        (``rows_batched``) or on the same ``rows`` ``(…, k)`` for all ``K`` (broadcast, no copy)."""
+        k = rows.shape[-1]
+        if W.ndim == 2:
+            lead = rows.shape[:-1]
+            return (rows.reshape(-1, k) @ W.T).reshape(lead + (W.shape[0],))
+        K, m = W.shape[0], W.shape[1]
+        lead = rows.shape[1:-1] if rows_batched else rows.shape[:-1]
+        r = rows.reshape((K, -1, k) if rows_batched else (-1, k))
+        return (r @ W.swapaxes(-1, -2)).reshape((K,) + lead + (m,))
+
+    def _apply(self, W, a, in_shape, ones=True, A=None):
+        """``h = W A(a)`` in the output layout ``(…, [T,] out)``: ``[a, 1] @ Wᵀ``, one GEMM over
+        the batch and the positions (tangents too: ``ones=False`` drops the bias column,
+        ``h = a @ W[:, :in]ᵀ``). ``A``: the patches of ``a`` if already formed (the forward
+        pass stores them), used instead of forming them again."""
+        seq = self._is_sequence(in_shape)
+        if A is not None:
+            R = A.swapaxes(-1, -2)
+        elif check_bool(ones, "ones") or not self.bias:
+            R = self._rows(a, in_shape, ones)
+        else:  # linear part only: the zero bias column contributes nothing
+            R = _feature_array(a, _shape_arg(in_shape), "a", self)
+            R = R if seq else R[..., None, :]
+            W = W[:, : self.in_features]
+        h = self._gemm(R, W)
+        return h if seq else h[..., 0, :]
+
+    def _apply_weights(self, dW, A, in_shape):
+        """``dW A`` for ``K`` weight tangents ``dW`` ``(K, out, d)`` and the patches ``A``
+        ``(N, d, T)`` of the trace: ``(K, N, [T,] out)``, one GEMM per tangent."""
+        h = self._gemm(A.swapaxes(-1, -2), dW)
+        return h if self._is_sequence(in_shape) else h[..., 0, :]
+
+    def _apply_adjoint(self, W, dh, in_shape, batched=False):
+        """``A*(Wᵀ G)``, the input cotangent ``(…, [T,] in)`` from the output cotangent ``dh``
+        ``(…, [T,] out)``: ``dh @ W[:, :in]``, one GEMM (the bias column has no input). ``W``
+        ``(out, d)``, or ``K`` of them ``(K, out, d)``: one GEMM each, on ``dh`` ``(K, …)``
+        (``batched``) or on the same ``dh`` for all ``K``."""
+        Win = W[..., : self.in_features]
+        return self._gemm(dh, Win.swapaxes(-1, -2), rows_batched=batched)
 
 
 class Conv2d:
@@ -274,6 +363,27 @@ class Conv2d:
         for i, j, si, sj in self._offsets(in_shape):
             out[..., :, si, sj] += cols[..., :, i, j, :, :]
         return out[..., :, p : p + H, p : p + W]
+
+    def _apply(self, W, a, in_shape, ones=True, A=None):
+        """``h = W A(a)`` in the output layout ``(…, out, Ho, Wo)`` (a batched GEMM over the
+        samples, each ``(out, d) @ (d, Ho Wo)``)."""
+        A = self.patches(a, in_shape, ones) if A is None else A
+        return self.to_output(W @ A, in_shape)
+
+    def _apply_weights(self, dW, A, in_shape):
+        """``dW A`` for ``K`` weight tangents ``(K, out, d)``: ``(K, N, out, Ho, Wo)``."""
+        return self.to_output(dW[:, None] @ A, in_shape)
+
+    def _apply_adjoint(self, W, dh, in_shape, batched=False):
+        """``A*(Wᵀ G)`` (col2im of ``Wᵀ G``) from the output cotangent ``dh``; ``W`` ``(out, d)``
+        or ``(K, out, d)`` (with ``dh`` ``(K, …)`` if ``batched``, else shared by all ``K``)."""
+        g = self.from_output(dh, in_shape)
+        Wt = W.swapaxes(-1, -2)
+        if W.ndim == 3 and not batched:
+            Wt = Wt[:, None]
+        elif W.ndim == 3:
+            Wt = Wt.reshape((W.shape[0],) + (1,) * (g.ndim - 3) + Wt.shape[1:])
+        return self.patches_adjoint(Wt @ g, in_shape)
 
     def to_output(self, h, in_shape):
         Ho, Wo = self._spatial_out(in_shape)
@@ -394,3 +504,40 @@ class Flatten:
     def adjoint(self, da, in_shape):
         da = _feature_array(da, self.out_shape(in_shape), "da", self)
         return da.reshape(da.shape[:-1] + tuple(in_shape))
+
+
+class SequenceMean:
+    """Mean over the positions of a sequence, ``(T, d) -> (d,)``: ``a ↦ (1/T) Σ_t a_t``.
+
+    The aggregation of Eschenhagen et al. 2023's *reduce* setting (§2, e.g. the mean pooling
+    of a vision transformer before its classifier head): the weight-sharing axis is reduced
+    inside the network, before the loss, so the loss sees one output per sample. Linear and
+    not trainable; its adjoint spreads a cotangent evenly, ``da ↦ (da/T, …, da/T)``.
+    """
+
+    trainable = False
+
+    def __repr__(self):
+        return "SequenceMean()"
+
+    def out_shape(self, in_shape):
+        in_shape = _shape_arg(in_shape)
+        if len(in_shape) != 2:
+            raise ShapeError(f"SequenceMean() expects inputs of feature shape (T, d), got {tuple(in_shape)}")
+        return in_shape[1:]
+
+    def f(self, a, in_shape):
+        self.out_shape(in_shape)
+        a = _feature_array(a, _shape_arg(in_shape), "a", self)
+        return a.mean(axis=-2)
+
+    def adjoint(self, da, in_shape):
+        self.out_shape(in_shape)
+        T, d = _shape_arg(in_shape)
+        da = _feature_array(da, (d,), "da", self)
+        xp = xp_of(da)
+        return xp.broadcast_to(da[..., None, :] / T, da.shape[:-1] + (T, d))
+
+
+#: the linear, non-trainable modules: ``f(a, in_shape)`` and ``adjoint(da, in_shape)``
+LINEAR_MAPS = (Flatten, SequenceMean)

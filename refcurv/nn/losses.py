@@ -40,11 +40,13 @@ from .layers import sigmoid, sigmoid_d1
 
 
 def _outputs(f, exact_2d=False):
-    """Network outputs ``f``: a finite real array ``(..., N, C)`` (exactly ``(N, C)`` if
-    ``exact_2d``) with ``N, C >= 1``; integer arrays are converted to float64."""
+    """Network outputs ``f``: a finite real array ``(..., N, C)`` (exactly ``(N, C)`` or, for a
+    sequence, ``(N, T, C)`` if ``exact_2d``) with ``N, C >= 1``; integer arrays are converted
+    to float64."""
     f = finite_array(f, "f")
-    if (f.ndim != 2) if exact_2d else (f.ndim < 2):
-        raise ShapeError(f"network output f must be {'2-D' if exact_2d else 'at least 2-D'} (N, C), got shape {f.shape}")
+    if (f.ndim not in (2, 3)) if exact_2d else (f.ndim < 2):
+        want = "(N, C) or (N, T, C)" if exact_2d else "at least 2-D (N, C)"
+        raise ShapeError(f"network output f must be {want}, got shape {f.shape}")
     if f.shape[-2] == 0:
         raise EmptyBatchError(f"network output f is an empty batch (N = 0), shape {f.shape}")
     if f.shape[-1] == 0:
@@ -130,14 +132,26 @@ class _Loss:
         return self._run("hvp", self._hvp, f, v)
 
     def sample(self, f, n_samples=1, seed=None):
-        """Targets drawn from ``p(y | f)``, ``(n_samples, N, …)``."""
+        """Targets drawn from ``p(y | f)``, ``(n_samples, N, …)``; for a sequence output
+        ``f`` ``(N, T, C)`` one target per position, ``(n_samples, N, T, …)``, drawn as for
+        ``N·T`` outputs in row-major ``(N, T)`` order."""
         f = _outputs(f, exact_2d=True)
         _check_n_samples(n_samples)
+        if f.ndim == 3:
+            N, T, C = f.shape
+            ys = self._run("sample", self._sample, f.reshape(N * T, C), n_samples, seed)
+            return ys.reshape((n_samples, N, T) + tuple(ys.shape[2:]))
         return self._run("sample", self._sample, f, n_samples, seed)
 
     def fisher_output(self, f):
-        """``E_{y ~ p(·|f)}[∇_f ℓ ∇_f ℓᵀ]``, ``(N, C, C)``."""
-        return self._run("fisher_output", self._fisher_output, _outputs(f, exact_2d=True))
+        """``E_{y ~ p(·|f)}[∇_f ℓ ∇_f ℓᵀ]``, ``(N, C, C)``; per position ``(N, T, C, C)`` for
+        a sequence output ``(N, T, C)``."""
+        f = _outputs(f, exact_2d=True)
+        if f.ndim == 3:
+            N, T, C = f.shape
+            F = self._run("fisher_output", self._fisher_output, f.reshape(N * T, C))
+            return F.reshape(N, T, C, C)
+        return self._run("fisher_output", self._fisher_output, f)
 
 
 def _real_targets_like(y, f, loss_name, kinds):
@@ -220,9 +234,10 @@ class CrossEntropy(_Loss):
     def check_targets(self, y, f):
         f = _outputs(f, exact_2d=True)
         y = _asarray(y, f, "y")
-        N, C = f.shape
-        if y.shape != (N,):
-            raise ShapeError(f"y for CrossEntropy must be integer labels of shape ({N},), got {y.shape}")
+        C = f.shape[-1]
+        if y.shape != f.shape[:-1]:
+            raise ShapeError(f"y for CrossEntropy must be integer labels of shape {tuple(f.shape[:-1])}, got {y.shape}")
+        N = y.size
         if y.dtype.kind not in "iu":
             raise LabelError(f"y for CrossEntropy must have an integer dtype, got {y.dtype}")
         if N and (int(y.min()) < 0 or int(y.max()) >= C):
@@ -387,3 +402,79 @@ class BCE(_Loss):
 
 
 LOSSES = {"mse": MSE, "cross_entropy": CrossEntropy, "bce": BCE}
+
+
+# ------------------------------------------------------------------ sequence outputs
+def _over_positions(loss, out_shape):
+    """The loss of a network whose output has feature shape ``out_shape``: ``loss`` itself for
+    ``(C,)``; for a sequence output ``(T, C)`` the per-sample loss summed over positions,
+
+        ψ_i = Σ_t ℓ(f_{i,t}, y_{i,t}),         Ψ = (1/N) Σ_i ψ_i,
+
+    acting on the outputs flattened to ``(…, N, T·C)`` (:class:`_PositionSum`). This is
+    refcurv's sequence convention; PyTorch's ``CrossEntropyLoss()`` on the ``(N·T, C)``
+    reshaped logits (mean reduction) divides by ``N·T``, so it equals ``Ψ / T``."""
+    out_shape = tuple(out_shape)
+    if len(out_shape) == 1 or isinstance(loss, _PositionSum):
+        return loss
+    if len(out_shape) != 2:
+        raise ShapeError(f"a loss takes network outputs of feature shape (C,) or (T, C), got {out_shape}: "
+                         "insert Flatten()")
+    return _PositionSum(loss, *out_shape)
+
+
+class _PositionSum:
+    """A per-position loss summed over the ``T`` positions of a sequence output, on outputs
+    flattened row-major to ``(…, N, T·C)`` (what :class:`refcurv.nn.autodiff.Trace` keeps).
+    Built by :func:`_over_positions`; offers the loss interface, so the dense curvature
+    (Jacobians ``(N, T·C, n)``) and the passes run unchanged:
+
+    * ``value`` ``Σ_t ℓ(f_t, y_t)`` ``(…, N)``; ``grad`` and ``hvp`` the per-position ones;
+    * ``hessian``, ``hessian_sqrt``, ``fisher_output``: block diagonal ``(…, N, T·C, T·C)``
+      with the per-position ``C × C`` blocks (positions do not interact in the loss);
+    * targets ``(N, T)`` (cross-entropy) or ``(N, T, C)``; ``sample`` ``(n_samples, N, T, …)``.
+    """
+
+    def __init__(self, loss, T, C):
+        self.loss, self.T, self.C = loss, int(T), int(C)
+        self.name = getattr(loss, "name", "")
+
+    def __repr__(self):
+        return f"_PositionSum({self.loss!r}, T={self.T}, C={self.C})"
+
+    def _positions(self, f):
+        return f.reshape(f.shape[:-1] + (self.T, self.C))
+
+    def _flat(self, g):
+        return g.reshape(g.shape[:-2] + (self.T * self.C,))
+
+    def _block_diagonal(self, H):
+        """``(…, T, C, C)`` per-position blocks → ``(…, T·C, T·C)`` block diagonal."""
+        xp = xp_of(H)
+        E = xp.eye(self.T, dtype=H.dtype)
+        B = H[..., :, :, None, :] * E[:, None, :, None]  # (…, T, C, T, C)
+        return B.reshape(H.shape[:-3] + (self.T * self.C, self.T * self.C))
+
+    def check_targets(self, y, f):
+        return self.loss.check_targets(y, self._positions(f))
+
+    def value(self, f, y):
+        return self.loss.value(self._positions(f), y).sum(axis=-1)
+
+    def grad(self, f, y):
+        return self._flat(self.loss.grad(self._positions(f), y))
+
+    def hvp(self, f, v):
+        return self._flat(self.loss.hvp(self._positions(f), self._positions(v)))
+
+    def hessian(self, f):
+        return self._block_diagonal(self.loss.hessian(self._positions(f)))
+
+    def hessian_sqrt(self, f):
+        return self._block_diagonal(self.loss.hessian_sqrt(self._positions(f)))
+
+    def fisher_output(self, f):
+        return self._block_diagonal(self.loss.fisher_output(self._positions(f)))
+
+    def sample(self, f, n_samples=1, seed=None):
+        return self.loss.sample(self._positions(f), n_samples=n_samples, seed=seed)

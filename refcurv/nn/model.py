@@ -20,8 +20,8 @@ from ..errors import (
 from . import autodiff as ad
 from ._checks import check_bool, check_dtype, finite_result, quiet, real_array
 from .autodiff import Trace  # noqa: F401  (re-exported: refcurv.nn.model.Trace)
-from .layers import Conv2d, Flatten, Linear, _Elementwise, _shape_arg
-from .losses import check_loss
+from .layers import Conv2d, Flatten, Linear, SequenceMean, _Elementwise, _shape_arg
+from .losses import _over_positions, check_loss
 
 
 def _check_finite(a, name):
@@ -52,7 +52,7 @@ class Sequential:
         if not isinstance(layers, (list, tuple)) or len(layers) == 0:
             raise ArgumentTypeError("layers must be a non-empty list of refcurv layers")
         for k, m in enumerate(layers):
-            if not isinstance(m, (Linear, Conv2d, Flatten, _Elementwise)):
+            if not isinstance(m, (Linear, Conv2d, Flatten, SequenceMean, _Elementwise)):
                 raise ArgumentTypeError(f"layers[{k}] is not a refcurv layer: {m!r}")
         self.layers = list(layers)
         self.trainable_index = ad._trainable_index(self.layers)
@@ -140,9 +140,10 @@ class Sequential:
         xp = xp or xp_of(x)
         x = real_array(x, "x", xp=xp)
         first = self.layers[0]
-        want = 2 if isinstance(first, Linear) else 4 if isinstance(first, Conv2d) else None
-        if want is not None and x.ndim != want:
-            raise ShapeError(f"x must have {want} dimensions (N, features...) for {first!r}, got shape {x.shape}")
+        want = (2, 3) if isinstance(first, Linear) else (4,) if isinstance(first, Conv2d) else None
+        if want is not None and x.ndim not in want:
+            dims = "2 dimensions (N, in) or 3 (N, T, in)" if len(want) == 2 else "4 dimensions (N, C, H, W)"
+            raise ShapeError(f"x must have {dims} for {first!r}, got shape {x.shape}")
         if x.ndim < 2:
             raise ShapeError(f"x must have a batch axis and feature axes, got shape {x.shape}")
         if x.shape[0] == 0:
@@ -174,6 +175,9 @@ class Sequential:
     def _param_grads(self, tr, G):
         return ad._weight_grads(tr.patches, G)
 
+    def _param_grads_flat(self, tr, G):
+        return ad._weight_grads_flat(tr.patches, G)
+
     @staticmethod
     def _flat(grads):
         return ad._flatten_layers(grads)
@@ -192,14 +196,27 @@ class Sequential:
         return params, x, tr
 
     def forward(self, params, x):
-        """Network output ``f(x)``, shape ``(N, C)`` (Algorithm 17; :func:`autodiff.forward_trace`).
-        A non-finite output from finite input (overflow) raises :class:`NonFiniteError`."""
-        return self._traced(params, x, "forward")[2].out
+        """Network output ``f(x)``, shape ``(N, C)``, or ``(N, T, C)`` for a sequence output
+        (Algorithm 17; :func:`autodiff.forward_trace`). A non-finite output from finite input
+        (overflow) raises :class:`NonFiniteError`."""
+        tr = self._traced(params, x, "forward")[2]
+        return ad._shaped_output(tr.out, tr.out_shape)
+
+    @staticmethod
+    def _loss_for(loss, tr):
+        """The loss on the trace's (flattened) output: ``loss`` itself, or for a sequence
+        output ``(T, C)`` the sum over positions (:func:`refcurv.nn.losses._over_positions`)."""
+        return _over_positions(loss, tr.out_shape)
 
     def _trace_and_targets(self, params, x, y, loss, what="factors"):
+        params, x, tr, y, _ = self._trace_targets_loss(params, x, y, loss, what)
+        return params, x, tr, y
+
+    def _trace_targets_loss(self, params, x, y, loss, what="factors"):
         loss = check_loss(loss)
         params, x, tr = self._traced(params, x, what)
-        return params, x, tr, loss.check_targets(y, tr.out)
+        loss = self._loss_for(loss, tr)
+        return params, x, tr, loss.check_targets(y, tr.out), loss
 
     @staticmethod
     def _result(out, what):
@@ -210,7 +227,7 @@ class Sequential:
         included) and pre-activation gradients ``G_l`` ``(N, out, T)`` of the
         per-sample (unscaled) losses, so that ``∇_{W_l} ψ_i = G_l[i] A_l[i]ᵀ``
         (:func:`autodiff.forward_trace`, :func:`autodiff.pull_cotangents`)."""
-        params, x, tr, y = self._trace_and_targets(params, x, y, loss)
+        params, x, tr, y, loss = self._trace_targets_loss(params, x, y, loss)
         with quiet():
             G = ad._pull_cotangents(self.layers, params, tr, loss.grad(tr.out, y))
         return tr.patches, self._result(G, "factors: the pre-activation gradients G")
@@ -218,20 +235,28 @@ class Sequential:
     def per_sample_grads(self, params, x, y, loss):
         """Per-sample gradients ``u_i = ∇ψ_i`` as a list of ``(N, out, d)`` arrays
         (:func:`autodiff.weight_grads` of :meth:`factors`)."""
+        A, G = self.factors(params, x, y, loss)
         with quiet():
-            U = ad._weight_grads(*self.factors(params, x, y, loss))
+            U = ad._weight_grads(A, G)
+        if ad._certainly_finite(A, G):  # a bound on the factors instead of an O(N·n) scan
+            return U
         return self._result(U, "per_sample_grads: the per-sample gradients")
 
     def loss(self, params, x, y, loss):
-        """Mini-batch objective ``Ψ = (1/N) Σ ψ_i``."""
+        """Mini-batch objective ``Ψ = (1/N) Σ ψ_i`` (for a sequence output ``ψ_i`` sums the
+        per-position losses, :func:`refcurv.nn.losses._over_positions`)."""
         loss = check_loss(loss)
-        f = self._traced(params, x, "loss")[2].out
+        tr = self._traced(params, x, "loss")[2]
+        loss, f = self._loss_for(loss, tr), tr.out
         value = loss.value(f, loss.check_targets(y, f))
         with quiet():
             return self._result(value.mean(), "loss: the mini-batch loss")
 
     def grad(self, params, x, y, loss):
         """Mini-batch gradient ``∇Ψ = (1/N) Σ u_i`` as a list of ``(out, d)`` arrays."""
+        # the mean of the per-sample gradients, kept as it was: the methods' tests compare
+        # their own means of per-sample gradients with this bit for bit
+        # (refcurv.curvature.grad forms it from the factors, one GEMM per layer)
         U = self.per_sample_grads(params, x, y, loss)
         with quiet():
             return self._result([u.mean(axis=0) for u in U], "grad: the gradient")
@@ -255,31 +280,35 @@ class Sequential:
 
     def jvp(self, params, x, v):
         """Forward-mode ``J v`` (Algorithm 19; :func:`autodiff.jvp`): ``v`` per-layer
-        ``(out, d)`` → ``(N, C)``; batched ``(K, out, d)`` → ``(K, N, C)``."""
+        ``(out, d)`` → ``(N, C)``; batched ``(K, out, d)`` → ``(K, N, C)`` (``C`` → ``T, C``
+        for a sequence output)."""
         params, x, tr = self._traced(params, x, "jvp")
         v, batched = self._check_tangents(v, params)
         if not batched:
             v = [t[None] for t in v]
         with quiet():
-            df = ad._jvp(self.layers, params, tr, v)
+            df = ad._shaped_output(ad._jvp(self.layers, params, tr, v), tr.out_shape)
         return self._result(df if batched else df[0], "jvp: J v")
 
     def vjp(self, params, x, w, per_sample=False):
         """Reverse-mode ``Jᵀ w = Σ_i J_iᵀ w_i`` (Algorithms 20-21; :func:`autodiff.vjp`):
         ``w`` ``(N, C)`` → list of ``(out, d)``; batched ``(K, N, C)`` → ``(K, out, d)``.
-        ``per_sample=True`` keeps the sample axis: ``J_iᵀ w_i`` as ``(…, N, out, d)``."""
+        ``per_sample=True`` keeps the sample axis: ``J_iᵀ w_i`` as ``(…, N, out, d)``. For a
+        sequence output ``w`` is ``(…, N, T, C)``."""
         per_sample = check_bool(per_sample, "per_sample")
         params, x, tr = self._traced(params, x, "vjp")
         w = real_array(w, "w", xp=xp_of(x)).astype(x.dtype, copy=False)
-        if w.shape[-2:] != tr.out.shape or w.ndim not in (2, 3):
-            raise ShapeError(f"w has shape {w.shape}, expected {tr.out.shape} or (K, *{tr.out.shape})")
+        shaped = (tr.out.shape[0],) + tuple(tr.out_shape)
+        if tuple(w.shape[w.ndim - len(shaped):]) != shaped or w.ndim not in (len(shaped), len(shaped) + 1):
+            raise ShapeError(f"w has shape {w.shape}, expected {shaped} or (K, *{shaped})")
         _check_finite(w, "w")
+        w = ad._flat_output(w, tr.out_shape)
         with quiet():
             return self._result(ad._vjp(self.layers, params, tr, w, per_sample=per_sample), "vjp: Jᵀ w")
 
     def jacobian(self, params, x):
-        """Per-sample output Jacobians ``J_i = ∂f_i/∂θ``: ``(N, C, n)``, θ flattened
-        row-major per layer. Computed by ``C`` batched backward passes
+        """Per-sample output Jacobians ``J_i = ∂f_i/∂θ``: ``(N, C, n)`` (``(N, T·C, n)`` for a
+        sequence output, rows row-major over ``(T, C)``), θ flattened row-major per layer. Computed by ``C`` batched backward passes
         (:func:`autodiff.jacobian`)."""
         params, x, tr = self._traced(params, x, "jacobian")
         with quiet():
@@ -300,7 +329,7 @@ class Sequential:
         ``(K, out, d)`` → list of ``(K, N, out, d)``. ``output_hessian=False`` drops the
         loss-curvature term ``J_iᵀ H_i J_i v``, leaving the residual term of thesis (1.4)."""
         output_hessian = check_bool(output_hessian, "output_hessian")
-        params, x, tr, y = self._trace_and_targets(params, x, y, loss, "hvp_per_sample")
+        params, x, tr, y, loss = self._trace_targets_loss(params, x, y, loss, "hvp_per_sample")
         v, batched = self._check_tangents(v, params)
         if not batched:
             raise ShapeError("hvp_per_sample takes batched tangents (K, out, d)")
@@ -314,7 +343,7 @@ class Sequential:
         """Exact per-sample pre-activation Hessians ``∂²ψ_i/∂h_l²`` (thesis (2.2), ``G_l(i)``;
         Theorem 3 ii, ``G_{t,t'}``; :func:`autodiff.preactivation_hessians`): list of
         ``(N, m_l, m_l)`` with ``m_l = out·T`` and ``h_l`` flattened row-major over ``(out, T)``."""
-        params, x, tr, y = self._trace_and_targets(params, x, y, loss, "preactivation_hessians")
+        params, x, tr, y, loss = self._trace_targets_loss(params, x, y, loss, "preactivation_hessians")
         dout = loss.grad(tr.out, y)
         with quiet():
             H = ad._preactivation_hessians(self.layers, params, tr, dout, lambda t: loss.hvp(tr.out, t))

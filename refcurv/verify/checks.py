@@ -17,9 +17,10 @@ import numpy as np
 from ..backend import asarray_like
 from ..testing.tolerance import EPS, tolerance
 
-#: built-in problems: network (a Linear-Tanh-Linear MLP, a Conv-Tanh-Flatten-Linear CNN) and
-#: loss (cross-entropy, MSE, BCE); N = 6 samples, 3 outputs
-PROBLEMS = ("mlp-ce", "mlp-mse", "mlp-bce", "cnn-ce", "cnn-mse", "cnn-bce")
+#: built-in problems: network (a Linear-Tanh-Linear MLP, a Conv-Tanh-Flatten-Linear CNN, the
+#: MLP's layers on sequences of T = 4 positions with a loss per position) and loss
+#: (cross-entropy, MSE, BCE); N = 6 samples, 3 outputs (per position for "seq")
+PROBLEMS = ("mlp-ce", "mlp-mse", "mlp-bce", "cnn-ce", "cnn-mse", "cnn-bce", "seq-ce", "seq-mse", "seq-bce")
 QUICK_PROBLEMS = ("mlp-ce", "cnn-mse")
 
 
@@ -33,17 +34,20 @@ def build_problem(problem, seed, backend="numpy", dtype=np.float64):
     rng = np.random.default_rng(seed)
     if arch == "mlp":
         net, xshape = Sequential([Linear(3, 4), Tanh(), Linear(4, 3)]), (6, 3)
+    elif arch == "seq":
+        net, xshape = Sequential([Linear(3, 4), Tanh(), Linear(4, 3)]), (6, 4, 3)
     else:
         net, xshape = Sequential([Conv2d(1, 2, 2), Tanh(), Flatten(), Linear(8, 3)]), (6, 1, 3, 3)
     params = [W.astype(dtype) for W in net.init(seed)]
     x = rng.standard_normal(xshape).astype(dtype)
     loss = {"ce": CrossEntropy, "mse": MSE, "bce": BCE}[loss_name]()
+    lead = xshape[:2] if arch == "seq" else xshape[:1]
     if loss_name == "ce":
-        y = rng.integers(0, 3, xshape[0])
+        y = rng.integers(0, 3, lead)
     elif loss_name == "mse":
-        y = rng.standard_normal((xshape[0], 3))
+        y = rng.standard_normal(lead + (3,))
     else:
-        y = rng.integers(0, 2, (xshape[0], 3)).astype(float)
+        y = rng.integers(0, 2, lead + (3,)).astype(float)
     xp = get_xp(backend)
     return net, [xp.asarray(W) for W in params], xp.asarray(x), xp.asarray(y), loss
 
@@ -170,6 +174,27 @@ def kronecker_exact_batch_of_one(problem, seed, backend="numpy"):
     return worst, tolerance(net.n_params, kind="residual"), "‖G ⊗ A − GGN block‖ / ‖GGN block‖"
 
 
+def kfac_expand_exact_deep_linear(problem, seed, backend="numpy"):
+    """KFAC-expand is exact for a deep linear network with a loss per position on sequences
+    (Eschenhagen et al. 2023, §3, the expand setting): each layer's GGN block equals
+    ``G ⊗ A`` of ``kfac_factors(conv="expand")``. The problem's sequence batch, its
+    activation-free net, MSE (output Hessian ``I``)."""
+    from .. import curvature as cv
+    from ..nn import MSE, Linear, Sequential
+
+    _, _, x, _, _ = build_problem(problem, seed, backend)
+    net = Sequential([Linear(3, 4), Linear(4, 3)])
+    from ..backend import get_xp
+
+    xp = get_xp(backend)
+    params = [xp.asarray(W) for W in net.init(seed)]
+    y = xp.asarray(np.random.default_rng(seed + 1).standard_normal(tuple(x.shape[:2]) + (3,)))
+    blocks = cv.ggn(net, params, x, y, MSE(), blocks=True)
+    facs = cv.kfac_factors(net, params, x, y, MSE(), kind="exact", conv="expand")
+    worst = max(_rel(np.kron(_host(G), _host(A)), B) for B, (A, G) in zip(blocks, facs))
+    return worst, tolerance(net.n_params, kind="residual"), "‖G ⊗ A − GGN block‖ / ‖GGN block‖ (deep linear)"
+
+
 # ---------------------------------------------------------------- linalg
 def _spd(rng, n, log_cond):
     Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
@@ -270,7 +295,7 @@ def sketch_unbiased_weights(problem, seed, backend="numpy"):
 
 
 def seng_lemma5(problem, seed, backend="numpy"):
-    """SENG Lemma 5 (001 App. C, (36)): the sketched SMW coefficients obey
+    """SENG Lemma 5 ([SENG] App. C, (36)): the sketched SMW coefficients obey
     ``‖b − b̂‖ ≤ (√ε + η) / ((1 − η)√h₁) ‖g‖`` with η, ε measured on the drawn sketch
     (tests/test_sketch.py derives the statement); reported as the ratio to the bound."""
     from ..linalg import sketch as SK
@@ -448,13 +473,17 @@ def all_checks():
     checks = []
     for name, fn in FOUNDATION:
         for prob in PROBLEMS:
+            if fn is kronecker_exact_batch_of_one and prob.startswith("seq"):
+                continue  # one sample still has T locations: KFAC is not exact there
             checks.append(Check("foundation", "-", name, prob, fn, quick=prob in QUICK_PROBLEMS))
+    checks.append(Check("foundation", "-", "KFAC-expand exact, deep linear (Eschenhagen et al.)", "seq-mse",
+                        kfac_expand_exact_deep_linear, quick=True))
     for name, fn in LINALG:
         checks.append(Check("linalg", "-", name, "-", fn, quick=True))
     for m in sorted(REGISTRY):
         conv = REGISTRY[m].supports_conv
         for prob in PROBLEMS:
-            if prob.startswith("cnn") and not conv:
+            if not prob.startswith("mlp") and not conv:
                 continue
             quick = prob == "mlp-ce"
             checks.append(Check("method", m, "fast = dense", prob, fast_equals_dense(m), quick=quick))

@@ -32,12 +32,16 @@ the quantity. Errors are :class:`~refcurv.errors.RefcurvError` subclasses.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .backend import rng_of, xp_of
 from .errors import ArgumentTypeError, HyperParameterError, ShapeError
 from .nn.losses import _check_n_samples
 from .operators import _describe, _finite_result, _real_array, _real_number
+from .linalg.gemm import factor_sum as _factor_sum, gram_of_rows as _gram_of_rows, kron_gram as _kron_gram
+from .linalg.gemm import outer_sum as _outer_sum
 from .vec import layer_slices
 
 F64 = np.float64
@@ -163,11 +167,84 @@ def grad(net, params, x, y, loss):
     return _result(net._flat(ad._mean_weight_grads(tr.patches, G)), "grad")
 
 
+def _mean_layer_grads(net, params, x, y, loss):
+    """The mini-batch gradient per layer, ``(1/N) Σ_i G_i A_iᵀ`` (thesis (2.1), Algorithm 18),
+    as a list of ``(out, d)`` in the input dtype: one forward and one backward pass
+    (:meth:`Sequential.factors`) and one GEMM per layer (``autodiff._mean_weight_grads``), never the
+    per-sample gradients (``N·n`` numbers). Equals ``net.grad`` to rounding; the methods'
+    fast forms use it."""
+    from .nn import autodiff as ad
+
+    A, G = net.factors(params, x, y, loss)
+    # the same kernel as grad() (bit for bit: the dense forms' momentum is compared exactly)
+    return ad._mean_weight_grads(A, G)
+
+
 def jacobian(net, params, x, y=None, loss=None):
     """``(N, C, n)`` per-sample output Jacobians ``J_i``. ``y`` and ``loss`` are not used (a
     uniform signature); when both are given they are checked against each other."""
     params, x, _, _, _ = _setup(net, params, x, y, loss, need_y=False)
     return _result(net.jacobian(params, x), "jacobian")
+
+
+#: working-memory target of one chunk of basis tangents in :func:`_summed_hessian`, in
+#: doubles (the chunk is also never smaller than ``n²``, so memory stays O(n² + N·n))
+_HESSIAN_CHUNK_DOUBLES = 1 << 21
+
+
+def _summed_hessian(net, params, x, y, loss, output_hessian=True, blocks=False):
+    """``(1/N) Σ_i ∇²ψ_i`` (or its residual term, ``output_hessian=False``) by the R-operator
+    with the sum over samples inside the pass (:func:`refcurv.nn.autodiff._hvp_summed`),
+    over the basis tangents ``e_k`` in chunks: one chunk of ``K`` tangents needs about
+    ``K·N·S`` doubles (``S`` the per-sample activation and patch size), so ``K`` is chosen to
+    keep that below ``max(n², 2²¹)`` — memory O(n² + N·n) instead of the ``N·n²`` of the
+    per-sample Hessians. ``blocks=True``: per layer, only that layer's basis tangents and
+    rows (the diagonal block ``∂²/∂W_l²``), never the full matrix."""
+    from .nn import autodiff as ad
+
+    params, x, y, tr, loss = _setup(net, params, x, y, loss)
+    xp = xp_of(x)
+    N = x.shape[0]
+    layers = net.layers
+    dout = loss.grad(tr.out, y)
+    output_hvp = (lambda t: loss.hvp(tr.out, t)) if output_hessian else None
+    shapes = [W.shape for W in params]
+    sizes = [int(math.prod(s)) for s in shapes]
+    n = sum(sizes)
+    S = sum(int(math.prod(a.shape[1:])) for a in tr.inputs) + sum(int(math.prod(A.shape[1:])) for A in tr.A.values())
+    chunk = max(1, min(n, max(n * n, _HESSIAN_CHUNK_DOUBLES) // max(1, N * S)))
+    nl = len(params)
+
+    def columns(j, lo, hi, rows):
+        """``Σ_i ∇²ψ_i e_k`` for the basis vectors ``k = lo … hi-1`` of layer ``j``, rows of
+        the layers ``rows``: list of ``(hi-lo, out, d)`` (``None`` off ``rows``)."""
+        E = xp.zeros((hi - lo, sizes[j]), dtype=F64)
+        E[xp.arange(hi - lo), xp.arange(lo, hi)] = 1.0
+        V = [None] * nl
+        V[j] = E.reshape((hi - lo,) + tuple(shapes[j]))
+        return ad._hvp_summed(layers, params, tr, dout, V, output_hvp, rows=rows)
+
+    from .nn._checks import quiet
+
+    with quiet():
+        if blocks:
+            out = []
+            for j in range(nl):
+                B = xp.empty((sizes[j], sizes[j]), dtype=F64)
+                for lo in range(0, sizes[j], chunk):
+                    hi = min(sizes[j], lo + chunk)
+                    B[lo:hi] = columns(j, lo, hi, {j})[j].reshape(hi - lo, -1)
+                out.append(B / N)
+            return out
+        H = xp.empty((n, n), dtype=F64)
+        off = 0
+        for j in range(nl):
+            for lo in range(0, sizes[j], chunk):
+                hi = min(sizes[j], lo + chunk)
+                R = columns(j, lo, hi, None)
+                H[off + lo:off + hi] = xp.concatenate([r.reshape(hi - lo, -1) for r in R], axis=1)
+            off += sizes[j]
+        return H / N
 
 
 def _per_sample_hessians(net, params, x, y, loss, output_hessian=True):
@@ -178,27 +255,29 @@ def _per_sample_hessians(net, params, x, y, loss, output_hessian=True):
 
     V = unflatten(xp.eye(n, dtype=F64), net)  # n basis tangents, batched
     R = net._flat(net.hvp_per_sample(params, x, y, loss, V, output_hessian=output_hessian))
-    return xp.moveaxis(R, 0, 1)  # (N, n, n): [i, :, k] = ∇²ψ_i e_k
+    return xp.moveaxis(R, 0, 1)  # (N, n, n): [i, k, :] = ∇²ψ_i e_k (symmetric)
 
 
 def hessian(net, params, x, y, loss, blocks=False, per_sample=False):
-    """Exact Hessian ``(1/N) Σ ∇²ψ_i`` by the R-operator on the backward pass (one batched
-    pass with ``n`` basis tangents). ``per_sample=True`` returns ``(N, n, n)``."""
+    """Exact Hessian ``(1/N) Σ ∇²ψ_i`` by the R-operator on the backward pass (Pearlmutter;
+    thesis (1.4)), the sum over samples taken inside the pass and the basis tangents in
+    chunks (memory O(n² + N·n), :func:`_summed_hessian`); ``blocks=True`` computes only the
+    layer blocks. ``per_sample=True`` returns ``(N, n, n)`` (one batched pass, ``N·n²``
+    doubles)."""
     blocks, per_sample = _flag(blocks, "blocks"), _flag(per_sample, "per_sample")
     if blocks and per_sample:
         raise ArgumentTypeError("blocks=True and per_sample=True cannot be combined (per_sample returns (N, n, n))")
-    H = _result(_per_sample_hessians(net, params, x, y, loss), "hessian")
     if per_sample:
-        return H
-    return _result(_ret(H.mean(axis=0), net, blocks), "hessian")
+        return _result(_per_sample_hessians(net, params, x, y, loss), "hessian")
+    return _result(_summed_hessian(net, params, x, y, loss, blocks=blocks), "hessian")
 
 
 def hessian_residual(net, params, x, y, loss, blocks=False):
     """Second term of thesis (1.4): ``(1/N) Σ_i Σ_c [∂ℓ/∂f_i]_c ∂²f_{i,c}/∂θ²``: the R-op with
     the output Hessian switched off, so ``hessian = ggn + hessian_residual``."""
     blocks = _flag(blocks, "blocks")
-    R = _per_sample_hessians(net, params, x, y, loss, output_hessian=False)
-    return _result(_ret(R.mean(axis=0), net, blocks), "hessian_residual")
+    return _result(_summed_hessian(net, params, x, y, loss, output_hessian=False, blocks=blocks),
+                   "hessian_residual")
 
 
 def _sandwich(J, M):
@@ -283,7 +362,8 @@ def fisher(net, params, x, y=None, loss=None, kind="exact", n_samples=None, seed
     xp = xp_of(x)
     U = _sampled_label_grads(net, params, tr, loss, n_samples, seed, labels)
     S, N = U.shape[:2]
-    return _result(_ret(xp.einsum("snp,snq->pq", U, U) / (S * N), net, blocks), "fisher")
+    U2 = U.reshape(S * N, -1)  # one GEMM over the S·N stacked gradients
+    return _result(_ret(U2.T @ U2 / (S * N), net, blocks), "fisher")
 
 
 def empirical_fisher(net, params, x, y, loss, blocks=False):
@@ -399,10 +479,11 @@ def gfim(net, params, x, y, loss, side="auto"):
     out = []
     for g in grads:
         s = gfim_side(g.shape[1:]) if side == "auto" else side
+        # Σ_n 𝒢_n 𝒢_nᵀ is one GEMM with the sample axis folded into the inner dimension
         if s == "left":
-            out.append(xp.einsum("nij,nkj->ik", g, g) / g.shape[0])
+            out.append(_outer_sum(g) / g.shape[0])
         else:
-            out.append(xp.einsum("nji,njk->ik", g, g) / g.shape[0])
+            out.append(_outer_sum(xp.swapaxes(g, -1, -2)) / g.shape[0])
     return _result(out, "gfim")
 
 
@@ -465,7 +546,7 @@ def grad_from_factors(A, G):
     :func:`grad` (unflattened)."""
     A, G = _check_factors(A, G)
     xp = xp_of(*A)
-    return _result([xp.einsum("not,ndt->od", g, a) / a.shape[0] for a, g in zip(A, G)], "grad_from_factors")
+    return _result([_factor_sum(g, a) / a.shape[0] for a, g in zip(A, G)], "grad_from_factors")
 
 
 def ef_gram(A, G, blocks=False):
@@ -482,12 +563,9 @@ def ef_gram(A, G, blocks=False):
     A, G = _check_factors(A, G)
     blocks = _flag(blocks, "blocks")
     xp = xp_of(*A)
-    out = []
-    for a, g in zip(A, G):
-        KA = xp.einsum("idt,jds->ijts", a, a)
-        KG = xp.einsum("iot,jos->ijts", g, g)
-        out.append((KA * KG).sum(axis=(-2, -1)))
+    out = [_kron_gram(a, g) for a, g in zip(A, G)]
     return _result(out if blocks else sum(out), "ef_gram")
+
 
 
 def ef_products(A, G, v):
@@ -497,7 +575,13 @@ def ef_products(A, G, v):
     A, G = _check_factors(A, G)
     v = _check_layer_list(v, [(g.shape[1], a.shape[1]) for a, g in zip(A, G)], "v")
     xp = xp_of(*A)
-    return _result([xp.einsum("iot,od,idt->i", g, w, a) for a, g, w in zip(A, G, v)], "ef_products")
+    # Σ_t g_{i,t}ᵀ V a_{i,t}: V a for all samples and locations as one GEMM, then a row-wise dot
+    out = []
+    for a, g, w in zip(A, G, v):
+        Va = w @ xp.swapaxes(a, 0, 1).reshape(a.shape[1], -1)  # (out, N·T)
+        gf = xp.swapaxes(g, 0, 1).reshape(g.shape[1], -1)
+        out.append((Va * gf).reshape(g.shape[1], g.shape[0], -1).sum(axis=(0, 2)))
+    return _result(out, "ef_products")
 
 
 def ef_transpose(A, G, z):
@@ -515,7 +599,7 @@ def ef_transpose(A, G, z):
                              f"got shape {tuple(z.shape)}")
         zs = [z] * len(A)
     xp = xp_of(*A)
-    return _result([xp.einsum("i,iot,idt->od", zi, g, a) for a, g, zi in zip(A, G, zs)], "ef_transpose")
+    return _result([_factor_sum(g * zi[:, None, None], a) for a, g, zi in zip(A, G, zs)], "ef_transpose")
 
 
 class OutputJacobian:
@@ -545,7 +629,7 @@ class OutputJacobian:
             raise ShapeError(f"w must have the output shape {tuple(self.f.shape)} (N, C), got {tuple(w.shape)}")
         xp = xp_of(w)
         G = self.net._pull(self.params, self.tr, w)
-        return _result([xp.einsum("not,ndt->od", g, self.tr.A[k]) for k, g in zip(self.net.trainable_index, G)],
+        return _result([_factor_sum(g, self.tr.A[k]) for k, g in zip(self.net.trainable_index, G)],
                        "OutputJacobian.vjp(w)")
 
 
@@ -582,7 +666,7 @@ class GGNOperator(Operator):
         w = self.loss.hvp(J.f, df)  # H_i J_i v
         G = self.net._pull(J.params, J.tr, w)  # list of (K, N, out, T)
         xp = xp_of(df)
-        out = self.net._flat([xp.einsum("knot,ndt->kod", g, J.tr.A[k])
+        out = self.net._flat([_factor_sum(g, J.tr.A[k])
                               for k, g in zip(self.net.trainable_index, G)]) / self.N
         return out[0] if v.ndim == 1 else out.T
 

@@ -48,7 +48,7 @@ F64 = np.float64
 CLIP_EPS = 4.0
 
 
-def _f64(a):
+def _f64(a):  # host: the dense QNG reference runs in float64 on the host
     return np.asarray(to_numpy(a), dtype=F64)
 
 
@@ -135,7 +135,7 @@ def qng_G(q, beta_t, alpha, n):
     return C.result((G + G.T) / 2, "Ĝ = Â Âᵀ")
 
 
-def qng_update_dense(q, beta_t, d, alpha, tau=None):
+def qng_update_dense(q, beta_t, d, alpha, tau=None):  # host: float64 reference on the host
     """One update (9)–(11) by the definition: ``q̂_t = Â_t⁻¹ d_t`` solved from the explicit
     ``Â_t`` (:func:`qng_A`) by LU with partial pivoting, ``β_t`` from (10), the factor appended
     and only the newest ``τ`` kept (``tau=None``: all, exactly (9); errata QNG-S1). Returns the

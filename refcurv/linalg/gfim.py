@@ -45,6 +45,7 @@ import numpy as np
 from ..backend import asarray_like, cho_solve, cholesky, eigh, solve_triangular, to_numpy, xp_of
 from ..errors import ArgumentTypeError, HyperParameterError, NotSPDError, ShapeError
 from . import _checks as C
+from .gemm import outer_sum as _outer_sum
 from .sketch import GaussianSketch, RowSketch
 from .woodbury import spd_solve
 
@@ -142,11 +143,11 @@ def oriented_factors(side, G, A):
 def mean_gradient(P, Q):
     """The oriented mini-batch gradient ``𝐆 = (1/N) Σ P_i Q_iᵀ`` (6)."""
     P, Q = _factors(P, Q)
-    return C.result(xp_of(P, Q).einsum("nat,nbt->ab", P, Q) / P.shape[0], "the mean gradient")
+    return C.result(_outer_sum(P, Q) / P.shape[0], "the mean gradient")
 
 
 # ------------------------------------------------------------------ sketches (16), (17)
-def as_sketch(Omega):
+def as_sketch(Omega):  # host: sketches are host objects
     """A sketch *matrix* ``Ω ∈ R^{q×dim}`` as a kernel object, entry for entry: a
     :class:`~refcurv.linalg.sketch.RowSketch` when every row has exactly one nonzero (NG+'s
     row sampling (17): applied by indexing, no extra cost), else a dense sketch. ``None``
@@ -172,7 +173,7 @@ def sketch_rows(Q, sk):
         w = asarray_like(sk.weight, Q, dtype=Q.dtype)
         return Q[:, idx, :] * w[None, :, None]
     O = asarray_like(sk.to_dense(), Q, dtype=Q.dtype)
-    return C.result(xp_of(Q).einsum("qi,nit->nqt", O, Q), "Ω Q_i")
+    return C.result(O @ Q, "Ω Q_i")
 
 
 # ------------------------------------------------------------------ statistics (4), (12), (17), (18)
@@ -199,7 +200,7 @@ def gram_from_factors(P, Q, sketch=None, block_size=None):
     xp = xp_of(P, Q)
     if sketch is not None:
         Q = sketch_rows(Q, sketch)
-    K = xp.einsum("nit,nis->nts", Q, Q)
+    K = xp.swapaxes(Q, 1, 2) @ Q  # batched GEMM
     N = P.shape[0]
     if block_size is None:
         return C.result(xp.einsum("nat,nts,nbs->ab", P, K, P, optimize=True) / N, "the GFIM L")
@@ -221,7 +222,7 @@ def gram_of_matrix(X, sketch=None, block_size=None):
         return C.result(X @ X.T, "𝐆𝐆ᵀ")
     Xb = _pad_rows(X, block_size, 0)
     Xb = Xb.reshape(Xb.shape[0] // block_size, block_size, X.shape[1])
-    return C.result(xp.einsum("kaq,kbq->kab", Xb, Xb), "the blocks of 𝐆𝐆ᵀ")
+    return C.result(Xb @ xp.swapaxes(Xb, 1, 2), "the blocks of 𝐆𝐆ᵀ")
 
 
 def _eye_like(X, n, batch=None):
@@ -262,7 +263,7 @@ def minibatch_12(prev, new, beta, weight, init):
     return C.result(beta * prev + weight * new, "L̃_k of (12)")
 
 
-def block_mask(m, p):
+def block_mask(m, p):  # host: a host index mask
     """0/1 mask of the (18) block-diagonal pattern on ``m × m`` (blocks of size p, the last
     one of size ``m − (s−1)p``)."""
     m, p = C.integer(m, "m", minimum=1), C.integer(p, "p", minimum=1)
@@ -310,7 +311,7 @@ def lowrank_factor(P, Q):
     if T == 1:
         c = (Q[:, :, 0] ** 2).sum(axis=1)
         return C.result((P[:, :, 0] * xp.sqrt(c)[:, None]).T / math.sqrt(N), "the low-rank factor U")
-    K = xp.einsum("nit,nis->nts", Q, Q)
+    K = xp.swapaxes(Q, 1, 2) @ Q  # batched GEMM
     w, V = eigh(K)
     root = (V * xp.sqrt(xp.maximum(w, 0))[:, None, :]) @ V.swapaxes(-1, -2)
     PR = P @ root  # (N, m, T)
@@ -516,7 +517,7 @@ def project_ball(Y, radius, L=None):
     return X, mu
 
 
-def project_ball_dense(Y, radius, L):
+def project_ball_dense(Y, radius, L):  # host: float64 reference on the host
     """Dense reference of the ``L``-norm projection (:func:`project_ball`): bisection on μ of
     ``‖X(μ)‖_F = r`` with ``X(μ) = (L + μI)^{-1} L Y`` by Cholesky solves (no
     eigendecomposition). Host float64."""

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 from functools import reduce
 
+import math
+
 import numpy as np
 
 from ..backend import xp_of
 from ..errors import ArgumentTypeError, ShapeError
 from . import _checks as C
+from .gemm import outer_sum as _outer_sum
 
 # ---------------------------------------------------------------- KFAC (kfac)
 
@@ -32,7 +35,7 @@ def split_pi(Omega, Gamma):
     xp = xp_of(Omega)
     a = float(xp.trace(Omega)) / Omega.shape[0]
     g = float(xp.trace(Gamma)) / Gamma.shape[0]
-    return C.result(float(np.sqrt(a / g)) if a > 0 and g > 0 else 1.0, "the split π")
+    return C.result(float(math.sqrt(a / g)) if a > 0 and g > 0 else 1.0, "the split π")
 
 
 def damped_split(Omega, Gamma, damping, split="pi"):
@@ -52,7 +55,7 @@ def damped_split(Omega, Gamma, damping, split="pi"):
     C.choice(split, "split", SPLITS)
     xp = xp_of(Omega)
     pi = split_pi(Omega, Gamma) if split == "pi" else 1.0
-    r = float(np.sqrt(damping))  # Python floats: a NumPy float64 would promote float32 factors
+    r = float(math.sqrt(damping))  # Python floats: a NumPy float64 would promote float32 factors
     return C.result((Omega + pi * r * xp.eye(Omega.shape[0], dtype=Omega.dtype),
                      Gamma + (r / pi) * xp.eye(Gamma.shape[0], dtype=Gamma.dtype), pi), "the damped factors")
 
@@ -69,7 +72,7 @@ def damping_split(damping, n_locations=1):
     (``|T| = 1``) it is Chapter 2's ``λ_A = λ_G = √λ`` (Algorithm 4 line 2)."""
     C.positive(damping, "damping")
     C.integer(n_locations, "n_locations", minimum=1)
-    r, t = np.sqrt(damping), np.sqrt(n_locations)
+    r, t = math.sqrt(damping), math.sqrt(n_locations)
     return float(t * r), float(r / t)
 
 
@@ -79,7 +82,7 @@ def factor_A(patches):
     ``Ω``, ``|T|`` times the ``A`` of ``curvature.kfac_factors(conv="expand")``)."""
     patches = _patches(patches)
     xp = xp_of(patches)
-    return C.result(xp.einsum("ndt,net->de", patches, patches) / patches.shape[0], "the factor A")
+    return C.result(_outer_sum(patches) / patches.shape[0], "the factor A")
 
 
 def mean_patch(patches):
@@ -94,8 +97,10 @@ def hessian_action(patches, s):
     patches = _patches(patches)
     s = C.vector(s, "s", patches.shape[1])
     xp = xp_of(patches, s)
-    c = xp.einsum("ndt,d->nt", patches, s)
-    return C.result(xp.einsum("ndt,nt->d", patches, c) / patches.shape[0], "the Hessian action A s")
+    # two GEMVs on BLAS: c_{n,t} = a_{n,t}ᵀ s, then Σ_{n,t} c_{n,t} a_{n,t}
+    c = s @ patches  # (N, T)
+    return C.result(xp.swapaxes(patches, 0, 1).reshape(patches.shape[1], -1) @ c.reshape(-1) / patches.shape[0],
+                    "the Hessian action A s")
 
 
 def hessian_action_pair(H_a, abar, A, lambda_A):
@@ -149,7 +154,7 @@ def normalized_factors(S):
     S = _factor_list(S, "S")
     k = len(S)
     dims = _dims(S)
-    D = float(np.prod(dims))
+    D = float(math.prod(dims))
     tr = float(xp_of(S[0]).trace(S[0]))
     if tr <= 0:
         return [0 * s for s in S]
@@ -192,12 +197,12 @@ def mode_marginal(Sigma, dims, i):
     dims = tuple(C.integer(d, "dims[j]", minimum=1) for d in dims)
     i = C.integer(i, "i", minimum=0)
     k = len(dims)
-    if Sigma.shape != (int(np.prod(dims)),) * 2 or not 0 <= i < k:
-        raise ShapeError(f"Sigma must be ({int(np.prod(dims))},)*2 and 0 <= i < {k}, got {Sigma.shape}, i = {i}")
+    if Sigma.shape != (int(math.prod(dims)),) * 2 or not 0 <= i < k:
+        raise ShapeError(f"Sigma must be ({int(math.prod(dims))},)*2 and 0 <= i < {k}, got {Sigma.shape}, i = {i}")
     T = Sigma.reshape(dims + dims)
     # move the two copies of mode i first, then sum the matched diagonal of every other mode
     xp = xp_of(Sigma)
     T = xp.moveaxis(T, (i, k + i), (0, 1))
-    rest = int(np.prod(dims)) // dims[i]
+    rest = int(math.prod(dims)) // dims[i]
     T = T.reshape(dims[i], dims[i], rest, rest)
     return xp.trace(T, axis1=2, axis2=3)

@@ -14,6 +14,8 @@
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..backend import asarray_like, eigh, rng_of, xp_of
@@ -51,7 +53,7 @@ def brand_update(U, K, h, c=1.0, rank=None):
     xp = xp_of(U)
     if tau:
         dev = float(xp.abs(U.T @ U - xp.eye(tau, dtype=U.dtype)).max())
-        tol = 100 * float(np.sqrt(np.finfo(U.dtype).eps))
+        tol = 100 * float(math.sqrt(np.finfo(U.dtype).eps))
         if not dev <= tol:
             raise HyperParameterError(f"U must have orthonormal columns (max|UᵀU − I| ≤ {tol:.1e}), "
                                       f"got max|UᵀU − I| = {dev:.3e}")

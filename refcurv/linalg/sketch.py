@@ -78,13 +78,13 @@ class RowSketch:
             raise ShapeError(f"X must be (m, {self.n}), got {X.shape}")
         return C.result(X[:, asarray_like(self.index, X)] * asarray_like(self.weight, X, dtype=X.dtype), "X Ωᵀ")
 
-    def gram(self):
+    def gram(self):  # host: sketches are host objects (drawn with a host RNG, design §6)
         """``ΩᵀΩ`` as a dense ``(n, n)`` host array (diagonal for row sampling)."""
         d = np.zeros(self.n)
         np.add.at(d, self.index, self.weight**2)
         return np.diag(d)
 
-    def to_dense(self):
+    def to_dense(self):  # host: sketches are host objects
         O = np.zeros((self.q, self.n))
         O[np.arange(self.q), self.index] = self.weight
         return O
@@ -130,7 +130,7 @@ def _sizes(n, q):
     return C.integer(n, "n", minimum=1), C.integer(q, "q", minimum=1)
 
 
-def leverage_scores(U):
+def leverage_scores(U):  # host: sampling probabilities are computed on the host, where the rows are drawn
     """Row-norm-squared probabilities ``p_i = ‖U_{i,:}‖² / ‖U‖_F²`` (SENG §3.2), on the host,
     **in float64** whatever the dtype of ``U`` (float32 row norms normalized in float32 miss
     ``Σp = 1`` by ~1e-7, which :func:`row_sampling` rejects). Entries so large that the
@@ -148,7 +148,7 @@ def leverage_scores(U):
     return r / total
 
 
-def _probs(n, probs):
+def _probs(n, probs):  # host: host-side sampling probabilities
     if isinstance(probs, str):
         if probs != "uniform":
             raise HyperParameterError(f"probs must be 'uniform' or an array, got {probs!r}")
@@ -161,7 +161,7 @@ def _probs(n, probs):
     return p
 
 
-def inclusion_probabilities(p, q):
+def inclusion_probabilities(p, q):  # host: host-side sampling probabilities
     """``π_i = min(1, c p_i)`` with ``Σ π_i = q`` (units capped at 1 are taken surely) for
     probabilities ``p`` (finite, ``≥ 0``, not all zero) and ``1 ≤ q ≤`` the number of rows with
     ``p_i > 0``; ``q`` equal to that number gives exactly ``π_i = 1`` on those rows."""
@@ -186,7 +186,7 @@ def inclusion_probabilities(p, q):
         certain |= new
 
 
-def row_sampling(n, q, probs="uniform", replace=True, seed=None, scaling="unbiased"):
+def row_sampling(n, q, probs="uniform", replace=True, seed=None, scaling="unbiased"):  # host: rows are drawn on the host (design §6)
     """Row-sampling sketch (SENG (14); NG+ (17) for ``probs="uniform", replace=True``):
     ``probs`` is ``"uniform"`` or a probability vector of length ``n``; ``replace`` a bool.
     Without replacement ``q > n`` (or ``q`` above the number of rows with ``p_i > 0``) is
@@ -222,7 +222,7 @@ def ngplus_sketch(n, q, seed=None):
     return row_sampling(n, q, "uniform", replace=True, seed=seed)
 
 
-def gaussian(n, q, seed=None):
+def gaussian(n, q, seed=None):  # host: drawn on the host (design §6)
     """Gaussian sketch ``Ω ∈ R^{q×n}`` with i.i.d. ``N(0, 1/q)`` entries (any ``q ≥ 1``)."""
     n, q = _sizes(n, q)
     return GaussianSketch(omega=rng_of(seed).standard_normal((q, n)) / np.sqrt(q))

@@ -57,7 +57,7 @@ def map_modes(f, *nested):
     return [[[f(*leaf) for leaf in zip(*modes)] for modes in zip(*tensors)] for tensors in zip(*nested)]
 
 
-def tensor_index(layer, conv_modes=4):
+def tensor_index(layer, conv_modes=4):  # host: index bookkeeping on the host
     """Index maps of :func:`to_tensors`: for each parameter tensor of ``layer``, an integer
     array of the tensor's shape holding the row-major position in ``W`` of each entry."""
     out, d = layer.param_shape
@@ -72,7 +72,7 @@ def batched_tensors(layer, U, conv_modes=4):
     return [flat[..., xp.asarray(idx)] for idx in tensor_index(layer, conv_modes)]
 
 
-def tensor_positions(tensor_dims):
+def tensor_positions(tensor_dims):  # host: index bookkeeping on the host
     """Positions in refcurv's flat θ of every parameter tensor's row-major ``vec̄``, from the
     tensor shapes alone: ``tensor_dims[l]`` lists the shapes of layer ``l``'s tensors, the
     weight ``(out, …)`` first, then the bias ``(out,)`` if any. The weight tensor is the first

@@ -80,6 +80,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import curvature as cv
 from ..backend import eigh, rng_of, xp_of
 from ..errors import ArgumentTypeError, HyperParameterError
 from ..linalg import _checks as C
@@ -226,7 +227,7 @@ class Ginger(SampledLabelsMixin, Method):
         return self._check_blocks(net, state.U, state.sigma)
 
     def _step(self, state, net, params, batch, d, upd, qry):
-        g = flatten(net.grad(params, batch.x, batch.y, batch.loss))
+        g = flatten(cv._mean_layer_grads(net, params, batch.x, batch.y, batch.loss))
         direction = xp_of(g).zeros_like(g)
         Us, sigmas = [], []
         for idx, U, s in zip(self._blocks(state, net), state.U, state.sigma):

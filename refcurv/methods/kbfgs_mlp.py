@@ -149,6 +149,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import math
+
 import numpy as np
 
 from ..backend import xp_of
@@ -269,7 +271,7 @@ class _KBFGSMLPBase(KBFGSCore):
         if self.variant == "authors":  # departure 3: s̃ᵀỹ > 1e-4·s̃ᵀs̃·‖ḡ‖, ḡ of θ_k
             return authors_accepts(s_t, y_t, g_bar)
         if self.algorithm == "alg5":  # Algorithm 5 line 17: skip unless s̃ᵀỹ ≥ (μ₁/c) ỹᵀHỹ
-            slack = 1 + np.sqrt(np.finfo(s_t.dtype).eps)
+            slack = 1 + math.sqrt(np.finfo(s_t.dtype).eps)
             return ratio <= self.skip_factor * slack / self.mu1
         return True
 
@@ -306,8 +308,8 @@ class _KBFGSMLPBase(KBFGSCore):
         eye = [xp.eye(Ab.shape[0]) for Ab in A_batch]
         # lines 2-3 (before the first iteration, unless warm-started): λ_A = λ_G = √λ;
         # A = mean a aᵀ (here from M_0), H_a = (A + λ_A I)⁻¹; H_g = I, (s_g, y_g) = 0, m = 0
-        lambda_A = state.lambda_A or [float(np.sqrt(self.damping))] * L
-        lambda_G = state.lambda_G or [float(np.sqrt(self.damping))] * L
+        lambda_A = state.lambda_A or [float(math.sqrt(self.damping))] * L
+        lambda_G = state.lambda_G or [float(math.sqrt(self.damping))] * L
         A = list(state.A) if state.A is not None else A_batch
         H_a = state.H_a
         if H_a is None:
@@ -340,7 +342,7 @@ class _KBFGSMLPBase(KBFGSCore):
                     if authors:   # departure 3: s̃ᵀỹ > 10⁻⁴ s̃ᵀs̃ ‖ḡ‖ (ḡ of the first pass)
                         used = sty > AUTHORS_SKIP * float(s_t @ s_t) * float(xp.linalg.norm(pend.g_bar[l]))
                     elif alg5:    # Algorithm 5 line 17: use iff s̃ᵀỹ ≥ (μ₁/c) ỹᵀHỹ (√eps slack on ties)
-                        used = ratio <= self.skip_factor * (1 + np.sqrt(np.finfo(s_t.dtype).eps)) / mu1
+                        used = ratio <= self.skip_factor * (1 + math.sqrt(np.finfo(s_t.dtype).eps)) / mu1
                     else:
                         used = True
                 else:             # only s_g = y_g = 0: no information

@@ -58,13 +58,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import math
+
 import numpy as np
 
 from .. import curvature as cv
 from ..backend import rng_of, to_numpy, xp_of
 from ..errors import DrawsError, StateError
 from ..linalg.kronecker import SPLITS, damped_split
-from ..linalg.woodbury import spd_solve
+from ..linalg.woodbury import _spd_inverse, spd_solve
 from ..operators import BlockDiagonal, Kronecker
 from .base import (Draws, Method, State, check_choice, check_int, check_positive, check_unit, refresh_due,
                    state_field)
@@ -231,7 +233,7 @@ class KFAC(Method):
     # ------------------------------------------------------------------ fast form
     def _fast(self, state, net, params, batch, draws):
         stats_due, inv_due = self.schedule(state.k)
-        g = net.grad(params, batch.x, batch.y, batch.loss)
+        g = cv._mean_layer_grads(net, params, batch.x, batch.y, batch.loss)
         # momentum gradient (Alg. 12 line 7) from m = 0
         mu, heavy_ball = self.momentum, self.momentum_form == "heavy_ball"
         if state.m is None:
@@ -260,8 +262,8 @@ class KFAC(Method):
             Od, Gd, pi = state.Omega_damped, state.Gamma_damped, state.pi
         HO, HG = state.H_Omega, state.H_Gamma
         if refreshed or HO is None:  # (a state from the dense form carries no inverses)
-            HO = [spd_solve(O, xp_of(O).eye(O.shape[0], dtype=O.dtype), "Ω + π√λI") for O in Od]
-            HG = [spd_solve(G, xp_of(G).eye(G.shape[0], dtype=G.dtype), "Γ + √λ/π I") for G in Gd]
+            HO = [_spd_inverse(O, "Ω + π√λI") for O in Od]  # potrf + potri: the inverse is the definition's
+            HG = [_spd_inverse(G, "Γ + √λ/π I") for G in Gd]
         # Alg. 12 line 8: p = H_Γ m H_Ω
         direction = [-(HG @ mi @ HO) for mi, HO, HG in zip(m, HO, HG)]
         new_state = state.replace(
@@ -315,10 +317,10 @@ class KFAC(Method):
                 trace_I_G = dO * float(xp.trace(Gm))  # trace(I_dO ⊗ Γ)
                 p = 1.0
                 if self.split == "pi" and trace_O_I > 0 and trace_I_G > 0:
-                    p = float(np.sqrt(trace_O_I / trace_I_G))
+                    p = float(math.sqrt(trace_O_I / trace_I_G))
                 pi.append(p)
-                Omega_damped.append(Om + p * float(np.sqrt(lam)) * xp.eye(dO, dtype=Om.dtype))
-                Gamma_damped.append(Gm + (float(np.sqrt(lam)) / p) * xp.eye(dG, dtype=Gm.dtype))
+                Omega_damped.append(Om + p * float(math.sqrt(lam)) * xp.eye(dO, dtype=Om.dtype))
+                Gamma_damped.append(Gm + (float(math.sqrt(lam)) / p) * xp.eye(dG, dtype=Gm.dtype))
         else:
             pi, Omega_damped, Gamma_damped = state.pi, state.Omega_damped, state.Gamma_damped
         # direction: the dense damped Kronecker block, row-major vec (Alg. 12 line 8)

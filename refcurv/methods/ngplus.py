@@ -248,7 +248,7 @@ def _dense_inputs(net, params, batch):
     return unflatten(U, net)
 
 
-def _conv_T(net, x):
+def _conv_T(net, x):  # host: shape arithmetic
     """κ = T of each trainable layer (output locations of a Conv2d, 1 for Linear)."""
     shapes = net.feature_shapes(tuple(x.shape[1:]))
     out = []
@@ -391,7 +391,7 @@ class NGPlus(Method):
             key: SK.ngplus_sketch(dim, self.sketch_size, seed=rng).to_dense()
             for key, dim in self._sketch_dims(state).items()})
 
-    def check_draws(self, draws, state, net, params, batch):
+    def check_draws(self, draws, state, net, params, batch):  # host: draws are host arrays
         due = refresh_due(state.k, self.T_inv)
         if due or not isinstance(draws, Draws) or draws.method != self.name:
             super().check_draws(draws, state, net, params, batch)  # type, maker, fields consumed
@@ -456,7 +456,7 @@ class NGPlus(Method):
                                         factorization=tuple(facs), diagnostics=self._diagnostics(due))
 
     # -------------------------------------------------------------- dense form
-    def _dense(self, state, net, params, batch, draws):
+    def _dense(self, state, net, params, batch, draws):  # host: float64 reference on the host (_host64)
         like = params[0]
         params, batch = _host64(params, batch)
         due = refresh_due(state.k, self.T_inv)
@@ -630,7 +630,7 @@ class NGPlusOnlineNewton(Method):
             direction.append(GF.orient(side, Z) - W)
         return direction, self._new_state(state, Ls, projected)
 
-    def _dense(self, state, net, params, batch, draws):
+    def _dense(self, state, net, params, batch, draws):  # host: float64 reference on the host (_host64)
         like = params[0]
         params, batch = _host64(params, batch)
         psg = _dense_inputs(net, params, batch)

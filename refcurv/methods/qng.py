@@ -91,6 +91,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import curvature as cv
 from ..backend import xp_of
 from ..errors import ArgumentTypeError
 from ..linalg.ema import check_alpha, check_tau, qng_beta, qng_G, qng_solve_dense, qng_update_dense
@@ -259,7 +260,7 @@ class QNG(SampledLabelsMixin, Method):
         return self._check_blocks(net, state.q, state.beta_t)
 
     def _step(self, state, net, params, batch, d, upd, slv):
-        g = flatten(net.grad(params, batch.x, batch.y, batch.loss))     # mini-batch gradient
+        g = flatten(cv._mean_layer_grads(net, params, batch.x, batch.y, batch.loss))     # mini-batch gradient
         out = xp_of(g).zeros_like(g)
         qs, bs = [], []
         for q, b, idx in zip(state.q, state.beta_t, self._blocks(state, net)):

@@ -219,7 +219,7 @@ def lowrank_factors(A_hat, G_hat, rank=None, svd="exact", svd_of="auto", seed=No
     return (Xr, Yr) if use_G else (Yr, Xr)
 
 
-def row_sketch(n, q, kind, replace, X, seed):
+def row_sketch(n, q, kind, replace, X, seed):  # host: the sketch is drawn on the host (design §6)
     """(14): the row-sampling sketch ``Ω`` ``(q, n)`` of the ``n`` rows of ``X`` (``(n, …)``),
     a :class:`~refcurv.linalg.sketch.RowSketch` with refcurv's unbiased weights (errata E4);
     ``q=None``: no sketch (``None``). ``kind="leverage"``: ``p_i ∝ ‖X_{i,:}‖²`` (§3.2; uniform
@@ -267,8 +267,9 @@ def capacitance_solve(lam, Xi, xi, blocks=1, scale=1):
     q, rho = Xi.shape
     m = rho // blocks
     Xw = Xi.reshape(q, blocks, m)
-    cap = scale * xp.einsum("qwi,qwj->wij", Xw, Xw) + lam * xp.eye(m, dtype=Xi.dtype)
-    rhs = xp.einsum("qwi,q->wi", Xw, xi)
+    Xb = xp.moveaxis(Xw, 1, 0)  # (blocks, q, m): the Gram ΞᵀΞ per block as a batched GEMM
+    cap = scale * (xp.swapaxes(Xb, 1, 2) @ Xb) + lam * xp.eye(m, dtype=Xi.dtype)
+    rhs = (xi @ Xi).reshape(blocks, m)
     return spd_solve_batched(cap, rhs, "λI + ΞᵀΞ").reshape(rho)
 
 
@@ -284,7 +285,7 @@ def sketched_Utz(XiA, XiG, XiZ):
     ``(ϱ, ζ_A, r)``, ``XiG`` ``(ϱ, ζ_G, r)``, ``XiZ = Ω_G mat(z) Ω_Aᵀ`` ``(ζ_G, ζ_A)``.
     Returns ``(ϱ,)``."""
     xp = xp_of(XiA)
-    T = xp.einsum("ga,igr->iar", XiZ, XiG)  # Ξ_zᵀ Ξ_{G_i}, (ϱ, ζ_A, r)
+    T = XiZ.T @ XiG  # Ξ_zᵀ Ξ_{G_i}, (ϱ, ζ_A, r): one GEMM broadcast over i
     return (T * XiA).sum(axis=(1, 2))
 
 
@@ -292,10 +293,18 @@ def sketched_UtU(XiA, XiG):
     """(21): ``elesum((Ξ_{A_i}ᵀ Ξ_{A_j}) ⊙ (Ξ_{G_i}ᵀ Ξ_{G_j}))`` — the sketched ``u_iᵀ u_j``
     (``UᵀU ≈ ϱ^{-1}·`` this, errata SENG-2). Leading batch axes (e.g. workers) are allowed:
     ``(…, ϱ, ζ, r)`` → ``(…, ϱ, ϱ)``."""
+    from ..linalg.gemm import kron_gram as _kron_gram
+
+    # on BLAS (issue 15: the einsum here ran at ~2% of GEMM speed): the ϱ·r stacked
+    # sketched factors' Grams by GEMM, or the sketched gradients' Gram (syrk), whichever
+    # needs fewer flops (refcurv.curvature._kron_gram; exact either way)
+    lead = XiA.shape[:-3]
+    if not lead:
+        return _kron_gram(XiA, XiG)
     xp = xp_of(XiA)
-    KA = xp.einsum("...iar,...jas->...ijrs", XiA, XiA)
-    KG = xp.einsum("...igr,...jgs->...ijrs", XiG, XiG)
-    return (KA * KG).sum(axis=(-2, -1))
+    A2 = XiA.reshape((-1,) + XiA.shape[-3:])
+    G2 = XiG.reshape((-1,) + XiG.shape[-3:])
+    return xp.stack([_kron_gram(a, g) for a, g in zip(A2, G2)]).reshape(lead + (XiA.shape[-3],) * 2)
 
 
 def cu(c, G, A, workers=1):
@@ -311,14 +320,17 @@ def cu(c, G, A, workers=1):
     tot = s.sum(axis=1)
     safe = xp.where(tot > 0, tot, 1.0)
     coef = xp.where((tot > 0)[:, None], cw / safe[:, None], 0.0)
-    Gc = xp.einsum("wm,wmgr->gr", s, G.reshape((workers, m) + G.shape[1:]))
-    Ac = xp.einsum("wm,wmar->ar", coef, A.reshape((workers, m) + A.shape[1:]))
+    # Σ_{w,m} s_{wm} G_{wm}: a GEMV over the ϱ stacked factors (BLAS, no einsum loop)
+    Gc = (s.reshape(-1) @ G.reshape(rho, -1)).reshape(G.shape[1:])
+    Ac = (coef.reshape(-1) @ A.reshape(rho, -1)).reshape(A.shape[1:])
     return Gc @ Ac.T
 
 
 def uc_exact(c, G, A):
     """(22): ``Σ_i c_i vec(G_i A_iᵀ)`` (as ``mat``, ``(n_G, n_A)``)."""
-    return xp_of(G).einsum("i,igr,iar->ga", c, G, A)
+    from ..linalg.gemm import factor_sum as _factor_sum
+
+    return _factor_sum(G * c[:, None, None], A)  # one GEMM over the folded (i, r) axes
 
 
 def implicit_direction(G, A, g, gp, lam, skA=None, skG=None, blocks=1, scale=1, uc="cu", cu_workers=1):
@@ -346,7 +358,7 @@ def implicit_direction(G, A, g, gp, lam, skA=None, skG=None, blocks=1, scale=1, 
     return (Uc - g) / lam, b  # (24), with a = 1/λ on C_U (errata SENG-1)
 
 
-def history_decay(buffer, g, beta):
+def history_decay(buffer, g, beta):  # host: p host scalars (the decay weights)
     """[SENG-conf] (24): the buffer of the last ``p`` gradients ``(p, out, d)`` (oldest first) shifted by
     ``g = g_k``, and ``U_k = p^{-1/2}[β^{p−1}g_{k−p+1}, …, β^0 g_k]`` ``(n, p)`` ([SENG-conf]'s decay
     ``ζ`` is refcurv's ``beta``). Returns ``(new_buffer, U_k)``."""
@@ -369,7 +381,7 @@ def history_hybrid(buffer, g, u_sampled, p):
     return nb, (cols.reshape(cols.shape[0], -1) / math.sqrt(p)).T
 
 
-def dense_block_direction(M_blocks, S, g, gp, lam, scale=1):
+def dense_block_direction(M_blocks, S, g, gp, lam, scale=1):  # host: float64 reference on the host
     """The dense reference of (7) / (13) / (26) / (27): ``(𝓜_b g'/c − g)/λ − (1/c) Σ_w (λI +
     c M̂_w)^{-1} g'`` with ``M̂_w = M_w S`` (``S = ΩᵀΩ``, or ``None`` for ``I``), ``𝓜_b =
     len(M_blocks)`` blocks and Gram scale ``c = scale``; for ``c = 1`` arranged as ``−g/λ +
@@ -412,7 +424,7 @@ def _sketch_key(name, j, part):
     return f"{name}/{j}/{part}"
 
 
-def sketch_from_draws(draws, name, j, n):
+def sketch_from_draws(draws, name, j, n):  # host: draws are host arrays
     """The :class:`~refcurv.linalg.sketch.RowSketch` ``name`` (``"Omega"``, ``"Omega_A"`` or
     ``"Omega_G"``) of layer ``j`` in ``draws`` (``n`` rows sketched), or ``None`` if absent."""
     ix = _sketch_key(name, j, "index")
@@ -520,7 +532,7 @@ class SENG(Method):
     summary = "per-layer damped empirical Fisher by SMW, sketched LS, implicit low-rank storage"
     State = SENGState
 
-    def __post_init__(self):
+    def __post_init__(self):  # host: scalar hyper-parameter checks
         check_positive(self.damping, "damping")
         check_choice(self.sketch, "sketch", ("uniform", "leverage"))
         _opt_int(self.sketch_size, "sketch_size")
@@ -619,7 +631,7 @@ class SENG(Method):
         o, d = net.param_shapes[j]
         return {"Omega": o * d, "Omega_A": d, "Omega_G": o}[name]
 
-    def draw(self, rng, state, net, params, batch):
+    def draw(self, rng, state, net, params, batch):  # host: draws are made on the host (design §6)
         """The step's random numbers as arrays: per layer four seeds are drawn (explicit Ω,
         Ω_A, Ω_G, randomized-SVD test matrices; this order keeps refcurv's earlier streams),
         then the hybrid indices of [SENG-conf] (25); the sketches are then built from their seeds —
@@ -657,7 +669,7 @@ class SENG(Method):
                 sketches[_sketch_key(name, j, "weight")] = np.asarray(sk.weight, dtype=np.float64)
         return Draws(method=self.name, sketches=sketches, seeds=out_seeds)
 
-    def check_draws(self, draws, state, net, params, batch):
+    def check_draws(self, draws, state, net, params, batch):  # host: draws are host arrays
         """Beyond the base checks: every sketch and seed this network's layers consume is
         present; sketch indices are 1-D integer arrays into the sketched rows, weights finite
         and positive of the same length; the hybrid indices are ``p − v`` distinct sample
@@ -784,7 +796,7 @@ class SENG(Method):
                                           batch.loss, blocks=True) for w in range(nb)]  # loop over workers
         return [[Mw[j] / nb for Mw in per_worker] for j in range(len(net.param_shapes))]
 
-    def _dense_history(self, state, g, u_flat, sl, draws):
+    def _dense_history(self, state, g, u_flat, sl, draws):  # host: float64 reference on the host (to_numpy)
         """[SENG-conf] (24) / (25) written out column by column (the dense reference's own copy)."""
         p = self.memory
         cols_all, new_buf = [], []
@@ -803,7 +815,7 @@ class SENG(Method):
             new_buf.append(np.stack(nb))
         return cols_all, new_buf
 
-    def _dense(self, state, net, params, batch, draws):
+    def _dense(self, state, net, params, batch, draws):  # host: float64 reference on the host (to_numpy)
         P = net.check_params(params)
         u_flat = cv.per_sample_grads(net, P, batch.x, batch.y, batch.loss)  # (N, n), float64
         N = u_flat.shape[0]
@@ -901,7 +913,7 @@ class SENG(Method):
             if U is None:
                 Gf, Af = fac
                 rho = Gf.shape[0]
-                U = (xp_of(Gf).einsum("igr,iar->iga", Gf, Af).reshape(rho, -1) / math.sqrt(rho)).T  # Ũ
+                U = ((Gf @ xp_of(Gf).swapaxes(Af, 1, 2)).reshape(rho, -1) / math.sqrt(rho)).T  # Ũ (batched GEMM)
             xp = xp_of(U)
             if nb == 1 and c == 1:
                 blocks.append(LowRankPlusIdentity(lam, U, xp.ones(U.shape[1], dtype=U.dtype)))  # λI + UUᵀ (7)

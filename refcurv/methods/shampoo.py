@@ -77,8 +77,11 @@ from dataclasses import dataclass
 from functools import reduce
 from typing import Any
 
+import math
+
 import numpy as np
 
+from .. import curvature as cv
 from .. import curvature as _curv
 from ..backend import xp_of
 from ..errors import HyperParameterError, NewtonConvergenceError
@@ -164,7 +167,7 @@ class Shampoo(TensorMethod):
         layers = net.layers_trainable
         total = None
         for b in batches:
-            g = net.grad(params, b.x, b.y, b.loss)
+            g = cv._mean_layer_grads(net, params, b.x, b.y, b.loss)
             s = [tensor_statistics(lay, gl, self.conv_modes) for lay, gl in zip(layers, g)]
             total = s if total is None else map_modes(lambda a, c: a + c, total, s)
         n = len(batches)
@@ -190,13 +193,13 @@ class Shampoo(TensorMethod):
         tensor's entries of the mini-batch gradient ``g_flat`` (refcurv's flat θ)."""
         out, off = [], 0
         for layer in net.layers_trainable:
-            n = int(np.prod(layer.param_shape))
+            n = int(math.prod(layer.param_shape))
             gl = g_flat[off:off + n]
             off += n
             tensors = []
             for idx in tensor_index(layer, self.conv_modes):
                 v = gl[idx.ravel()]
-                tensors.append([mode_marginal(np.outer(v, v), idx.shape, i) for i in range(idx.ndim)])
+                tensors.append([mode_marginal(xp_of(v).outer(v, v), idx.shape, i) for i in range(idx.ndim)])
             out.append(tensors)
         return out
 
@@ -219,7 +222,7 @@ class Shampoo(TensorMethod):
 
     def _fast(self, state, net, params, batch, draws):
         layers = net.layers_trainable
-        g = net.grad(params, batch.x, batch.y, batch.loss)
+        g = cv._mean_layer_grads(net, params, batch.x, batch.y, batch.loss)
 
         def roots_of(factors):
             # (Ĝ^{(i)} + εI)^{−1/(2k)}, k = the tensor's order = its number of factors

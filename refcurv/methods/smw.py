@@ -201,7 +201,7 @@ class LMMethod(Method):
     State = LMState
     draw_fields = ("sketches",)
 
-    def __post_init__(self):
+    def __post_init__(self):  # host: scalar hyper-parameter checks
         check_positive(self.damping, "damping")
         check_positive(self.boost, "boost")
         if not self.boost > 1:
@@ -224,7 +224,7 @@ class LMMethod(Method):
                 )
 
     # -------------------------------------------------------------- LM
-    def lm(self, damping_lm, rho):
+    def lm(self, damping_lm, rho):  # host: scalar arithmetic
         """:func:`lm_update` with this method's ``boost``, ``drop``, ``lm_threshold``."""
         lam = lm_update(damping_lm, rho, self.boost, self.drop, self.lm_threshold)
         if not np.isfinite(lam):
@@ -236,7 +236,7 @@ class LMMethod(Method):
         return self.State(damping_lm=lam_lm, damping=lam_lm + self.damping_floor)
 
     # -------------------------------------------------------------- draws
-    def draw(self, rng, state, net, params, batch):
+    def draw(self, rng, state, net, params, batch):  # host: draws are made on the host (design §6)
         """``S₂ ⊆ S₁`` (Algorithm 23 line 3): ``N₂`` distinct indices into the batch, sorted,
         as ``sketches["subset"]``."""
         N1 = int(np.shape(batch.x)[0])
@@ -248,7 +248,7 @@ class LMMethod(Method):
             subset = np.sort(rng.choice(N1, size=self.n2, replace=False))
         return Draws(method=self.name, sketches={"subset": subset})
 
-    def check_draws(self, draws, state, net, params, batch):
+    def check_draws(self, draws, state, net, params, batch):  # host: draws are host arrays
         """The base checks, then: ``sketches["subset"]`` is ``N₂`` distinct integer indices into
         the batch; ``labels`` only where consumed (see :class:`_FisherLM`)."""
         super().check_draws(draws, state, net, params, batch)

@@ -90,14 +90,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import math
+
 import numpy as np
 
+from .. import curvature as cv
 from .. import curvature as _curv
 from ..backend import xp_of
 from ..errors import DrawsError, HyperParameterError, ShapeError
 from ..linalg.kronecker import damped_factors, f_tnt, mode_marginal, normalized_factors  # noqa: F401 (re-exported)
 from ..linalg.tensor import contraction, kron_apply
-from ..linalg.woodbury import spd_solve
+from ..linalg.woodbury import _spd_inverse, spd_solve
 from ..operators import BlockDiagonal, Kronecker
 from ..vec import unflatten
 from ._tensors import (TensorMethod, TensorState, batched_tensors, ema_update, map_modes, precondition_layers,
@@ -138,7 +141,7 @@ def sample_statistics(Gs, statistics="per_sample", weight=None):
 
 def _inverses(factors):
     """``(Ũ_i + εI)^{-1}`` for every factor (Cholesky, Algorithm 15 line 16)."""
-    return map_modes(lambda F: spd_solve(F, xp_of(F).eye(F.shape[0], dtype=F.dtype), "Ũ_i + εI"), factors)
+    return map_modes(lambda F: _spd_inverse(F, "Ũ_i + εI"), factors)  # potrf + potri
 
 
 _DOC_INVERSES = ("per layer, per parameter tensor, per mode i: (Ũ_i + εI)^{-1} of the last refresh "
@@ -311,20 +314,20 @@ class TNT(TensorMethod):
             # (1/(S N)) Σ_{s,n} u_{n,s} u_{n,s}ᵀ: the empirical Fisher of the batch repeated
             # once per label draw, at the drawn labels
             S = labels.shape[0]
-            xs = np.concatenate([x] * S, axis=0)
+            xs = xp_of(x).concatenate([x] * S, axis=0)
             Sigma = _curv.empirical_fisher(net, params, xs, labels.reshape((S * N,) + labels.shape[2:]), loss)
         else:
             # (1/S) Σ_s vec̄(Ḡ_s) vec̄(Ḡ_s)ᵀ; a loop over the S label draws (not over samples)
             gs = [_curv.grad(net, params, x, y, loss) for y in labels]
-            Sigma = sum(np.outer(gv, gv) for gv in gs) / len(gs)
+            Sigma = sum(xp_of(gv).outer(gv, gv) for gv in gs) / len(gs)
         out, off = [], 0
         for layer in net.layers_trainable:
-            n = int(np.prod(layer.param_shape))
+            n = int(math.prod(layer.param_shape))
             block = Sigma[off:off + n, off:off + n]
             off += n
             tensors = []
             for idx in tensor_index(layer, self.conv_modes):
-                St = block[np.ix_(idx.ravel(), idx.ravel())]
+                St = block[np.ix_(idx.ravel(), idx.ravel())]  # host: index arrays built on the host
                 tensors.append([mode_marginal(St, idx.shape, i) for i in range(idx.ndim)])
             out.append(tensors)
         return out
@@ -345,7 +348,7 @@ class TNT(TensorMethod):
                              diagnostics={"refreshed": bool(refreshed), "stats_refreshed": bool(stats_ref)})
 
     def _fast(self, state, net, params, batch, draws):
-        g = net.grad(params, batch.x, batch.y, batch.loss)
+        g = cv._mean_layer_grads(net, params, batch.x, batch.y, batch.loss)
         new = self._step(state, net, params, batch, draws, g, self.batch_statistics)
         inv = new.inverses
         # (4.8): m ×_1 (Ũ_1+εI)^{-1} ⋯ ×_k (Ũ_k+εI)^{-1}, tensor by tensor

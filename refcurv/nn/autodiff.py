@@ -684,3 +684,32 @@ def preactivation_hessians(layers, params, trace, dout, output_hvp):
     output_hvp = _checked_output_hvp(check_callable(output_hvp, "output_hvp"), "output_hvp")
     return _run("preactivation_hessians: the pre-activation Hessians", _preactivation_hessians,
                 layers, params, trace, dout, output_hvp)
+
+
+# ------------------------------------------------- second order, summed over samples
+# Appended by the perf engineer (issue 15): the Hessian's kernel. Kept separate from
+# _hvp_per_sample so that the per-sample path (per_sample=True) is unchanged.
+def _hvp_summed(layers, params, trace, dout, V, output_hvp=None, rows=None):
+    """``Σ_i ∇²ψ_i v`` (the sum over samples of :func:`_hvp_per_sample`) with the sum taken
+    inside the R-operator: ``Σ_i R{∇_{W_l} ψ_i} = Σ_i (R{G_l}_i A_{l,i}ᵀ + G_{l,i} R{A_l}_iᵀ)``
+    is one GEMM over the folded ``(N·T)`` axis per layer (:func:`refcurv.linalg.gemm.factor_sum`), so memory is
+    that of one pass with ``K`` tangents, not ``K·N·n``. ``V``: per trainable module
+    ``(K, out, d)`` or ``None`` (zero tangent for that layer); ``rows``: the trainable-layer
+    indices whose rows are wanted (default all; the others are ``None``). Returns a list of
+    ``(K, out, d)`` (or ``None``)."""
+    from ..linalg.gemm import factor_sum as _sum_outer
+
+    tan_in, df = _push_tangents(layers, params, trace, V)
+    ddout = output_hvp(df) if output_hvp is not None else 0 * df
+    G, dG = _pull_cotangents(layers, params, trace, dout, rop=(tan_in, V, ddout))
+    out = []
+    for j, (k, g, dg) in enumerate(zip(_trainable_index(layers), G, dG)):
+        if rows is not None and j not in rows:
+            out.append(None)
+            continue
+        m, s, t = layers[k], trace.in_shapes[k], tan_in[k]
+        r = _sum_outer(dg, trace.A[k])
+        if t is not None:
+            r = r + _sum_outer(g, m.patches(t, s, ones=False))
+        out.append(r)
+    return out

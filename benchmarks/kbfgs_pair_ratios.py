@@ -1,6 +1,6 @@
 """Measure (do not assert) how often K-BFGS's damped pairs satisfy ``yᵀHy / sᵀy ≤ 2/μ₁``.
 
-Thesis 003 §2.3 / §3.5 report that on their problems at least 90% of the pairs do (the bound
+[Ren-thesis] §2.3 / §3.5 report that on their problems at least 90% of the pairs do (the bound
 (2.8)-(2.10) on ``H_g`` needs it, and DD does not guarantee it). This script trains a few
 small synthetic problems with every K-BFGS variant and prints, per layer, the fraction of
 ``H_g``/``H_G`` pairs with the ratio ≤ 2/μ₁ (and ≤ 1/μ₁ for Chapter 2, Algorithm 5's skip

@@ -12,7 +12,7 @@ from ..backend import xp_of
 def factor_sum(g, a):
     """``Σ_{i,t} g[…, i, :, t] a[…, i, :, t]ᵀ`` for ``g`` ``(…, N, out, T)`` and ``a``
     ``(…, N, d, T)`` (leading axes broadcast) → ``(…, out, d)``: the sum of the per-sample
-    gradients ``G_i A_iᵀ`` (thesis 003 (2.1), Algorithm 18) as one GEMM with the sample and
+    gradients ``G_i A_iᵀ`` ([Ren-thesis] (2.1), Algorithm 18) as one GEMM with the sample and
     location axes folded into its inner dimension ``N·T``; the ``N·out·d`` per-sample array
     is never formed."""
     xp = xp_of(g, a)
@@ -45,7 +45,7 @@ def outer_sum(a, b=None):
 def kron_gram(a, g):
     """``K_{ij} = Σ_{t,t'} (a_{i,t}ᵀ a_{j,t'}) (g_{i,t}ᵀ g_{j,t'})`` for ``a`` ``(N, d, T)``,
     ``g`` ``(N, o, T)`` — the Gram ``u_iᵀ u_j`` of the per-sample gradients ``u_i = vec(G_i
-    A_iᵀ)`` (thesis 003 §5.3.3, Algorithm 22; SENG (21)) — on BLAS by whichever of two exact
+    A_iᵀ)`` ([Ren-thesis] §5.3.3, Algorithm 22; SENG (21)) — on BLAS by whichever of two exact
     forms needs fewer flops:
 
     * the location Grams: ``(a_{i,t}ᵀ a_{j,t'})`` is one GEMM of the ``(N·T, d)`` stacked

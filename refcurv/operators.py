@@ -41,7 +41,7 @@ from .errors import ArgumentTypeError, HyperParameterError, NonFiniteError, NotS
 from .linalg import _checks as C
 from .linalg.woodbury import spd_solve
 
-__all__ = ["Operator", "ScaledIdentity", "Dense", "Kronecker", "KroneckerSum", "LowRankPlusIdentity",
+__all__ = ["Operator", "ScaledIdentity", "Diagonal", "Dense", "Kronecker", "KroneckerSum", "LowRankPlusIdentity",
            "BlockDiagonal", "Inverse"]
 
 
@@ -182,6 +182,36 @@ class ScaledIdentity(Operator):
 
     def eigvalsh(self):
         return np.full(self.n, self.c, dtype=self.dtype)
+
+
+class Diagonal(Operator):
+    """``diag(d)`` with ``d > 0`` (Adam's ``diag(√v̂) + εI``): ``O(n)`` storage, never an
+    ``n × n`` array except in :meth:`todense`."""
+
+    def __init__(self, d, name="d"):
+        if not isinstance(name, str):
+            raise ArgumentTypeError(f"name must be a str (used in error messages), got {_describe(name)}")
+        d = _real_array(d, name)
+        if d.ndim != 1 or d.shape[0] == 0:
+            raise ShapeError(f"{name} must be a non-empty vector, got shape {tuple(d.shape)}")
+        if not bool((d > 0).all()):
+            raise NotSPDError(f"{name}: a Diagonal operator needs positive entries (min {float(d.min())!r})")
+        self.d, self.n, self.dtype, self.name = d, d.shape[0], d.dtype, name
+
+    def _col(self, v):  # d as a column for (n, k) right-hand sides
+        return self.d.reshape((-1,) + (1,) * (v.ndim - 1))
+
+    def _matvec(self, v):
+        return self._col(v) * v
+
+    def _solve(self, v):
+        return v / self._col(v)
+
+    def todense(self):
+        return xp_of(self.d).diag(self.d)
+
+    def eigvalsh(self):
+        return xp_of(self.d).sort(self.d)
 
 
 class Dense(Operator):

@@ -14,6 +14,7 @@ from refcurv.operators import (
     Kronecker,
     KroneckerSum,
     LowRankPlusIdentity,
+    Diagonal,
     ScaledIdentity,
 )
 from refcurv.testing.tolerance import forward_tol, residual_tol
@@ -30,6 +31,9 @@ def _cases(seed, kind):
     rng = np.random.default_rng(seed)
     if kind == "scaled":
         return ScaledIdentity(5, 2.5), 2.5 * np.eye(5), 1.0
+    if kind == "diagonal":
+        d = np.logspace(0, 3, 6)[rng.permutation(6)]
+        return Diagonal(d), np.diag(d), 1e3
     if kind == "dense":
         M, k = spd(rng, 6, 3)
         return Dense(M), M, k
@@ -61,7 +65,7 @@ def _cases(seed, kind):
     raise KeyError(kind)
 
 
-KINDS = ["scaled", "dense", "kron2", "kron3", "ksum", "lowrank", "blocks", "inverse"]
+KINDS = ["scaled", "diagonal", "dense", "kron2", "kron3", "ksum", "lowrank", "blocks", "inverse"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -125,3 +129,7 @@ def test_bad_input_is_refused():
         Kronecker()
     with pytest.raises(ArgumentTypeError):
         ScaledIdentity(0)
+    with pytest.raises(NotSPDError, match="positive entries"):
+        Diagonal(np.array([1.0, 0.0]))
+    with pytest.raises(ShapeError, match="non-empty vector"):
+        Diagonal(np.ones((2, 2)))

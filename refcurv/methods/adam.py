@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import StateError
 from ..linalg.woodbury import spd_solve
-from ..operators import Dense
+from ..operators import Diagonal
 from ..vec import flatten, unflatten
 from .base import Method, State, check_positive, check_unit, state_field
 from .registry import register
@@ -46,7 +46,7 @@ class AdamState(State):
 class Adam(Method):
     """Adam (module docstring). Hyper-parameters: ``damping`` ε, ``momentum`` β₁, ``beta`` β₂
     (defaults: [Adam]'s 1e-8, 0.9, 0.999). State: :class:`AdamState`. Draws: none.
-    Diagnostics: none. Curvature: ``Dense(diag(√v̂) + εI)`` on θ; ``rhs``: ``m̂``."""
+    Diagnostics: none. Curvature: ``Diagonal(√v̂ + ε)`` on θ; ``rhs``: ``m̂``."""
 
     damping: float = 1e-8
     momentum: float = 0.9
@@ -95,11 +95,11 @@ class Adam(Method):
         return unflatten(d, net), state.replace(k=t, m=unflatten(m, net), v=unflatten(v, net))
 
     def curvature(self, state, net=None, params=None, batch=None, draws=None):
-        """``Dense(diag(√v̂_t) + εI)`` (flat θ, refcurv order) of the step that returned ``state``."""
+        """``Diagonal(√v̂_t + ε)`` (flat θ, refcurv order) of the step that returned ``state``."""
         if state.v is None:
             raise StateError(f"{self.name}: the state has no second moment yet (v); take a step first")
         v = np.concatenate([np.asarray(vi, dtype=np.float64).ravel() for vi in state.v])
-        return Dense(np.diag(np.sqrt(v / (1 - self.beta ** state.k)) + self.damping), "diag(√v̂) + εI")
+        return Diagonal(np.sqrt(v / (1 - self.beta ** state.k)) + self.damping, "diag(√v̂) + εI")
 
     def rhs(self, state, grads):
         """``m̂_t = m_t / (1 − β₁ᵗ)`` (``grads`` is not used)."""

@@ -7,7 +7,7 @@ median over rounds of its time / ``torch.func``'s time in the same round.
 
 Candidates: ``refcurv.curvature.per_sample_grads`` (flat ``(N, n)``, float64 ground truth),
 ``Sequential.per_sample_grads`` (the per-layer routine, list of ``(N, out, d)``),
-``Sequential.grad`` (mean gradient), ``Sequential.forward``, against ``torch.func``'s
+``Sequential.grad`` and ``curvature.grad`` (mean gradient), ``Sequential.forward``, against ``torch.func``'s
 ``vmap(grad(·))`` (per-sample gradients) and, for the forward pass, the bare NumPy GEMM chain.
 ``--before DIR`` also times an older refcurv tree importable as ``refcurv_before`` from ``DIR``
 (``git archive <commit> refcurv | tar -x -C DIR && mv DIR/refcurv DIR/refcurv_before``).
@@ -44,6 +44,7 @@ def candidates(pkg, tag, widths, x, y):
         f"{tag} curvature.per_sample_grads": lambda: cv.per_sample_grads(net, params, x, y, loss),
         f"{tag} Sequential.per_sample_grads": lambda: net.per_sample_grads(params, x, y, loss),
         f"{tag} Sequential.grad": lambda: net.grad(params, x, y, loss),
+        f"{tag} curvature.grad": lambda: cv.grad(net, params, x, y, loss),
         f"{tag} Sequential.forward": lambda: net.forward(params, x),
     }, params
 

@@ -2,10 +2,13 @@
 from . import backend, curvature, errors, linalg, methods, nn, operators, train, vec
 from .errors import (
     ArgumentTypeError,
+    ConventionsError,
     DivergenceError,
     DrawsError,
     EmptyBatchError,
+    GoldenError,
     HyperParameterError,
+    ImplementationError,
     LabelError,
     NewtonConvergenceError,
     NonFiniteError,
@@ -26,4 +29,5 @@ __all__ = [
     "RefcurvError", "ShapeError", "NonFiniteError", "EmptyBatchError", "LabelError",
     "HyperParameterError", "ArgumentTypeError", "NotSPDError", "NewtonConvergenceError",
     "StateError", "DrawsError", "UnknownMethodError", "DivergenceError", "UnsupportedLayerError",
+    "ConventionsError", "ImplementationError", "GoldenError",
 ]

@@ -105,7 +105,7 @@ def default_float(a):
     integer and bool arrays). Complex and non-numeric ``a`` are refused."""
     from .errors import ArgumentTypeError
 
-    dt = getattr(a, "dtype", None)
+    dt = None if isinstance(a, type) else getattr(a, "dtype", None)  # a class has a dtype descriptor
     if dt is None:
         try:
             dt = np.asarray(a).dtype

@@ -68,3 +68,17 @@ class UnsupportedLayerError(RefcurvError, ValueError):
     """A foreign model (e.g. a ``torch.nn.Sequential`` handed to :mod:`refcurv.torch`) holds
     a layer, or a layer setting, that refcurv's model family cannot represent. The message
     names the layer, its position and what is supported."""
+
+
+class ImplementationError(RefcurvError, ValueError):
+    """An ``impl`` returned something that is not a result of the declared form: ``None``,
+    a wrong shape, count or dtype. The message names what was expected."""
+
+
+class ConventionsError(RefcurvError, ValueError):
+    """Declared conventions that are unknown or contradict each other or the quantity."""
+
+
+class GoldenError(RefcurvError, ValueError):
+    """A golden-vector directory that cannot be trusted: a missing file, a tampered array,
+    a malformed manifest or an unknown schema version (one line naming what is wrong)."""

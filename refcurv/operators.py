@@ -50,6 +50,8 @@ __all__ = ["Operator", "ScaledIdentity", "Diagonal", "Dense", "Kronecker", "Kron
 # enters, and bad input raises a RefcurvError whose message names the argument)
 def _describe(a):
     """What was given, for an error message: the type, and dtype/shape for arrays."""
+    if isinstance(a, type):  # a class such as numpy.float64 has dtype/shape descriptors
+        return f"the type {a.__module__}.{a.__qualname__}"
     if hasattr(a, "dtype") and hasattr(a, "shape"):
         return f"{type(a).__name__} of dtype {a.dtype} and shape {tuple(a.shape)}"
     return f"{type(a).__name__} {a!r}" if isinstance(a, (int, float, str, bytes)) else type(a).__name__

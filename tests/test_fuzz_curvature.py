@@ -29,6 +29,7 @@ from refcurv.operators import (
     KroneckerSum,
     LowRankPlusIdentity,
     Operator,
+    Diagonal,
     ScaledIdentity,
 )
 from refcurv.testing.fuzz import check_call, fuzz_one, fuzzable, public_callables
@@ -86,6 +87,7 @@ def _ggnop():
 # one valid instance per concrete operator class (their methods are fuzzed on these)
 OPERATORS = {
     "ScaledIdentity": lambda: ScaledIdentity(5, 2.0),
+    "Diagonal": lambda: Diagonal(np.arange(1.0, 6.0)),
     "Dense": lambda: Dense(_spd(5)),
     "Kronecker": lambda: Kronecker(_spd(2), _spd(3, 1)),
     "KroneckerSum": lambda: KroneckerSum(_spd(2), _spd(3, 1)),
@@ -136,6 +138,7 @@ EXAMPLES = {
     # ---- operators
     "operators.Operator": lambda: (Operator, (), {}),
     "operators.ScaledIdentity": lambda: (ScaledIdentity, (3,), {"c": 2.0, "dtype": np.float64}),
+    "operators.Diagonal": lambda: (Diagonal, (np.arange(1.0, 4.0),), {"name": "d"}),
     "operators.Dense": lambda: (Dense, (_spd(),), {"name": "M"}),
     "operators.Kronecker": lambda: (Kronecker, (_spd(2), _spd(3, 1)), {}),
     "operators.KroneckerSum": lambda: (KroneckerSum, (_spd(2), _spd(3, 1)), {}),

@@ -25,7 +25,7 @@ import zipfile
 
 import numpy as np
 
-from ..errors import RefcurvError
+from ..errors import GoldenError, RefcurvError
 
 #: bump when the layout of the manifest or the arrays changes (readers refuse other versions)
 SCHEMA_VERSION = 1
@@ -36,9 +36,6 @@ _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$")
 
 
-class GoldenError(RefcurvError, ValueError):
-    """A golden-vector directory that cannot be trusted: a missing file, a tampered array,
-    a malformed manifest or an unknown schema version (one line naming what is wrong)."""
 
 
 def check_path(p, name):

@@ -193,8 +193,9 @@ def _check_data(a, name):
     """Batch data (``x`` or targets ``y``): a real, non-empty array (or nested list) with a
     batch axis. Integer data are the caller's: the network converts ``x`` to float64 and
     the loss checks ``y``; complex data are refused (the imaginary part would be dropped)."""
-    if a is None or isinstance(a, (str, bytes, bool, numbers.Number, Mapping)):
-        raise ArgumentTypeError(f"{name} must be an array with a batch axis, got {type(a).__name__}")
+    if a is None or isinstance(a, (str, bytes, bool, numbers.Number, Mapping, type)):
+        raise ArgumentTypeError(f"{name} must be an array with a batch axis, got "
+                                f"{'the type ' + a.__name__ if isinstance(a, type) else type(a).__name__}")
     dtype, shape = getattr(a, "dtype", None), getattr(a, "shape", None)
     if dtype is None or shape is None:
         try:

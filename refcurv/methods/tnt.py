@@ -239,7 +239,7 @@ class TNT(TensorMethod):
             return labels
         kind = getattr(getattr(labels, "dtype", None), "kind", None)
         want = tuple(np.shape(batch.y))
-        shape = tuple(getattr(labels, "shape", ()))
+        shape = tuple(getattr(labels, "shape", ())) if kind is not None else ()
         if kind is None or kind not in "iuf" or (shape != want and (len(shape) < 1 or shape[0] < 1 or shape[1:] != want)):
             raise DrawsError(f"{self.name}.{where}: labels must be a real array of shape (S, N, …) = (S,) + {want} or {want}, "
                              f"got {type(labels).__name__ if kind is None else f'{labels.dtype} of shape {shape}'}")

@@ -18,6 +18,8 @@ from ..errors import ArgumentTypeError, HyperParameterError, NonFiniteError
 
 def describe(value):
     """A short description of ``value`` for an error message (arrays by dtype and shape)."""
+    if isinstance(value, type):  # a class such as numpy.float64 has dtype/shape descriptors
+        return f"the type {value.__module__}.{value.__qualname__}"
     if hasattr(value, "dtype") and hasattr(value, "shape"):
         return f"{type(value).__name__} of dtype {value.dtype} and shape {tuple(value.shape)}"
     if isinstance(value, (bool, np.bool_, numbers.Number, str, bytes)) or value is None:

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import RefcurvError
+from ..errors import ConventionsError, RefcurvError
 
 ORDERS = ("refcurv", "torch", "column_major")
 BIASES = ("joint", "separate")
@@ -77,8 +77,6 @@ MATRIX_QUANTITIES = ("hessian", "ggn", "fisher", "empirical_fisher", "curvature"
 SPLIT_QUANTITIES = ("blocks", "kfac_factors")
 
 
-class ConventionsError(RefcurvError, ValueError):
-    """Declared conventions that are unknown or contradict each other or the quantity."""
 
 
 def _choice(value, name, choices):

@@ -44,6 +44,7 @@ MALFORMED = {
     "nan array": np.full((3, 3), np.nan),
     "huge array": np.full((3, 3), 1e200),
     "3-d array": np.ones((2, 2, 2)),
+    "a type": np.float64,
 }
 
 

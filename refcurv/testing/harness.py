@@ -52,7 +52,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .. import curvature as cv
-from ..errors import HyperParameterError, RefcurvError
+from ..errors import ArgumentTypeError, HyperParameterError, ImplementationError, RefcurvError
 from .compare import Verdict, as_numpy, compare
 from .conventions import Conventions, ConventionsError, loss_name
 
@@ -63,9 +63,6 @@ LOSSES = ("mse", "cross_entropy", "bce")
 LR = 0.1  # step size of the parameter trajectory of a method check (θ_{k+1} = θ_k + LR·d_k)
 
 
-class ImplementationError(RefcurvError, ValueError):
-    """An ``impl`` returned something that is not a result of the declared form: ``None``,
-    a wrong shape, count or dtype. The message names what was expected."""
 
 
 # ---------------------------------------------------------------------- cases
@@ -752,6 +749,8 @@ def check_implementation(target, impl, conventions=None, dtype=np.float64, max_e
         raise HyperParameterError(f"target must be one of {QUANTITIES} or a registered method "
                                   f"({sorted(REGISTRY)}), got {target!r}")
     check_callable(impl, "impl")
+    if isinstance(impl, type):  # numpy.float64 and the like are callable, but not an implementation
+        raise ArgumentTypeError(f"impl must be a function of the case, got the class {impl.__qualname__}")
     conventions = Conventions() if conventions is None else conventions
     if not isinstance(conventions, Conventions):
         raise ConventionsError(f"conventions must be a refcurv.testing.Conventions, got {type(conventions).__name__}")

@@ -58,7 +58,7 @@ def test_hessian_memory_is_not_n_squared_times_N():
 
 
 @pytest.mark.parametrize("T", [1, 6])
-@pytest.mark.parametrize("d,o", [(4, 3), (2, 30)])
+@pytest.mark.parametrize("d,o", [(4, 3), (2, 30), (8, 8)])  # (8, 8), T = 6: the location-Gram form
 def test_kron_gram_both_forms_equal_the_per_sample_gram(T, d, o):
     rng = np.random.default_rng(T * d)
     N = 5
@@ -66,6 +66,8 @@ def test_kron_gram_both_forms_equal_the_per_sample_gram(T, d, o):
     U = np.einsum("iot,idt->iod", g, a).reshape(N, -1)
     terms = np.einsum("ip,jp->pij", U, U)
     assert rel_err(gemm.kron_gram(a, g), U @ U.T) <= _sum_tol(terms, o * d * T)
+    location_form = N * T * T * (d + o) <= N * o * d * (T + N)  # the branch kron_gram takes
+    assert location_form == ((d, o) == (8, 8) or T == 1)
 
 
 def test_factor_sum_and_outer_sum_match_their_einsum_definitions():

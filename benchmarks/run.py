@@ -494,7 +494,11 @@ def _cpu_name():
 
 # ---------------------------------------------------------------------- report
 def plot(res, path):
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # the plot is optional (extra `notebooks` has matplotlib); the JSON is written
+        print(f"matplotlib is not installed: no plot written to {path}", flush=True)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

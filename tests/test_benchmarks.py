@@ -30,7 +30,12 @@ def test_benchmark_suite_quick_smoke(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--only", "methods,kernels,gpu",
                     "--out", str(out), "--no-readme"], capture_output=True, text=True, check=True, env=env)
     res = json.loads(out.read_text())
-    assert (tmp_path / "r.png").stat().st_size > 0
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is not None:  # the plot needs matplotlib (optional)
+        assert (tmp_path / "r.png").stat().st_size > 0
+    else:
+        assert not (tmp_path / "r.png").exists()
     assert res["machine"]["blas_threads_env"]["OPENBLAS_NUM_THREADS"] == "1"
     for name, m in res["methods"].items():
         assert m["rows"] and all(r["fast_s"] > 0 for r in m["rows"]), name

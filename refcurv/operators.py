@@ -422,7 +422,6 @@ class BlockDiagonal(Operator):
         self.n = int(sum(sizes))
         if index is None:
             stops = itertools.accumulate(sizes)
-            # host: θ's partition is index metadata kept on the host (validated below)
             index = [np.arange(s - n, s) for s, n in zip(stops, sizes)]  # host: index metadata
         if not isinstance(index, (list, tuple)):
             raise ArgumentTypeError(f"index must be None or a list of integer index arrays (one per block), "

@@ -167,7 +167,8 @@ def qng_solve_dense(q, beta_t, g, alpha):
     """``Ĝ⁻¹ g`` with ``Ĝ = Â Âᵀ`` formed densely (:func:`qng_G`) and solved by Cholesky
     (:func:`~refcurv.linalg.woodbury.spd_solve`); float64."""
     g = _f64(C.vector(g, "g"))
-    return spd_solve(qng_G(q, beta_t, alpha, g.shape[0]), g, "Â Âᵀ")
+    # Ĝ on g's backend (it is I on the host when no factor is stored yet)
+    return spd_solve(asarray_like(qng_G(q, beta_t, alpha, g.shape[0]), g), g, "Â Âᵀ")
 
 
 # ====================================================================== Ginger (14)–(18)

@@ -104,6 +104,20 @@ def test_no_numpy_calls_on_array_data(path):
                        "with '# host: <reason>'")
 
 
+def test_block_diag_is_scipys():
+    """backend.block_diag (natural_gradient's dense reference, on the blocks' backend) builds
+    exactly SciPy's matrix: same entries, shape and promoted dtype, rectangular blocks too."""
+    from scipy.linalg import block_diag as scipy_block_diag
+
+    from refcurv.backend import block_diag
+
+    rng = np.random.default_rng(0)
+    blocks = [rng.standard_normal((2, 2)), rng.standard_normal((3, 1)).astype(np.float32), rng.standard_normal((1, 4))]
+    out, ref = block_diag(blocks), scipy_block_diag(*blocks)
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    assert np.array_equal(out, ref)
+
+
 @pytest.mark.gpu
 def test_fast_forms_run_on_cupy_and_match_numpy():
     """On a GPU: the BLAS kernels of issue 15 and one step of KFAC, Shampoo, SENG and TNT run

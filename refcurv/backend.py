@@ -264,7 +264,7 @@ def eigh(A):
         raise _fail(f"eigh of A did not converge ({e})") from None
 
 
-def block_diag(blocks):
+def _block_diag(blocks):
     """The block-diagonal matrix of the 2-d ``blocks`` (``scipy.linalg.block_diag``) on their
     backend, in their common dtype: SciPy's would copy CuPy blocks to the host (or fail)."""
     xp = xp_of(blocks)

@@ -105,11 +105,11 @@ def test_no_numpy_calls_on_array_data(path):
 
 
 def test_block_diag_is_scipys():
-    """backend.block_diag (natural_gradient's dense reference, on the blocks' backend) builds
+    """backend._block_diag (natural_gradient's dense reference, on the blocks' backend) builds
     exactly SciPy's matrix: same entries, shape and promoted dtype, rectangular blocks too."""
     from scipy.linalg import block_diag as scipy_block_diag
 
-    from refcurv.backend import block_diag
+    from refcurv.backend import _block_diag as block_diag
 
     rng = np.random.default_rng(0)
     blocks = [rng.standard_normal((2, 2)), rng.standard_normal((3, 1)).astype(np.float32), rng.standard_normal((1, 4))]

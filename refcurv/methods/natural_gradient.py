@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from .. import curvature as cv
-from ..backend import block_diag, to_numpy, xp_of
+from ..backend import _block_diag, to_numpy, xp_of
 from ..errors import DrawsError, StateError
 from ..linalg.woodbury import spd_solve
 from ..operators import BlockDiagonal, Dense
@@ -184,7 +184,7 @@ class NaturalGradient(Method):
         if state.F_bar is not None:
             F = [self.beta * xp.asarray(Fo, dtype=np.float64) + (1 - self.beta) * Fn
                  for Fo, Fn in zip(state.F_bar, F)]
-        M = block_diag(F) + self.damping * xp.eye(g.shape[0])
+        M = _block_diag(F) + self.damping * xp.eye(g.shape[0])
         d = -spd_solve(M, m, "block-diagonal F̄ + λI")
         return unflatten(d, net), state.replace(k=state.k + 1, m=unflatten(m, net), F_bar=F,
                                                 damping_used=self.damping,

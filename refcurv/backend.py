@@ -262,3 +262,16 @@ def eigh(A):
             return xp.linalg.eigh(A)
     except np.linalg.LinAlgError as e:
         raise _fail(f"eigh of A did not converge ({e})") from None
+
+
+def _block_diag(blocks):
+    """The block-diagonal matrix of the 2-d ``blocks`` (``scipy.linalg.block_diag``) on their
+    backend, in their common dtype: SciPy's would copy CuPy blocks to the host (or fail)."""
+    xp = xp_of(blocks)
+    rows, cols = sum(B.shape[0] for B in blocks), sum(B.shape[1] for B in blocks)
+    out = xp.zeros((rows, cols), dtype=np.result_type(*[B.dtype for B in blocks]))
+    r = c = 0
+    for B in blocks:  # a loop over blocks (layers), not over samples
+        out[r:r + B.shape[0], c:c + B.shape[1]] = B
+        r, c = r + B.shape[0], c + B.shape[1]
+    return out

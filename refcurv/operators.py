@@ -31,6 +31,8 @@ Structures:
 """
 from __future__ import annotations
 
+import itertools
+import math
 import warnings
 from functools import reduce
 
@@ -79,7 +81,7 @@ def _real_number(value, name):
     """A real, finite Python/NumPy number (not a bool, not an array)."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise HyperParameterError(f"{name} must be a finite real number, got {_describe(value)}")
-    if not np.isfinite(value):
+    if not np.isfinite(value):  # host: a scalar hyper-parameter, not array data
         raise HyperParameterError(f"{name} must be a finite real number, got {value!r}")
     return value
 
@@ -155,7 +157,7 @@ class Operator:
         from scipy.sparse.linalg import LinearOperator
 
         def mv(v):
-            return to_numpy(self.matvec(np.asarray(v, dtype=self.dtype)))
+            return to_numpy(self.matvec(np.asarray(v, dtype=self.dtype)))  # host: SciPy LinearOperator
 
         return LinearOperator(self.shape, matvec=mv, rmatvec=mv, matmat=mv, rmatmat=mv, dtype=self.dtype)
 
@@ -164,14 +166,17 @@ class Operator:
 
 
 class ScaledIdentity(Operator):
-    """``c I`` (``c > 0``): SGD's curvature is ``I``."""
+    """``c I`` (``c > 0``): SGD's curvature is ``I``. ``like``: an array (or list of arrays)
+    whose backend :meth:`todense` and :meth:`eigvalsh` use (NumPy when ``None``); matvec and
+    solve follow their argument."""
 
-    def __init__(self, n, c=1.0, dtype=np.float64):
+    def __init__(self, n, c=1.0, dtype=np.float64, like=None):
         if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
             raise ArgumentTypeError(f"n must be an int >= 1, got {_describe(n)}")
         if n < 1:  # ArgumentTypeError since the first release (tests/test_operators.py)
             raise ArgumentTypeError(f"n must be an int >= 1, got {n!r}")
         self.n, self.c, self.dtype = int(n), float(_positive(c, "c")), _float_dtype(dtype)
+        self._xp = xp_of(like)
 
     def _matvec(self, v):
         return self.c * v
@@ -180,10 +185,10 @@ class ScaledIdentity(Operator):
         return v / self.c
 
     def todense(self):
-        return self.c * np.eye(self.n, dtype=self.dtype)
+        return self.c * self._xp.eye(self.n, dtype=self.dtype)
 
     def eigvalsh(self):
-        return np.full(self.n, self.c, dtype=self.dtype)
+        return self._xp.full(self.n, self.c, dtype=self.dtype)
 
 
 class Diagonal(Operator):
@@ -271,7 +276,7 @@ class Kronecker(Operator):
             raise ArgumentTypeError("Kronecker needs at least one factor")
         self.factors = [_factor(F, i) for i, F in enumerate(factors)]
         self.dims = tuple(F.shape[0] for F in self.factors)
-        self.n = int(np.prod(self.dims))
+        self.n = math.prod(self.dims)
         self.dtype = np.result_type(*[F.dtype for F in self.factors])
 
     def _apply(self, v, fs):
@@ -416,8 +421,8 @@ class BlockDiagonal(Operator):
         sizes = [b.n for b in blocks]
         self.n = int(sum(sizes))
         if index is None:
-            stops = np.cumsum(sizes)
-            index = [np.arange(s - n, s) for s, n in zip(stops, sizes)]
+            stops = itertools.accumulate(sizes)
+            index = [np.arange(s - n, s) for s, n in zip(stops, sizes)]  # host: index metadata
         if not isinstance(index, (list, tuple)):
             raise ArgumentTypeError(f"index must be None or a list of integer index arrays (one per block), "
                                     f"got {_describe(index)}")
@@ -437,8 +442,8 @@ class BlockDiagonal(Operator):
                 raise ShapeError(f"index[{b}] must have shape ({blk.n},) (block {b} has n = {blk.n}), got {i.shape}")
             arrays.append(i)
         index = arrays
-        allidx = np.concatenate(index)
-        if np.sort(allidx).tolist() != list(range(self.n)):
+        allidx = np.concatenate(index)  # host: validating the index metadata, not array data
+        if np.sort(allidx).tolist() != list(range(self.n)):  # host: index metadata
             dup = sorted({int(j) for j in allidx if (allidx == j).sum() > 1})[:5]
             bad = sorted({int(j) for j in allidx if not 0 <= j < self.n})[:5]
             raise ShapeError(f"index must partition range({self.n}) (each entry of θ in exactly one block); "
@@ -446,10 +451,20 @@ class BlockDiagonal(Operator):
         self.index = index
         self.dtype = np.result_type(*[b.dtype for b in blocks])
 
+    def _on(self, xp):
+        """The index arrays on backend ``xp`` (they are kept on the host; moved once per
+        backend, so CuPy fancy indexing gets device indices)."""
+        if xp is np:
+            return self.index
+        cache = self.__dict__.setdefault("_index_on", {})
+        if xp not in cache:
+            cache[xp] = [xp.asarray(i) for i in self.index]
+        return cache[xp]
+
     def _map(self, v, f):
         xp = xp_of(v)
         out = xp.zeros(v.shape, dtype=np.result_type(v.dtype, self.dtype))
-        for b, i in zip(self.blocks, self.index):
+        for b, i in zip(self.blocks, self._on(xp)):
             out[i] = f(b, v[i])
         return out
 
@@ -463,8 +478,8 @@ class BlockDiagonal(Operator):
         dense = [b.todense() for b in self.blocks]
         xp = xp_of(dense[0])
         M = xp.zeros((self.n, self.n), dtype=self.dtype)
-        for D, i in zip(dense, self.index):
-            M[np.ix_(i, i)] = D
+        for D, i in zip(dense, self._on(xp)):
+            M[xp.ix_(i, i)] = D
         return M
 
     def eigvalsh(self):

@@ -1,12 +1,13 @@
 """A small training loop for demos, notebooks and smoke tests."""
 from __future__ import annotations
 
+import math
 import numbers
 import time
 
 import numpy as np
 
-from .backend import rng_of
+from .backend import rng_of, xp_of
 from .errors import (
     ArgumentTypeError,
     DivergenceError,
@@ -22,7 +23,7 @@ from .nn.losses import check_loss
 def _check_lr(lr):
     if callable(lr):
         return lr
-    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not np.isfinite(lr) or lr <= 0:
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not np.isfinite(lr) or lr <= 0:  # host: a scalar
         raise HyperParameterError(f"lr must be a finite number > 0 or a callable k -> lr_k, got {lr!r}")
     return lambda k: lr
 
@@ -31,7 +32,7 @@ def _samples(a, name):
     """``a`` (an array, or a list converted with ``numpy.asarray``) with a sample axis."""
     if isinstance(a, list):
         try:
-            a = np.asarray(a)
+            a = np.asarray(a)  # host: a Python list is host data
         except ValueError:
             raise ArgumentTypeError(f"{name} must be an array of samples, got a ragged list") from None
     if not hasattr(a, "shape") or not hasattr(a, "ndim") or a.ndim == 0:
@@ -58,8 +59,21 @@ def _check_reference(reference):
 
 def _cosine(d, r):
     """cos∠(d, r) of two flat vectors; NaN when either is zero (no direction to compare)."""
-    nd, nr = float(np.linalg.norm(d)), float(np.linalg.norm(r))
+    xp = xp_of(d, r)
+    nd, nr = float(xp.linalg.norm(d)), float(xp.linalg.norm(r))
     return float(d @ r) / (nd * nr) if nd > 0 and nr > 0 else float("nan")
+
+
+def _all_finite(arrays):
+    """Every entry of every array finite (on each array's own backend; one bool per array)."""
+    return all(bool(xp_of(W).isfinite(W).all()) for W in arrays)
+
+
+def _flat64(arrays):
+    """The per-layer arrays as one flat float64 vector on their backend (a list from a user's
+    reference callable is read as host data)."""
+    xp = xp_of(arrays)
+    return xp.concatenate([xp.ravel(xp.asarray(D)) for D in arrays]).astype(np.float64)
 
 
 def train(method, net, params, x, y, loss, steps, lr, batch_size=None, seed=0, dense=False, reference=None):
@@ -129,15 +143,15 @@ def train(method, net, params, x, y, loss, steps, lr, batch_size=None, seed=0, d
             except NonFiniteError as e:
                 raise DivergenceError(f"{method.name} diverged at step {k}: {e}") from e
             a = schedule(k)
-            if isinstance(a, bool) or not isinstance(a, numbers.Real) or not np.isfinite(a):
+            if isinstance(a, bool) or not isinstance(a, numbers.Real) or not np.isfinite(a):  # host: lr_k, a scalar
                 raise HyperParameterError(f"lr({k}) must be a finite number, got {a!r}")
             with np.errstate(over="ignore", invalid="ignore"):
                 new = [W + a * D for W, D in zip(params, direction)]
-            if not all(np.isfinite(W).all() for W in new):
+            if not _all_finite(new):
                 raise DivergenceError(f"{method.name} diverged at step {k}: parameters not finite (lr = {a:g})")
             elapsed += time.perf_counter() - t0
-            flat = np.concatenate([np.ravel(D) for D in direction]).astype(np.float64)
-            history["direction_norm"].append(float(np.linalg.norm(flat)))
+            flat = _flat64(direction)
+            history["direction_norm"].append(float(xp_of(flat).linalg.norm(flat)))
             history["lr"].append(float(a))
             if reference is not None:
                 r, ref_state = _reference_direction(ref_method, ref_fn, ref_state, net, params, batch, ref_rng, k)
@@ -147,7 +161,7 @@ def train(method, net, params, x, y, loss, steps, lr, batch_size=None, seed=0, d
                 value = float(net.loss(params, x, y, loss))
             except NonFiniteError as e:
                 raise DivergenceError(f"{method.name} diverged at step {k}: {e} (lr = {a:g})") from e
-            if not np.isfinite(value):
+            if not math.isfinite(value):
                 raise DivergenceError(f"{method.name} diverged at step {k}: loss {value} (lr = {a:g})")
             history["loss"].append(value)
             history["time"].append(elapsed)
@@ -167,7 +181,7 @@ def _reference_direction(ref_method, ref_fn, ref_state, net, params, batch, rng,
         if shapes != [tuple(s) for s in net.param_shapes]:
             raise ArgumentTypeError(f"reference returned {describe(r)}, not a per-layer list of the parameter "
                                     f"shapes {[tuple(s) for s in net.param_shapes]} (step {k})")
-    return np.concatenate([np.ravel(D) for D in r]).astype(np.float64), ref_state
+    return _flat64(r), ref_state
 
 
 def compare_directions(reference, methods, net, params, x, y, loss, steps, lr, batch_size=None, seed=0):
@@ -213,7 +227,7 @@ def compare_directions(reference, methods, net, params, x, y, loss, steps, lr, b
     rngs = dict(zip(methods, rng.spawn(len(methods))))
     states = {label: m.init(net, params) for label, m in methods.items()}
     ref_state = reference.init(net, params)
-    cos = {label: np.full((steps, len(net.param_shapes)), np.nan) for label in methods}
+    cos = {label: np.full((steps, len(net.param_shapes)), np.nan) for label in methods}  # host: the report (floats)
     losses = [float(net.loss(params, x, y, loss))]
     for k in range(steps):
         idx = slice(None) if batch_size is None else rng.choice(N, size=batch_size, replace=False)
@@ -224,15 +238,15 @@ def compare_directions(reference, methods, net, params, x, y, loss, steps, lr, b
             raise DivergenceError(f"{reference.name} diverged at step {k}: {e}") from e
         for label, m in methods.items():
             d, states[label] = m.step(states[label], net, params, batch, rngs[label])
-            cos[label][k] = [_cosine(np.ravel(a).astype(np.float64), np.ravel(b).astype(np.float64))
+            cos[label][k] = [_cosine(a.ravel().astype(np.float64), b.ravel().astype(np.float64))
                              for a, b in zip(d, r)]
         a = schedule(k)
-        if isinstance(a, bool) or not isinstance(a, numbers.Real) or not np.isfinite(a):
+        if isinstance(a, bool) or not isinstance(a, numbers.Real) or not np.isfinite(a):  # host: lr_k, a scalar
             raise HyperParameterError(f"lr({k}) must be a finite number, got {a!r}")
         with np.errstate(over="ignore", invalid="ignore"):
             params = [W + a * D for W, D in zip(params, r)]
-        value = float(net.loss(params, x, y, loss)) if all(np.isfinite(W).all() for W in params) else float("nan")
-        if not np.isfinite(value):
+        value = float(net.loss(params, x, y, loss)) if _all_finite(params) else float("nan")
+        if not math.isfinite(value):
             raise DivergenceError(f"{reference.name} diverged at step {k}: loss {value} (lr = {a:g})")
         losses.append(value)
     return {"loss": losses, "cosine": cos}
@@ -243,7 +257,7 @@ def _check_grid(values, name):
     if not isinstance(values, (list, tuple)) or not values:
         raise HyperParameterError(f"{name} must be a non-empty list of numbers > 0, got {describe(values)}")
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not np.isfinite(v) or v <= 0:
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not np.isfinite(v) or v <= 0:  # host: a scalar
             raise HyperParameterError(f"{name} must hold finite numbers > 0, got {v!r}")
     return [float(v) for v in values]
 
@@ -308,7 +322,8 @@ def worked_ranges(records, fraction=0.5):
                                     f"got {describe(r)}")
     if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0 < fraction <= 1:
         raise HyperParameterError(f"fraction must be a number in (0, 1], got {fraction!r}")
-    ok = [r for r in records if r["loss"] is not None and np.isfinite(r["loss"]) and r["loss"] <= fraction * r["initial"]]
+    ok = [r for r in records  # host: the records hold host floats (the sweep's report)
+          if r["loss"] is not None and np.isfinite(r["loss"]) and r["loss"] <= fraction * r["initial"]]  # host: floats
     if not ok:
         return {"lr": None, "damping": None, "best": None, "worked": 0, "runs": len(records)}
     best = min(ok, key=lambda r: r["loss"])

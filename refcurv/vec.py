@@ -88,8 +88,9 @@ def unflatten(theta, net_or_shapes):
     return out
 
 
-def permutation(net_or_shapes, order, bias=None):
-    """Index array ``p`` mapping refcurv's row-major θ to ``order``: ``θ_order = θ[p]``."""
+def permutation(net_or_shapes, order, bias=None):  # host: index metadata (a host int array), not array data
+    """Index array ``p`` mapping refcurv's row-major θ to ``order``: ``θ_order = θ[p]``
+    (a host NumPy array; :func:`to_order` moves it to the data's backend)."""
     if not isinstance(order, str) or order not in ORDERS:
         raise HyperParameterError(f"order must be one of {ORDERS}, got {order!r}")
     shapes, bias = _shapes_and_bias(net_or_shapes, bias)
@@ -124,9 +125,10 @@ def _reorder(a, p, matrix):
         raise ShapeError(f"a must be an ({n}, {n}) matrix with matrix=True, got shape {tuple(a.shape)}")
     if not matrix and (a.ndim == 0 or a.shape[-1] != n):
         raise ShapeError(f"a must have {n} entries along its last axis, got shape {tuple(a.shape)}")
+    p = xp_of(a).asarray(p)  # the host permutation on a's backend (CuPy fancy indexing)
     return a[p][:, p] if matrix else a[..., p]
 
 
 def from_order(a, net_or_shapes, order, matrix=False, bias=None):
     """Inverse of :func:`to_order`."""
-    return _reorder(a, np.argsort(permutation(net_or_shapes, order, bias)), matrix)
+    return _reorder(a, np.argsort(permutation(net_or_shapes, order, bias)), matrix)  # host: index metadata

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import os
 
+import math
+
 import numpy as np
 
 from ..backend import is_cupy_array, xp_of
@@ -52,7 +54,7 @@ def real(value, name, what="a finite real number"):
         value = value.item()
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, _REAL):
         raise HyperParameterError(f"{name} must be {what}, got {_given(value)}")
-    if not np.isfinite(value):
+    if not np.isfinite(value):  # host: value is a Python/NumPy scalar hyper-parameter here, not array data
         raise HyperParameterError(f"{name} must be {what}, got {value!r}")
     return float(value)
 
@@ -206,7 +208,7 @@ def _all_finite(x):
     if isinstance(x, (list, tuple)):
         return all(_all_finite(v) for v in x)
     if isinstance(x, (float, np.floating)):
-        return bool(np.isfinite(x))
+        return math.isfinite(x)  # a host scalar (Python or NumPy float)
     if (isinstance(x, np.ndarray) or is_cupy_array(x)) and x.dtype.kind in "fc":
         return bool(xp_of(x).isfinite(x).all())
     return True

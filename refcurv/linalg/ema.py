@@ -34,7 +34,7 @@ import math
 
 import numpy as np
 
-from ..backend import eigh, to_numpy, xp_of
+from ..backend import _linalg_guard, asarray_like, eigh, xp_of
 from ..errors import ArgumentTypeError, HyperParameterError, NotSPDError, ShapeError
 from . import _checks as C
 from .woodbury import spd_solve
@@ -48,8 +48,9 @@ F64 = np.float64
 CLIP_EPS = 4.0
 
 
-def _f64(a):  # host: the dense QNG reference runs in float64 on the host
-    return np.asarray(to_numpy(a), dtype=F64)
+def _f64(a):
+    """``a`` in float64 on its own backend (the dense references run in float64, §3)."""
+    return xp_of(a).asarray(a, dtype=F64)
 
 
 def check_alpha(alpha, name="alpha"):
@@ -72,14 +73,16 @@ def ema_matrix(ds, alpha, G0=None):
     ``ds`` ``(t, n)``, from ``G_0 = I`` (§2.1; or ``G0``); float64."""
     check_alpha(alpha)
     ds = _f64(C.matrix(ds, "ds", "a (t, n) matrix of vectors d_t"))
+    xp = xp_of(ds)
     if G0 is None:
-        G = np.eye(ds.shape[1], dtype=F64)
+        G = xp.eye(ds.shape[1], dtype=F64)
     else:
-        G = np.array(to_numpy(C.square(G0, "G0")), dtype=F64)
+        # G0 moves to ds's backend; a copy is not needed (G is rebound, never written in place)
+        G = asarray_like(C.square(G0, "G0"), ds, dtype=F64)
         if G.shape[0] != ds.shape[1]:
             raise ShapeError(f"G0 must be ({ds.shape[1]}, {ds.shape[1]}) to match ds, got {G.shape}")
     for d in ds:  # a recursion in t, not a loop over samples
-        G = alpha * G + (1.0 - alpha) * np.outer(d, d)
+        G = alpha * G + (1.0 - alpha) * xp.outer(d, d)
     return C.result(G, "the EMA G_t")
 
 
@@ -99,7 +102,8 @@ def qng_factor(q, beta_t, alpha):
     q = _f64(C.vector(q, "q"))
     C.real(beta_t, "beta_t")
     check_alpha(alpha)
-    return C.result(math.sqrt(alpha) * np.eye(q.shape[0], dtype=F64) + beta_t * np.outer(q, q), "the factor K")
+    xp = xp_of(q)
+    return C.result(math.sqrt(alpha) * xp.eye(q.shape[0], dtype=F64) + beta_t * xp.outer(q, q), "the factor K")
 
 
 def _check_factors(q, beta_t, n=None):
@@ -121,7 +125,7 @@ def qng_A(q, beta_t, alpha, n):
     n = C.integer(n, "n", minimum=1)
     _check_factors(q, beta_t, n)
     check_alpha(alpha)
-    A = np.eye(n, dtype=F64)
+    A = xp_of(q).eye(n, dtype=F64)  # on the backend of the stored q_i (NumPy when none is stored)
     for qi, bi in zip(q, beta_t):  # an ordered matrix product over ≤ τ factors
         A = A @ qng_factor(qi, bi, alpha)
     return C.result(A, "Â")
@@ -135,7 +139,7 @@ def qng_G(q, beta_t, alpha, n):
     return C.result((G + G.T) / 2, "Ĝ = Â Âᵀ")
 
 
-def qng_update_dense(q, beta_t, d, alpha, tau=None):  # host: float64 reference on the host
+def qng_update_dense(q, beta_t, d, alpha, tau=None):
     """One update (9)–(11) by the definition: ``q̂_t = Â_t⁻¹ d_t`` solved from the explicit
     ``Â_t`` (:func:`qng_A`) by LU with partial pivoting, ``β_t`` from (10), the factor appended
     and only the newest ``τ`` kept (``tau=None``: all, exactly (9); errata QNG-S1). Returns the
@@ -144,8 +148,13 @@ def qng_update_dense(q, beta_t, d, alpha, tau=None):  # host: float64 reference 
     check_tau(tau)
     d = _f64(C.vector(d, "d"))
     _check_factors(q, beta_t, d.shape[0])
+    xp = xp_of(d)
     try:
-        qt = C.result(np.linalg.solve(qng_A(q, beta_t, alpha, d.shape[0]), d), "q̂_t = Â_t⁻¹ d_t")
+        # Â on d's backend (it is I on the host when no factor is stored yet); CuPy reports a
+        # singular Â only under the guard (otherwise NaNs)
+        with _linalg_guard(xp):
+            qt = C.result(xp.linalg.solve(asarray_like(qng_A(q, beta_t, alpha, d.shape[0]), d), d),
+                          "q̂_t = Â_t⁻¹ d_t")
     except np.linalg.LinAlgError:
         raise NotSPDError("Â_t is singular (the stored factors are degenerate)") from None
     q, beta_t = tuple(q) + (qt,), tuple(beta_t) + (qng_beta(alpha, qt @ qt),)
@@ -158,7 +167,8 @@ def qng_solve_dense(q, beta_t, g, alpha):
     """``Ĝ⁻¹ g`` with ``Ĝ = Â Âᵀ`` formed densely (:func:`qng_G`) and solved by Cholesky
     (:func:`~refcurv.linalg.woodbury.spd_solve`); float64."""
     g = _f64(C.vector(g, "g"))
-    return spd_solve(qng_G(q, beta_t, alpha, g.shape[0]), g, "Â Âᵀ")
+    # Ĝ on g's backend (it is I on the host when no factor is stored yet)
+    return spd_solve(asarray_like(qng_G(q, beta_t, alpha, g.shape[0]), g), g, "Â Âᵀ")
 
 
 # ====================================================================== Ginger (14)–(18)

@@ -456,9 +456,9 @@ def damped_operator(side, shape, L, lam):
         lo, hi = b * p, min((b + 1) * p, dim)
         blocks.append(op(L[b, : hi - lo, : hi - lo]))
         if side == "left":  # rows lo..hi of Θ
-            index.append((np.arange(lo, hi)[:, None] * n + np.arange(n)[None, :]).ravel())
+            index.append((np.arange(lo, hi)[:, None] * n + np.arange(n)[None, :]).ravel())  # host: index metadata
         else:  # columns lo..hi of Θ, row-major over (row, column)
-            index.append((np.arange(m)[:, None] * n + np.arange(lo, hi)[None, :]).ravel())
+            index.append((np.arange(m)[:, None] * n + np.arange(lo, hi)[None, :]).ravel())  # host: index metadata
     return BlockDiagonal(blocks, index)
 
 
@@ -498,13 +498,15 @@ def project_ball(Y, radius, L=None):
         return Y * (radius / nY), nY / radius - 1.0
     w, V = eigh(L)
     Z = V.T @ Y
-    w_h = np.maximum(to_numpy(w).astype(F64), 0.0)
+    # μ is the root of a scalar equation (SciPy's brentq, no CuPy counterpart): the m
+    # eigenvalues and row norms go to the host for it; X is formed on Y's backend below
+    w_h = np.maximum(to_numpy(w).astype(F64), 0.0)  # host: the scalar root find of μ
     z2 = to_numpy((Z * Z).sum(axis=1)).astype(F64)
 
-    def ratio(mu):  # w/(w + μ), 0 on the null space of L (also at μ = 0: X = L⁺L Y there)
+    def ratio(mu):  # host: w/(w + μ) on the host vector w_h, 0 on the null space of L (also at μ = 0: X = L⁺L Y there)
         return np.divide(w_h, w_h + mu, out=np.zeros_like(w_h), where=w_h > 0)
 
-    def phi(mu):
+    def phi(mu):  # host: the scalar equation ‖X(μ)‖² − r² for brentq
         return float(np.sum(ratio(mu) ** 2 * z2)) - radius**2
 
     hi = float(w_h.max()) * (nY / radius - 1.0)

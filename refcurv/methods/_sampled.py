@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from ..backend import to_numpy
+from ..backend import to_numpy, xp_of
 from ..errors import DrawsError
 from ..vec import flatten, layer_slices
 
@@ -57,8 +57,9 @@ def fisher_vector_dense(net, params, batch, y_hat):
     return -math.sqrt(N) * flatten(net.grad(params, batch.x, y_hat, batch.loss))
 
 
-def block_indices(net, blocks):
-    """Index arrays into the flat θ, one per block (see the module docstring)."""
+def block_indices(net, blocks):  # host: index metadata (the block layout of θ), not array data
+    """Index arrays into the flat θ, one per block (see the module docstring); host NumPy
+    arrays (``SampledLabelsMixin._check_blocks`` moves them to the data's backend)."""
     slices = layer_slices(net)
     if blocks == "full":
         return [np.arange(net.n_params)]
@@ -88,13 +89,14 @@ class SampledLabelsMixin:
         check_labels(self.name, draws.labels, batch)
         return draws
 
-    def _check_blocks(self, net, *per_block):
+    def _check_blocks(self, net, *per_block, like=None):
         """The block index sets, after checking that every per-block state list has one entry
-        per block."""
+        per block; on the backend of ``like`` (CuPy fancy indexing then takes device indices)."""
         from ..errors import HyperParameterError
 
         idx = block_indices(net, self.blocks)
         if any(len(x) != len(idx) for x in per_block):
             raise HyperParameterError(f"state has {len(per_block[0])} blocks, blocks={self.blocks!r} "
                                       f"on this network needs {len(idx)}")
-        return idx
+        xp = xp_of(like)
+        return idx if xp is np else [xp.asarray(i) for i in idx]

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from ..backend import xp_of
 from ..errors import StateError
 from ..linalg.woodbury import spd_solve
 from ..operators import Diagonal
@@ -79,18 +80,20 @@ class Adam(Method):
         g = net.grad(params, batch.x, batch.y, batch.loss)
         m, v = self._moments(state, g)
         c1, c2 = self._corrections(state.k + 1)
-        d = [-(mi / c1) / (np.sqrt(vi / c2) + self.damping) for mi, vi in zip(m, v)]
+        xp = xp_of(g)
+        d = [-(mi / c1) / (xp.sqrt(vi / c2) + self.damping) for mi, vi in zip(m, v)]
         return d, state.replace(k=state.k + 1, m=m, v=v)
 
     def _dense(self, state, net, params, batch, draws):
         """On the flat θ in float64: the moments, then a solve with ``diag(√v̂) + εI``."""
         g = flatten(net.grad(params, batch.x, batch.y, batch.loss))
         b1, b2, t = self.momentum, self.beta, state.k + 1
-        m_old = np.zeros_like(g) if state.m is None else flatten(state.m).astype(np.float64)
-        v_old = np.zeros_like(g) if state.v is None else flatten(state.v).astype(np.float64)
+        xp = xp_of(g)
+        m_old = xp.zeros_like(g) if state.m is None else flatten(state.m).astype(np.float64)
+        v_old = xp.zeros_like(g) if state.v is None else flatten(state.v).astype(np.float64)
         m = b1 * m_old + (1 - b1) * g
         v = b2 * v_old + (1 - b2) * g ** 2
-        C = np.diag(np.sqrt(v / (1 - b2 ** t)) + self.damping)
+        C = xp.diag(xp.sqrt(v / (1 - b2 ** t)) + self.damping)
         d = -spd_solve(C, m / (1 - b1 ** t), "diag(√v̂) + εI")
         return unflatten(d, net), state.replace(k=t, m=unflatten(m, net), v=unflatten(v, net))
 
@@ -98,8 +101,9 @@ class Adam(Method):
         """``Diagonal(√v̂_t + ε)`` (flat θ, refcurv order) of the step that returned ``state``."""
         if state.v is None:
             raise StateError(f"{self.name}: the state has no second moment yet (v); take a step first")
-        v = np.concatenate([np.asarray(vi, dtype=np.float64).ravel() for vi in state.v])
-        return Diagonal(np.sqrt(v / (1 - self.beta ** state.k)) + self.damping, "diag(√v̂) + εI")
+        xp = xp_of(state.v)
+        v = xp.concatenate([xp.asarray(vi, dtype=np.float64).ravel() for vi in state.v])
+        return Diagonal(xp.sqrt(v / (1 - self.beta ** state.k)) + self.damping, "diag(√v̂) + εI")
 
     def rhs(self, state, grads):
         """``m̂_t = m_t / (1 − β₁ᵗ)`` (``grads`` is not used)."""

@@ -199,7 +199,7 @@ def _check_data(a, name):
     dtype, shape = getattr(a, "dtype", None), getattr(a, "shape", None)
     if dtype is None or shape is None:
         try:
-            arr = np.asarray(a)
+            arr = np.asarray(a)  # host: a nested list (no dtype/shape) is host data; read for its dtype and shape
         except (ValueError, TypeError) as e:
             raise ArgumentTypeError(f"{name} must be an array with a batch axis, got {type(a).__name__} ({e})") from None
         dtype, shape = arr.dtype, arr.shape
@@ -488,8 +488,9 @@ class Method:
         from ..errors import LabelError, ShapeError
 
         try:
-            L = np.asarray(labels)
-        except Exception:  # noqa: BLE001 - anything NumPy cannot read is refused below
+            xp = xp_of(labels)  # CuPy labels stay on the device (np.asarray would refuse them)
+            L = xp.asarray(labels)
+        except Exception:  # noqa: BLE001 - anything the array module cannot read is refused below
             L = None
         if L is None or L.ndim < 2:
             raise DrawsError(f"{self.name}: draws.labels must be an array (n_samples, N, …), got "
@@ -497,7 +498,7 @@ class Method:
         out = tuple(net.feature_shapes(tuple(np.shape(batch.x)[1:]))[-1])
         for s_ in range(L.shape[0]):
             try:
-                batch.loss.check_targets(L[s_], np.zeros((L.shape[1],) + out))
+                batch.loss.check_targets(L[s_], xp.zeros((L.shape[1],) + out))
             except (LabelError, ShapeError) as e:
                 raise DrawsError(f"{self.name}: draws.labels[{s_}] is not a valid target: {e}") from None
 
@@ -580,17 +581,17 @@ def _is_real(value):
 
 
 def check_positive(value, name):
-    if not _is_real(value) or not np.isfinite(value) or not value > 0:
+    if not _is_real(value) or not np.isfinite(value) or not value > 0:  # host: a scalar hyper-parameter
         raise HyperParameterError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 def check_nonnegative(value, name):
-    if not _is_real(value) or not np.isfinite(value) or value < 0:
+    if not _is_real(value) or not np.isfinite(value) or value < 0:  # host: a scalar hyper-parameter
         raise HyperParameterError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 def check_unit(value, name, closed_low=True, closed_high=False):
-    if not _is_real(value) or not np.isfinite(value):
+    if not _is_real(value) or not np.isfinite(value):  # host: a scalar hyper-parameter
         raise HyperParameterError(f"{name} must be a finite number, got {value!r}")
     lo_ok = value >= 0 if closed_low else value > 0
     hi_ok = value <= 1 if closed_high else value < 1

@@ -101,7 +101,7 @@ from .registry import register
 
 
 # ----------------------------------------------------------------- kernels (one block)
-def init(d, tau, u0="random", seed=None, dtype=np.float64):
+def init(d, tau, u0="random", seed=None, dtype=np.float64):  # host: U₀ is drawn on the host (design §6), Ginger.init moves it
     """``(U₀, σ₀)`` of Algorithm 1: ``σ₀ = 0`` and ``U₀`` random semi-orthogonal (QR of a
     ``d×τ`` Gaussian drawn on the host from ``seed``, signs fixed by ``diag(R) > 0``) or
     ``eye(d, τ)`` (``u0="eye"``, the authors' code); ``1 ≤ τ ≤ d``."""
@@ -223,14 +223,14 @@ class Ginger(SampledLabelsMixin, Method):
             sigmas.append(xp_of(params[0]).asarray(s))
         return GingerState(U=Us, sigma=sigmas)
 
-    def _blocks(self, state, net):
-        return self._check_blocks(net, state.U, state.sigma)
+    def _blocks(self, state, net, like=None):
+        return self._check_blocks(net, state.U, state.sigma, like=like)
 
     def _step(self, state, net, params, batch, d, upd, qry):
         g = flatten(cv._mean_layer_grads(net, params, batch.x, batch.y, batch.loss))
         direction = xp_of(g).zeros_like(g)
         Us, sigmas = [], []
-        for idx, U, s in zip(self._blocks(state, net), state.U, state.sigma):
+        for idx, U, s in zip(self._blocks(state, net, like=g), state.U, state.sigma):
             U, s = upd(U, s, d[idx], self.beta, self.damping)            # Algorithm 1 upd
             direction[idx] = -qry(U, s, g[idx], self.damping)           # −G_{t+1,γ}⁻¹ ∇L
             Us.append(U)

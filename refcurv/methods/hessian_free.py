@@ -29,11 +29,13 @@ relative residual ``‖r‖/‖g‖``; the dense form: the true residual of its 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from .. import curvature as cv
+from ..backend import xp_of
 from ..curvature import GGNOperator, grad_from_factors
 from ..errors import HyperParameterError
 from ..vec import flatten, unflatten
@@ -49,14 +51,14 @@ def conjugate_gradient(matvec, b, max_iter, tol):
     Returns ``(x, iterations, ‖r‖/‖b‖, converged)``.
     """
     x = 0 * b
-    bnorm = float(np.sqrt((b * b).sum()))
+    bnorm = float(xp_of(b).sqrt((b * b).sum()))  # in b's dtype, on b's backend; a host float after
     if bnorm == 0.0:
         return x, 0, 0.0, True
     r = b.copy()
     d = r.copy()
     rs = float((r * r).sum())
     k = 0
-    while k < max_iter and np.sqrt(rs) > tol * bnorm:
+    while k < max_iter and math.sqrt(rs) > tol * bnorm:  # rs is a host float
         Ad = matvec(d)
         dAd = float((d * Ad).sum())
         if not dAd > 0:  # breakdown (A not numerically SPD on d): stop with the iterate so far
@@ -68,7 +70,7 @@ def conjugate_gradient(matvec, b, max_iter, tol):
         d = r + (rs_new / rs) * d
         rs = rs_new
         k += 1
-    res = float(np.sqrt(rs)) / bnorm
+    res = math.sqrt(rs) / bnorm
     return x, k, res, res <= tol
 
 
@@ -109,14 +111,15 @@ class HessianFree(LMMethod):
         super().__post_init__()
         check_int(self.cg_max_iter, "cg_max_iter")
         if isinstance(self.cg_tol, bool) or not isinstance(self.cg_tol, (int, float, np.floating)) \
-                or not np.isfinite(self.cg_tol) or self.cg_tol < 0:
+                or not np.isfinite(self.cg_tol) or self.cg_tol < 0:  # host: a scalar hyper-parameter
             raise HyperParameterError(f"cg_tol must be a finite number >= 0, got {self.cg_tol!r}")
 
     def _dense_B(self, net, params, x2, y2, loss):
         return cv.ggn(net, params, x2, y2, loss)
 
     def _dense_diagnostics(self, B, lam, pf, gf):
-        res = float(np.linalg.norm(B @ pf + lam * pf + gf) / max(np.linalg.norm(gf), 1e-300))
+        xp = xp_of(B, pf, gf)  # the residual is reported as a host float (a diagnostic)
+        res = float(xp.linalg.norm(B @ pf + lam * pf + gf)) / max(float(xp.linalg.norm(gf)), 1e-300)
         return {"cg_iters": 0, "cg_residual": res, "cg_converged": True}
 
     def _fast_solve(self, lam, net, params, batch, draws):

@@ -36,10 +36,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy.linalg import block_diag
 
 from .. import curvature as cv
-from ..backend import to_numpy, xp_of
+from ..backend import _block_diag, to_numpy, xp_of
 from ..errors import DrawsError, StateError
 from ..linalg.woodbury import spd_solve
 from ..operators import BlockDiagonal, Dense
@@ -175,16 +174,17 @@ class NaturalGradient(Method):
         ``F̄ + λI`` on θ (float64), one solve with the momentum written on the flat θ."""
         g = flatten(net.grad(params, batch.x, batch.y, batch.loss))
         mu = self.momentum
-        m_old = np.zeros_like(g) if state.m is None else flatten(state.m).astype(np.float64)
+        xp = xp_of(g)
+        m_old = xp.zeros_like(g) if state.m is None else flatten(state.m).astype(np.float64)
         m = mu * m_old + (g if self.momentum_form == "heavy_ball" else (1 - mu) * g)
         if self.fisher == "mc":
             F = cv.fisher(net, params, batch.x, loss=batch.loss, kind="mc", labels=draws.labels, blocks=True)
         else:
             F = cv.fisher(net, params, batch.x, batch.y, batch.loss, kind=self.fisher, blocks=True)
         if state.F_bar is not None:
-            F = [self.beta * np.asarray(Fo, dtype=np.float64) + (1 - self.beta) * Fn
+            F = [self.beta * xp.asarray(Fo, dtype=np.float64) + (1 - self.beta) * Fn
                  for Fo, Fn in zip(state.F_bar, F)]
-        M = block_diag(*F) + self.damping * np.eye(g.shape[0])
+        M = _block_diag(F) + self.damping * xp.eye(g.shape[0])
         d = -spd_solve(M, m, "block-diagonal F̄ + λI")
         return unflatten(d, net), state.replace(k=state.k + 1, m=unflatten(m, net), F_bar=F,
                                                 damping_used=self.damping,
@@ -194,7 +194,8 @@ class NaturalGradient(Method):
         """``BlockDiagonal_l[Dense(F̄_l + λI)]`` of the step that returned ``state``."""
         if state.F_bar is None:
             raise StateError(f"{self.name}: the state has no Fisher blocks yet (F_bar); take a step first")
-        return BlockDiagonal([Dense(np.asarray(F, dtype=np.float64) + state.damping_used * np.eye(F.shape[0]),
+        xp = xp_of(state.F_bar)
+        return BlockDiagonal([Dense(xp.asarray(F, dtype=np.float64) + state.damping_used * xp.eye(F.shape[0]),
                                     "F̄_l + λI") for F in state.F_bar])
 
     def rhs(self, state, grads):

@@ -439,7 +439,7 @@ class NGPlus(Method):
                         new = new / math.sqrt(P.shape[2])  # the authors' 1/√(H_out·W_out)
                     stat, U = accumulate(self.statistics, _stat(state, j), new, self.beta, self.stats_weight,
                                          self.stats_init), None
-                Omega = np.array(Omega) if self.solver == "sketch_ls" else None
+                Omega = xp_of(Omega).array(Omega) if self.solver == "sketch_ls" else None
                 fac = factorize(self.solver, stat if U is None else U, lam, GF.as_sketch(Omega))
             else:  # Algorithm 1: L_k = L_{k−1}, with its factorization
                 stat, U, Omega, fac = _stat(state, j), state.U[j], state.Omega_sketch[j], state.factorization[j]

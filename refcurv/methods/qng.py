@@ -256,14 +256,14 @@ class QNG(SampledLabelsMixin, Method):
         n = self.n_blocks(net)
         return QNGState(q=[()] * n, beta_t=[()] * n)
 
-    def _blocks(self, state, net):
-        return self._check_blocks(net, state.q, state.beta_t)
+    def _blocks(self, state, net, like=None):
+        return self._check_blocks(net, state.q, state.beta_t, like=like)
 
     def _step(self, state, net, params, batch, d, upd, slv):
         g = flatten(cv._mean_layer_grads(net, params, batch.x, batch.y, batch.loss))     # mini-batch gradient
         out = xp_of(g).zeros_like(g)
         qs, bs = [], []
-        for q, b, idx in zip(state.q, state.beta_t, self._blocks(state, net)):
+        for q, b, idx in zip(state.q, state.beta_t, self._blocks(state, net, like=g)):
             q, b = upd(q, b, d[idx], self.beta, self.rank)               # (9)–(11) with d_t
             out[idx] = -slv(q, b, g[idx], self.beta)                     # −Ĝ_t⁻¹ g
             qs.append(q)

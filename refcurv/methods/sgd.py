@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from ..backend import xp_of
 from ..errors import HyperParameterError
 from ..operators import ScaledIdentity
 from ..vec import flatten, unflatten
@@ -83,7 +84,7 @@ class SGD(Method):
         mu = self.momentum
         if mu == 0:
             return unflatten(-g, net), state.replace(k=state.k + 1)
-        m_old = np.zeros_like(g) if state.m is None else flatten(state.m).astype(np.float64)
+        m_old = xp_of(g).zeros_like(g) if state.m is None else flatten(state.m).astype(np.float64)
         m = mu * m_old + g
         d = -(g + mu * m) if self.nesterov else -m
         return unflatten(d, net), state.replace(k=state.k + 1, m=unflatten(m, net))
@@ -93,7 +94,7 @@ class SGD(Method):
             from ..errors import ArgumentTypeError
 
             raise ArgumentTypeError("sgd.curvature needs net (for the number of parameters)")
-        return ScaledIdentity(net.n_params)
+        return ScaledIdentity(net.n_params, like=params)  # todense on the parameters' backend
 
     def rhs(self, state, grads):
         """``g`` (μ = 0 or before the first step), the buffer ``m`` (heavy ball) or ``g + μ m``

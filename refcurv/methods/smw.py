@@ -287,7 +287,7 @@ class LMMethod(Method):
         """``C = B + λI`` as a :class:`~refcurv.operators.Dense` (or :class:`BlockDiagonal` of
         per-layer :class:`Dense` blocks), symmetrized."""
         def block(M):
-            M = M + lam * np.eye(M.shape[0])
+            M = M + lam * xp_of(M).eye(M.shape[0])
             return Dense((M + M.T) / 2, name="B + λI")
         return BlockDiagonal([block(Bl) for Bl in B]) if isinstance(B, list) else block(B)
 

@@ -34,6 +34,7 @@ backprop, not finite differences.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -420,7 +421,7 @@ def _preactivation_hessians(layers, params, trace, dout, output_hvp):
     for j, k in enumerate(_trainable_index(layers)):
         m, s = layers[k], trace.in_shapes[k]
         hshape = tuple(m.out_shape(s))
-        size = int(np.prod(hshape))
+        size = math.prod(hshape)
         # the basis of h_l flattened row-major over (out, T), in the layer's output layout
         # ((T, out) for a sequence Linear)
         E = m.to_output(xp.eye(size, dtype=dtype).reshape((size, 1, m.out_features, -1)), s)
@@ -468,7 +469,7 @@ def _check_trace(layers, trace):
         try:
             out_shape = tuple(trace.out_shape) if trace.out_shape is not None else tuple(trace.out.shape[1:])
             ok = (_feature_shapes(layers, trace.in_shapes[0]) == [tuple(s) for s in trace.in_shapes] + [out_shape]
-                  and int(np.prod(out_shape)) == trace.out.shape[1])
+                  and math.prod(out_shape) == trace.out.shape[1])
         except (ShapeError, TypeError, ValueError, ArgumentTypeError):
             ok = False
     if not ok:

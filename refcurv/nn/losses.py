@@ -319,8 +319,10 @@ class CrossEntropy(_Loss):
         diff = v[..., :, None] - v[..., None, :]
         return p * (diff * p[..., None, :]).sum(axis=-1)
 
-    def _sample(self, f, n_samples=1, seed=None):
-        """Labels ``y ~ Categorical(softmax(f))`` by inverse CDF of host uniforms: ``(n_samples, N)``."""
+    def _sample(self, f, n_samples=1, seed=None):  # host: labels are drawn on the host (design §6)
+        """Labels ``y ~ Categorical(softmax(f))`` by inverse CDF of host uniforms: ``(n_samples, N)``
+        (drawn on the host so CPU and GPU runs see the same labels, design §6; moved to ``f``'s
+        backend)."""
         p = to_numpy(self._probs(f)).astype(np.float64)
         u = rng_of(seed).random((n_samples, p.shape[0]))
         cdf = np.cumsum(p, axis=-1)
@@ -395,7 +397,7 @@ class BCE(_Loss):
         if C > self.max_enumerated_outputs:
             return sigmoid_d1(f)[..., :, None] * xp.eye(C, dtype=f.dtype)
         s, sm = sigmoid(f)[:, None, :], sigmoid(-f)[:, None, :]  # σ(f), 1 − σ(f) = σ(−f)
-        Y = asarray_like(np.array(list(itertools.product((0.0, 1.0), repeat=C))), f, dtype=f.dtype)[None]
+        Y = asarray_like(list(itertools.product((0.0, 1.0), repeat=C)), f, dtype=f.dtype)[None]
         prob = xp.prod(xp.where(Y > 0, s, sm), axis=-1)  # (N, 2^C)
         r = xp.where(Y > 0, -sm, s)  # σ − y
         return xp.einsum("nk,nkc,nkd->ncd", prob, r, r)

@@ -8,6 +8,8 @@ pre-activation Hessians), where the equations and thesis references are written.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..backend import rng_of, xp_of
@@ -109,7 +111,7 @@ class Sequential:
         rng = rng_of(seed)
         out = []
         for m in self.layers_trainable:
-            bound = 1.0 / np.sqrt(m.fan_in)
+            bound = 1.0 / math.sqrt(m.fan_in)  # fan_in is a host int
             out.append(rng.uniform(-bound, bound, size=m.param_shape).astype(dtype))
         return out
 

@@ -40,7 +40,7 @@ from .backend import rng_of, xp_of
 from .errors import ArgumentTypeError, HyperParameterError, ShapeError
 from .nn.losses import _check_n_samples
 from .operators import _describe, _finite_result, _real_array, _real_number
-from .linalg.gemm import factor_sum as _factor_sum, gram_of_rows as _gram_of_rows, kron_gram as _kron_gram
+from .linalg.gemm import factor_sum as _factor_sum, kron_gram as _kron_gram
 from .linalg.gemm import outer_sum as _outer_sum
 from .vec import layer_slices
 

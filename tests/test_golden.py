@@ -5,7 +5,6 @@ pickled array are each refused with one clear line (GoldenError; the CLI: exit 1
 import io
 import json
 import os
-import shutil
 import zipfile
 
 import numpy as np

@@ -8,8 +8,7 @@ from refcurv import curvature as cv
 from refcurv.errors import RefcurvError
 from refcurv.testing import (Conventions, ConventionsError, ImplementationError, Report, assert_conforms,
                              check_implementation, load_case, run_case)
-from test_harness_mistakes import (TORCH, np_kfac_factors, np_per_sample_grads, np_forward, loss_grad_hess,
-                                   np_backward, torch_psg)
+from test_harness_mistakes import (TORCH, np_kfac_factors, np_per_sample_grads, torch_psg)
 
 
 def psg(case):

@@ -207,7 +207,6 @@ TORCH = Conventions(order="torch", loss_scale="torch")  # PyTorch's loss with re
 
 def torch_psg(case):
     """Per-sample gradients of the PyTorch loss on a batch of one, by torch.func."""
-    import torch
     from torch.func import functional_call, grad, vmap
     mod, lossf = case.module, case.torch_loss()
     params = {k: v.detach() for k, v in mod.named_parameters()}

@@ -25,7 +25,7 @@ import zipfile
 
 import numpy as np
 
-from ..errors import GoldenError, RefcurvError
+from ..errors import GoldenError
 
 #: bump when the layout of the manifest or the arrays changes (readers refuse other versions)
 SCHEMA_VERSION = 1

@@ -12,7 +12,6 @@ from functools import reduce
 
 import math
 
-import numpy as np
 
 from ..backend import xp_of
 from ..errors import ArgumentTypeError, ShapeError

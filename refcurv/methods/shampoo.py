@@ -79,7 +79,6 @@ from typing import Any
 
 import math
 
-import numpy as np
 
 from .. import curvature as cv
 from .. import curvature as _curv

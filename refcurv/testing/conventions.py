@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConventionsError, RefcurvError
+from ..errors import ConventionsError
 
 ORDERS = ("refcurv", "torch", "column_major")
 BIASES = ("joint", "separate")

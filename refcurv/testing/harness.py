@@ -47,14 +47,14 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from .. import curvature as cv
 from ..errors import ArgumentTypeError, HyperParameterError, ImplementationError, RefcurvError
-from .compare import Verdict, as_numpy, compare
-from .conventions import Conventions, ConventionsError, loss_name
+from .compare import as_numpy, compare
+from .conventions import Conventions, ConventionsError
 
 QUANTITIES = ("per_sample_grads", "grad", "ggn", "hessian", "fisher", "empirical_fisher", "blocks",
               "kfac_factors", "gram")

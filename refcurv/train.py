@@ -76,6 +76,26 @@ def _flat64(arrays):
     return xp.concatenate([xp.ravel(xp.asarray(D)) for D in arrays]).astype(np.float64)
 
 
+def _check_run(net, params, x, y, loss, steps, lr, batch_size):
+    """The arguments every training loop takes, checked in one place: ``(schedule, params, x,
+    y, loss, N)``."""
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
+        raise HyperParameterError(f"steps must be a non-negative int, got {steps!r}")
+    schedule = _check_lr(lr)
+    if not isinstance(net, Sequential):
+        raise ArgumentTypeError(f"net must be a refcurv.nn.Sequential, got {describe(net)}")
+    loss = check_loss(loss)
+    params = net.check_params(params)
+    x, y = _samples(x, "x"), _samples(y, "y")
+    N = len(x)
+    if len(y) != N:
+        raise HyperParameterError(f"x and y must have the same number of samples, got {N} and {len(y)}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
+                                   or not 1 <= batch_size <= N):
+        raise HyperParameterError(f"batch_size must be None or an int in [1, {N}], got {batch_size!r}")
+    return schedule, params, x, y, loss, N
+
+
 def train(method, net, params, x, y, loss, steps, lr, batch_size=None, seed=0, dense=False, reference=None):
     """Run ``steps`` updates ``θ ← θ + lr_k · direction_k`` on mini-batches of ``(x, y)``.
 
@@ -108,21 +128,8 @@ def train(method, net, params, x, y, loss, steps, lr, batch_size=None, seed=0, d
         what = method.__name__ if isinstance(method, type) else repr(method)
         raise ArgumentTypeError(
             f"method must be a method instance such as REGISTRY['kfac'](), got {what}")
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
-        raise HyperParameterError(f"steps must be a non-negative int, got {steps!r}")
-    schedule = _check_lr(lr)
-    if not isinstance(net, Sequential):
-        raise ArgumentTypeError(f"net must be a refcurv.nn.Sequential, got {describe(net)}")
-    loss = check_loss(loss)
+    schedule, params, x, y, loss, N = _check_run(net, params, x, y, loss, steps, lr, batch_size)
     dense = check_bool(dense, "dense")
-    params = net.check_params(params)
-    x, y = _samples(x, "x"), _samples(y, "y")
-    N = len(x)
-    if len(y) != N:
-        raise HyperParameterError(f"x and y must have the same number of samples, got {N} and {len(y)}")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
-                                   or not 1 <= batch_size <= N):
-        raise HyperParameterError(f"batch_size must be None or an int in [1, {N}], got {batch_size!r}")
     ref_method, ref_fn = _check_reference(reference)
     rng = rng_of(seed)
     history = {"loss": [float(net.loss(params, x, y, loss))], "time": [0.0], "direction_norm": [], "lr": []}
@@ -209,20 +216,7 @@ def compare_directions(reference, methods, net, params, x, y, loss, steps, lr, b
     for label, m in methods.items():
         if not isinstance(m, Method):
             raise ArgumentTypeError(f"methods[{label!r}] must be a method instance, got {describe(m)}")
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
-        raise HyperParameterError(f"steps must be a non-negative int, got {steps!r}")
-    schedule = _check_lr(lr)
-    if not isinstance(net, Sequential):
-        raise ArgumentTypeError(f"net must be a refcurv.nn.Sequential, got {describe(net)}")
-    loss = check_loss(loss)
-    params = net.check_params(params)
-    x, y = _samples(x, "x"), _samples(y, "y")
-    N = len(x)
-    if len(y) != N:
-        raise HyperParameterError(f"x and y must have the same number of samples, got {N} and {len(y)}")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
-                                   or not 1 <= batch_size <= N):
-        raise HyperParameterError(f"batch_size must be None or an int in [1, {N}], got {batch_size!r}")
+    schedule, params, x, y, loss, N = _check_run(net, params, x, y, loss, steps, lr, batch_size)
     rng = rng_of(seed)
     rngs = dict(zip(methods, rng.spawn(len(methods))))
     states = {label: m.init(net, params) for label, m in methods.items()}

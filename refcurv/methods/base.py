@@ -47,7 +47,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..backend import rng_of, xp_of
+from ..backend import rng_of, to_numpy, xp_of
 from ..errors import ArgumentTypeError, DrawsError, HyperParameterError, NonFiniteError, ShapeError, StateError
 from ..nn.layers import Conv2d
 
@@ -618,6 +618,31 @@ def _same_kind(value, choice):
 def check_choice(value, name, choices):
     if not any(_same_kind(value, c) and value == c for c in choices):
         raise HyperParameterError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def model_label_draws(method, net, params, batch, rng):
+    """``Draws`` with ``labels`` ``(n_samples, N, …)`` drawn from the model at ``params``
+    (``ŷ ~ p(·|f(x))``, host NumPy) for ``method.fisher == "mc"``, and none for the other Fisher
+    kinds: the draws of the methods whose curvature is a Monte-Carlo Fisher (KFAC,
+    natural_gradient)."""
+    if method.fisher != "mc":
+        return Draws(method=method.name)
+    f = net.forward(params, batch.x)
+    return Draws(method=method.name, labels=to_numpy(batch.loss.sample(f, n_samples=method.n_samples, seed=rng)))
+
+
+def check_model_label_draws(method, draws, batch):
+    """The shape check of :func:`model_label_draws`' draws: ``labels`` of shape
+    ``(n_samples,) + y.shape`` for ``fisher="mc"``, no labels otherwise (:class:`DrawsError`)."""
+    if method.fisher != "mc":
+        if draws.labels is not None:
+            raise DrawsError(f"{method.name}: draws.labels given, but fisher={method.fisher!r} consumes no labels")
+        return draws
+    want = (method.n_samples,) + tuple(np.shape(batch.y))
+    got = tuple(getattr(draws.labels, "shape", ()))
+    if got != want:
+        raise DrawsError(f"{method.name}: draws.labels must have shape (n_samples, N, …) = {want}, got {got}")
+    return draws
 
 
 def layer_grads(net, params, batch):

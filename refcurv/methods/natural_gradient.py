@@ -38,12 +38,13 @@ from typing import Any
 import numpy as np
 
 from .. import curvature as cv
-from ..backend import _block_diag, to_numpy, xp_of
-from ..errors import DrawsError, StateError
+from ..backend import _block_diag, xp_of
+from ..errors import StateError
 from ..linalg.woodbury import spd_solve
 from ..operators import BlockDiagonal, Dense
 from ..vec import flatten, unflatten
-from .base import Draws, Method, State, check_choice, check_int, check_positive, check_unit, state_field
+from .base import (Method, State, check_choice, check_int, check_model_label_draws, check_positive, check_unit,
+                   model_label_draws, state_field)
 from .registry import register
 from .vocabulary import FISHER_KINDS
 
@@ -97,22 +98,11 @@ class NaturalGradient(Method):
 
     def draw(self, rng, state, net, params, batch):
         """``labels`` ``(n_samples, N, …)`` from the model at ``params`` for ``fisher="mc"``."""
-        if self.fisher != "mc":
-            return Draws(method=self.name)
-        f = net.forward(params, batch.x)
-        return Draws(method=self.name, labels=to_numpy(batch.loss.sample(f, n_samples=self.n_samples, seed=rng)))
+        return model_label_draws(self, net, params, batch, rng)
 
     def check_draws(self, draws, state, net, params, batch):
         draws = super().check_draws(draws, state, net, params, batch)
-        if self.fisher != "mc":
-            if draws.labels is not None:
-                raise DrawsError(f"{self.name}: draws.labels given, but fisher={self.fisher!r} consumes no labels")
-            return draws
-        want = (self.n_samples,) + tuple(np.shape(batch.y))
-        got = tuple(getattr(draws.labels, "shape", ()))
-        if got != want:
-            raise DrawsError(f"{self.name}: draws.labels must have shape (n_samples, N, …) = {want}, got {got}")
-        return draws
+        return check_model_label_draws(self, draws, batch)
 
     def _momentum(self, m_old, g):
         mu = self.momentum

@@ -255,13 +255,12 @@ class Sequential:
             return self._result(value.mean(), "loss: the mini-batch loss")
 
     def grad(self, params, x, y, loss):
-        """Mini-batch gradient ``∇Ψ = (1/N) Σ u_i`` as a list of ``(out, d)`` arrays."""
-        # the mean of the per-sample gradients, kept as it was: the methods' tests compare
-        # their own means of per-sample gradients with this bit for bit
-        # (refcurv.curvature.grad forms it from the factors, one GEMM per layer)
-        U = self.per_sample_grads(params, x, y, loss)
+        """Mini-batch gradient ``∇Ψ = (1/N) Σ u_i`` as a list of ``(out, d)`` arrays, from the
+        factors as one GEMM per layer (:func:`autodiff._mean_weight_grads`; the same kernel as
+        :func:`refcurv.curvature.grad`), never through per-sample gradients."""
+        A, G = self.factors(params, x, y, loss)
         with quiet():
-            return self._result([u.mean(axis=0) for u in U], "grad: the gradient")
+            return self._result(ad._mean_weight_grads(A, G), "grad: the gradient")
 
     def _check_tangents(self, v, params):
         if not isinstance(v, (list, tuple)) or len(v) != len(params):

@@ -616,6 +616,12 @@ class OutputJacobian:
         self.tr = net._forward(self.params, x)
         self.f = _result(self.tr.out, "the network output f")
 
+    def output_loss(self, loss):
+        """``loss`` as a function of :attr:`f` ``(N, C)``: ``loss`` itself, or for a sequence
+        output ``(T, C)`` (``f`` flattened to ``(N, T·C)``) the sum over positions, whose output
+        Hessian and Fisher are block diagonal (README "Sequences")."""
+        return self.net._loss_for(_check_loss(loss), self.tr)
+
     def jvp(self, v):
         """``v``: per-layer ``(out, d)`` → ``J v`` ``(N, C)``."""
         v = _check_layer_list(v, [W.shape for W in self.params], "v")
@@ -649,7 +655,7 @@ class GGNOperator(Operator):
             raise HyperParameterError(f"damping must be a finite number >= 0, got {damping!r}")
         self.net = _check_net(net)
         self.J = OutputJacobian(net, params, x)
-        self.loss = net._loss_for(self.loss, self.J.tr)  # per-position sum on a sequence output
+        self.loss = self.J.output_loss(self.loss)
         self.N = self.J.f.shape[0]
         self.damping = float(damping)
         self.n, self.dtype = net.n_params, self.J.f.dtype

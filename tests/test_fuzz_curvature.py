@@ -133,6 +133,7 @@ EXAMPLES = {
     "curvature.OutputJacobian": lambda: (curvature.OutputJacobian, _problem()[:3], {}),
     "curvature.OutputJacobian.jvp": lambda: (_ojac().jvp, (_layer_vectors(),), {}),
     "curvature.OutputJacobian.vjp": lambda: (_ojac().vjp, (np.ones((3, 3)),), {}),
+    "curvature.OutputJacobian.output_loss": lambda: (_ojac().output_loss, (CrossEntropy(),), {}),
     "curvature.GGNOperator": lambda: (curvature.GGNOperator, (*_problem()[:3], MSE()), {"damping": 0.5}),
     "curvature.GGNOperator.ggn": lambda: (_ggnop().ggn, (np.ones(_net().n_params),), {}),
     # ---- operators

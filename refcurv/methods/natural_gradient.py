@@ -117,10 +117,8 @@ class NaturalGradient(Method):
         (exact) or ``U_lᵀ U_l / (S N)`` (sampled or data labels), on BLAS."""
         if self.fisher == "exact":
             J = net.jacobian(params, batch.x)                               # (N, C, n)
-            tr = net._traced(params, batch.x, "forward")[2]
-            # the loss on the flattened output: for a sequence (T, C) the sum over positions,
-            # whose output Fisher is block diagonal (refcurv.nn.losses._over_positions)
-            Fo = net._loss_for(batch.loss, tr).fisher_output(tr.out)       # (N, C, C)
+            op = cv.OutputJacobian(net, params, batch.x)
+            Fo = op.output_loss(batch.loss).fisher_output(op.f)             # (N, C, C)
             FJ = xp_of(J).einsum("nab,nbp->nap", Fo, J)
             N = J.shape[0]
             out, start = [], 0

@@ -416,9 +416,7 @@ class SMWGN(LMMethod):
         xp = xp_of(K)
         N, C = K.shape[:2]
         op = OutputJacobian(net, params, x2)
-        # on a sequence output (T, C) the loss is summed over positions: its Hessian on the
-        # flattened output (T·C) is block diagonal (refcurv.nn.losses._over_positions)
-        H = net._loss_for(loss, op.tr).hessian(op.f)  # (N, C, C), C = T·C for sequences
+        H = op.output_loss(loss).hessian(op.f)  # (N, C, C), C = T·C for a sequence output
         form = self._resolve_form(loss, H)
         I_N = xp.eye(N, dtype=K.dtype)
         if form == "symmetric":
@@ -443,7 +441,7 @@ class SMWGN(LMMethod):
         g = grad_from_factors(A, G)
         D, form = self.capacitance(net, params, x2, y2, loss, lam)
         op = OutputJacobian(net, params, x2)
-        loss = net._loss_for(loss, op.tr)
+        loss = op.output_loss(loss)
         xp = xp_of(D)
         N, C = op.f.shape
         H = loss.hessian(op.f)

@@ -78,6 +78,7 @@ M = [
     ("refcurv/linalg/tensor.py", "xp.moveaxis(xp.tensordot(U, A, axes=(1, i)), 0, i)", "xp.moveaxis(xp.tensordot(U, A, axes=(1, i)), 0, -1)", "tests/test_roots_lowrank_tensor.py"),
     # user surface: the PyTorch bridge's loss factor, the baselines, declared conventions
     ("refcurv/torch.py", "half = 2.0 if t is nn.MSELoss else 1.0", "half = 1.0", "tests/test_torch_bridge.py"),
+    ("refcurv/curvature.py", "return self.net._loss_for(_check_loss(loss), self.tr)", "return _check_loss(loss)", "tests/test_sequence.py"),
     ("refcurv/methods/adam.py", "return 1 - self.momentum ** t, 1 - self.beta ** t", "return 1.0, 1 - self.beta ** t", "tests/test_method_baselines.py"),
     ("refcurv/testing/conventions.py", "A, G = T * np.asarray(Ae, dtype=np.float64), Gr", "A, G = np.asarray(Ae, dtype=np.float64), T * Gr", "tests/test_conventions.py"),
 ]

@@ -455,3 +455,14 @@ def test_sequence_shapes_and_refusals():
         Sequential([Linear(3, 4), Flatten(), SequenceMean()]).feature_shapes((5, 3))
     with pytest.raises(ShapeError, match="labels"):
         cv.fisher(net, params, x, loss=CrossEntropy(), kind="mc", labels=np.zeros((1, 3, 5), dtype=int))
+
+
+@pytest.mark.parametrize("name", ["smw_gn", "hessian_free", "natural_gradient"])
+def test_output_space_methods_take_the_per_position_loss_on_sequences(name):
+    """Methods that work in output space (the loss's Hessian or Fisher on ``f``) must use the
+    per-position sum on a sequence output (``OutputJacobian.output_loss``): a softmax over all
+    T·C outputs instead gives a fast form far from the dense one (0.6–1.7 relative)."""
+    from refcurv.verify.checks import fast_equals_dense
+
+    err, tol, _ = fast_equals_dense(name, {"fisher": "exact"} if name == "natural_gradient" else None)("seq-ce", 0)
+    assert err <= tol, (name, err, tol)
